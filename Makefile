@@ -1,0 +1,37 @@
+# Tandem: the commands a person types. `make help` lists them.
+#
+# Each component adds its own targets in mk/<component>.mk and appends the targets that
+# `make test` must run to TEST_TARGETS (and, for the local cluster, E2E_TARGETS).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+# Heavy, version-keyed builds (Kubernetes binaries, tools) live outside the clone.
+TANDEM_CACHE ?= $(HOME)/.cache/tandem
+export TANDEM_CACHE
+
+TEST_TARGETS :=
+E2E_TARGETS :=
+
+-include mk/*.mk
+
+.PHONY: help fmt lint unit crds crds-check test
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+fmt: ## format every crate
+	$(CARGO) fmt --all
+
+lint: ## rustfmt check and clippy with warnings denied
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit: ## unit and integration tests of every crate
+	$(CARGO) test --workspace --locked
+
+test: lint crds-check unit $(TEST_TARGETS) $(E2E_TARGETS) ## every test: lints, generated files, unit, integration, local cluster
+	@echo "make test: all green"
