@@ -1,6 +1,9 @@
 //! The local control plane behaves like a real cluster: authenticated, authorised with RBAC,
 //! controllers running, ServiceAccount tokens accepted.
 
+// Helpers outside #[test] functions too: in a test, a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, ServiceAccount};
