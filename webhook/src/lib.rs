@@ -68,19 +68,46 @@ pub struct Settings {
 /// Serves until `shutdown` completes. The certificate must load before the port is bound, so
 /// a misconfigured webhook fails at start rather than at the first handshake.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let metrics = Arc::new(metrics::Metrics::new());
-    let resolver = Arc::new(CertResolver::default());
-    let mut files = CertFiles::new(settings.cert.clone(), Arc::clone(&resolver));
-    files.reload().await?;
-    metrics.certificate_reload(true);
-    let tls = Arc::new(tls::server_config(Arc::clone(&resolver))?);
-
+    let (resolver, files, metrics) = load_certificate(&settings).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| Error::Bind {
             addr: settings.listen,
             source,
         })?;
+    serve_on(listener, settings, resolver, files, metrics, shutdown).await
+}
+
+/// [`run`] on a listener the caller bound (tests bind port 0).
+pub async fn run_on(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let (resolver, files, metrics) = load_certificate(&settings).await?;
+    serve_on(listener, settings, resolver, files, metrics, shutdown).await
+}
+
+async fn load_certificate(
+    settings: &Settings,
+) -> Result<(Arc<CertResolver>, CertFiles, Arc<metrics::Metrics>)> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let resolver = Arc::new(CertResolver::default());
+    let mut files = CertFiles::new(settings.cert.clone(), Arc::clone(&resolver));
+    files.reload().await?;
+    metrics.certificate_reload(true);
+    Ok((resolver, files, metrics))
+}
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    resolver: Arc<CertResolver>,
+    files: CertFiles,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let tls = Arc::new(tls::server_config(Arc::clone(&resolver))?);
     let state = Arc::new(server::AppState {
         inject: settings.inject,
         metrics: Arc::clone(&metrics),
@@ -88,7 +115,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     });
     let app = server::router(state, settings.max_body_bytes);
     let watcher = tokio::spawn(files.watch(settings.cert_reload_interval, metrics));
-    info!(addr = %settings.listen, "Serving admission reviews");
+    let addr = listener.local_addr().ok();
+    info!(?addr, "Serving admission reviews");
     server::serve(listener, tls, app, shutdown, settings.shutdown_grace).await;
     watcher.abort();
     info!("Stopped");
