@@ -11,6 +11,7 @@
 //! [`run`] ties them together; `main.rs` only parses flags and starts tracing.
 
 pub mod admission;
+pub mod bootstrap;
 pub mod certs;
 pub mod inject;
 pub mod metrics;
@@ -34,6 +35,9 @@ pub enum Error {
     /// The serving certificate could not be loaded at start.
     #[error("could not load the serving certificate")]
     Certificate(#[from] TlsError),
+    /// No Kubernetes client could be built for `--self-signed`.
+    #[error("could not build a Kubernetes client for --self-signed")]
+    Kube(#[source] kube::Error),
     /// The listen address could not be bound.
     #[error("could not listen on {addr}")]
     Bind {
@@ -53,10 +57,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Settings {
     /// Where to listen for HTTPS.
     pub listen: SocketAddr,
-    /// The serving certificate and key files.
-    pub cert: CertPaths,
-    /// How often the certificate files are checked for changes.
-    pub cert_reload_interval: Duration,
+    /// Where the serving certificate comes from.
+    pub certificates: CertSource,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
     /// How long open connections may take to finish at shutdown.
@@ -65,17 +67,32 @@ pub struct Settings {
     pub inject: InjectConfig,
 }
 
-/// Serves until `shutdown` completes. The certificate must load before the port is bound, so
-/// a misconfigured webhook fails at start rather than at the first handshake.
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// PEM files (a mounted Secret, e.g. from cert-manager), reloaded when they change.
+    Files {
+        /// The certificate and key files.
+        paths: CertPaths,
+        /// How often they are checked for changes.
+        reload_interval: Duration,
+    },
+    /// A CA and certificate the webhook makes and keeps in a Secret itself.
+    SelfSigned(bootstrap::BootstrapConfig),
+}
+
+/// Serves until `shutdown` completes. With certificate files, they must load before the port
+/// is bound, so a misconfigured webhook fails at start rather than at the first handshake;
+/// with `--self-signed`, the server starts at once and is healthy once the certificate is in.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let (resolver, files, metrics) = load_certificate(&settings).await?;
+    let certificates = start_certificates(&settings.certificates).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| Error::Bind {
             addr: settings.listen,
             source,
         })?;
-    serve_on(listener, settings, resolver, files, metrics, shutdown).await
+    serve_on(listener, settings, certificates, shutdown).await
 }
 
 /// [`run`] on a listener the caller bound (tests bind port 0).
@@ -84,41 +101,70 @@ pub async fn run_on(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let (resolver, files, metrics) = load_certificate(&settings).await?;
-    serve_on(listener, settings, resolver, files, metrics, shutdown).await
+    let certificates = start_certificates(&settings.certificates).await?;
+    serve_on(listener, settings, certificates, shutdown).await
 }
 
-async fn load_certificate(
-    settings: &Settings,
-) -> Result<(Arc<CertResolver>, CertFiles, Arc<metrics::Metrics>)> {
+/// The resolver, the task that keeps it current, and the metrics both count into.
+struct Certificates {
+    resolver: Arc<CertResolver>,
+    keeper: tokio::task::JoinHandle<()>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+async fn start_certificates(source: &CertSource) -> Result<Certificates> {
     let metrics = Arc::new(metrics::Metrics::new());
     let resolver = Arc::new(CertResolver::default());
-    let mut files = CertFiles::new(settings.cert.clone(), Arc::clone(&resolver));
-    files.reload().await?;
-    metrics.certificate_reload(true);
-    Ok((resolver, files, metrics))
+    let keeper = match source {
+        CertSource::Files {
+            paths,
+            reload_interval,
+        } => {
+            let mut files = CertFiles::new(paths.clone(), Arc::clone(&resolver));
+            files.reload().await?;
+            metrics.certificate_reload(true);
+            tokio::spawn(files.watch(*reload_interval, Arc::clone(&metrics)))
+        }
+        CertSource::SelfSigned(config) => {
+            let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+            let task = bootstrap::maintain(
+                client,
+                config.clone(),
+                Arc::clone(&resolver),
+                Arc::clone(&metrics),
+            );
+            tokio::spawn(task)
+        }
+    };
+    Ok(Certificates {
+        resolver,
+        keeper,
+        metrics,
+    })
 }
 
 async fn serve_on(
     listener: tokio::net::TcpListener,
     settings: Settings,
-    resolver: Arc<CertResolver>,
-    files: CertFiles,
-    metrics: Arc<metrics::Metrics>,
+    certificates: Certificates,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    let Certificates {
+        resolver,
+        keeper,
+        metrics,
+    } = certificates;
     let tls = Arc::new(tls::server_config(Arc::clone(&resolver))?);
     let state = Arc::new(server::AppState {
         inject: settings.inject,
-        metrics: Arc::clone(&metrics),
+        metrics,
         resolver,
     });
     let app = server::router(state, settings.max_body_bytes);
-    let watcher = tokio::spawn(files.watch(settings.cert_reload_interval, metrics));
     let addr = listener.local_addr().ok();
     info!(?addr, "Serving admission reviews");
     server::serve(listener, tls, app, shutdown, settings.shutdown_grace).await;
-    watcher.abort();
+    keeper.abort();
     info!("Stopped");
     Ok(())
 }

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use tandem_crds::names;
+use tandem_webhook::bootstrap::BootstrapConfig;
 use tandem_webhook::inject::ProxyResources;
 use tandem_webhook::overrides::{is_image_reference, is_quantity};
 use tandem_webhook::tls::{CertPaths, error_chain};
-use tandem_webhook::{InjectConfig, Settings};
+use tandem_webhook::{CertSource, InjectConfig, Settings};
 
 /// Exit code for bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -40,6 +42,43 @@ struct Args {
     #[arg(long, env = "TANDEM_WEBHOOK_CERT_RELOAD_INTERVAL", default_value = "5s",
           value_parser = humantime::parse_duration)]
     cert_reload_interval: Duration,
+    /// Make and rotate the CA and serving certificate in a Secret, and keep the
+    /// MutatingWebhookConfiguration's caBundle current (no cert-manager needed). Without it,
+    /// the certificate is read from --tls-cert and --tls-key.
+    #[arg(long, env = "TANDEM_WEBHOOK_SELF_SIGNED")]
+    self_signed: bool,
+    /// Namespace of the webhook's Service and certificate Secret.
+    #[arg(long, env = "TANDEM_WEBHOOK_NAMESPACE", default_value = names::SYSTEM_NAMESPACE)]
+    namespace: String,
+    /// Secret holding the certificates in --self-signed mode.
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_TLS_SECRET",
+        default_value = "tandem-webhook-tls"
+    )]
+    tls_secret: String,
+    /// The webhook's Service, whose DNS names the certificate carries.
+    #[arg(long, env = "TANDEM_WEBHOOK_SERVICE", default_value = "tandem-webhook")]
+    service: String,
+    /// The MutatingWebhookConfiguration whose caBundle --self-signed keeps current.
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_CONFIGURATION",
+        default_value = "tandem-webhook"
+    )]
+    webhook_configuration: String,
+    /// Lifetime of a CA made by --self-signed.
+    #[arg(long, env = "TANDEM_WEBHOOK_CA_VALIDITY", default_value = "3650days",
+          value_parser = humantime::parse_duration)]
+    ca_validity: Duration,
+    /// Lifetime of a serving certificate made by --self-signed (renewed with a third left).
+    #[arg(long, env = "TANDEM_WEBHOOK_CERT_VALIDITY", default_value = "90days",
+          value_parser = humantime::parse_duration)]
+    cert_validity: Duration,
+    /// How often --self-signed checks the Secret.
+    #[arg(long, env = "TANDEM_WEBHOOK_CERT_CHECK_INTERVAL", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    cert_check_interval: Duration,
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "TANDEM_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -102,13 +141,28 @@ impl Args {
                 "--proxy-image {proxy_image:?} is not an image reference"
             ));
         }
+        let certificates = if self.self_signed {
+            CertSource::SelfSigned(BootstrapConfig {
+                namespace: self.namespace,
+                secret: self.tls_secret,
+                service: self.service,
+                webhook_configuration: self.webhook_configuration,
+                ca_validity: self.ca_validity,
+                cert_validity: self.cert_validity,
+                check_interval: self.cert_check_interval,
+            })
+        } else {
+            CertSource::Files {
+                paths: CertPaths {
+                    cert: self.tls_cert,
+                    key: self.tls_key,
+                },
+                reload_interval: self.cert_reload_interval,
+            }
+        };
         Ok(Settings {
             listen: self.listen,
-            cert: CertPaths {
-                cert: self.tls_cert,
-                key: self.tls_key,
-            },
-            cert_reload_interval: self.cert_reload_interval,
+            certificates,
             max_body_bytes: self.max_body_bytes,
             shutdown_grace: self.shutdown_grace,
             inject: InjectConfig {

@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tandem_webhook::certs::{Issued, issue_serving, new_ca, service_dns_names};
 use tandem_webhook::tls::CertPaths;
-use tandem_webhook::{InjectConfig, Settings};
+use tandem_webhook::{CertSource, InjectConfig, Settings};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
@@ -104,8 +104,10 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let settings = Settings {
             listen: addr,
-            cert: dir.paths(),
-            cert_reload_interval: Duration::from_millis(20),
+            certificates: CertSource::Files {
+                paths: dir.paths(),
+                reload_interval: Duration::from_millis(20),
+            },
             max_body_bytes,
             shutdown_grace: Duration::from_secs(5),
             inject: InjectConfig::default(),
@@ -483,8 +485,10 @@ async fn a_missing_or_broken_certificate_stops_the_start_with_a_clear_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let settings = Settings {
         listen: listener.local_addr().unwrap(),
-        cert: dir.paths(),
-        cert_reload_interval: Duration::from_secs(1),
+        certificates: CertSource::Files {
+            paths: dir.paths(),
+            reload_interval: Duration::from_secs(1),
+        },
         max_body_bytes: 1024,
         shutdown_grace: Duration::from_secs(1),
         inject: InjectConfig::default(),
