@@ -21,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the sidecar: outbound, inbound and admin listeners.
     Run(RunArgs),
+    /// Program the pod's iptables so its TCP flows through the sidecar (the tandem-init
+    /// container).
+    Init(tandem_init::InitArgs),
 }
 
 /// Flags of `tandem-proxy run`.
@@ -75,7 +78,9 @@ mod tests {
     #[test]
     fn defaults_are_the_fixed_ports_and_config_path() {
         let cli = Cli::try_parse_from(["tandem-proxy", "run"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(args.outbound_addr.port(), 15001);
         assert_eq!(args.inbound_addr.port(), 15006);
         assert_eq!(args.admin_addr.port(), 15020);

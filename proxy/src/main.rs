@@ -22,6 +22,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Init(args) => match tandem_init::run(&args) {
+            Ok(outcome) => {
+                eprintln!("tandem-proxy init: {outcome:?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tandem-proxy init: {:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             if let Err(e) = tandem_proxy::logging::init(args.log_format) {
                 eprintln!("tandem-proxy: {e}");
