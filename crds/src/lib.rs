@@ -3,6 +3,9 @@
 //! - [`names`]: the fixed names, ports and identifiers every crate shares.
 //! - [`contract`]: the proxy config contract (`tandem.dev/proxy-config/v1`), the JSON the
 //!   operator renders and the proxy loads. It compiles without kube, so the proxy can use it.
+//! - [`duration`]: the duration strings the CRDs use (`"250ms"`).
 //! - [`v1alpha1`] (feature `kube`): the `TrafficPolicy` and `CircuitBreakerPolicy` CRDs.
 
+pub mod contract;
+pub mod duration;
 pub mod names;

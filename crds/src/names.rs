@@ -44,8 +44,12 @@ pub const SYSTEM_NAMESPACE: &str = "tandem-system";
 pub const OPERATOR_FIELD_MANAGER: &str = "tandem-operator";
 
 /// Namespaces whose pods are never injected.
-pub const NEVER_INJECTED_NAMESPACES: [&str; 4] =
-    ["kube-system", "kube-public", "kube-node-lease", SYSTEM_NAMESPACE];
+pub const NEVER_INJECTED_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    SYSTEM_NAMESPACE,
+];
 
 /// Longest name a ConfigMap may have (a DNS subdomain).
 const MAX_CONFIG_MAP_NAME: usize = 253;
