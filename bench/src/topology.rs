@@ -276,7 +276,7 @@ pub fn start(
         Topology::TandemOneHop => {
             let program = tools.tandem.as_deref().unwrap_or(Path::new("tandem-proxy"));
             let a = tandem::Ports::free()?;
-            let config = tandem::client_config(upstream, upstream)?;
+            let config = tandem::client_config(upstream, upstream, false)?;
             let child = tandem_child(&dir, program, "tandem-a", &a, &config)?;
             running.add(child, a.outbound, a.outbound);
         }
@@ -286,7 +286,7 @@ pub fn start(
             let server = tandem::server_config()?;
             let child_b = tandem_child(&dir, program, "tandem-b", &b, &server)?;
             running.add(child_b, b.outbound, b.outbound);
-            let client = tandem::client_config(upstream, b.inbound)?;
+            let client = tandem::client_config(upstream, b.inbound, true)?;
             let child_a = tandem_child(&dir, program, "tandem-a", &a, &client)?;
             running.add(child_a, a.outbound, a.outbound);
         }
