@@ -218,8 +218,14 @@ async fn run_all(args: RunArgs) -> anyhow::Result<()> {
         nginx: find_program("nginx"),
         tandem,
     };
+    let load_before = load_average();
     let result = run::run(&plan, &tools).await?;
-    let machine = machine(&tools);
+    let mut machine = machine(&tools);
+    // Other work on the machine moves every figure: say how busy it was.
+    machine.description.push_str(&format!(
+        "; load average (1 min) {load_before} before the run, {} after",
+        load_average()
+    ));
     let prefix = if args.quick { "quick-" } else { "" };
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let chart_name = format!("{prefix}latency.svg");
@@ -238,6 +244,13 @@ async fn run_all(args: RunArgs) -> anyhow::Result<()> {
         result.elapsed.as_secs_f64() / 60.0
     );
     Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {

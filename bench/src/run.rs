@@ -78,15 +78,15 @@ impl Plan {
         }
     }
 
-    /// `QUICK=1`: the same scenarios, 2 rounds of 2-second runs, 10,000 connections once.
+    /// `QUICK=1`: the same scenarios, 2 rounds of short runs, 10,000 connections once.
     pub fn quick() -> Self {
         Self {
             mode: "quick".into(),
             rounds: 2,
-            fixed_length: Duration::from_secs(2),
+            fixed_length: Duration::from_millis(1_500),
             warmup: Duration::from_millis(500),
-            max_length: Duration::from_secs(2),
-            many_waves: 2,
+            max_length: Duration::from_millis(1_500),
+            many_waves: 1,
             many_rounds: 1,
             ..Self::full()
         }
