@@ -207,6 +207,17 @@ impl ControlPlane {
         self.layout.admin_kubeconfig()
     }
 
+    /// A kubectl command with the admin kubeconfig (for checks that are about kubectl itself,
+    /// such as `apply --dry-run=server`; tests otherwise use [`ControlPlane::client`]).
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(kubectl_binary());
+        cmd.arg(format!(
+            "--kubeconfig={}",
+            self.admin_kubeconfig().display()
+        ));
+        cmd
+    }
+
     /// The directory holding the PKI, kubeconfigs, logs and etcd data.
     pub fn dir(&self) -> &Path {
         &self.layout.root
@@ -514,6 +525,20 @@ async fn default_service_account_exists(client: kube::Client) -> std::result::Re
 
 // ---------------------------------------------------------------------------------------------
 // Files and clients
+
+/// The kubectl to run: `$KUBECTL`, else the newest versioned build the Google Cloud SDK
+/// ships (/usr/bin/kubectl there is a dispatcher without a 1.34 build; 1.33 is within
+/// kubectl's one-minor skew of a 1.34 apiserver), else `kubectl` from `PATH`.
+pub fn kubectl_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECTL") {
+        return PathBuf::from(path);
+    }
+    let sdk = Path::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33");
+    if sdk.is_file() {
+        return sdk.to_owned();
+    }
+    PathBuf::from("kubectl")
+}
 
 /// A kube client for a kubeconfig document.
 pub async fn client_from_kubeconfig(yaml: &str) -> Result<kube::Client> {

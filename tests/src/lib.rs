@@ -2,12 +2,16 @@
 //!
 //! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager) on
 //!   loopback, built from the pinned release in `tests/k8s/`.
+//! - [`install`]: Tandem installed from `manifests/` as a user would, its webhook running as a
+//!   local process with its own ServiceAccount's credentials.
+//! - [`schema_bounds`]: each bound of a CRD schema, and an object just outside it.
 //! - [`pki`], [`kubeconfig`], [`process`]: what the control plane is made of.
 //!
 //! The scenarios live in `tests/tests/*.rs`.
 
 pub mod binaries;
 pub mod cluster;
+pub mod install;
 pub mod kubeconfig;
 pub mod pki;
 pub mod process;

@@ -6,14 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 use tandem_crds::names;
+use tandem_tests::install::{self, InstalledCrd};
 use tandem_tests::schema_bounds::{cel_messages, spec_bounds};
 use tandem_tests::{ControlPlane, ControlPlaneOptions};
 
@@ -22,73 +20,22 @@ fn repo() -> PathBuf {
 }
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    files
+    install::yaml_files(dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn read_yaml(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let mut docs =
+        install::read_documents(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(docs.len(), 1, "{}: one document expected", path.display());
+    docs.remove(0)
 }
 
-struct Crd {
-    resource: ApiResource,
-    schema: Value,
-}
-
-/// Applies every CRD in manifests/crds and waits until each is Established.
-async fn install_crds(client: &kube::Client) -> Vec<Crd> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut installed = Vec::new();
-    for path in yaml_files(&repo().join("manifests/crds")) {
-        let doc = read_yaml(&path);
-        let crd: CustomResourceDefinition = serde_json::from_value(doc.clone()).unwrap();
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("tandem-tests"),
-            &Patch::Apply(&crd),
-        )
+async fn install_crds(client: &kube::Client) -> Vec<InstalledCrd> {
+    let crds = install::install_crds(client)
         .await
-        .unwrap_or_else(|e| panic!("apply {}: {e}", path.display()));
-        for version in doc["spec"]["versions"].as_array().unwrap() {
-            let gvk = GroupVersionKind::gvk(
-                doc["spec"]["group"].as_str().unwrap(),
-                version["name"].as_str().unwrap(),
-                doc["spec"]["names"]["kind"].as_str().unwrap(),
-            );
-            let plural = doc["spec"]["names"]["plural"].as_str().unwrap();
-            installed.push(Crd {
-                resource: ApiResource::from_gvk_with_plural(&gvk, plural),
-                schema: version["schema"]["openAPIV3Schema"].clone(),
-            });
-        }
-        wait_established(&crds, &name).await;
-    }
-    assert!(!installed.is_empty(), "no CRDs in manifests/crds");
-    installed
-}
-
-async fn wait_established(crds: &Api<CustomResourceDefinition>, name: &str) {
-    for _ in 0..200 {
-        let crd = crds.get(name).await.unwrap();
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("CRD {name} did not become Established");
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!crds.is_empty(), "no CRDs in manifests/crds");
+    crds
 }
 
 async fn create_namespace(client: &kube::Client, name: &str) {
@@ -99,7 +46,7 @@ async fn create_namespace(client: &kube::Client, name: &str) {
         .unwrap();
 }
 
-fn resource_for<'a>(crds: &'a [Crd], object: &Value) -> &'a Crd {
+fn resource_for<'a>(crds: &'a [InstalledCrd], object: &Value) -> &'a InstalledCrd {
     let kind = object["kind"].as_str().unwrap_or_default();
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
     crds.iter()
@@ -111,7 +58,7 @@ fn resource_for<'a>(crds: &'a [Crd], object: &Value) -> &'a Crd {
 /// apiserver's refusal message if it refuses.
 async fn create(
     client: &kube::Client,
-    crds: &[Crd],
+    crds: &[InstalledCrd],
     namespace: &str,
     object: &Value,
     dry_run: bool,

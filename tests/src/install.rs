@@ -1,0 +1,449 @@
+//! Installing Tandem into a local control plane the way a user would: the CRDs, the RBAC and
+//! the webhook configuration from `manifests/`, then the webhook (and, once it exists, the
+//! operator) as local processes that authenticate with their own ServiceAccounts' tokens.
+//!
+//! The one change to the manifests is where the apiserver finds the webhook: the
+//! MutatingWebhookConfiguration's `clientConfig.service` becomes
+//! `url: https://127.0.0.1:<port><path>` with the cluster CA as `caBundle` (envtest does the
+//! same), because nothing routes a Service's ClusterIP to a process on the host.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+use tandem_crds::names;
+
+use crate::cluster::ControlPlane;
+use crate::process::{Supervised, free_port};
+use crate::{Error, Result};
+
+/// Field manager of everything the harness applies.
+pub const FIELD_MANAGER: &str = "tandem-tests";
+/// The proxy image the webhook injects (the node agent maps it to the tandem-proxy binary).
+pub const PROXY_IMAGE: &str = concat!("tandem-proxy:", env!("CARGO_PKG_VERSION"));
+/// How long tokens minted for the local processes live.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The repository's `manifests/` directory.
+pub fn manifests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+/// The YAML files of a directory, sorted.
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|source| Error::io(format!("read {}", dir.display()), source))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|source| Error::io(format!("read {}", dir.display()), source))?
+            .path();
+        if path.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The documents of a (multi-document) YAML file, as JSON values; empty documents dropped.
+pub fn read_documents(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| Error::io(format!("read {}", path.display()), source))?;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: Value = serde::Deserialize::deserialize(doc).map_err(Error::Yaml)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// A CRD version the apiserver serves, with its schema.
+#[derive(Clone, Debug)]
+pub struct InstalledCrd {
+    /// How to reach its objects.
+    pub resource: ApiResource,
+    /// Its `openAPIV3Schema`.
+    pub schema: Value,
+}
+
+/// Applies every CRD in `manifests/crds/` (server-side apply) and waits until each is
+/// Established.
+pub async fn install_crds(client: &kube::Client) -> Result<Vec<InstalledCrd>> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut installed = Vec::new();
+    for path in yaml_files(&manifests_dir().join("crds"))? {
+        for doc in read_documents(&path)? {
+            let crd: CustomResourceDefinition =
+                serde_json::from_value(doc.clone()).map_err(Error::Json)?;
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            crds.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .map_err(|e| Error::kube(format!("apply {}", path.display()), e))?;
+            installed.extend(served_versions(&doc));
+            wait_established(&crds, &name).await?;
+        }
+    }
+    Ok(installed)
+}
+
+fn served_versions(crd: &Value) -> Vec<InstalledCrd> {
+    let spec = &crd["spec"];
+    let (group, kind, plural) = (
+        spec["group"].as_str().unwrap_or_default(),
+        spec["names"]["kind"].as_str().unwrap_or_default(),
+        spec["names"]["plural"].as_str().unwrap_or_default(),
+    );
+    spec["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|version| InstalledCrd {
+            resource: ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version["name"].as_str().unwrap_or_default(), kind),
+                plural,
+            ),
+            schema: version["schema"]["openAPIV3Schema"].clone(),
+        })
+        .collect()
+}
+
+async fn wait_established(crds: &Api<CustomResourceDefinition>, name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let crd = crds
+            .get(name)
+            .await
+            .map_err(|e| Error::kube(format!("read CRD {name}"), e))?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("CRD {name} to be Established"),
+                seconds: 30,
+                detail: None,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates (or keeps) a namespace, with labels.
+pub async fn ensure_namespace(
+    client: &kube::Client,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<()> {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+        .collect();
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&ns))
+        .await
+        .map_err(|e| Error::kube(format!("apply namespace {name}"), e))?;
+    Ok(())
+}
+
+/// The API resources of the kinds [`install_rbac`] applies (no discovery needed).
+fn rbac_resource(kind: &str) -> Option<ApiResource> {
+    let (group, version, plural) = match kind {
+        "ServiceAccount" => ("", "v1", "serviceaccounts"),
+        "Role" => ("rbac.authorization.k8s.io", "v1", "roles"),
+        "RoleBinding" => ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+        "ClusterRole" => ("rbac.authorization.k8s.io", "v1", "clusterroles"),
+        "ClusterRoleBinding" => ("rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
+        _ => return None,
+    };
+    Some(ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, kind),
+        plural,
+    ))
+}
+
+/// Applies every ServiceAccount, Role, ClusterRole and binding found in the component
+/// directories of `manifests/` (not `crds/`, `samples/` or `kind/`). Returns how many.
+pub async fn install_rbac(client: &kube::Client) -> Result<usize> {
+    let mut applied = 0;
+    for dir in component_dirs()? {
+        for path in yaml_files(&dir)? {
+            for doc in read_documents(&path)? {
+                let Some(resource) = rbac_resource(doc["kind"].as_str().unwrap_or_default()) else {
+                    continue;
+                };
+                apply(client, &resource, &doc).await?;
+                applied += 1;
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// Directories of `manifests/` that hold a component's deployment (webhook, operator, ...).
+fn component_dirs() -> Result<Vec<PathBuf>> {
+    let root = manifests_dir();
+    let entries = std::fs::read_dir(&root)
+        .map_err(|source| Error::io(format!("read {}", root.display()), source))?;
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|source| Error::io(format!("read {}", root.display()), source))?
+            .path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if path.is_dir() && !matches!(name, "crds" | "samples" | "kind") {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+async fn apply(client: &kube::Client, resource: &ApiResource, doc: &Value) -> Result<()> {
+    let name = doc["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    };
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(doc),
+    )
+    .await
+    .map_err(|e| Error::kube(format!("apply {} {name}", resource.kind), e))?;
+    Ok(())
+}
+
+/// The webhook configuration from `manifests/webhook/`, pointed at `https://127.0.0.1:port`.
+pub fn local_webhook_configuration(port: u16, ca_pem: &str) -> Result<Value> {
+    let path = manifests_dir().join("webhook/mutatingwebhookconfiguration.yaml");
+    let mut doc = read_documents(&path)?
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .ok_or_else(|| {
+            Error::Unexpected(format!(
+                "no MutatingWebhookConfiguration in {}",
+                path.display()
+            ))
+        })?;
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let webhooks = doc["webhooks"]
+        .as_array_mut()
+        .ok_or_else(|| Error::Unexpected(format!("{} has no webhooks", path.display())))?;
+    for webhook in webhooks {
+        let path = webhook["clientConfig"]["service"]["path"]
+            .as_str()
+            .unwrap_or("/")
+            .to_owned();
+        webhook["clientConfig"] = json!({
+            "url": format!("https://127.0.0.1:{port}{path}"),
+            "caBundle": ca_bundle,
+        });
+    }
+    Ok(doc)
+}
+
+/// Builds a workspace binary (a no-op when it is fresh) and returns its path. Tests call
+/// this so that `cargo test` alone is enough; each binary is built once per test process.
+pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let target = target_dir()?;
+    let path = target.join(bin);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|b| b == bin) {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", package, "--bin", bin])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .map_err(|source| Error::io(format!("cargo build -p {package}"), source))?;
+        if !status.success() {
+            return Err(Error::Unexpected(format!(
+                "cargo build -p {package} --bin {bin}: {status}"
+            )));
+        }
+        built.push(bin.to_owned());
+    }
+    Ok(path)
+}
+
+/// `target/debug` (or whichever profile built this test): two levels above the test
+/// executable in `deps/`.
+fn target_dir() -> Result<PathBuf> {
+    let exe =
+        std::env::current_exe().map_err(|source| Error::io("find the test executable", source))?;
+    exe.parent()
+        .and_then(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent()
+            } else {
+                Some(deps)
+            }
+        })
+        .map(Path::to_owned)
+        .ok_or_else(|| Error::Unexpected(format!("no target directory above {}", exe.display())))
+}
+
+/// Tandem installed into a control plane, its processes running. Dropping it stops them.
+#[derive(Debug)]
+pub struct Tandem {
+    webhook: Supervised,
+    webhook_addr: SocketAddr,
+    crds: Vec<InstalledCrd>,
+    dir: tempfile::TempDir,
+}
+
+impl Tandem {
+    /// Installs the CRDs, the RBAC and the webhook configuration, then starts the webhook
+    /// with its own ServiceAccount's credentials and a serving certificate for 127.0.0.1,
+    /// and waits until it accepts connections.
+    pub async fn install(cluster: &ControlPlane) -> Result<Self> {
+        let client = cluster.client();
+        let crds = install_crds(&client).await?;
+        ensure_namespace(&client, names::SYSTEM_NAMESPACE, &[]).await?;
+        install_rbac(&client).await?;
+
+        let port = free_port()?;
+        let webhook_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let config = local_webhook_configuration(port, &cluster.ca_pem())?;
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "admissionregistration.k8s.io",
+                "v1",
+                "MutatingWebhookConfiguration",
+            ),
+            "mutatingwebhookconfigurations",
+        );
+        apply(&client, &resource, &config).await?;
+
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-install-")
+            .tempdir()
+            .map_err(|source| Error::io("create a temporary directory", source))?;
+        let cert = cluster.loopback_serving_cert("tandem-webhook")?;
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        write(&cert_path, &cert.cert_pem)?;
+        write(&key_path, &cert.key_pem)?;
+        let binary = workspace_binary("tandem-webhook", "tandem-webhook")?;
+        let kubeconfig = dir.path().join("tandem-webhook.kubeconfig");
+        wait_for_service_account(&client, names::SYSTEM_NAMESPACE, "tandem-webhook").await?;
+        cluster
+            .service_account_kubeconfig(
+                names::SYSTEM_NAMESPACE,
+                "tandem-webhook",
+                TOKEN_LIFETIME,
+                &kubeconfig,
+            )
+            .await?;
+        let mut cmd = Command::new(binary);
+        cmd.env("KUBECONFIG", &kubeconfig).args([
+            format!("--listen={webhook_addr}"),
+            format!("--tls-cert={}", cert_path.display()),
+            format!("--tls-key={}", key_path.display()),
+            format!("--proxy-image={PROXY_IMAGE}"),
+            "--image-pull-policy=IfNotPresent".to_owned(),
+        ]);
+        let mut webhook = Supervised::spawn(
+            "tandem-webhook",
+            cmd,
+            &dir.path().join("tandem-webhook.log"),
+        )?;
+        wait_listening(&mut webhook, webhook_addr).await?;
+        Ok(Self {
+            webhook,
+            webhook_addr,
+            crds,
+            dir,
+        })
+    }
+
+    /// Where the webhook listens.
+    pub fn webhook_addr(&self) -> SocketAddr {
+        self.webhook_addr
+    }
+
+    /// The policy CRDs, as served.
+    pub fn crds(&self) -> &[InstalledCrd] {
+        &self.crds
+    }
+
+    /// The directory with the processes' kubeconfigs, certificates and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fails with its log's tail if the webhook has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.webhook.ensure_running()
+    }
+}
+
+async fn wait_for_service_account(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<()> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    match api.get_opt(name).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(Error::Unexpected(format!(
+            "ServiceAccount {namespace}/{name} is not in manifests/ (install_rbac applied none)"
+        ))),
+        Err(e) => Err(Error::kube(
+            format!("read ServiceAccount {namespace}/{name}"),
+            e,
+        )),
+    }
+}
+
+async fn wait_listening(process: &mut Supervised, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        process.ensure_running()?;
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("the webhook to listen on {addr}"),
+                seconds: 30,
+                detail: None,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn write(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents)
+        .map_err(|source| Error::io(format!("write {}", path.display()), source))
+}
