@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod kubeconfig;
 pub mod pki;
 pub mod process;
+pub mod schema_bounds;
 
 pub use cluster::{ControlPlane, ControlPlaneOptions};
 
