@@ -16,6 +16,7 @@ cluster-bins: ## build etcd, kube-apiserver, kube-controller-manager (once per m
 # The cluster tests are #[ignore]d in plain `cargo test` (make unit), which must not start a
 # half-hour Go build; here the binaries exist and they run, every one of them.
 e2e: cluster-bins ## the local-cluster tests: real control plane, node agent, scenarios
+	$(CARGO) build -p tandem-webhook --bin tandem-webhook --locked
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" $(CARGO) test -p tandem-tests --locked -- --ignored
 
 cluster-up: cluster-bins ## start a local cluster in the background (KUBECONFIG printed)

@@ -354,29 +354,23 @@ impl Tandem {
         write(&cert_path, &cert.cert_pem)?;
         write(&key_path, &cert.key_pem)?;
         let binary = workspace_binary("tandem-webhook", "tandem-webhook")?;
-        let kubeconfig = dir.path().join("tandem-webhook.kubeconfig");
-        wait_for_service_account(&client, names::SYSTEM_NAMESPACE, "tandem-webhook").await?;
-        cluster
-            .service_account_kubeconfig(
-                names::SYSTEM_NAMESPACE,
-                "tandem-webhook",
-                TOKEN_LIFETIME,
-                &kubeconfig,
-            )
-            .await?;
         let mut cmd = Command::new(binary);
-        cmd.env("KUBECONFIG", &kubeconfig).args([
+        cmd.args([
             format!("--listen={webhook_addr}"),
             format!("--tls-cert={}", cert_path.display()),
             format!("--tls-key={}", key_path.display()),
             format!("--proxy-image={PROXY_IMAGE}"),
             "--image-pull-policy=IfNotPresent".to_owned(),
         ]);
-        let mut webhook = Supervised::spawn(
+        let mut webhook = spawn_as_service_account(
+            cluster,
+            names::SYSTEM_NAMESPACE,
+            "tandem-webhook",
             "tandem-webhook",
             cmd,
-            &dir.path().join("tandem-webhook.log"),
-        )?;
+            dir.path(),
+        )
+        .await?;
         wait_listening(&mut webhook, webhook_addr).await?;
         Ok(Self {
             webhook,
@@ -405,6 +399,27 @@ impl Tandem {
     pub fn ensure_running(&mut self) -> Result<()> {
         self.webhook.ensure_running()
     }
+}
+
+/// Starts `binary` as a local process that authenticates as ServiceAccount
+/// `namespace/service_account` (a token kubeconfig in `KUBECONFIG`), logging to
+/// `dir/<name>.log`: how the operator, the webhook, or any Tandem component runs against the
+/// local cluster with exactly the rights its RBAC manifests grant.
+pub async fn spawn_as_service_account(
+    cluster: &ControlPlane,
+    namespace: &str,
+    service_account: &str,
+    name: &str,
+    mut command: Command,
+    dir: &Path,
+) -> Result<Supervised> {
+    wait_for_service_account(&cluster.client(), namespace, service_account).await?;
+    let kubeconfig = dir.join(format!("{name}.kubeconfig"));
+    cluster
+        .service_account_kubeconfig(namespace, service_account, TOKEN_LIFETIME, &kubeconfig)
+        .await?;
+    command.env("KUBECONFIG", &kubeconfig);
+    Supervised::spawn(name, command, &dir.join(format!("{name}.log")))
 }
 
 async fn wait_for_service_account(
