@@ -392,7 +392,7 @@ impl Reconciler {
             "Reconciled"
         );
         match (outcome, deleted, status_failures) {
-            (WriteOutcome::Written { failed, .. }, Ok(()), 0) if failed == 0 => Ok(()),
+            (WriteOutcome::Written { failed: 0 }, Ok(()), 0) => Ok(()),
             (WriteOutcome::TooLarge { .. }, Ok(()), 0) => Ok(()),
             (outcome, deleted, status_failures) => Err(Error::Incomplete {
                 config_maps: match outcome {
