@@ -422,7 +422,7 @@ impl Reconciler {
                     failed: wanted.len(),
                 };
             }
-            let json = config.to_json();
+            let json = crate::render::document(&config);
             let bytes = json.len() + CONFIG_KEY.len();
             if bytes > MAX_CONFIG_MAP_BYTES {
                 warn!(bytes, namespace = %workload.namespace, service_account = %workload.service_account, "Proxy config too large; nothing written");
