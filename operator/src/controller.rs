@@ -392,7 +392,7 @@ impl Reconciler {
             "Reconciled"
         );
         match (outcome, deleted, status_failures) {
-            (WriteOutcome::Written { failed, .. }, Ok(()), 0) if failed == 0 => Ok(()),
+            (WriteOutcome::Written { failed: 0 }, Ok(()), 0) => Ok(()),
             (WriteOutcome::TooLarge { .. }, Ok(()), 0) => Ok(()),
             (outcome, deleted, status_failures) => Err(Error::Incomplete {
                 config_maps: match outcome {
@@ -422,7 +422,7 @@ impl Reconciler {
                     failed: wanted.len(),
                 };
             }
-            let json = config.to_json();
+            let json = crate::render::document(&config);
             let bytes = json.len() + CONFIG_KEY.len();
             if bytes > MAX_CONFIG_MAP_BYTES {
                 warn!(bytes, namespace = %workload.namespace, service_account = %workload.service_account, "Proxy config too large; nothing written");

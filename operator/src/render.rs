@@ -79,6 +79,15 @@ impl Rendered {
     }
 }
 
+/// The bytes written to a ConfigMap: compact JSON, fields in the contract's fixed order.
+///
+/// Compact rather than [`ProxyConfig::to_json`]'s pretty form, because the 1 MiB ConfigMap
+/// limit is what bounds the number of governed endpoints: indentation would cost about 40 % of
+/// it. Serializing plain structs with string keys cannot fail.
+pub fn document(config: &ProxyConfig) -> String {
+    serde_json::to_string(config).unwrap_or_default()
+}
+
 /// A workload that needs a config: the pods of one ServiceAccount in one namespace.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WorkloadKey {

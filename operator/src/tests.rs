@@ -15,7 +15,7 @@ use tandem_crds::v1alpha1::{
 };
 
 use crate::policy::{PolicyKey, PolicyKind, Verdict};
-use crate::render::{Inputs, MAX_CONFIG_MAP_BYTES, protocol_of, render, workloads};
+use crate::render::{Inputs, MAX_CONFIG_MAP_BYTES, document, protocol_of, render, workloads};
 use crate::status::{Programming, next_status};
 
 // ---------------------------------------------------------------------------------------------
@@ -305,12 +305,12 @@ fn protocol_comes_from_app_protocol_then_the_port_name_prefix() {
 
 #[test]
 fn unchanged_inputs_render_byte_identical_json() {
-    let a = render(&shop()).config_for("shop", "client").to_json();
+    let a = document(&render(&shop()).config_for("shop", "client"));
     let mut reordered = shop();
     reordered.services.reverse();
     reordered.endpoint_slices.reverse();
     reordered.pods.reverse();
-    let b = render(&reordered).config_for("shop", "client").to_json();
+    let b = document(&render(&reordered).config_for("shop", "client"));
     assert_eq!(a, b);
 }
 
@@ -337,7 +337,7 @@ fn a_changed_weight_changes_the_version() {
 #[test]
 fn the_rendered_config_is_valid_and_round_trips_through_the_proxy_parser() {
     let config = render(&shop()).config_for("shop", "client");
-    let parsed = tandem_crds::contract::ProxyConfig::from_json(config.to_json().as_bytes())
+    let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(parsed, config);
     assert_eq!(parsed.workload.service_account, "client");
@@ -732,7 +732,7 @@ fn a_thousand_endpoints_fit_well_under_the_configmap_limit() {
         .map(|(a, r, p)| (a.as_str(), *r, *p))
         .collect();
     inputs.endpoint_slices = vec![slice("shop", "server-v1", "big", &[("http", 8080)], &refs)];
-    let json = render(&inputs).config_for("shop", "client").to_json();
+    let json = document(&render(&inputs).config_for("shop", "client"));
     assert!(json.len() < MAX_CONFIG_MAP_BYTES, "{} bytes", json.len());
 }
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAcco
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -88,12 +88,9 @@ async fn create<K>(client: &Client, namespace: Option<String>, value: Value)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
-    let object: K = serde_json::from_value(value).expect("manifest object");
-    let api: Api<K> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), &ns),
-        None => Api::all(client.clone()),
-    };
-    api.create(&PostParams::default(), &object)
+    let object: DynamicObject = serde_json::from_value(value).expect("manifest object");
+    dynamic_api::<K>(client, namespace.as_deref())
+        .create(&PostParams::default(), &object)
         .await
         .expect("create manifest object");
 }
@@ -212,17 +209,28 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
     let name = value["metadata"]["name"].as_str().expect("name").to_owned();
-    let api: Api<K> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply("tandem-test").force(),
-        &Patch::Apply(&value),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("apply {name}: {e}"))
+    let applied = dynamic_api::<K>(client, namespace)
+        .patch(
+            &name,
+            &PatchParams::apply("tandem-test").force(),
+            &Patch::Apply(&value),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply {name}: {e}"));
+    let value = serde_json::to_value(applied).expect("serialize");
+    serde_json::from_value(value).expect("typed object")
+}
+
+/// An API for kind `K`, namespaced or not, through its erased type.
+fn dynamic_api<K: Resource<DynamicType = ()>>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
+    let resource = ApiResource::erase::<K>(&());
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    }
 }
 
 /// A namespace with a ServiceAccount `client` whose pod `client-1` is injected.
