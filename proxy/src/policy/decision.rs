@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tandem_crds::contract::ServiceRef;
 
-use super::Policy;
 use super::breaker::{Overflow, PoolGuard};
 use super::destination::{Attempt, Destination};
 use super::outcome::Outcome;
 use super::retry::{NoRetry, RequestBody, RetryPolicy};
 use super::sources::Nanos;
+use super::{Policy, Refusal};
 
 /// What to do after a failed attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,10 +181,13 @@ impl Decision {
             .destination
             .try_acquire(Overflow::MaxRetries)
             .map_err(|_| NoRetry::MaxRetries)?;
-        let mut attempt = self
-            .destination
-            .pick(Some(failed), now)
-            .map_err(|_| NoRetry::NoEndpoints)?;
+        let mut attempt =
+            self.destination
+                .pick(Some(failed), now)
+                .map_err(|refusal| match refusal {
+                    Refusal::Overflow(_) => NoRetry::MaxPendingRequests,
+                    Refusal::NoEndpoints | Refusal::UnknownPort(_) => NoRetry::NoEndpoints,
+                })?;
         if !self.policy.budget.try_withdraw(now) {
             return Err(NoRetry::BudgetExhausted);
         }

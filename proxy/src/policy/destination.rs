@@ -115,7 +115,7 @@ impl Destination {
         let kept: BTreeMap<SocketAddr, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.address(), e)).collect())
             .unwrap_or_default();
-        let endpoints = port
+        let endpoints: Vec<Arc<EndpointState>> = port
             .endpoints
             .iter()
             .map(|e| {
@@ -126,6 +126,14 @@ impl Destination {
             })
             .collect();
         let breaker = service.circuit_breaker.as_ref();
+        let outlier = breaker
+            .and_then(|b| b.outlier_detection.as_ref())
+            .map(OutlierDetection::new);
+        if outlier.is_none() {
+            endpoints
+                .iter()
+                .for_each(|e: &Arc<EndpointState>| e.reset_outlier());
+        }
         Self {
             service: service.key(),
             port: port.port,
@@ -133,9 +141,7 @@ impl Destination {
             endpoints,
             meshed: port.endpoints.iter().map(|e| e.meshed).collect(),
             limits: PoolLimits::new(breaker.and_then(|b| b.connection_pool.as_ref())),
-            outlier: breaker
-                .and_then(|b| b.outlier_detection.as_ref())
-                .map(OutlierDetection::new),
+            outlier,
             shared: previous.map_or_else(Arc::default, |p| Arc::clone(&p.shared)),
             sources: sources.clone(),
         }

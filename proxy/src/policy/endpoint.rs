@@ -180,6 +180,16 @@ impl EndpointState {
         );
     }
 
+    /// Returns the endpoint to service and forgets its failures: outlier detection was turned
+    /// off, and nothing else would ever end its ejection.
+    pub(crate) fn reset_outlier(&self) {
+        let o = &self.outlier;
+        o.phase.store(HEALTHY, Ordering::Release);
+        o.times_ejected.store(0, Ordering::Relaxed);
+        o.consecutive_5xx.store(0, Ordering::Relaxed);
+        o.consecutive_gateway.store(0, Ordering::Relaxed);
+    }
+
     /// Whether the endpoint is out of service (ejected or being probed).
     pub fn is_ejected(&self) -> bool {
         self.outlier.phase.load(Ordering::Acquire) != HEALTHY

@@ -223,8 +223,8 @@ impl Policy {
         let request_slot = destination
             .try_acquire(Overflow::MaxRequests)
             .map_err(Refusal::Overflow)?;
-        self.budget.deposit(now);
         let attempt = destination.pick(None, now)?;
+        self.budget.deposit(now);
         let timeout = self.route_settings(route).timeout;
         Ok(Decision {
             policy: Arc::clone(self),

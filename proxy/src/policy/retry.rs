@@ -90,6 +90,8 @@ pub enum NoRetry {
     BudgetExhausted,
     /// The destination's concurrent-retry limit is reached.
     MaxRetries,
+    /// The destination's pending-request limit is reached.
+    MaxPendingRequests,
     /// The request's deadline would pass during the backoff.
     Deadline,
     /// No endpoint is left to try.
@@ -108,6 +110,7 @@ impl NoRetry {
             Self::BodyTooLarge => "body-too-large",
             Self::BudgetExhausted => "budget-exhausted",
             Self::MaxRetries => "max-retries",
+            Self::MaxPendingRequests => "max-pending-requests",
             Self::Deadline => "deadline",
             Self::NoEndpoints => "no-endpoints",
         }

@@ -694,3 +694,25 @@ fn snapshot_serializes_for_the_config_endpoint() {
     assert_eq!(dest["endpoints"][1]["meshed"], true);
     assert_eq!(dest["endpoints"][0]["state"], "healthy");
 }
+
+#[test]
+fn turning_outlier_detection_off_returns_ejected_endpoints_to_service() {
+    let h = Harness::new();
+    let mut svc = service("cart", 1, &[1, 2]);
+    svc.circuit_breaker = Some(outlier(1, 100));
+    let first = h.build(&config(vec![svc.clone()]), None);
+    let mut d = policy(&first, "cart").select(80, &get("/")).unwrap();
+    d.on_attempt_result(Outcome::Response(500));
+    assert_eq!(first.snapshot().destinations[0].active_ejections, 1);
+    svc.circuit_breaker = None;
+    let second = h.build(&config(vec![svc]), Some(&first));
+    assert_eq!(second.snapshot().destinations[0].active_ejections, 0);
+}
+
+#[test]
+fn policies_and_decisions_can_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<PolicySet>();
+    send_sync::<Policy>();
+    send_sync::<Decision>();
+}
