@@ -144,7 +144,7 @@ fn run(set: &Arc<PolicySet>, threads: usize) -> (f64, f64) {
                     for i in 0..REQUESTS {
                         let mut d = policy.select(80, &request).unwrap();
                         // One request in a thousand fails once and is retried.
-                        if (i + t as u32) % 1_000 == 0 {
+                        if (i + t as u32).is_multiple_of(1_000) {
                             d.on_attempt_result(Outcome::Response(503));
                             let r = d.should_retry(RequestBody::Replayable);
                             assert!(matches!(r, RetryDecision::Retry { .. }), "{r:?}");
