@@ -12,6 +12,21 @@
 //! - [`balance`] and [`endpoint`]: peak EWMA, least request and round robin over endpoints;
 //! - [`breaker`]: connection-pool limits and outlier detection;
 //! - [`sources`]: time and randomness, injected so tests are deterministic.
+//!
+//! # Defaults
+//!
+//! | what | default |
+//! | --- | --- |
+//! | request timeout (route `timeoutMs`) | none: a request may take as long as the upstream needs |
+//! | per-try timeout (`perTryTimeoutMs`) | none: each try is bounded only by the request timeout |
+//! | connect timeout (`defaults.connectTimeoutMs`) | 1 s |
+//! | idle timeout of pooled connections (`defaults.idleTimeoutMs`) | 60 s |
+//! | retries | none unless a route sets them; never for POST, PATCH or CONNECT unless `retryNonIdempotent` (a connect failure excepted: nothing was sent) |
+//! | retry budget | 20 % of requests plus 10 per second over 10 s (Linkerd's), whenever a route retries |
+//! | body replay | up to 64 KiB; larger bodies are not retried |
+//! | load balancer | peak EWMA, power of two choices, initial RTT 30 ms, decay 10 s |
+//! | connection-pool limits | unlimited |
+//! | outlier detection | off |
 
 pub mod balance;
 pub mod breaker;
