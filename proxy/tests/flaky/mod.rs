@@ -112,7 +112,7 @@ impl Flaky {
     async fn connection(&self, mut stream: TcpStream) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(4096);
         loop {
-            let Some((head_len, body_len)) = read_request(&mut stream, &mut buf).await? else {
+            let Some((head_len, body_len, close)) = read_request(&mut stream, &mut buf).await? else {
                 return Ok(());
             };
             // The body, if any, is read and dropped.
@@ -164,6 +164,9 @@ impl Flaky {
             let body = format!("{} {}\n", self.name, status);
             let response = format!("{}{}", self.head(status, body.len()), body);
             stream.write_all(response.as_bytes()).await?;
+            if close {
+                return Ok(());
+            }
         }
     }
 
@@ -195,12 +198,12 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Reads one request head into `buf`; returns its length and the body's `Content-Length`, or
-/// `None` when the peer closed between requests.
+/// Reads one request head into `buf`; returns its length, the body's `Content-Length` and
+/// whether the client asked to close, or `None` when the peer closed between requests.
 async fn read_request(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
-) -> std::io::Result<Option<(usize, usize)>> {
+) -> std::io::Result<Option<(usize, usize, bool)>> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -209,7 +212,8 @@ async fn read_request(
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            return Ok(Some((end + 4, body_len)));
+            let close = head.lines().any(|l| l.replace(' ', "") == "connection:close");
+            return Ok(Some((end + 4, body_len, close)));
         }
         let mut chunk = [0u8; 4096];
         let n = stream.read(&mut chunk).await?;
