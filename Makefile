@@ -35,3 +35,12 @@ unit: ## unit and integration tests of every crate
 
 test: lint crds-check unit $(TEST_TARGETS) $(E2E_TARGETS) ## every test: lints, generated files, unit, integration, local cluster
 	@echo "make test: all green"
+
+crds: ## regenerate manifests/crds/*.yaml and manifests/proxy-config.schema.json from the Rust types
+	$(CARGO) run -q -p tandem-crds --bin tandem-crdgen -- manifests
+
+crds-check: ## fail when the checked-in generated API files are stale
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; mkdir -p $$tmp/crds; \
+	$(CARGO) run -q -p tandem-crds --bin tandem-crdgen -- $$tmp; \
+	diff -ru manifests/crds $$tmp/crds && diff -u manifests/proxy-config.schema.json $$tmp/proxy-config.schema.json \
+	  || { echo "generated API files are stale: run 'make crds' and commit"; exit 1; }

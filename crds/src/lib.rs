@@ -9,3 +9,5 @@
 pub mod contract;
 pub mod duration;
 pub mod names;
+#[cfg(feature = "kube")]
+pub mod v1alpha1;

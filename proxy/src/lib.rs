@@ -1,6 +1,35 @@
-//! Tandem's sidecar proxy.
+//! `tandem-proxy`: Tandem's sidecar data plane, built on Pingora.
 //!
-//! - [`policy`]: the pure resilience engine the request path consults: routing and weighted
-//!   splits, budgeted retries, load balancing, connection-pool limits and outlier detection.
+//! The proxy listens on three ports (see [`tandem_crds::names`]):
+//!
+//! - **outbound** (15001): the application's outgoing TCP, redirected by iptables. The original
+//!   destination (`SO_ORIGINAL_DST`) picks the service in the config; its traffic is balanced
+//!   over the service's ready endpoints. Any other destination is relayed unchanged.
+//! - **inbound** (15006): TCP arriving at the pod, forwarded to the application on the port it
+//!   was sent to.
+//! - **admin** (15020): `/live`, `/ready`, `/metrics`, `/config`.
+//!
+//! Module map: [`cli`] (flags), [`server`] (start, listeners, drain), [`connection`] (one
+//! accepted connection: destination, protocol, hand-off), [`detect`] (the pure protocol
+//! classifier), [`relay`] (opaque TCP), [`http`] (the Pingora HTTP path), [`routing`] (services
+//! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
+//! balancers, circuit breaking), [`config`] (load, watch, swap), [`metrics`], [`admin`],
+//! [`logging`].
 
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod detect;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod metrics;
 pub mod policy;
+pub mod relay;
+pub mod routing;
+pub mod server;
+
+pub use cli::{Cli, Command, RunArgs};
+pub use error::{Error, Result};
+pub use server::run;

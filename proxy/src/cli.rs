@@ -1,0 +1,93 @@
+//! Command-line flags, each with an environment fallback.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tandem_crds::names;
+
+/// Tandem's sidecar proxy.
+#[derive(Debug, Parser)]
+#[command(name = "tandem-proxy", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar: outbound, inbound and admin listeners.
+    Run(RunArgs),
+    /// Program the pod's iptables so its TCP flows through the sidecar (the tandem-init
+    /// container).
+    Init(tandem_init::InitArgs),
+}
+
+/// Flags of `tandem-proxy run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The proxy config file (the kubelet's ConfigMap mount).
+    #[arg(long, env = "TANDEM_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Where the outbound capture listener binds.
+    #[arg(long, env = "TANDEM_OUTBOUND_ADDR", default_value_t = any(names::OUTBOUND_PORT))]
+    pub outbound_addr: SocketAddr,
+    /// Where the inbound capture listener binds.
+    #[arg(long, env = "TANDEM_INBOUND_ADDR", default_value_t = any(names::INBOUND_PORT))]
+    pub inbound_addr: SocketAddr,
+    /// Where the admin server binds.
+    #[arg(long, env = "TANDEM_ADMIN_ADDR", default_value_t = any(names::ADMIN_PORT))]
+    pub admin_addr: SocketAddr,
+    /// How long requests in flight may finish after SIGTERM (e.g. `20s`).
+    #[arg(long, env = "TANDEM_DRAIN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_grace: Duration,
+    /// How often the config file is checked for a new version (e.g. `500ms`).
+    #[arg(long, env = "TANDEM_CONFIG_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub config_poll: Duration,
+    /// Worker threads of the async runtime.
+    #[arg(long, env = "TANDEM_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    /// Log format on stdout.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (the cluster default).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// `names::CONFIG_DIR` + `/` + `names::CONFIG_KEY` (a test below keeps them in step).
+const DEFAULT_CONFIG: &str = "/etc/tandem/config.json";
+
+fn any(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_fixed_ports_and_config_path() {
+        let cli = Cli::try_parse_from(["tandem-proxy", "run"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.outbound_addr.port(), 15001);
+        assert_eq!(args.inbound_addr.port(), 15006);
+        assert_eq!(args.admin_addr.port(), 15020);
+        assert_eq!(
+            args.config,
+            PathBuf::from(names::CONFIG_DIR).join(names::CONFIG_KEY)
+        );
+        assert_eq!(args.drain_grace, Duration::from_secs(20));
+    }
+}

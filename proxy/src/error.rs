@@ -1,0 +1,63 @@
+//! The proxy's error type.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// `Result` with the proxy's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why the proxy could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Which listener (outbound, inbound, admin).
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file could not be read (other than being absent).
+    #[error("cannot read config file {path}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file was read but refused.
+    #[error("config file {path} refused")]
+    InvalidConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why it was refused.
+        #[source]
+        source: tandem_crds::contract::ConfigError,
+    },
+    /// The config was valid but its policies could not be compiled (a regular expression the
+    /// validation let through, a backend that does not resolve).
+    #[error("config file {path} refused: its policies do not compile")]
+    CompilePolicy {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::policy::PolicyError,
+    },
+    /// Installing a signal handler failed.
+    #[error("cannot install the {signal} handler")]
+    Signal {
+        /// The signal.
+        signal: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Logging could not be initialised.
+    #[error("cannot initialise logging: {0}")]
+    Logging(String),
+}

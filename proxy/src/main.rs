@@ -1,0 +1,60 @@
+//! `tandem-proxy`: parse flags, start logging, run the proxy, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tandem_proxy::{Cli, Command};
+
+/// Exit code for bad flags (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    match cli.command {
+        Command::Init(args) => match tandem_init::run(&args) {
+            Ok(outcome) => {
+                eprintln!("tandem-proxy init: {outcome:?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tandem-proxy init: {:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            if let Err(e) = tandem_proxy::logging::init(args.log_format) {
+                eprintln!("tandem-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.worker_threads.max(1))
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tandem-proxy: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(tandem_proxy::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %anyhow::Error::from(e), "tandem-proxy failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

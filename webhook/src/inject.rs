@@ -1,0 +1,565 @@
+//! The decision and the patch: `inject(&Pod, namespace, &InjectConfig)`. Pure: no I/O.
+//!
+//! # Who is injected
+//!
+//! The webhook is only called for pods the MutatingWebhookConfiguration selects (see
+//! `manifests/webhook/`): pods in a namespace labelled `tandem.dev/inject=enabled`, and pods
+//! labelled `tandem.dev/inject=enabled` elsewhere. The server never looks up namespace labels;
+//! it trusts the selectors, so it needs no access to the apiserver to decide. What it decides
+//! itself, each with a counted and logged reason:
+//!
+//! | pod | result |
+//! | --- | --- |
+//! | in `kube-system`, `kube-public`, `kube-node-lease`, `tandem-system` | skipped: `system-namespace` |
+//! | annotation (or label) `tandem.dev/inject: disabled` | skipped: `opted-out` |
+//! | `hostNetwork: true` (iptables would capture the node's traffic) | skipped: `host-network` |
+//! | already has a `tandem-init` or `tandem-proxy` container | skipped: `already-injected` |
+//! | an invalid `tandem.dev/*` annotation | refused, with the annotation named |
+//! | anything else | injected |
+//!
+//! Opting **in** is a label and opting **out** is an annotation (a label works too). The
+//! difference matters: the apiserver can only select webhook calls by labels, so a pod
+//! *annotated* `tandem.dev/inject: enabled` in an unlabelled namespace is never sent to the
+//! webhook and is not injected. Istio's users tripped on exactly this (istio/istio#39006).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
+use tandem_crds::names;
+
+use crate::overrides::{self, Overrides};
+
+/// Volume holding the proxy config (the ServiceAccount's ConfigMap).
+pub const CONFIG_VOLUME: &str = "tandem-config";
+/// Volume mounted at `/run` in the init container, where `iptables-legacy` takes its lock
+/// (the root filesystem is read-only).
+pub const XTABLES_LOCK_VOLUME: &str = "tandem-xtables-lock";
+
+/// Environment variables the proxy reads, filled from the downward API.
+pub mod env {
+    /// The pod's name (`metadata.name`).
+    pub const POD_NAME: &str = "TANDEM_POD_NAME";
+    /// The pod's namespace (`metadata.namespace`).
+    pub const POD_NAMESPACE: &str = "TANDEM_POD_NAMESPACE";
+    /// The pod's IP (`status.podIP`).
+    pub const POD_IP: &str = "TANDEM_POD_IP";
+    /// The pod's ServiceAccount (`spec.serviceAccountName`).
+    pub const SERVICE_ACCOUNT: &str = "TANDEM_SERVICE_ACCOUNT";
+    /// The proxy's log filter (from `tandem.dev/log-level` or the webhook's default).
+    pub const LOG: &str = "TANDEM_LOG";
+}
+
+/// The webhook's defaults for every injected pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectConfig {
+    /// The proxy image, also used for the init container.
+    pub proxy_image: String,
+    /// Written to the `tandem.dev/proxy-version` annotation.
+    pub proxy_version: String,
+    /// `imagePullPolicy` of both containers; `None` leaves the Kubernetes default.
+    pub image_pull_policy: Option<String>,
+    /// The proxy's log filter.
+    pub log_level: String,
+    /// The proxy's requests and limits.
+    pub resources: ProxyResources,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            proxy_image: format!("tandem-proxy:{}", env!("CARGO_PKG_VERSION")),
+            proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            image_pull_policy: None,
+            log_level: "info".to_owned(),
+            resources: ProxyResources::default(),
+        }
+    }
+}
+
+/// Requests and limits of the proxy container; `None` leaves one unset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyResources {
+    /// CPU request.
+    pub cpu_request: Option<Quantity>,
+    /// CPU limit.
+    pub cpu_limit: Option<Quantity>,
+    /// Memory request.
+    pub memory_request: Option<Quantity>,
+    /// Memory limit.
+    pub memory_limit: Option<Quantity>,
+}
+
+impl Default for ProxyResources {
+    /// A small request and a memory limit; no CPU limit, so the proxy is never throttled
+    /// below what the application it carries needs.
+    fn default() -> Self {
+        Self {
+            cpu_request: Some(Quantity("10m".into())),
+            cpu_limit: None,
+            memory_request: Some(Quantity("32Mi".into())),
+            memory_limit: Some(Quantity("256Mi".into())),
+        }
+    }
+}
+
+/// What to do with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Inject, applying this patch.
+    Inject(Patch),
+    /// Leave the pod unchanged, for this reason.
+    Skip(SkipReason),
+}
+
+/// Why a selected pod is left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The namespace is one that is never meshed.
+    SystemNamespace,
+    /// The pod opted out with `tandem.dev/inject: disabled`.
+    OptedOut,
+    /// The pod shares the node's network namespace.
+    HostNetwork,
+    /// The pod already has the sidecar.
+    AlreadyInjected,
+}
+
+impl SkipReason {
+    /// The label value in metrics and the `reason` field in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SystemNamespace => "system-namespace",
+            Self::OptedOut => "opted-out",
+            Self::HostNetwork => "host-network",
+            Self::AlreadyInjected => "already-injected",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a pod is refused rather than injected.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum InjectError {
+    /// A `tandem.dev/*` annotation could not be understood.
+    #[error("annotation {key}={value:?} is invalid: {reason}")]
+    InvalidAnnotation {
+        /// The annotation key.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pod already uses a name the injection needs.
+    #[error("the pod already has a volume named {name:?}, which tandem needs")]
+    VolumeConflict {
+        /// The volume name.
+        name: String,
+    },
+    /// The pod has no `spec`.
+    #[error("the pod has no spec")]
+    NoSpec,
+}
+
+/// Decides whether to inject `pod` (created in `namespace`) and builds the patch.
+pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Result<Decision, InjectError> {
+    if let Some(reason) = skip_reason(pod, namespace) {
+        return Ok(Decision::Skip(reason));
+    }
+    let spec = pod.spec.as_ref().ok_or(InjectError::NoSpec)?;
+    for volume in spec.volumes.iter().flatten() {
+        if volume.name == CONFIG_VOLUME || volume.name == XTABLES_LOCK_VOLUME {
+            return Err(InjectError::VolumeConflict {
+                name: volume.name.clone(),
+            });
+        }
+    }
+    let overrides = overrides::resolve(pod.metadata.annotations.as_ref(), config)?;
+    let service_account = service_account(pod);
+    Ok(Decision::Inject(patch(
+        pod,
+        &service_account,
+        &overrides,
+        config,
+    )))
+}
+
+/// The reason a selected pod is left alone, if there is one. Checked in this order so that
+/// the most fundamental reason is the one reported.
+fn skip_reason(pod: &Pod, namespace: &str) -> Option<SkipReason> {
+    if names::NEVER_INJECTED_NAMESPACES.contains(&namespace) {
+        return Some(SkipReason::SystemNamespace);
+    }
+    let disabled = |map: &Option<BTreeMap<String, String>>, key: &str| {
+        map.as_ref()
+            .and_then(|map| map.get(key))
+            .is_some_and(|value| value.trim() == names::INJECT_DISABLED)
+    };
+    if disabled(&pod.metadata.annotations, names::INJECT_ANNOTATION)
+        || disabled(&pod.metadata.labels, names::INJECT_LABEL)
+    {
+        return Some(SkipReason::OptedOut);
+    }
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return Some(SkipReason::HostNetwork);
+    }
+    let ours = |container: &Container| {
+        container.name == names::PROXY_CONTAINER || container.name == names::INIT_CONTAINER
+    };
+    if spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(ours)
+    {
+        return Some(SkipReason::AlreadyInjected);
+    }
+    None
+}
+
+/// The pod's ServiceAccount. At admission the ServiceAccount admission plugin has already
+/// filled in `default` when the pod named none; the fallback covers clusters without it.
+fn service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|spec| {
+            spec.service_account_name
+                .clone()
+                .or_else(|| spec.service_account.clone())
+        })
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The patch
+
+/// The RFC 6902 patch. Each list is extended rather than replaced when it exists, so the
+/// patch is correct whether or not the pod already has init containers, volumes and
+/// annotations.
+fn patch(pod: &Pod, service_account: &str, overrides: &Overrides, config: &InjectConfig) -> Patch {
+    let spec = pod.spec.as_ref();
+    let mut ops = Vec::new();
+
+    // The init container and the proxy go first, in that order: user init containers then
+    // run with the mesh in place (their traffic is captured and the proxy is up).
+    let init = to_value(&init_container(overrides, config));
+    let proxy = to_value(&proxy_container(overrides, config));
+    if spec
+        .and_then(|spec| spec.init_containers.as_ref())
+        .is_some()
+    {
+        ops.push(add(&["spec", "initContainers", "0"], init));
+        ops.push(add(&["spec", "initContainers", "1"], proxy));
+    } else {
+        ops.push(add(
+            &["spec", "initContainers"],
+            Value::Array(vec![init, proxy]),
+        ));
+    }
+
+    let volumes = [config_volume(service_account), xtables_lock_volume()].map(|v| to_value(&v));
+    if spec.and_then(|spec| spec.volumes.as_ref()).is_some() {
+        for volume in volumes {
+            ops.push(add(&["spec", "volumes", "-"], volume));
+        }
+    } else {
+        ops.push(add(&["spec", "volumes"], Value::Array(volumes.into())));
+    }
+
+    let annotations = added_annotations(pod, config);
+    if pod.metadata.annotations.is_some() {
+        for (key, value) in annotations {
+            ops.push(add(
+                &["metadata", "annotations", &key],
+                Value::String(value),
+            ));
+        }
+    } else {
+        let map = annotations
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
+        ops.push(add(&["metadata", "annotations"], Value::Object(map)));
+    }
+    Patch(ops)
+}
+
+/// The annotations injection adds: the proxy version, and Prometheus scrape annotations for
+/// the proxy's admin port unless the pod already asks to be scraped (its own metrics win;
+/// overwriting them would silently stop the application's scraping).
+fn added_annotations(pod: &Pod, config: &InjectConfig) -> BTreeMap<String, String> {
+    let mut added = BTreeMap::new();
+    added.insert(
+        names::PROXY_VERSION_ANNOTATION.to_owned(),
+        config.proxy_version.clone(),
+    );
+    let has = |key: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|map| map.contains_key(key))
+    };
+    if !has("prometheus.io/scrape") {
+        added.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
+        added.insert(
+            "prometheus.io/port".to_owned(),
+            names::ADMIN_PORT.to_string(),
+        );
+        added.insert("prometheus.io/path".to_owned(), "/metrics".to_owned());
+    }
+    added
+}
+
+/// An `add` operation at the path made of `tokens`; `/` and `~` in a token are escaped
+/// (`tandem.dev/proxy-version` becomes `tandem.dev~1proxy-version`).
+fn add(tokens: &[&str], value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens.iter().copied()),
+        value,
+    })
+}
+
+fn to_value<T: serde::Serialize>(object: &T) -> Value {
+    // Serializing k8s-openapi types to a Value cannot fail: they are plain data with string
+    // keys. Null stands in for the impossible error rather than a panic.
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Containers and volumes
+
+/// `tandem-init`: `tandem-proxy init` with the pod's exclusions, as root with only
+/// NET_ADMIN and NET_RAW (iptables needs both; nothing else is granted).
+fn init_container(overrides: &Overrides, config: &InjectConfig) -> Container {
+    let mut args = vec![
+        "init".to_owned(),
+        format!("--proxy-uid={}", names::PROXY_UID),
+        format!("--proxy-gid={}", names::PROXY_UID),
+        format!("--inbound-port={}", names::INBOUND_PORT),
+        format!("--outbound-port={}", names::OUTBOUND_PORT),
+        format!("--admin-port={}", names::ADMIN_PORT),
+    ];
+    let list = |items: Vec<String>| items.join(",");
+    if !overrides.skip_inbound_ports.is_empty() {
+        let ports = list(
+            overrides
+                .skip_inbound_ports
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        );
+        args.push(format!("--skip-inbound-ports={ports}"));
+    }
+    if !overrides.skip_outbound_ports.is_empty() {
+        let ports = list(
+            overrides
+                .skip_outbound_ports
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        );
+        args.push(format!("--skip-outbound-ports={ports}"));
+    }
+    if !overrides.skip_outbound_cidrs.is_empty() {
+        let cidrs = list(
+            overrides
+                .skip_outbound_cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        );
+        args.push(format!("--skip-outbound-cidrs={cidrs}"));
+    }
+    Container {
+        name: names::INIT_CONTAINER.to_owned(),
+        image: Some(overrides.proxy_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec!["tandem-proxy".to_owned()]),
+        args: Some(args),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            seccomp_profile: Some(runtime_default()),
+            ..SecurityContext::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[("cpu", "10m"), ("memory", "16Mi")])),
+            limits: Some(quantities(&[("memory", "64Mi")])),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: XTABLES_LOCK_VOLUME.to_owned(),
+            mount_path: "/run".to_owned(),
+            ..VolumeMount::default()
+        }]),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
+    }
+}
+
+/// `tandem-proxy`: a native sidecar (an init container with `restartPolicy: Always`), so the
+/// application containers start only once its startup probe passes and Jobs complete when
+/// their own containers do. The image's entrypoint runs the proxy.
+fn proxy_container(overrides: &Overrides, config: &InjectConfig) -> Container {
+    Container {
+        name: names::PROXY_CONTAINER.to_owned(),
+        image: Some(overrides.proxy_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        restart_policy: Some("Always".to_owned()),
+        ports: Some(vec![ContainerPort {
+            name: Some("tandem-admin".to_owned()),
+            container_port: i32::from(names::ADMIN_PORT),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        env: Some(vec![
+            field_env(env::POD_NAME, "metadata.name"),
+            field_env(env::POD_NAMESPACE, "metadata.namespace"),
+            field_env(env::POD_IP, "status.podIP"),
+            field_env(env::SERVICE_ACCOUNT, "spec.serviceAccountName"),
+            EnvVar {
+                name: env::LOG.to_owned(),
+                value: Some(overrides.log_level.clone()),
+                ..EnvVar::default()
+            },
+        ]),
+        // Up to two minutes to become ready (the config may still be on its way), checked
+        // every second so the application starts as soon as the proxy can carry its traffic.
+        startup_probe: Some(http_probe("/ready", 1, 120)),
+        liveness_probe: Some(http_probe("/live", 10, 3)),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(i64::from(names::PROXY_UID)),
+            run_as_group: Some(i64::from(names::PROXY_UID)),
+            run_as_non_root: Some(true),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(runtime_default()),
+            ..SecurityContext::default()
+        }),
+        resources: Some(resources(&overrides.resources)),
+        volume_mounts: Some(vec![VolumeMount {
+            name: CONFIG_VOLUME.to_owned(),
+            mount_path: names::CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
+    }
+}
+
+/// The ServiceAccount's proxy ConfigMap, optional so the pod starts before the operator has
+/// written it (the proxy then passes traffic through and is not ready).
+fn config_volume(service_account: &str) -> Volume {
+    Volume {
+        name: CONFIG_VOLUME.to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names::config_map_name(service_account),
+            optional: Some(true),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn xtables_lock_volume() -> Volume {
+    Volume {
+        name: XTABLES_LOCK_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(i32::from(names::ADMIN_PORT)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(1),
+        ..Probe::default()
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..SeccompProfile::default()
+    }
+}
+
+fn resources(resources: &ProxyResources) -> ResourceRequirements {
+    let pick = |pairs: [(&str, &Option<Quantity>); 2]| {
+        let map: BTreeMap<String, Quantity> = pairs
+            .into_iter()
+            .filter_map(|(key, value)| value.clone().map(|value| (key.to_owned(), value)))
+            .collect();
+        (!map.is_empty()).then_some(map)
+    };
+    ResourceRequirements {
+        requests: pick([
+            ("cpu", &resources.cpu_request),
+            ("memory", &resources.memory_request),
+        ]),
+        limits: pick([
+            ("cpu", &resources.cpu_limit),
+            ("memory", &resources.memory_limit),
+        ]),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), Quantity((*value).to_owned())))
+        .collect()
+}

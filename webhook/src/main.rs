@@ -1,0 +1,240 @@
+//! `tandem-webhook`: parse flags, start tracing, run, map the outcome to an exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use tandem_crds::names;
+use tandem_webhook::bootstrap::BootstrapConfig;
+use tandem_webhook::inject::ProxyResources;
+use tandem_webhook::overrides::{is_image_reference, is_quantity};
+use tandem_webhook::tls::{CertPaths, error_chain};
+use tandem_webhook::{CertSource, InjectConfig, Settings};
+
+/// Exit code for bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Tandem's mutating admission webhook: injects the tandem-proxy sidecar into selected pods.
+#[derive(Debug, Parser)]
+#[command(name = "tandem-webhook", version)]
+struct Args {
+    /// Address to serve HTTPS on.
+    #[arg(long, env = "TANDEM_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// PEM certificate chain (reloaded when it changes).
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_TLS_CERT",
+        default_value = "/etc/tandem-webhook/tls/tls.crt"
+    )]
+    tls_cert: PathBuf,
+    /// PEM private key (reloaded when it changes).
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_TLS_KEY",
+        default_value = "/etc/tandem-webhook/tls/tls.key"
+    )]
+    tls_key: PathBuf,
+    /// How often to check the certificate files for changes.
+    #[arg(long, env = "TANDEM_WEBHOOK_CERT_RELOAD_INTERVAL", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    cert_reload_interval: Duration,
+    /// Make and rotate the CA and serving certificate in a Secret, and keep the
+    /// MutatingWebhookConfiguration's caBundle current (no cert-manager needed). Without it,
+    /// the certificate is read from --tls-cert and --tls-key.
+    #[arg(long, env = "TANDEM_WEBHOOK_SELF_SIGNED")]
+    self_signed: bool,
+    /// Namespace of the webhook's Service and certificate Secret.
+    #[arg(long, env = "TANDEM_WEBHOOK_NAMESPACE", default_value = names::SYSTEM_NAMESPACE)]
+    namespace: String,
+    /// Secret holding the certificates in --self-signed mode.
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_TLS_SECRET",
+        default_value = "tandem-webhook-tls"
+    )]
+    tls_secret: String,
+    /// The webhook's Service, whose DNS names the certificate carries.
+    #[arg(long, env = "TANDEM_WEBHOOK_SERVICE", default_value = "tandem-webhook")]
+    service: String,
+    /// The MutatingWebhookConfiguration whose caBundle --self-signed keeps current.
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_CONFIGURATION",
+        default_value = "tandem-webhook"
+    )]
+    webhook_configuration: String,
+    /// Lifetime of a CA made by --self-signed.
+    #[arg(long, env = "TANDEM_WEBHOOK_CA_VALIDITY", default_value = "3650days",
+          value_parser = humantime::parse_duration)]
+    ca_validity: Duration,
+    /// Lifetime of a serving certificate made by --self-signed (renewed with a third left).
+    #[arg(long, env = "TANDEM_WEBHOOK_CERT_VALIDITY", default_value = "90days",
+          value_parser = humantime::parse_duration)]
+    cert_validity: Duration,
+    /// How often --self-signed checks the Secret.
+    #[arg(long, env = "TANDEM_WEBHOOK_CERT_CHECK_INTERVAL", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    cert_check_interval: Duration,
+    /// Largest AdmissionReview body accepted, in bytes.
+    #[arg(long, env = "TANDEM_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// How long open connections may take to finish at shutdown.
+    #[arg(long, env = "TANDEM_WEBHOOK_SHUTDOWN_GRACE", default_value = "20s",
+          value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Proxy image injected into pods (the tandem-init container uses it too).
+    #[arg(long, env = "TANDEM_WEBHOOK_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// Value of the tandem.dev/proxy-version annotation.
+    #[arg(long, env = "TANDEM_WEBHOOK_PROXY_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    proxy_version: String,
+    /// imagePullPolicy of the injected containers (Always, IfNotPresent, Never).
+    #[arg(long, env = "TANDEM_WEBHOOK_IMAGE_PULL_POLICY",
+          value_parser = ["Always", "IfNotPresent", "Never"])]
+    image_pull_policy: Option<String>,
+    /// The proxy's default log filter.
+    #[arg(long, env = "TANDEM_WEBHOOK_PROXY_LOG_LEVEL", default_value = "info")]
+    proxy_log_level: String,
+    /// The proxy's default CPU request ("" for none).
+    #[arg(long, env = "TANDEM_WEBHOOK_PROXY_CPU_REQUEST", default_value = "10m")]
+    proxy_cpu_request: String,
+    /// The proxy's default CPU limit ("" for none).
+    #[arg(long, env = "TANDEM_WEBHOOK_PROXY_CPU_LIMIT", default_value = "")]
+    proxy_cpu_limit: String,
+    /// The proxy's default memory request ("" for none).
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_PROXY_MEMORY_REQUEST",
+        default_value = "32Mi"
+    )]
+    proxy_memory_request: String,
+    /// The proxy's default memory limit ("" for none).
+    #[arg(
+        long,
+        env = "TANDEM_WEBHOOK_PROXY_MEMORY_LIMIT",
+        default_value = "256Mi"
+    )]
+    proxy_memory_limit: String,
+    /// Log as JSON lines (in the cluster) instead of text.
+    #[arg(long, env = "TANDEM_WEBHOOK_LOG_JSON")]
+    log_json: bool,
+}
+
+impl Args {
+    /// The validated settings, or a message naming the flag at fault.
+    fn settings(self) -> Result<Settings, String> {
+        let quantity = |flag: &str, value: &str| match value.trim() {
+            "" => Ok(None),
+            text if is_quantity(text) => Ok(Some(Quantity(text.to_owned()))),
+            text => Err(format!(
+                "--{flag} {text:?} is not a Kubernetes quantity like 100m or 64Mi"
+            )),
+        };
+        let defaults = InjectConfig::default();
+        let proxy_image = self.proxy_image.unwrap_or(defaults.proxy_image);
+        if !is_image_reference(&proxy_image) {
+            return Err(format!(
+                "--proxy-image {proxy_image:?} is not an image reference"
+            ));
+        }
+        let certificates = if self.self_signed {
+            CertSource::SelfSigned(BootstrapConfig {
+                namespace: self.namespace,
+                secret: self.tls_secret,
+                service: self.service,
+                webhook_configuration: self.webhook_configuration,
+                ca_validity: self.ca_validity,
+                cert_validity: self.cert_validity,
+                check_interval: self.cert_check_interval,
+            })
+        } else {
+            CertSource::Files {
+                paths: CertPaths {
+                    cert: self.tls_cert,
+                    key: self.tls_key,
+                },
+                reload_interval: self.cert_reload_interval,
+            }
+        };
+        Ok(Settings {
+            listen: self.listen,
+            certificates,
+            max_body_bytes: self.max_body_bytes,
+            shutdown_grace: self.shutdown_grace,
+            inject: InjectConfig {
+                proxy_image,
+                proxy_version: self.proxy_version,
+                image_pull_policy: self.image_pull_policy,
+                log_level: self.proxy_log_level,
+                resources: ProxyResources {
+                    cpu_request: quantity("proxy-cpu-request", &self.proxy_cpu_request)?,
+                    cpu_limit: quantity("proxy-cpu-limit", &self.proxy_cpu_limit)?,
+                    memory_request: quantity("proxy-memory-request", &self.proxy_memory_request)?,
+                    memory_limit: quantity("proxy-memory-limit", &self.proxy_memory_limit)?,
+                },
+            },
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let settings = match args.settings() {
+        Ok(settings) => settings,
+        Err(message) => {
+            tracing::error!(%message, "Invalid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "Could not start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tandem_webhook::run(settings, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %error_chain(&error), "tandem-webhook failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_WEBHOOK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+}
+
+/// Completes on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            // Without a SIGTERM handler, Ctrl-C still stops the server.
+            Err(error) => {
+                tracing::warn!(%error, "Cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("Shutting down");
+}
