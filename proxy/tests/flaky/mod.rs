@@ -112,7 +112,8 @@ impl Flaky {
     async fn connection(&self, mut stream: TcpStream) -> std::io::Result<()> {
         let mut buf = Vec::with_capacity(4096);
         loop {
-            let Some((head_len, body_len, close)) = read_request(&mut stream, &mut buf).await? else {
+            let Some((head_len, body_len, close)) = read_request(&mut stream, &mut buf).await?
+            else {
                 return Ok(());
             };
             // The body, if any, is read and dropped.
@@ -212,7 +213,9 @@ async fn read_request(
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0);
-            let close = head.lines().any(|l| l.replace(' ', "") == "connection:close");
+            let close = head
+                .lines()
+                .any(|l| l.replace(' ', "") == "connection:close");
             return Ok(Some((end + 4, body_len, close)));
         }
         let mut chunk = [0u8; 4096];
