@@ -35,6 +35,7 @@ impl Admin {
             "hash": active.as_ref().map(|a| a.hash.clone()),
             "loadedAt": active.as_ref().map(|a| rfc3339(a.loaded_at)),
             "config": active.as_ref().and_then(|a| serde_json::to_value(&a.config).ok()),
+            "policies": active.as_ref().and_then(|a| serde_json::to_value(a.policies.snapshot()).ok()),
             "lastError": error.map(|e| json!({"message": e.message, "at": rfc3339(e.at)})),
         })
     }

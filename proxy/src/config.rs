@@ -22,6 +22,7 @@ use tandem_crds::contract::ProxyConfig;
 
 use crate::error::{Error, Result};
 use crate::metrics::{ConfigInfoLabels, Metrics, ReloadLabels};
+use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
 
 /// One loaded config version, compiled for the request path.
@@ -35,17 +36,27 @@ pub struct ActiveConfig {
     pub loaded_at: SystemTime,
     /// Services by cluster IP and port.
     pub destinations: Destinations,
+    /// The resilience policies of HTTP requests (routes, retries, balancing, breakers), with
+    /// the state of the previous version's carried over.
+    pub policies: PolicySet,
 }
 
 impl ActiveConfig {
-    fn new(config: ProxyConfig, hash: String) -> Self {
+    fn new(
+        config: ProxyConfig,
+        hash: String,
+        previous: Option<&ActiveConfig>,
+    ) -> std::result::Result<Self, crate::policy::PolicyError> {
         let destinations = Destinations::compile(&config);
-        Self {
+        let policies =
+            PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())?;
+        Ok(Self {
             config,
             hash,
             loaded_at: SystemTime::now(),
             destinations,
-        }
+            policies,
+        })
     }
 }
 
@@ -95,9 +106,22 @@ impl ConfigStore {
     /// Applies file bytes: parse, validate, swap. On refusal the active config stays.
     pub fn apply(&self, bytes: &[u8]) -> Result<Arc<ActiveConfig>> {
         let hash = sha256_hex(bytes);
-        match ProxyConfig::from_json(bytes) {
-            Ok(config) => {
-                let active = Arc::new(ActiveConfig::new(config, hash));
+        let compiled = ProxyConfig::from_json(bytes)
+            .map_err(|source| Error::InvalidConfig {
+                path: self.path.clone(),
+                source,
+            })
+            .and_then(|config| {
+                ActiveConfig::new(config, hash, self.active().as_deref()).map_err(|source| {
+                    Error::CompilePolicy {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })
+            });
+        match compiled {
+            Ok(active) => {
+                let active = Arc::new(active);
                 self.active.store(Arc::new(Some(active.clone())));
                 self.last_error.store(Arc::new(None));
                 self.record_success(&active);
@@ -109,11 +133,7 @@ impl ConfigStore {
                 );
                 Ok(active)
             }
-            Err(source) => {
-                let error = Error::InvalidConfig {
-                    path: self.path.clone(),
-                    source,
-                };
+            Err(error) => {
                 self.record_error(&error);
                 Err(error)
             }

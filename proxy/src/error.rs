@@ -38,6 +38,16 @@ pub enum Error {
         #[source]
         source: tandem_crds::contract::ConfigError,
     },
+    /// The config was valid but its policies could not be compiled (a regular expression the
+    /// validation let through, a backend that does not resolve).
+    #[error("config file {path} refused: its policies do not compile")]
+    CompilePolicy {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::policy::PolicyError,
+    },
     /// Installing a signal handler failed.
     #[error("cannot install the {signal} handler")]
     Signal {

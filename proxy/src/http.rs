@@ -5,20 +5,29 @@
 //! iptables, from its authority) and the config active at that moment, so a config swap applies
 //! to the next request even on a kept-alive connection. Headers are forwarded untouched, W3C
 //! `traceparent`/`tracestate` and B3 included.
+//!
+//! Outbound requests to a configured service go through its [`Policy`](crate::policy::Policy):
+//! `upstream_peer` selects the route, backend and endpoint (or refuses with 503 and a header
+//! naming why); every attempt's result is reported from `upstream_response_filter` (a response
+//! head), `fail_to_connect` and `error_while_proxy` (no response); a failure the policy retries
+//! turns into a retryable Pingora error, and the next `upstream_peer` waits out the backoff and
+//! sends to the endpoint the decision picked. Timeouts that end a request answer 504.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::ErrorType::HTTPStatus;
+use pingora::ErrorType::{self, HTTPStatus};
+use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::{Error as PingoraError, Result as PingoraResult};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error as PingoraError, ErrorSource, Result as PingoraResult, RetryType};
 use tandem_crds::contract::Protocol;
 
 use crate::connection::redirected_destination;
 use crate::metrics::{Classification, Direction, RequestLabels, ResponseLabels};
+use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
 
 /// `dst_service` of traffic to a destination the config does not know.
@@ -52,6 +61,14 @@ pub struct RequestCtx {
     counted: bool,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// The policy's decision, for requests to a configured service.
+    decision: Option<Decision>,
+    /// Why the policy refused the request, answered as 503 with a header.
+    refusal: Option<Refusal>,
+    /// The pause before the next attempt, set when a retry was decided.
+    backoff: Option<Duration>,
+    /// The error now unwinding Pingora's attempt was raised to retry a failed response.
+    retrying_response: bool,
 }
 
 /// Where one request goes.
@@ -91,9 +108,15 @@ impl MeshHttp {
                     .and_then(|a| a.destinations.lookup(dst).cloned());
                 match target {
                     Some(target) => {
-                        let upstream = target
-                            .pick()
-                            .ok_or_else(|| status(503, "service has no ready endpoint"))?;
+                        let policy = active
+                            .as_ref()
+                            .and_then(|a| a.policies.for_destination(dst));
+                        let upstream = match policy {
+                            Some(policy) => select(policy, dst.port(), session, ctx)?,
+                            None => target
+                                .pick()
+                                .ok_or_else(|| status(503, "service has no ready endpoint"))?,
+                        };
                         let h2 = downstream_h2
                             || matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
                         Ok(Resolved {
@@ -144,6 +167,118 @@ impl MeshHttp {
     }
 }
 
+/// Asks the service's policy where the request goes; keeps the decision in the context.
+fn select(
+    policy: &Arc<crate::policy::Policy>,
+    port: u16,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> PingoraResult<SocketAddr> {
+    match policy.select(port, session.req_header()) {
+        Ok(decision) => {
+            let upstream = decision
+                .endpoint()
+                .ok_or_else(|| status(503, "no endpoint chosen"))?;
+            ctx.connect_timeout = decision.connect_timeout();
+            ctx.idle_timeout = decision.idle_timeout();
+            ctx.decision = Some(decision);
+            Ok(upstream)
+        }
+        Err(refusal) => {
+            ctx.refusal = Some(refusal);
+            Err(status(refusal.status(), "refused by the service's policy"))
+        }
+    }
+}
+
+/// Whether the request body can be sent again: Pingora keeps up to 64 KiB of it for retries,
+/// the same bound as the policy's.
+fn replay(session: &Session) -> RequestBody {
+    if session.as_ref().retry_buffer_truncated() {
+        RequestBody::TooLarge
+    } else {
+        RequestBody::Replayable
+    }
+}
+
+/// Reports an attempt that got no usable response and decides whether to retry it.
+fn after_failure(ctx: &mut RequestCtx, outcome: Outcome, body: RequestBody) -> bool {
+    let Some(decision) = ctx.decision.as_mut() else {
+        return false;
+    };
+    decision.on_attempt_result(outcome);
+    retry_decided(decision, body, &mut ctx.backoff)
+}
+
+/// Asks the decision whether to retry; records the backoff when it says yes.
+fn retry_decided(
+    decision: &mut Decision,
+    body: RequestBody,
+    backoff: &mut Option<Duration>,
+) -> bool {
+    match decision.should_retry(body) {
+        RetryDecision::Retry { backoff: pause } => {
+            *backoff = Some(pause);
+            tracing::debug!(
+                route = decision.route_name(),
+                attempt = decision.attempts(),
+                endpoint = ?decision.endpoint(),
+                backoff_ms = pause.as_millis(),
+                "Retrying"
+            );
+            true
+        }
+        RetryDecision::Stop(reason) => {
+            tracing::debug!(
+                route = decision.route_name(),
+                reason = reason.as_str(),
+                "Not retrying"
+            );
+            false
+        }
+    }
+}
+
+/// A peer for `upstream` with the request's timeouts.
+fn peer(upstream: SocketAddr, ctx: &RequestCtx) -> Box<HttpPeer> {
+    let mut peer = HttpPeer::new(upstream, false, String::new());
+    peer.options.connection_timeout = Some(ctx.connect_timeout);
+    peer.options.idle_timeout = Some(ctx.idle_timeout);
+    if let Some(decision) = &ctx.decision {
+        // Bounds the wait for each read: the per-try timeout, cut to what is left of the
+        // request timeout.
+        peer.options.read_timeout = decision.attempt_timeout();
+    }
+    if ctx.upstream_h2 {
+        peer.options.set_http_version(2, 2);
+        peer.options.max_h2_streams = H2_STREAMS;
+    }
+    Box::new(peer)
+}
+
+impl MeshHttp {
+    /// The peer of a retry: after the backoff, the endpoint the decision picked.
+    async fn retry_peer(&self, ctx: &mut RequestCtx) -> PingoraResult<Box<HttpPeer>> {
+        if let Some(pause) = ctx.backoff.take() {
+            tokio::time::sleep(pause).await;
+        }
+        let Some(decision) = ctx.decision.as_ref() else {
+            return Err(status(503, "no decision to retry"));
+        };
+        if decision.time_left() == Some(Duration::ZERO) {
+            return Err(PingoraError::explain(
+                ErrorType::ReadTimedout,
+                "request timeout before the retry",
+            ));
+        }
+        let upstream = decision
+            .endpoint()
+            .ok_or_else(|| status(503, "no endpoint left to retry"))?;
+        ctx.upstream = Some(upstream);
+        Ok(peer(upstream, ctx))
+    }
+}
+
 impl MeshHttp {
     /// Counts a request once, when its destination is known.
     fn count_request(&self, ctx: &mut RequestCtx) {
@@ -157,6 +292,39 @@ impl MeshHttp {
         };
         self.shared.metrics.requests.get_or_create(&labels).inc();
     }
+}
+
+/// The status answered when proxying failed: Pingora's mapping, except that a timeout of a
+/// request governed by a policy is a 504 (the request or per-try timeout fired).
+fn error_status(e: &PingoraError, governed: bool) -> u16 {
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout if governed => 504,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+/// An empty response with one extra header (`x-tandem-overflow: max-requests`).
+async fn respond_with_header(
+    session: &mut Session,
+    code: u16,
+    name: &'static str,
+    value: &'static str,
+) -> PingoraResult<()> {
+    let mut response = ResponseHeader::build(code, Some(2))?;
+    response.insert_header(name, value)?;
+    response.insert_header(http::header::CONTENT_LENGTH, "0")?;
+    session.set_keepalive(None);
+    session
+        .write_response_header(Box::new(response), true)
+        .await
 }
 
 /// The request's authority (`:authority` or `Host`) as an IP address and port (80 by default).
@@ -244,6 +412,10 @@ impl ProxyHttp for MeshHttp {
                 tandem_crds::contract::DEFAULT_CONNECT_TIMEOUT_MS,
             ),
             idle_timeout: Duration::from_millis(tandem_crds::contract::DEFAULT_IDLE_TIMEOUT_MS),
+            decision: None,
+            refusal: None,
+            backoff: None,
+            retrying_response: false,
         }
     }
 
@@ -280,6 +452,9 @@ impl ProxyHttp for MeshHttp {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> PingoraResult<Box<HttpPeer>> {
+        if ctx.decision.is_some() {
+            return self.retry_peer(ctx).await;
+        }
         let resolved = match self.resolve(session, ctx) {
             Ok(r) => r,
             Err(e) => {
@@ -297,14 +472,138 @@ impl ProxyHttp for MeshHttp {
         self.count_request(ctx);
         ctx.upstream = Some(resolved.upstream);
         ctx.upstream_h2 = resolved.h2;
-        let mut peer = HttpPeer::new(resolved.upstream, false, String::new());
-        peer.options.connection_timeout = Some(ctx.connect_timeout);
-        peer.options.idle_timeout = Some(ctx.idle_timeout);
-        if resolved.h2 {
-            peer.options.set_http_version(2, 2);
-            peer.options.max_h2_streams = H2_STREAMS;
+        Ok(peer(resolved.upstream, ctx))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> PingoraResult<()> {
+        if let Some(decision) = ctx.decision.as_mut() {
+            decision.on_connected();
         }
-        Ok(Box::new(peer))
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<PingoraError>,
+    ) -> Box<PingoraError> {
+        if ctx.decision.is_some() {
+            // Nothing reached the endpoint, so the body is intact whatever its size.
+            let retry = after_failure(ctx, Outcome::ConnectFailure, RequestBody::Replayable);
+            e.set_retry(retry);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> PingoraResult<()> {
+        let code = upstream_response.status.as_u16();
+        let Some(decision) = ctx.decision.as_mut() else {
+            return Ok(());
+        };
+        // Interim responses (100 Continue) are not the attempt's result.
+        if code < 200 || decision.attempt().is_none() {
+            return Ok(());
+        }
+        decision.on_attempt_result(Outcome::Response(code));
+        if !retry_decided(decision, replay(session), &mut ctx.backoff) {
+            return Ok(());
+        }
+        // Unwind this attempt before anything reaches the client; `error_while_proxy` sees the
+        // flag and lets Pingora call `upstream_peer` again.
+        ctx.retrying_response = true;
+        let mut e = PingoraError::explain(HTTPStatus(code), "retrying a failed response");
+        e.set_retry(true);
+        Err(e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<PingoraError>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<PingoraError> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.retrying_response) {
+            e.set_retry(true);
+            return e;
+        }
+        let body = replay(session);
+        let Some(decision) = ctx.decision.as_ref() else {
+            // Pingora's own rule: retry only a pooled connection that turned out stale.
+            if !session.req_header().method.is_idempotent() || body == RequestBody::TooLarge {
+                e.set_retry(false);
+            } else {
+                e.retry.decide_reuse(client_reused);
+            }
+            return e;
+        };
+        if decision.attempt().is_none() {
+            // The response head was accepted and sent on: nothing can be retried now.
+            e.set_retry(false);
+            return e;
+        }
+        if client_reused
+            && body == RequestBody::Replayable
+            && matches!(e.retry, RetryType::ReusedOnly)
+        {
+            // A pooled connection the endpoint had already closed: the endpoint did nothing
+            // wrong, so send the same attempt again on a new connection.
+            e.set_retry(true);
+            return e;
+        }
+        let outcome = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Outcome::Timeout,
+            _ => Outcome::Reset,
+        };
+        let retry = after_failure(ctx, outcome, body);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &PingoraError,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = if let Some(refusal) = ctx.refusal {
+            let (name, value) = refusal.header();
+            if let Err(err) = respond_with_header(session, refusal.status(), name, value).await {
+                tracing::debug!(error = %err, "Could not answer a refused request");
+            }
+            return FailToProxy {
+                error_code: refusal.status(),
+                can_reuse_downstream: false,
+            };
+        } else {
+            error_status(e, ctx.decision.is_some())
+        };
+        if code > 0
+            && let Err(err) = session.respond_error(code).await
+        {
+            tracing::debug!(error = %err, "Could not send the error response");
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(
@@ -361,6 +660,9 @@ impl ProxyHttp for MeshHttp {
             status,
             upstream = ctx.upstream.map(|u| u.to_string()).as_deref().unwrap_or(""),
             upstream_protocol = if ctx.upstream_h2 { "h2" } else { "http/1.1" },
+            route = ctx.decision.as_ref().map_or("", |d| d.route_name()),
+            attempts = ctx.decision.as_ref().map_or(u32::from(ctx.upstream.is_some()), Decision::attempts),
+            refused = ctx.refusal.map_or("", |r| r.header().1),
             bytes_in = session.body_bytes_read(),
             bytes_out = session.body_bytes_sent(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,

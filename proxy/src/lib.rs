@@ -12,7 +12,9 @@
 //! Module map: [`cli`] (flags), [`server`] (start, listeners, drain), [`connection`] (one
 //! accepted connection: destination, protocol, hand-off), [`detect`] (the pure protocol
 //! classifier), [`relay`] (opaque TCP), [`http`] (the Pingora HTTP path), [`routing`] (services
-//! and endpoint choice), [`config`] (load, watch, swap), [`metrics`], [`admin`], [`logging`].
+//! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
+//! balancers, circuit breaking), [`config`] (load, watch, swap), [`metrics`], [`admin`],
+//! [`logging`].
 
 pub mod admin;
 pub mod cli;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod relay;
 pub mod routing;
 pub mod server;
