@@ -1,7 +1,8 @@
 # Builds Tandem's three images from one workspace build:
-#   docker build --target proxy    -t tandem/proxy:dev .
-#   docker build --target operator -t tandem/operator:dev .
-#   docker build --target webhook  -t tandem/webhook:dev .
+#   docker build --target proxy    -t tandem-proxy:0.1.0 .
+#   docker build --target operator -t tandem-operator:0.1.0 .
+#   docker build --target webhook  -t tandem-webhook:0.1.0 .
+#   docker build --target testapp  -t tandem-testapp:dev .     (the e2e and demo sample app)
 # Static musl binaries on a distroless base, run as non-root. `make images` builds all three.
 
 FROM rust:1.95-bookworm AS build
@@ -10,8 +11,8 @@ RUN rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-      -p tandem-proxy -p tandem-operator -p tandem-webhook \
- && mkdir /out && cp target/x86_64-unknown-linux-musl/release/tandem-{proxy,operator,webhook} /out/
+      -p tandem-proxy -p tandem-operator -p tandem-webhook -p tandem-tests \
+ && mkdir /out && cp target/x86_64-unknown-linux-musl/release/tandem-{proxy,operator,webhook,testapp} /out/
 
 # The proxy image also runs `tandem-proxy init`, which needs iptables: the init container uses
 # the same image with NET_ADMIN/NET_RAW, so iptables and ip6tables come from Debian here.
@@ -29,3 +30,7 @@ ENTRYPOINT ["/tandem-operator"]
 FROM gcr.io/distroless/static-debian12:nonroot AS webhook
 COPY --from=build /out/tandem-webhook /tandem-webhook
 ENTRYPOINT ["/tandem-webhook"]
+
+FROM gcr.io/distroless/static-debian12:nonroot AS testapp
+COPY --from=build /out/tandem-testapp /tandem-testapp
+ENTRYPOINT ["/tandem-testapp"]

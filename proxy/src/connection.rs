@@ -18,9 +18,10 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::GetSocketDigest;
 use pingora::protocols::SocketDigest;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as PingoraStream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
@@ -36,6 +37,9 @@ use crate::server::Shared;
 /// How long a client that sent a prefix of an HTTP method may take to send the rest before
 /// its connection is relayed as opaque TCP. Only reached by a client that has already spoken.
 const DETECT_MORE: Duration = Duration::from_millis(500);
+
+/// How long a kept-alive HTTP/1 client connection may idle between requests (Pingora's default).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// What one listener needs to serve its connections.
 pub struct Listener {
@@ -240,11 +244,55 @@ impl Listener {
         let _telemetry = ConnectionTelemetry::open(&self.shared.metrics, &labels);
         let mut stream = PingoraStream::from(client);
         stream.set_socket_digest(socket);
-        let app = match protocol {
-            ConnProtocol::Http2 => &self.h2,
-            _ => &self.h1,
-        };
-        app.process_new(Box::new(stream), &self.shutdown).await;
+        match protocol {
+            ConnProtocol::Http2 => {
+                self.h2.process_new(Box::new(stream), &self.shutdown).await;
+            }
+            _ => self.http1(Box::new(stream)).await,
+        }
+    }
+
+    /// HTTP/1.x keep-alive, one Pingora session per request.
+    ///
+    /// Between requests the connection waits here, in a future of a few hundred bytes, for the
+    /// next request's first byte; only then is Pingora's request state (tens of KiB) created.
+    /// Pingora's own loop keeps that state alive while a kept-alive connection idles, which is
+    /// what makes 10,000 idle connections cost hundreds of MiB.
+    async fn http1(&self, mut stream: pingora::protocols::Stream) {
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut shutdown = self.shutdown.clone();
+        let mut first = true;
+        loop {
+            if !first {
+                let mut byte = [0u8; 1];
+                let next = tokio::select! {
+                    r = tokio::time::timeout(KEEPALIVE_IDLE, stream.try_peek(&mut byte)) => r,
+                    _ = shutdown.wait_for(|stopping| *stopping) => return,
+                };
+                if !matches!(next, Ok(Ok(true))) {
+                    return; // closed, failed or idle too long
+                }
+            }
+            first = false;
+            let mut session = ServerSession::new_http1(stream);
+            let stopping = *self.shutdown.borrow();
+            session.set_keepalive(if stopping {
+                None
+            } else {
+                Some(KEEPALIVE_IDLE.as_secs())
+            });
+            if let Some(settings) = settings.take() {
+                settings.apply_to_session(&mut session);
+            }
+            match self.h1.process_new_http(session, &self.shutdown).await {
+                Some(reused) => {
+                    let (next, persistent) = reused.consume();
+                    stream = next;
+                    settings = persistent;
+                }
+                None => return,
+            }
+        }
     }
 }
 

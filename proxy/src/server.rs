@@ -286,7 +286,9 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
-                    tokio::spawn(ctx.clone().serve(tcp));
+                    let serving = ctx.clone().serve(tcp);
+                    tracing::trace!(future_bytes = std::mem::size_of_val(&serving), "Accepted");
+                    tokio::spawn(serving);
                 }
                 Err(e) => {
                     // Out of file descriptors or a transient error: back off a little.

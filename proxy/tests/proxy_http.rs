@@ -120,6 +120,15 @@ async fn two_hops_reach_the_app_and_trace_headers_pass_through_untouched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_grpc_style_streams_cross_two_hops_both_ways() {
+    grpc_style_stream_through_two_hops("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_is_detected_when_the_port_declares_no_protocol() {
+    grpc_style_stream_through_two_hops("detect").await;
+}
+
+async fn grpc_style_stream_through_two_hops(protocol: &str) {
     let app = upstream::http("app", bind_local());
     let mut empty = ConfigDir::new();
     empty.publish(&config("server", vec![]));
@@ -131,7 +140,7 @@ async fn h2c_grpc_style_streams_cross_two_hops_both_ways() {
             "grpc",
             "127.0.0.1",
             app.port(),
-            "grpc",
+            protocol,
             &[server_proxy.inbound],
         )],
     ));

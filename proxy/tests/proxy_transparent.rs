@@ -157,3 +157,58 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_rules_of_tandem_proxy_init_an_app_reaches_a_service_through_both_sidecars() {
+    let pods = Pods::new();
+    pods.init();
+    let app = upstream::http("app", pods.server.bind("0.0.0.0:8080"));
+    upstream::server_first(pods.server.bind("0.0.0.0:2525"));
+    let endpoint = |port: u16| SocketAddr::new(SERVER_IP.parse().unwrap(), port);
+    let mut client_cfg = ConfigDir::new();
+    client_cfg.publish(&config(
+        "client",
+        vec![service(
+            "app",
+            "10.96.0.10",
+            80,
+            "http",
+            &[endpoint(app.port())],
+        )],
+    ));
+    let mut server_cfg = ConfigDir::new();
+    server_cfg.publish(&config("server", vec![]));
+    let _client_proxy = start_proxy(&pods.client, &client_cfg);
+    let server_proxy = start_proxy(&pods.server, &server_cfg);
+
+    assert_eq!(
+        curl(&pods.client, "http://10.96.0.10/via-init"),
+        "app GET /via-init"
+    );
+    let greeting = pods.client.block_on(move || async move {
+        let tcp = TcpStream::connect(format!("{SERVER_IP}:2525"))
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(tcp);
+        let mut greeting = String::new();
+        lines.read_line(&mut greeting).await.unwrap();
+        greeting
+    });
+    assert_eq!(greeting, "220 tandem-test ready\r\n");
+    // tandem-init leaves the admin port out of capture, so probes reach it directly.
+    assert_eq!(
+        curl(&pods.client, &format!("http://{SERVER_IP}:15020/live")),
+        "live\n"
+    );
+    support::eventually(
+        "the inbound request is logged",
+        std::time::Duration::from_secs(5),
+        async || {
+            server_proxy
+                .access_log()
+                .iter()
+                .any(|l| l["path"] == "/via-init")
+        },
+    )
+    .await;
+}

@@ -47,12 +47,24 @@ pub struct BootstrapConfig {
     pub service: String,
     /// The MutatingWebhookConfiguration whose `caBundle` is kept current.
     pub webhook_configuration: String,
+    /// Further names (DNS names or IP addresses) for the serving certificate, for an
+    /// apiserver that calls the webhook by URL (the local cluster: `127.0.0.1`).
+    pub extra_names: Vec<String>,
     /// Lifetime of a new CA.
     pub ca_validity: Duration,
     /// Lifetime of a new serving certificate.
     pub cert_validity: Duration,
     /// How often the Secret is checked.
     pub check_interval: Duration,
+}
+
+impl BootstrapConfig {
+    /// The names the serving certificate carries: the Service's, then the extra ones.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut names = service_dns_names(&self.service, &self.namespace);
+        names.extend(self.extra_names.iter().cloned());
+        names
+    }
 }
 
 /// Why the certificates could not be kept current.
@@ -260,7 +272,7 @@ pub async fn reconcile(
     config: &BootstrapConfig,
 ) -> Result<Stored, BootstrapError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
-    let dns_names = service_dns_names(&config.service, &config.namespace);
+    let dns_names = config.certificate_names();
     for _ in 0..5 {
         let now = OffsetDateTime::now_utc();
         let existing = secrets
@@ -400,6 +412,7 @@ mod tests {
             secret: "tandem-webhook-tls".into(),
             service: "tandem-webhook".into(),
             webhook_configuration: "tandem-webhook".into(),
+            extra_names: Vec::new(),
             ca_validity: 3650 * DAY,
             cert_validity: 90 * DAY,
             check_interval: Duration::from_secs(3600),

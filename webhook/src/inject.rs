@@ -563,3 +563,58 @@ fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
         .map(|(key, value)| ((*key).to_owned(), Quantity((*value).to_owned())))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn app() -> serde_json::Value {
+        serde_json::json!({"containers": [{"name": "app", "image": "app:1"}]})
+    }
+
+    #[test]
+    fn a_pod_labelled_disabled_is_opted_out() {
+        let labelled = pod(serde_json::json!({
+            "metadata": {"labels": {"tandem.dev/inject": "disabled"}}, "spec": app()
+        }));
+        let decision = inject(&labelled, "shop", &InjectConfig::default()).unwrap();
+        assert_eq!(decision, Decision::Skip(SkipReason::OptedOut));
+    }
+
+    #[test]
+    fn the_system_namespace_is_the_reason_reported_first() {
+        let host = pod(serde_json::json!({
+            "metadata": {"annotations": {"tandem.dev/inject": "disabled"}},
+            "spec": {"hostNetwork": true, "containers": [{"name": "app"}]}
+        }));
+        let decision = inject(&host, "kube-system", &InjectConfig::default()).unwrap();
+        assert_eq!(decision, Decision::Skip(SkipReason::SystemNamespace));
+    }
+
+    #[test]
+    fn a_volume_named_like_ours_is_refused_rather_than_shadowed() {
+        let clash = pod(serde_json::json!({"spec": {
+            "containers": [{"name": "app"}], "volumes": [{"name": "tandem-config", "emptyDir": {}}]
+        }}));
+        let error = inject(&clash, "shop", &InjectConfig::default()).unwrap_err();
+        assert_eq!(
+            error,
+            InjectError::VolumeConflict {
+                name: "tandem-config".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_pod_without_a_spec_is_refused() {
+        let empty = pod(serde_json::json!({"metadata": {"name": "x"}}));
+        assert_eq!(
+            inject(&empty, "shop", &InjectConfig::default()),
+            Err(InjectError::NoSpec)
+        );
+    }
+}

@@ -85,7 +85,7 @@ pub enum CertSource {
 /// is bound, so a misconfigured webhook fails at start rather than at the first handshake;
 /// with `--self-signed`, the server starts at once and is healthy once the certificate is in.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let certificates = start_certificates(&settings.certificates).await?;
+    let certificates = start_certificates(&settings.certificates, None).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| Error::Bind {
@@ -101,7 +101,19 @@ pub async fn run_on(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let certificates = start_certificates(&settings.certificates).await?;
+    let certificates = start_certificates(&settings.certificates, None).await?;
+    serve_on(listener, settings, certificates, shutdown).await
+}
+
+/// [`run_on`] with the Kubernetes client `--self-signed` uses given, rather than built from
+/// the environment (tests pass one that holds exactly the webhook's RBAC).
+pub async fn run_with_client(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let certificates = start_certificates(&settings.certificates, Some(client)).await?;
     serve_on(listener, settings, certificates, shutdown).await
 }
 
@@ -112,7 +124,10 @@ struct Certificates {
     metrics: Arc<metrics::Metrics>,
 }
 
-async fn start_certificates(source: &CertSource) -> Result<Certificates> {
+async fn start_certificates(
+    source: &CertSource,
+    client: Option<kube::Client>,
+) -> Result<Certificates> {
     let metrics = Arc::new(metrics::Metrics::new());
     let resolver = Arc::new(CertResolver::default());
     let keeper = match source {
@@ -126,7 +141,10 @@ async fn start_certificates(source: &CertSource) -> Result<Certificates> {
             tokio::spawn(files.watch(*reload_interval, Arc::clone(&metrics)))
         }
         CertSource::SelfSigned(config) => {
-            let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+            let client = match client {
+                Some(client) => client,
+                None => kube::Client::try_default().await.map_err(Error::Kube)?,
+            };
             let task = bootstrap::maintain(
                 client,
                 config.clone(),

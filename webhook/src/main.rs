@@ -67,6 +67,9 @@ struct Args {
         default_value = "tandem-webhook"
     )]
     webhook_configuration: String,
+    /// Further names (DNS names or IPs) for the --self-signed serving certificate.
+    #[arg(long, env = "TANDEM_WEBHOOK_CERT_EXTRA_NAMES", value_delimiter = ',')]
+    cert_extra_names: Vec<String>,
     /// Lifetime of a CA made by --self-signed.
     #[arg(long, env = "TANDEM_WEBHOOK_CA_VALIDITY", default_value = "3650days",
           value_parser = humantime::parse_duration)]
@@ -147,6 +150,7 @@ impl Args {
                 secret: self.tls_secret,
                 service: self.service,
                 webhook_configuration: self.webhook_configuration,
+                extra_names: self.cert_extra_names,
                 ca_validity: self.ca_validity,
                 cert_validity: self.cert_validity,
                 check_interval: self.cert_check_interval,

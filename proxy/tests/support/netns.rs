@@ -158,6 +158,14 @@ impl Pods {
         Self { client, server }
     }
 
+    /// The real capture rules, as the `tandem-init` container applies them
+    /// (`tandem-proxy init`), in both pods.
+    pub fn init(&self) {
+        for ns in [&self.client, &self.server] {
+            ns.exec(&[super::BIN, "init"]);
+        }
+    }
+
     /// Minimal capture rules (the real ones come from `tandem-init`): in the client pod, every
     /// outgoing TCP connection except the proxy's own (UID 2102) and loopback goes to :15001; in
     /// the server pod, every incoming TCP connection goes to :15006.

@@ -1,0 +1,16 @@
+//! Tandem's benchmark (`make bench`): a load generator without coordinated omission, a fixed
+//! upstream, the bare Pingora floor, and the orchestrator that measures direct, bare Pingora,
+//! HAProxy, nginx and tandem-proxy (one and two hops) side by side and writes a Markdown report
+//! with an SVG chart.
+
+pub mod chart;
+pub mod loadgen;
+pub mod pingora_floor;
+pub mod procfs;
+pub mod report;
+pub mod run;
+pub mod schedule;
+pub mod stats;
+pub mod tandem;
+pub mod topology;
+pub mod upstream;

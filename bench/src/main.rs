@@ -1,0 +1,310 @@
+//! `tandem-bench`: `run` measures every topology and writes the report; `upstream`, `pingora`
+//! and `load` are the pieces it starts (and can be run by hand).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tandem_bench::loadgen::{self, ClosedLoop, OpenLoop, Protocol, Target};
+use tandem_bench::report::{self, Machine};
+use tandem_bench::run::{self, Plan};
+use tandem_bench::topology::{Tools, Topology, find_program};
+use tandem_bench::{chart, pingora_floor, upstream};
+
+#[derive(Parser)]
+#[command(about = "Tandem's benchmark: load generator, upstream, bare Pingora and orchestrator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure every topology and write the report and chart.
+    Run(RunArgs),
+    /// Serve a fixed body over HTTP/1.1 and h2c.
+    Upstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Size of the body.
+        #[arg(long, default_value_t = 32)]
+        body_bytes: usize,
+    },
+    /// The bare Pingora proxy: forwards everything to one upstream.
+    Pingora {
+        /// Address to listen on (HTTP/1.1 and h2c).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The upstream.
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
+    /// Drive load at one loopback target and print the latency summary.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The short run (under five minutes).
+    #[arg(long, env = "QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    quick: bool,
+    /// Rounds (overrides the mode's default).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// The tandem-proxy binary; without it the tandem topologies are reported as not measured.
+    #[arg(long, env = "TANDEM_PROXY_BIN")]
+    tandem_proxy: Option<PathBuf>,
+    /// Folder for the report, chart and raw results.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Only these topologies (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<TopologyArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TopologyArg {
+    Direct,
+    Pingora,
+    Haproxy,
+    Nginx,
+    Tandem1,
+    Tandem2,
+}
+
+impl From<TopologyArg> for Topology {
+    fn from(arg: TopologyArg) -> Self {
+        match arg {
+            TopologyArg::Direct => Topology::Direct,
+            TopologyArg::Pingora => Topology::BarePingora,
+            TopologyArg::Haproxy => Topology::Haproxy,
+            TopologyArg::Nginx => Topology::Nginx,
+            TopologyArg::Tandem1 => Topology::TandemOneHop,
+            TopologyArg::Tandem2 => Topology::TandemTwoHops,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Http1,
+    H2c,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Target address (loopback only).
+    #[arg(long)]
+    target: SocketAddr,
+    /// Host / :authority to send (default: the target).
+    #[arg(long)]
+    authority: Option<String>,
+    /// Protocol.
+    #[arg(long, value_enum, default_value = "http1")]
+    protocol: ProtocolArg,
+    /// Constant rate in requests/second; without it, closed loop at maximum throughput.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Requests in flight (connections for HTTP/1.1).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Length in seconds (at most 600).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Pingora { listen, upstream } => {
+            // Pingora builds and owns its runtimes, so it runs outside tokio.
+            pingora_floor::run(listen, upstream)?;
+            Ok(())
+        }
+        Command::Upstream { listen, body_bytes } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("bind {listen}"))?;
+                println!("listening on {}", listener.local_addr()?);
+                upstream::serve(listener, upstream::fixed_body(body_bytes)).await;
+                Ok(())
+            })
+        }
+        Command::Load(args) => client_runtime()?.block_on(load(args)),
+        Command::Run(args) => client_runtime()?.block_on(run_all(args)),
+    }
+}
+
+/// The client side runs on one thread, like the proxies it measures.
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let target = Target {
+        addr: args.target,
+        authority: args.authority.unwrap_or_else(|| args.target.to_string()),
+        protocol: match args.protocol {
+            ProtocolArg::Http1 => Protocol::Http1,
+            ProtocolArg::H2c => Protocol::H2c,
+        },
+    };
+    let length = Duration::from_secs(args.seconds.clamp(1, 600));
+    let outcome = match args.rate {
+        Some(rate) => {
+            let params = OpenLoop {
+                rate,
+                length,
+                in_flight: args.connections,
+                h2_connections: 4,
+                timeout: Duration::from_secs(10),
+            };
+            loadgen::open_loop(&target, &params).await?
+        }
+        None => {
+            let params = ClosedLoop {
+                in_flight: args.connections,
+                h2_connections: 4,
+                length,
+                timeout: Duration::from_secs(10),
+            };
+            loadgen::closed_loop(&target, &params).await?
+        }
+    };
+    let s = outcome.summary;
+    println!(
+        "{:.0} req/s  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms  ok {}  errors {}",
+        outcome.throughput(),
+        s.p50,
+        s.p90,
+        s.p99,
+        s.p999,
+        s.max,
+        s.ok,
+        s.errors
+    );
+    Ok(())
+}
+
+async fn run_all(args: RunArgs) -> anyhow::Result<()> {
+    // 10,000 client connections need more descriptors than the usual soft limit; the proxies
+    // started from here inherit the raised limit.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
+    eprintln!("descriptor limit: {nofile}");
+    let mut plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    if let Some(rounds) = args.rounds {
+        plan.rounds = rounds.max(1);
+    }
+    if !args.only.is_empty() {
+        plan.topologies = args.only.iter().map(|&t| t.into()).collect();
+    }
+    let tandem = args.tandem_proxy.filter(|path| path.is_file());
+    let tools = Tools {
+        bench: std::env::current_exe().context("find this binary")?,
+        haproxy: find_program("haproxy"),
+        nginx: find_program("nginx"),
+        tandem,
+    };
+    let load_before = load_average();
+    let result = run::run(&plan, &tools).await?;
+    let mut machine = machine(&tools);
+    // Other work on the machine moves every figure: say how busy it was.
+    machine.description.push_str(&format!(
+        "; load average (1 min) {load_before} before the run, {} after",
+        load_average()
+    ));
+    let prefix = if args.quick { "quick-" } else { "" };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let chart_name = format!("{prefix}latency.svg");
+    let svg = chart::render_svg(&result)?;
+    std::fs::write(args.out.join(&chart_name), svg)?;
+    let markdown = report::render(&result, &machine, &chart_name);
+    let report_path = args.out.join(format!("{prefix}report.md"));
+    std::fs::write(&report_path, &markdown)?;
+    std::fs::write(
+        args.out.join(format!("{prefix}results.json")),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    eprintln!(
+        "report: {} ({:.1} min)",
+        report_path.display(),
+        result.elapsed.as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|out| {
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn machine(tools: &Tools) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = tandem_bench::procfs::parse_status_kib(&meminfo, "MemTotal")
+        .map_or(0.0, |k| k as f64 / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut versions = vec![format!(
+        "commit {}",
+        command_output("git", &["rev-parse", "--short", "HEAD"])
+    )];
+    if let Some(h) = &tools.haproxy {
+        versions.push(command_output(&h.to_string_lossy(), &["-v"]));
+    }
+    if let Some(n) = &tools.nginx {
+        versions.push(command_output(&n.to_string_lossy(), &["-v"]));
+    }
+    versions.push("Pingora 0.9".into());
+    Machine {
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        description: format!(
+            "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+            kernel.trim()
+        ),
+        versions: versions.join("; "),
+    }
+}

@@ -1,0 +1,493 @@
+//! The orchestrator: starts the upstream once, then, round after round, each topology in turn
+//! (order reversed on every other round), drives the loads at it, reads the proxy's CPU time
+//! and memory from `/proc`, and stops it. Only one topology runs at a time.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::loadgen::{
+    self, ClosedLoop, LoadError, ManyConnections, OpenLoop, Protocol, RunOutcome, Target,
+};
+use crate::procfs;
+use crate::stats::{LatencySummary, cpu_seconds_per_10k};
+use crate::topology::{self, Running, Tools, Topology};
+
+/// What to run and for how long.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// `quick` or `full`.
+    pub mode: String,
+    /// Rounds over all topologies.
+    pub rounds: usize,
+    /// Constant rates, requests/second.
+    pub rates: Vec<u64>,
+    /// Protocols of the constant-rate runs.
+    pub fixed_protocols: Vec<Protocol>,
+    /// Length of each measured constant-rate run.
+    pub fixed_length: Duration,
+    /// Unmeasured run at the same load before each measured one.
+    pub warmup: Duration,
+    /// Requests in flight at most during a constant-rate run.
+    pub in_flight: usize,
+    /// h2c connections the in-flight requests share.
+    pub h2_connections: usize,
+    /// Protocols of the maximum-throughput runs.
+    pub max_protocols: Vec<Protocol>,
+    /// Connections (HTTP/1.1) or streams (h2c) of the maximum-throughput run.
+    pub max_in_flight: usize,
+    /// Length of each maximum-throughput run.
+    pub max_length: Duration,
+    /// Connections of the many-connections run.
+    pub many_connections: usize,
+    /// Waves of one request per connection.
+    pub many_waves: usize,
+    /// The many-connections run happens in the first this-many rounds.
+    pub many_rounds: usize,
+    /// Per-request limit.
+    pub timeout: Duration,
+    /// Size of the upstream's answer.
+    pub body_bytes: usize,
+    /// Topologies to measure.
+    pub topologies: Vec<Topology>,
+}
+
+impl Plan {
+    /// The full run: 5 rounds of 10-second runs.
+    pub fn full() -> Self {
+        Self {
+            mode: "full".into(),
+            rounds: 5,
+            rates: vec![1_000, 5_000],
+            fixed_protocols: vec![Protocol::Http1, Protocol::H2c],
+            fixed_length: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            in_flight: 32,
+            h2_connections: 4,
+            max_protocols: vec![Protocol::Http1, Protocol::H2c],
+            max_in_flight: 64,
+            max_length: Duration::from_secs(10),
+            many_connections: 10_000,
+            many_waves: 3,
+            many_rounds: 5,
+            timeout: Duration::from_secs(10),
+            body_bytes: 32,
+            topologies: Topology::ALL.to_vec(),
+        }
+    }
+
+    /// `QUICK=1`: the same scenarios, 2 rounds of short runs, 10,000 connections once.
+    pub fn quick() -> Self {
+        Self {
+            mode: "quick".into(),
+            rounds: 2,
+            fixed_length: Duration::from_millis(1_500),
+            warmup: Duration::from_millis(500),
+            max_length: Duration::from_millis(1_500),
+            many_waves: 1,
+            many_rounds: 1,
+            ..Self::full()
+        }
+    }
+
+    /// Expected wall time, from the scenario lengths plus a few seconds per start and the
+    /// many-connections run.
+    pub fn estimate(&self, measured: usize) -> Duration {
+        let fixed = (self.fixed_length + self.warmup)
+            * (self.rates.len() * self.fixed_protocols.len()) as u32;
+        let max = self.max_length * self.max_protocols.len() as u32;
+        let start = Duration::from_secs(2);
+        let per_round = (fixed + max + start) * measured as u32;
+        let many = Duration::from_secs(10 + 3 * self.many_waves as u64) * measured as u32;
+        per_round * self.rounds as u32 + many * self.many_rounds.min(self.rounds) as u32
+    }
+}
+
+/// One constant-rate run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FixedResult {
+    /// Wire protocol.
+    pub protocol: Protocol,
+    /// Requests/second.
+    pub rate: u64,
+    /// Latencies from intended send times.
+    pub latency: LatencySummary,
+    /// CPU cores the proxy used during the run.
+    pub proxy_cores: Option<f64>,
+}
+
+/// One maximum-throughput run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MaxResult {
+    /// Wire protocol.
+    pub protocol: Protocol,
+    /// Completed requests/second.
+    pub rps: f64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Proxy CPU seconds per 10,000 requests.
+    pub cpu_per_10k: Option<f64>,
+}
+
+/// The many-connections run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManyResult {
+    /// Connections asked for.
+    pub connections: usize,
+    /// Connections that could not be opened.
+    pub connect_errors: u64,
+    /// Latencies of every wave pooled; errors include failed connects.
+    pub latency: LatencySummary,
+    /// Proxy VmRSS with the connections open, after the first wave.
+    pub rss_kib: Option<u64>,
+}
+
+/// Everything measured of one topology in one round.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoundResult {
+    /// Constant-rate runs.
+    pub fixed: Vec<FixedResult>,
+    /// Maximum-throughput runs.
+    pub max: Vec<MaxResult>,
+    /// The many-connections run, in the rounds that have it.
+    pub many: Option<ManyResult>,
+    /// Proxy VmRSS once started and answered one request.
+    pub idle_rss_kib: Option<u64>,
+    /// Proxy peak VmRSS (VmHWM) after the constant-rate and throughput runs.
+    pub load_rss_kib: Option<u64>,
+}
+
+/// All rounds of one topology.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopologyRun {
+    /// Which topology.
+    pub topology: Topology,
+    /// Why it was not measured at all, if so.
+    pub not_measured: Option<String>,
+    /// One entry per round; `None` where the round failed (see `failures`).
+    pub rounds: Vec<Option<RoundResult>>,
+    /// What went wrong in failed rounds.
+    pub failures: Vec<String>,
+}
+
+/// The whole run, as the report is written from it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    /// What was run.
+    pub plan: Plan,
+    /// Per topology.
+    pub topologies: Vec<TopologyRun>,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// Errors that end the whole run (a single topology's failure does not).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Starting the upstream failed.
+    #[error("upstream: {0}")]
+    Upstream(#[from] topology::TopologyError),
+    /// The upstream never answered.
+    #[error("upstream not ready: {0}")]
+    UpstreamNotReady(LoadError),
+}
+
+/// A progress line on stderr, stamped with the time since the run began.
+struct Progress {
+    start: Instant,
+}
+
+impl Progress {
+    fn say(&self, line: &str) {
+        let t = self.start.elapsed().as_secs();
+        eprintln!("[{:02}:{:02}] {line}", t / 60, t % 60);
+    }
+}
+
+/// Runs `plan` with `tools` and returns every figure.
+pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
+    let progress = Progress {
+        start: Instant::now(),
+    };
+    let ticks = procfs::clock_ticks_per_second();
+    let upstream = topology::start_upstream(tools, plan.body_bytes)?;
+    let probe = Target {
+        addr: upstream.http1,
+        authority: upstream.authority.clone(),
+        protocol: Protocol::Http1,
+    };
+    loadgen::wait_ready(&probe, Duration::from_secs(15))
+        .await
+        .map_err(RunError::UpstreamNotReady)?;
+    let mut runs: Vec<TopologyRun> = plan
+        .topologies
+        .iter()
+        .map(|&topology| TopologyRun {
+            topology,
+            not_measured: tools.missing(topology),
+            rounds: Vec::new(),
+            failures: Vec::new(),
+        })
+        .collect();
+    let measured = runs.iter().filter(|r| r.not_measured.is_none()).count();
+    for run in runs.iter().filter(|r| r.not_measured.is_some()) {
+        progress.say(&format!(
+            "{}: not measured: {}",
+            run.topology.name(),
+            run.not_measured.as_deref().unwrap_or_default()
+        ));
+    }
+    progress.say(&format!(
+        "{} run: {} rounds over {measured} topologies, about {} min",
+        plan.mode,
+        plan.rounds,
+        plan.estimate(measured).as_secs().div_ceil(60)
+    ));
+    for round in 0..plan.rounds {
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        // Reverse every other round so no topology always runs first (or last) on a warm box.
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for index in order {
+            let run = &mut runs[index];
+            if run.not_measured.is_some() {
+                continue;
+            }
+            let scene = Scene {
+                plan,
+                round,
+                ticks,
+                progress: &progress,
+            };
+            match scene.measure(run.topology, tools, upstream.http1).await {
+                Ok(result) => run.rounds.push(Some(result)),
+                Err(reason) => {
+                    progress.say(&format!(
+                        "round {}: {} failed: {reason}",
+                        round + 1,
+                        run.topology.name()
+                    ));
+                    run.failures.push(format!("round {}: {reason}", round + 1));
+                    run.rounds.push(None);
+                }
+            }
+        }
+    }
+    drop(upstream);
+    Ok(RunResult {
+        plan: plan.clone(),
+        topologies: runs,
+        elapsed: progress.start.elapsed(),
+    })
+}
+
+/// One topology in one round.
+struct Scene<'a> {
+    plan: &'a Plan,
+    round: usize,
+    ticks: f64,
+    progress: &'a Progress,
+}
+
+impl Scene<'_> {
+    fn say(&self, topology: Topology, what: &str) {
+        self.progress.say(&format!(
+            "round {}/{} {}: {what}",
+            self.round + 1,
+            self.plan.rounds,
+            topology.name()
+        ));
+    }
+
+    fn cpu(&self, pids: &[u32]) -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter()
+            .map(|&pid| procfs::cpu_seconds(pid, self.ticks).ok())
+            .sum()
+    }
+
+    fn rss(pids: &[u32], read: fn(u32) -> Result<u64, procfs::ProcError>) -> Option<u64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|&pid| read(pid).ok()).sum()
+    }
+
+    async fn measure(
+        &self,
+        topology: Topology,
+        tools: &Tools,
+        upstream: SocketAddr,
+    ) -> Result<RoundResult, String> {
+        let running = topology::start(topology, tools, upstream).map_err(|e| e.to_string())?;
+        let probe = self.target(&running, Protocol::Http1);
+        if let Err(e) = loadgen::wait_ready(&probe, Duration::from_secs(20)).await {
+            return Err(format!("not ready: {e}\n{}", running.logs()));
+        }
+        let mut result = RoundResult {
+            idle_rss_kib: Self::rss(&running.pids, procfs::rss_kib),
+            ..RoundResult::default()
+        };
+        for &rate in &self.plan.rates {
+            for &protocol in &self.plan.fixed_protocols {
+                let fixed = self.fixed(&running, protocol, rate).await?;
+                self.say(
+                    topology,
+                    &format!(
+                        "{} {rate} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, {} errors",
+                        protocol.label(),
+                        fixed.latency.p50,
+                        fixed.latency.p99,
+                        fixed.latency.p999,
+                        fixed.latency.errors
+                    ),
+                );
+                result.fixed.push(fixed);
+            }
+        }
+        for &protocol in &self.plan.max_protocols {
+            let max = self.max(&running, protocol).await?;
+            let cpu = max
+                .cpu_per_10k
+                .map(|c| format!(", proxy {c:.3} CPU s per 10k requests"))
+                .unwrap_or_default();
+            self.say(
+                topology,
+                &format!(
+                    "{} max, {} in flight: {:.0} req/s{cpu}, {} errors",
+                    protocol.label(),
+                    self.plan.max_in_flight,
+                    max.rps,
+                    max.errors
+                ),
+            );
+            result.max.push(max);
+        }
+        result.load_rss_kib = Self::rss(&running.pids, procfs::peak_rss_kib);
+        if self.round < self.plan.many_rounds {
+            let many = self.many(&running).await?;
+            self.say(
+                topology,
+                &format!(
+                    "{} connections x {} waves: p99 {:.1} ms, max {:.1} ms, {} errors, proxy RSS {}",
+                    many.connections,
+                    self.plan.many_waves,
+                    many.latency.p99,
+                    many.latency.max,
+                    many.latency.errors,
+                    many.rss_kib
+                        .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                        .unwrap_or_else(|| "-".into())
+                ),
+            );
+            result.many = Some(many);
+        }
+        Ok(result)
+    }
+
+    fn target(&self, running: &Running, protocol: Protocol) -> Target {
+        Target {
+            addr: match protocol {
+                Protocol::Http1 => running.http1,
+                Protocol::H2c => running.h2c,
+            },
+            authority: running.authority.clone(),
+            protocol,
+        }
+    }
+
+    async fn fixed(
+        &self,
+        running: &Running,
+        protocol: Protocol,
+        rate: u64,
+    ) -> Result<FixedResult, String> {
+        let target = self.target(running, protocol);
+        let mut params = OpenLoop {
+            rate,
+            length: self.plan.warmup,
+            in_flight: self.plan.in_flight,
+            h2_connections: self.plan.h2_connections,
+            timeout: self.plan.timeout,
+        };
+        loadgen::open_loop(&target, &params)
+            .await
+            .map_err(|e| format!("warm-up: {e}"))?;
+        params.length = self.plan.fixed_length;
+        let before = self.cpu(&running.pids);
+        let outcome = loadgen::open_loop(&target, &params)
+            .await
+            .map_err(|e| e.to_string())?;
+        let after = self.cpu(&running.pids);
+        let proxy_cores = cpu_delta(before, after).map(|s| s / outcome.elapsed.as_secs_f64());
+        Ok(FixedResult {
+            protocol,
+            rate,
+            latency: outcome.summary,
+            proxy_cores,
+        })
+    }
+
+    async fn max(&self, running: &Running, protocol: Protocol) -> Result<MaxResult, String> {
+        let target = self.target(running, protocol);
+        let params = ClosedLoop {
+            in_flight: self.plan.max_in_flight,
+            h2_connections: self.plan.h2_connections,
+            length: self.plan.max_length,
+            timeout: self.plan.timeout,
+        };
+        let before = self.cpu(&running.pids);
+        let outcome: RunOutcome = loadgen::closed_loop(&target, &params)
+            .await
+            .map_err(|e| e.to_string())?;
+        let after = self.cpu(&running.pids);
+        Ok(MaxResult {
+            protocol,
+            rps: outcome.throughput(),
+            errors: outcome.summary.errors,
+            cpu_per_10k: cpu_delta(before, after)
+                .and_then(|s| cpu_seconds_per_10k(s, outcome.summary.ok)),
+        })
+    }
+
+    async fn many(&self, running: &Running) -> Result<ManyResult, String> {
+        let target = self.target(running, Protocol::Http1);
+        let mut conns = ManyConnections::open(&target, self.plan.many_connections, 256)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut histogram = loadgen::latency_histogram().map_err(|e| e.to_string())?;
+        let mut errors = conns.connect_errors;
+        let mut rss_kib = None;
+        for wave in 0..self.plan.many_waves {
+            let outcome = conns
+                .wave(self.plan.timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            errors += outcome.summary.errors;
+            merge(&mut histogram, &outcome)?;
+            if wave == 0 {
+                rss_kib = Self::rss(&running.pids, procfs::rss_kib);
+            }
+        }
+        Ok(ManyResult {
+            connections: self.plan.many_connections,
+            connect_errors: conns.connect_errors,
+            latency: LatencySummary::from_micros(&histogram, errors),
+            rss_kib,
+        })
+    }
+}
+
+/// Pools a wave's recorded latencies into `into`.
+fn merge(into: &mut hdrhistogram::Histogram<u64>, outcome: &RunOutcome) -> Result<(), String> {
+    into.add(&outcome.histogram).map_err(|e| e.to_string())
+}
+
+fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(after? - before?).filter(|d| *d >= 0.0)
+}

@@ -1,0 +1,437 @@
+//! The topologies under test: how each is started on loopback, where a client connects and
+//! which processes' CPU and memory count as "the proxy".
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use tempfile::TempDir;
+
+use crate::tandem;
+
+/// Errors starting a topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The topology needs a program that is not there.
+    #[error("not available: {0}")]
+    Unavailable(String),
+    /// The tandem-proxy config could not be written.
+    #[error("tandem config: {0}")]
+    Config(#[from] tandem::ConfigError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TopologyError {
+    let what = what.into();
+    move |source| TopologyError::Io { what, source }
+}
+
+/// One way of putting something between the client and the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Topology {
+    /// The client talks to the upstream itself: the baseline.
+    Direct,
+    /// The minimal Pingora proxy of [`crate::pingora_floor`]: the floor.
+    BarePingora,
+    /// Debian's HAProxy, one thread.
+    Haproxy,
+    /// Debian's nginx, one worker process, `proxy_pass` with upstream keep-alive.
+    Nginx,
+    /// One tandem-proxy: the client-side sidecar's outbound listener.
+    TandemOneHop,
+    /// Two tandem-proxies, the mesh path: client sidecar outbound → server sidecar inbound.
+    TandemTwoHops,
+}
+
+impl Topology {
+    /// Every topology, in report order.
+    pub const ALL: [Topology; 6] = [
+        Topology::Direct,
+        Topology::BarePingora,
+        Topology::Haproxy,
+        Topology::Nginx,
+        Topology::TandemOneHop,
+        Topology::TandemTwoHops,
+    ];
+
+    /// Name in tables and progress lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::BarePingora => "bare Pingora",
+            Self::Haproxy => "HAProxy",
+            Self::Nginx => "nginx",
+            Self::TandemOneHop => "tandem 1 hop",
+            Self::TandemTwoHops => "tandem 2 hops",
+        }
+    }
+
+    /// Whether there is a proxy process to measure.
+    pub fn has_proxy(self) -> bool {
+        self != Self::Direct
+    }
+}
+
+/// The programs the topologies run.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// This benchmark's own binary (it also serves the upstream and the bare Pingora proxy).
+    pub bench: PathBuf,
+    /// `haproxy`, when installed.
+    pub haproxy: Option<PathBuf>,
+    /// `nginx`, when installed.
+    pub nginx: Option<PathBuf>,
+    /// `tandem-proxy`, when built.
+    pub tandem: Option<PathBuf>,
+}
+
+impl Tools {
+    /// Why `topology` cannot run here, or `None` when it can.
+    pub fn missing(&self, topology: Topology) -> Option<String> {
+        let need = |tool: &Option<PathBuf>, why: &str| tool.is_none().then(|| why.to_string());
+        match topology {
+            Topology::Direct | Topology::BarePingora => None,
+            Topology::Haproxy => need(&self.haproxy, "haproxy not installed"),
+            Topology::Nginx => need(&self.nginx, "nginx not installed"),
+            Topology::TandemOneHop | Topology::TandemTwoHops => {
+                need(&self.tandem, "proxy not available")
+            }
+        }
+    }
+}
+
+/// Finds `name` on the PATH (or the usual sbin directories, where Debian puts daemons).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A loopback port free right now (bound, then released for the child to bind).
+pub fn free_port() -> Result<SocketAddr, TopologyError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
+    listener.local_addr().map_err(io("read a free port"))
+}
+
+/// A started topology. Dropping it kills its processes.
+pub struct Running {
+    /// Where HTTP/1.1 clients connect.
+    pub http1: SocketAddr,
+    /// Where h2c clients connect.
+    pub h2c: SocketAddr,
+    /// Host / `:authority` the client sends.
+    pub authority: String,
+    /// The proxy processes whose CPU and memory are measured (empty for direct).
+    pub pids: Vec<u32>,
+    children: Vec<Child>,
+    dir: TempDir,
+}
+
+impl Running {
+    /// The last lines each process wrote, to explain a failed start.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = fs::read_dir(self.dir.path()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                    out.push_str(&format!("--- {}\n", path.display()));
+                    for line in tail.into_iter().rev() {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            // SIGKILL: graceful drains (Pingora waits seconds) would only lengthen the run.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn(dir: &Path, log: &str, command: &mut Command) -> Result<Child, TopologyError> {
+    let out = fs::File::create(dir.join(log)).map_err(io(format!("create {log}")))?;
+    let err = out.try_clone().map_err(io(format!("open {log}")))?;
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(io(format!("start {:?}", command.get_program())))
+}
+
+/// Starts the upstream server (this binary's `upstream` command) and returns it running.
+pub fn start_upstream(tools: &Tools, body_bytes: usize) -> Result<Running, TopologyError> {
+    let dir = TempDir::new().map_err(io("create a temp dir"))?;
+    let addr = free_port()?;
+    let child = spawn(
+        dir.path(),
+        "upstream.log",
+        Command::new(&tools.bench)
+            .arg("upstream")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--body-bytes")
+            .arg(body_bytes.to_string()),
+    )?;
+    Ok(Running {
+        http1: addr,
+        h2c: addr,
+        authority: addr.to_string(),
+        pids: vec![child.id()],
+        children: vec![child],
+        dir,
+    })
+}
+
+/// Starts `topology` in front of `upstream`.
+pub fn start(
+    topology: Topology,
+    tools: &Tools,
+    upstream: SocketAddr,
+) -> Result<Running, TopologyError> {
+    if let Some(reason) = tools.missing(topology) {
+        return Err(TopologyError::Unavailable(reason));
+    }
+    let dir = TempDir::new().map_err(io("create a temp dir"))?;
+    let authority = upstream.to_string();
+    let mut running = Running {
+        http1: upstream,
+        h2c: upstream,
+        authority,
+        pids: Vec::new(),
+        children: Vec::new(),
+        dir,
+    };
+    let dir = running.dir.path().to_path_buf();
+    match topology {
+        Topology::Direct => {}
+        Topology::BarePingora => {
+            let listen = free_port()?;
+            let child = spawn(
+                &dir,
+                "pingora.log",
+                Command::new(&tools.bench)
+                    .arg("pingora")
+                    .arg("--listen")
+                    .arg(listen.to_string())
+                    .arg("--upstream")
+                    .arg(upstream.to_string()),
+            )?;
+            running.add(child, listen, listen);
+        }
+        Topology::Haproxy => {
+            let (http1, h2c) = (free_port()?, free_port()?);
+            let config = dir.join("haproxy.cfg");
+            fs::write(&config, haproxy_config(http1, h2c, upstream))
+                .map_err(io("write haproxy.cfg"))?;
+            let program = tools.haproxy.as_deref().unwrap_or(Path::new("haproxy"));
+            let child = spawn(
+                &dir,
+                "haproxy.log",
+                Command::new(program).arg("-db").arg("-f").arg(&config),
+            )?;
+            running.add(child, http1, h2c);
+        }
+        Topology::Nginx => {
+            let (http1, h2c) = (free_port()?, free_port()?);
+            let config = dir.join("nginx.conf");
+            fs::write(&config, nginx_config(&dir, http1, h2c, upstream))
+                .map_err(io("write nginx.conf"))?;
+            let program = tools.nginx.as_deref().unwrap_or(Path::new("nginx"));
+            let child = spawn(
+                &dir,
+                "nginx.log",
+                Command::new(program)
+                    .arg("-p")
+                    .arg(&dir)
+                    .arg("-e")
+                    .arg(dir.join("error.log"))
+                    .arg("-c")
+                    .arg(&config),
+            )?;
+            running.add(child, http1, h2c);
+        }
+        Topology::TandemOneHop => {
+            let program = tools.tandem.as_deref().unwrap_or(Path::new("tandem-proxy"));
+            let a = tandem::Ports::free()?;
+            let config = tandem::client_config(upstream, upstream, false)?;
+            let child = tandem_child(&dir, program, "tandem-a", &a, &config)?;
+            running.add(child, a.outbound, a.outbound);
+        }
+        Topology::TandemTwoHops => {
+            let program = tools.tandem.as_deref().unwrap_or(Path::new("tandem-proxy"));
+            let (a, b) = (tandem::Ports::free()?, tandem::Ports::free()?);
+            let server = tandem::server_config()?;
+            let child_b = tandem_child(&dir, program, "tandem-b", &b, &server)?;
+            running.add(child_b, b.outbound, b.outbound);
+            let client = tandem::client_config(upstream, b.inbound, true)?;
+            let child_a = tandem_child(&dir, program, "tandem-a", &a, &client)?;
+            running.add(child_a, a.outbound, a.outbound);
+        }
+    }
+    Ok(running)
+}
+
+impl Running {
+    /// Adds a process; the last one added is where clients connect.
+    fn add(&mut self, child: Child, http1: SocketAddr, h2c: SocketAddr) {
+        self.pids.push(child.id());
+        self.children.push(child);
+        self.http1 = http1;
+        self.h2c = h2c;
+    }
+}
+
+fn tandem_child(
+    dir: &Path,
+    program: &Path,
+    name: &str,
+    ports: &tandem::Ports,
+    config: &str,
+) -> Result<Child, TopologyError> {
+    let path = dir.join(format!("{name}.json"));
+    fs::write(&path, config).map_err(io(format!("write {name}.json")))?;
+    spawn(
+        dir,
+        &format!("{name}.log"),
+        Command::new(program)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .arg("--outbound-addr")
+            .arg(ports.outbound.to_string())
+            .arg("--inbound-addr")
+            .arg(ports.inbound.to_string())
+            .arg("--admin-addr")
+            .arg(ports.admin.to_string()),
+    )
+}
+
+/// HAProxy: one thread, HTTP mode, upstream connections reused; h2c on its own bind.
+pub fn haproxy_config(http1: SocketAddr, h2c: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        "global
+    nbthread 1
+    # HAProxy reserves two descriptors per connection and the machine caps a process at
+    # 20,000, so 9,990 is as high as it starts with here: the last of 10,000 clients wait.
+    maxconn 9990
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+frontend bench
+    bind {http1}
+    bind {h2c} proto h2
+    default_backend upstream
+backend upstream
+    server up {upstream}
+"
+    )
+}
+
+/// nginx: one process (no master), `proxy_pass` with an upstream keep-alive pool, no access
+/// log, keep-alive without a request cap; h2c on its own listener.
+pub fn nginx_config(
+    dir: &Path,
+    http1: SocketAddr,
+    h2c: SocketAddr,
+    upstream: SocketAddr,
+) -> String {
+    let dir = dir.display();
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 19000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    upstream up {{
+        server {upstream};
+        keepalive 128;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen {http1};
+        listen {h2c} http2;
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+}}
+"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tandem_topologies_are_unavailable_without_the_binary() {
+        let tools = Tools {
+            bench: PathBuf::from("/bin/true"),
+            haproxy: None,
+            nginx: Some(PathBuf::from("/usr/sbin/nginx")),
+            tandem: None,
+        };
+        assert_eq!(tools.missing(Topology::Direct), None);
+        assert_eq!(tools.missing(Topology::Nginx), None);
+        assert_eq!(
+            tools.missing(Topology::TandemTwoHops).as_deref(),
+            Some("proxy not available")
+        );
+        assert!(tools.missing(Topology::Haproxy).is_some());
+    }
+
+    #[test]
+    fn proxy_configs_point_at_the_upstream() {
+        let (a, b, up): (SocketAddr, SocketAddr, SocketAddr) = (
+            "127.0.0.1:1001".parse().unwrap(),
+            "127.0.0.1:1002".parse().unwrap(),
+            "127.0.0.1:2000".parse().unwrap(),
+        );
+        let haproxy = haproxy_config(a, b, up);
+        assert!(haproxy.contains("bind 127.0.0.1:1002 proto h2"));
+        assert!(haproxy.contains("server up 127.0.0.1:2000"));
+        let nginx = nginx_config(Path::new("/tmp/x"), a, b, up);
+        assert!(nginx.contains("listen 127.0.0.1:1002 http2;"));
+        assert!(nginx.contains("server 127.0.0.1:2000;"));
+    }
+}

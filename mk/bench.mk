@@ -1,0 +1,25 @@
+# Benchmarks (issue 4). `make bench` runs every scenario in 5 rounds (about 35 minutes on the
+# 2-core machine); `make bench QUICK=1` runs the same scenarios shortened (under 5 minutes
+# once built). Reports, charts and raw results go to bench/results/. `make test` does not run
+# the benchmark; the benchmark's pure parts are unit-tested by `cargo test` (make unit).
+
+QUICK ?= 0
+BENCH_OUT ?= bench/results
+BENCH_ARGS ?=
+BENCH_BIN := target/release/tandem-bench
+TANDEM_PROXY_BIN := target/release/tandem-proxy
+
+.PHONY: bench bench-deps
+
+bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
+	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
+	  echo "installing haproxy and nginx"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx; \
+	fi
+
+bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in bench/results/
+	$(CARGO) build --release -p tandem-bench
+	@if [ -f proxy/Cargo.toml ]; then $(CARGO) build --release -p tandem-proxy; \
+	  else echo "no proxy/ crate: tandem topologies will be reported as not measured"; fi
+	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT) \
+	  $(if $(wildcard $(TANDEM_PROXY_BIN)),--tandem-proxy $(TANDEM_PROXY_BIN)) $(BENCH_ARGS)

@@ -1,0 +1,70 @@
+//! `tandem-operator`: turns TrafficPolicies, CircuitBreakerPolicies, Services and EndpointSlices
+//! into one proxy ConfigMap per ServiceAccount with injected pods, and reports each policy's
+//! status.
+//!
+//! - [`render`]: the pure core, `render(&Inputs) -> Rendered` (services and verdicts).
+//! - [`policy`]: conflicts between policies and verdicts.
+//! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
+//! - [`controller`]: watches, and the reconcile pass that writes ConfigMaps and status.
+//! - [`leader`]: leader election on a Lease.
+//! - [`server`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`run`]: wires it all together for the binary.
+
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod policy;
+pub mod render;
+pub mod run;
+pub mod server;
+pub mod status;
+
+pub use render::{Inputs, Rendered, render};
+pub use run::{Settings, run};
+
+/// What can go wrong in the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the apiserver failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: String,
+        /// Why it failed.
+        #[source]
+        source: kube::Error,
+    },
+    /// A pass could not write everything; it is retried.
+    #[error(
+        "reconcile incomplete: {config_maps} ConfigMap write(s), {deletes} delete pass(es) and {statuses} status write(s) failed"
+    )]
+    Incomplete {
+        /// Failed ConfigMap writes.
+        config_maps: usize,
+        /// Failed delete passes.
+        deletes: usize,
+        /// Failed status writes.
+        statuses: usize,
+    },
+    /// A watch task ended (only at shutdown).
+    #[error("a watch ended")]
+    WatchEnded,
+    /// No kube client could be configured (no kubeconfig, no in-cluster service account).
+    #[error("cannot configure a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// The HTTP endpoint could not be served.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,85 @@
+//! The operator's Prometheus metrics, served at `/metrics`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Every metric the operator exports.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Reconcile passes run.
+    pub reconciles: Counter,
+    /// Reconcile passes that failed (and are retried with backoff).
+    pub reconcile_errors: Counter,
+    /// Duration of reconcile passes.
+    pub reconcile_duration: Histogram,
+    /// ConfigMaps written by server-side apply.
+    pub config_map_applies: Counter,
+    /// ConfigMaps deleted because no injected pod uses their ServiceAccount any more.
+    pub config_map_deletes: Counter,
+    /// Policy status writes.
+    pub status_writes: Counter,
+    /// Errors from the watches (each is retried with backoff).
+    pub watch_errors: Counter,
+    /// 1 while this replica holds the Lease.
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            config_map_applies: Counter::default(),
+            config_map_deletes: Counter::default(),
+            status_writes: Counter::default(),
+            watch_errors: Counter::default(),
+            leader: Gauge::default(),
+        };
+        let prefixed = registry.sub_registry_with_prefix("tandem_operator");
+        prefixed.register(
+            "reconciles",
+            "Reconcile passes run",
+            metrics.reconciles.clone(),
+        );
+        prefixed.register(
+            "reconcile_errors",
+            "Reconcile passes that failed and are retried",
+            metrics.reconcile_errors.clone(),
+        );
+        prefixed.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            metrics.reconcile_duration.clone(),
+        );
+        prefixed.register(
+            "configmap_applies",
+            "Proxy ConfigMaps written by server-side apply",
+            metrics.config_map_applies.clone(),
+        );
+        prefixed.register(
+            "configmap_deletes",
+            "Proxy ConfigMaps deleted",
+            metrics.config_map_deletes.clone(),
+        );
+        prefixed.register(
+            "status_writes",
+            "Policy status writes",
+            metrics.status_writes.clone(),
+        );
+        prefixed.register(
+            "watch_errors",
+            "Watch errors, each retried with backoff",
+            metrics.watch_errors.clone(),
+        );
+        prefixed.register(
+            "leader",
+            "1 while this replica holds the Lease",
+            metrics.leader.clone(),
+        );
+        metrics
+    }
+}

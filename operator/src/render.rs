@@ -1,0 +1,608 @@
+//! The pure core: from the cluster's objects to the proxy config and each policy's verdict.
+//!
+//! Every proxy gets the same set of services (those accepted policies govern, plus the backends
+//! their rules send to), because any pod may call any Service; only the `workload` differs
+//! between ServiceAccounts. Rendering therefore happens once per pass ([`render`]) and is
+//! stamped per ServiceAccount ([`Rendered::config_for`]). Everything is sorted, so unchanged
+//! inputs give byte-identical JSON and the operator writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService, ServicePort as KubeServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+use tandem_crds::contract::{
+    self, Backend, Endpoint, HeaderMatch, LoadBalancer, PathMatch, Protocol, ProxyConfig,
+    RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
+};
+use tandem_crds::names::PROXY_CONTAINER;
+use tandem_crds::v1alpha1::{
+    CircuitBreakerPolicy, HeaderMatchKind, LoadBalancerKind, PathMatchKind, TrafficPolicy,
+    TrafficRule, circuit_breaker, default_retry_budget, reason, retries, retry_budget,
+};
+
+use crate::policy::{PolicyKey, PolicyKind, Verdict};
+
+/// Largest ConfigMap payload the apiserver stores (keys plus values), 1 MiB.
+pub const MAX_CONFIG_MAP_BYTES: usize = 1 << 20;
+
+/// The label EndpointSlices carry to name their Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A snapshot of everything rendering reads, as the reflectors' stores hold it.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// All TrafficPolicies.
+    pub traffic_policies: Vec<Arc<TrafficPolicy>>,
+    /// All CircuitBreakerPolicies.
+    pub circuit_breaker_policies: Vec<Arc<CircuitBreakerPolicy>>,
+    /// All Services.
+    pub services: Vec<Arc<KubeService>>,
+    /// All EndpointSlices.
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Pods with the proxy injected (others may be present; they are ignored).
+    pub pods: Vec<Arc<Pod>>,
+}
+
+/// What one rendering pass concluded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    /// Every policy's verdict, by policy.
+    pub verdicts: BTreeMap<PolicyKey, Verdict>,
+    /// The governed services, sorted by namespace then name.
+    pub services: Vec<contract::Service>,
+    /// A hash of `services`, the config's version stamp.
+    pub version: String,
+}
+
+impl Rendered {
+    /// The config for the pods of one ServiceAccount.
+    pub fn config_for(&self, namespace: &str, service_account: &str) -> ProxyConfig {
+        let mut config = ProxyConfig::new(Workload {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        });
+        config.version.clone_from(&self.version);
+        config.services.clone_from(&self.services);
+        config
+    }
+
+    /// The policies that are in force.
+    pub fn accepted(&self) -> impl Iterator<Item = &PolicyKey> {
+        self.verdicts
+            .iter()
+            .filter(|(_, v)| v.is_accepted())
+            .map(|(k, _)| k)
+    }
+}
+
+/// The bytes written to a ConfigMap: compact JSON, fields in the contract's fixed order.
+///
+/// Compact rather than [`ProxyConfig::to_json`]'s pretty form, because the 1 MiB ConfigMap
+/// limit is what bounds the number of governed endpoints: indentation would cost about 40 % of
+/// it. Serializing plain structs with string keys cannot fail.
+pub fn document(config: &ProxyConfig) -> String {
+    serde_json::to_string(config).unwrap_or_default()
+}
+
+/// A workload that needs a config: the pods of one ServiceAccount in one namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadKey {
+    /// Namespace of the pods.
+    pub namespace: String,
+    /// Their ServiceAccount.
+    pub service_account: String,
+}
+
+/// Whether a pod carries the Tandem proxy (the webhook added the `tandem-proxy` init container).
+pub fn is_injected(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == PROXY_CONTAINER)
+    })
+}
+
+/// Whether a pod may still run: finished pods no longer need a config.
+fn is_active(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// The ServiceAccounts (per namespace) that have injected, unfinished pods.
+pub fn workloads(pods: &[Arc<Pod>]) -> BTreeSet<WorkloadKey> {
+    pods.iter()
+        .filter(|p| is_injected(p) && is_active(p))
+        .map(|pod| WorkloadKey {
+            namespace: pod.namespace().unwrap_or_default(),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+        })
+        .collect()
+}
+
+/// Renders the governed services and judges every policy.
+pub fn render(inputs: &Inputs) -> Rendered {
+    let index = Index::new(inputs);
+    let mut verdicts = BTreeMap::new();
+    let mut governed: BTreeMap<ServiceRef, contract::Service> = BTreeMap::new();
+
+    let traffic = crate::policy::winners(
+        PolicyKind::Traffic,
+        &inputs.traffic_policies,
+        |p| &p.spec.target_ref.name,
+        &mut verdicts,
+    );
+    let breakers = crate::policy::winners(
+        PolicyKind::CircuitBreaker,
+        &inputs.circuit_breaker_policies,
+        |p| &p.spec.target_ref.name,
+        &mut verdicts,
+    );
+
+    for policy in traffic {
+        let key = PolicyKey::of(PolicyKind::Traffic, policy);
+        let verdict = match traffic_fragment(&index, policy) {
+            Ok(fragment) => merge_traffic(&index, &mut governed, fragment),
+            Err(rejection) => rejection,
+        };
+        verdicts.insert(key, verdict);
+    }
+    for policy in breakers {
+        let key = PolicyKey::of(PolicyKind::CircuitBreaker, policy);
+        let verdict = breaker_verdict(&index, &mut governed, policy);
+        verdicts.insert(key, verdict);
+    }
+
+    let services: Vec<contract::Service> = governed.into_values().collect();
+    let version = version_of(&services);
+    Rendered {
+        verdicts,
+        services,
+        version,
+    }
+}
+
+/// A stable short hash of the services, so a person can tell configs apart.
+fn version_of(services: &[contract::Service]) -> String {
+    let json = serde_json::to_vec(services).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lookups
+
+/// The inputs indexed for rendering.
+struct Index<'a> {
+    services: BTreeMap<ServiceRef, &'a KubeService>,
+    slices: BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>,
+    injected_pods: HashSet<(String, String)>,
+}
+
+impl<'a> Index<'a> {
+    fn new(inputs: &'a Inputs) -> Self {
+        let services = inputs
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    service_ref(&s.namespace().unwrap_or_default(), &s.name_any()),
+                    s.as_ref(),
+                )
+            })
+            .collect();
+        let mut slices: BTreeMap<ServiceRef, Vec<&EndpointSlice>> = BTreeMap::new();
+        for slice in &inputs.endpoint_slices {
+            if let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) {
+                let key = service_ref(&slice.namespace().unwrap_or_default(), name);
+                slices.entry(key).or_default().push(slice.as_ref());
+            }
+        }
+        let injected_pods = inputs
+            .pods
+            .iter()
+            .filter(|p| is_injected(p))
+            .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        Self {
+            services,
+            slices,
+            injected_pods,
+        }
+    }
+
+    /// The contract view of a Service: cluster IPs, TCP ports with protocol and ready
+    /// endpoints; no policy yet.
+    fn base(&self, key: &ServiceRef) -> Option<contract::Service> {
+        let service = self.services.get(key)?;
+        let spec = service.spec.as_ref();
+        let cluster_ips = cluster_ips(service);
+        let slices = self.slices.get(key).map(Vec::as_slice).unwrap_or_default();
+        let ports = spec
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|p| is_tcp(p.protocol.as_deref()))
+            .filter_map(|p| {
+                let number = u16::try_from(p.port).ok().filter(|n| *n != 0)?;
+                let port = ServicePort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port: number,
+                    protocol: protocol_of(p),
+                    endpoints: self.endpoints(&key.namespace, p, slices),
+                };
+                Some((number, port))
+            })
+            .collect::<BTreeMap<u16, ServicePort>>()
+            .into_values()
+            .collect();
+        Some(contract::Service {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            cluster_ips,
+            ports,
+            ..contract::Service::default()
+        })
+    }
+
+    /// Ready endpoints of one service port, from the slices of its Service. The slice's port of
+    /// the same name carries the resolved target port.
+    fn endpoints(
+        &self,
+        namespace: &str,
+        port: &KubeServicePort,
+        slices: &[&EndpointSlice],
+    ) -> Vec<Endpoint> {
+        let wanted = port.name.as_deref().unwrap_or_default();
+        let mut found = BTreeSet::new();
+        for slice in slices {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                continue;
+            }
+            let Some(target) = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| is_tcp(p.protocol.as_deref()))
+                .find(|p| p.name.as_deref().unwrap_or_default() == wanted)
+                .and_then(|p| p.port)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)
+            else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                // A missing `ready` means unknown, which consumers treat as ready.
+                let ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
+                if ready == Some(false) {
+                    continue;
+                }
+                let meshed = endpoint.target_ref.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some("Pod")
+                        && r.name.as_ref().is_some_and(|name| {
+                            let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
+                            self.injected_pods.contains(&(ns, name.clone()))
+                        })
+                });
+                for address in &endpoint.addresses {
+                    if let Ok(ip) = address.parse::<IpAddr>() {
+                        found.insert(Endpoint {
+                            address: SocketAddr::new(ip, target),
+                            meshed,
+                        });
+                    }
+                }
+            }
+        }
+        found.into_iter().collect()
+    }
+}
+
+fn service_ref(namespace: &str, name: &str) -> ServiceRef {
+    ServiceRef {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+    }
+}
+
+fn cluster_ips(service: &KubeService) -> Vec<IpAddr> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter());
+    }
+    // Headless Services have "None": no cluster IP to match on.
+    let set: BTreeSet<IpAddr> = ips.into_iter().filter_map(|ip| ip.parse().ok()).collect();
+    set.into_iter().collect()
+}
+
+/// Only TCP is proxied; UDP and SCTP ports are left out.
+fn is_tcp(protocol: Option<&str>) -> bool {
+    matches!(protocol, None | Some("TCP"))
+}
+
+/// The protocol of a Service port: from `appProtocol`, else from the port name's prefix
+/// (`http`, `http-web`, `grpc-api`, …), else detected by the proxy.
+pub fn protocol_of(port: &KubeServicePort) -> Protocol {
+    if let Some(protocol) = port.app_protocol.as_deref().and_then(named_protocol) {
+        return protocol;
+    }
+    port.name
+        .as_deref()
+        .and_then(|name| named_protocol(name.split('-').next().unwrap_or_default()))
+        .unwrap_or(Protocol::Detect)
+}
+
+fn named_protocol(name: &str) -> Option<Protocol> {
+    match name.to_ascii_lowercase().as_str() {
+        "http" | "http1" => Some(Protocol::Http),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(Protocol::Http2),
+        "grpc" => Some(Protocol::Grpc),
+        // TLS passes through the proxy as opaque bytes.
+        "tcp" | "tls" | "https" | "kubernetes.io/wss" => Some(Protocol::Tcp),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TrafficPolicy
+
+/// What an acceptable TrafficPolicy adds to its target.
+struct TrafficFragment {
+    target: ServiceRef,
+    backends: Vec<ServiceRef>,
+    routes: Vec<Route>,
+    load_balancer: LoadBalancer,
+    retry_budget: Option<contract::RetryBudget>,
+}
+
+fn rejected(reason: &'static str, message: impl Into<String>) -> Verdict {
+    Verdict::Rejected {
+        reason,
+        message: message.into(),
+    }
+}
+
+fn traffic_fragment(index: &Index<'_>, policy: &TrafficPolicy) -> Result<TrafficFragment, Verdict> {
+    let namespace = policy.namespace().unwrap_or_default();
+    let target = service_ref(&namespace, &policy.spec.target_ref.name);
+    let target_base = index.base(&target).ok_or_else(|| {
+        rejected(
+            reason::TARGET_NOT_FOUND,
+            format!("Service {target} does not exist"),
+        )
+    })?;
+    let mut bases = BTreeMap::from([(target.clone(), target_base)]);
+    let mut routes = Vec::new();
+    let mut any_retries = false;
+    for (i, rule) in policy.spec.rules.iter().enumerate() {
+        let route = route_of(&namespace, i, rule).map_err(|e| rejected(reason::INVALID, e))?;
+        for backend in &route.backends {
+            if !bases.contains_key(&backend.service) {
+                let base = index.base(&backend.service).ok_or_else(|| {
+                    rejected(
+                        reason::TARGET_NOT_FOUND,
+                        format!(
+                            "backend Service {} of rules[{i}] does not exist",
+                            backend.service
+                        ),
+                    )
+                })?;
+                bases.insert(backend.service.clone(), base);
+            }
+        }
+        any_retries |= route.retries.is_some();
+        routes.push(route);
+    }
+    let retry_budget = match &policy.spec.retry_budget {
+        Some(budget) => {
+            Some(retry_budget(budget).map_err(|e| rejected(reason::INVALID, e.to_string()))?)
+        }
+        None => any_retries.then(default_retry_budget),
+    };
+    let fragment = TrafficFragment {
+        backends: bases.keys().filter(|k| **k != target).cloned().collect(),
+        target,
+        routes,
+        load_balancer: load_balancer_of(policy.spec.load_balancer),
+        retry_budget,
+    };
+    check_fragment(&fragment, bases)?;
+    Ok(fragment)
+}
+
+/// Validates the policy on its own (its target and backends only), so that an error is the
+/// policy's and the others render regardless.
+fn check_fragment(
+    fragment: &TrafficFragment,
+    mut bases: BTreeMap<ServiceRef, contract::Service>,
+) -> Result<(), Verdict> {
+    if let Some(target) = bases.get_mut(&fragment.target) {
+        apply_traffic(target, fragment);
+    }
+    let mut trial = ProxyConfig::new(Workload {
+        namespace: "trial".into(),
+        service_account: "trial".into(),
+    });
+    trial.services = bases.into_values().collect();
+    trial.validate().map_err(|errors| {
+        let problems: Vec<String> = errors
+            .0
+            .iter()
+            .map(|e| describe_problem(&e.path, &e.message))
+            .collect();
+        rejected(reason::INVALID, problems.join("; "))
+    })
+}
+
+/// Rewrites a validation path such as `$.services[0].routes[1].backends[0].port` into words a
+/// policy author recognises: the rule index maps one to one onto the policy's rules.
+fn describe_problem(path: &str, message: &str) -> String {
+    let tail = path
+        .split_once(".routes[")
+        .map(|(_, rest)| format!("rules[{rest}"))
+        .unwrap_or_else(|| path.trim_start_matches("$.").to_owned());
+    format!("{tail}: {message}")
+}
+
+fn apply_traffic(service: &mut contract::Service, fragment: &TrafficFragment) {
+    service.routes.clone_from(&fragment.routes);
+    service.load_balancer = fragment.load_balancer;
+    service.retry_budget.clone_from(&fragment.retry_budget);
+}
+
+/// Adds an accepted TrafficPolicy to the governed services.
+fn merge_traffic(
+    index: &Index<'_>,
+    governed: &mut BTreeMap<ServiceRef, contract::Service>,
+    fragment: TrafficFragment,
+) -> Verdict {
+    for key in std::iter::once(&fragment.target).chain(&fragment.backends) {
+        if !governed.contains_key(key)
+            && let Some(base) = index.base(key)
+        {
+            governed.insert(key.clone(), base);
+        }
+    }
+    if let Some(target) = governed.get_mut(&fragment.target) {
+        apply_traffic(target, &fragment);
+    }
+    Verdict::Accepted
+}
+
+fn route_of(namespace: &str, index: usize, rule: &TrafficRule) -> Result<Route, String> {
+    let field = format!("rules[{index}]");
+    let timeout_ms = rule
+        .timeout
+        .as_deref()
+        .map(|t| {
+            tandem_crds::duration::parse_millis(t).map_err(|e| format!("{field}.timeout: {e}"))
+        })
+        .transpose()?;
+    let retries = rule
+        .retries
+        .as_ref()
+        .map(|r| retries(&format!("{field}.retries"), r).map_err(|e| e.to_string()))
+        .transpose()?;
+    let backends = rule
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(j, b)| {
+            let port = u16::try_from(b.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{field}.backends[{j}].port: {} is not a port", b.port))?;
+            let weight = u32::try_from(b.weight)
+                .map_err(|_| format!("{field}.backends[{j}].weight: must not be negative"))?;
+            Ok(Backend {
+                service: service_ref(namespace, &b.name),
+                port,
+                weight,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Route {
+        name: rule.name.clone().unwrap_or_else(|| format!("rule-{index}")),
+        matches: rule.matches.iter().map(request_match).collect(),
+        backends,
+        timeout_ms,
+        retries,
+    })
+}
+
+fn request_match(m: &tandem_crds::v1alpha1::RouteMatch) -> RequestMatch {
+    RequestMatch {
+        path: m.path.as_ref().map(|p| match p.kind {
+            PathMatchKind::Exact => PathMatch::Exact(p.value.clone()),
+            PathMatchKind::PathPrefix => PathMatch::Prefix(p.value.clone()),
+            PathMatchKind::RegularExpression => PathMatch::Regex(p.value.clone()),
+        }),
+        method: m.method.map(|method| method.as_str().to_owned()),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| HeaderMatch {
+                // HTTP header names are case-insensitive; the contract wants lower case.
+                name: h.name.to_ascii_lowercase(),
+                value: match h.kind {
+                    HeaderMatchKind::Exact => ValueMatch::Exact(h.value.clone()),
+                    HeaderMatchKind::RegularExpression => ValueMatch::Regex(h.value.clone()),
+                },
+            })
+            .collect(),
+    }
+}
+
+fn load_balancer_of(kind: LoadBalancerKind) -> LoadBalancer {
+    match kind {
+        LoadBalancerKind::PeakEwma => LoadBalancer::PeakEwma,
+        LoadBalancerKind::RoundRobin => LoadBalancer::RoundRobin,
+        LoadBalancerKind::LeastRequest => LoadBalancer::LeastRequest,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CircuitBreakerPolicy
+
+fn breaker_verdict(
+    index: &Index<'_>,
+    governed: &mut BTreeMap<ServiceRef, contract::Service>,
+    policy: &CircuitBreakerPolicy,
+) -> Verdict {
+    let target = service_ref(
+        &policy.namespace().unwrap_or_default(),
+        &policy.spec.target_ref.name,
+    );
+    let breaker = match circuit_breaker(&policy.spec) {
+        Ok(breaker) => breaker,
+        Err(e) => return rejected(reason::INVALID, e.to_string()),
+    };
+    let Some(mut base) = governed
+        .get(&target)
+        .cloned()
+        .or_else(|| index.base(&target))
+    else {
+        return rejected(
+            reason::TARGET_NOT_FOUND,
+            format!("Service {target} does not exist"),
+        );
+    };
+    base.circuit_breaker = Some(breaker);
+    let mut trial = ProxyConfig::new(Workload {
+        namespace: "trial".into(),
+        service_account: "trial".into(),
+    });
+    // Routes are the TrafficPolicy's business and were checked with it; the breaker is checked
+    // on its own.
+    let mut alone = base.clone();
+    alone.routes.clear();
+    trial.services = vec![alone];
+    if let Err(errors) = trial.validate() {
+        let problems: Vec<String> = errors
+            .0
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e.path.trim_start_matches("$.services[0].circuitBreaker."),
+                    e.message
+                )
+            })
+            .collect();
+        return rejected(reason::INVALID, problems.join("; "));
+    }
+    governed.insert(target, base);
+    Verdict::Accepted
+}

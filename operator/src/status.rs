@@ -1,0 +1,107 @@
+//! Policy status: the `Accepted` and `Programmed` conditions, computed purely.
+
+use tandem_crds::v1alpha1::{Condition, ConditionStatus, PolicyStatus, condition, reason};
+
+use crate::policy::Verdict;
+
+/// Whether the ConfigMaps that need a policy carry it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Programming {
+    /// Every ConfigMap that needs it was written (or none needs it yet).
+    Done {
+        /// How many ConfigMaps carry it.
+        config_maps: usize,
+    },
+    /// Some writes failed; they are retried.
+    Pending(String),
+    /// The config would exceed 1 MiB, so nothing was written.
+    TooLarge(String),
+}
+
+/// A condition that changed, for a Kubernetes Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// `Accepted` or `Programmed`.
+    pub type_: &'static str,
+    /// Whether the condition now holds.
+    pub holds: bool,
+    /// The new reason.
+    pub reason: String,
+    /// The new message.
+    pub message: String,
+}
+
+/// The status a policy should have now, and the condition changes since `previous`.
+///
+/// `lastTransitionTime` changes only when a condition's status does, as in `metav1.Condition`,
+/// so recomputing an unchanged status gives an equal value and the operator writes nothing.
+pub fn next_status(
+    previous: Option<&PolicyStatus>,
+    generation: Option<i64>,
+    verdict: &Verdict,
+    programming: &Programming,
+    now: &str,
+) -> (PolicyStatus, Vec<Transition>) {
+    let accepted = match verdict {
+        Verdict::Accepted => (
+            ConditionStatus::True,
+            reason::ACCEPTED,
+            "the policy is valid and applies".to_owned(),
+        ),
+        Verdict::Rejected { reason, message } => (ConditionStatus::False, *reason, message.clone()),
+    };
+    let programmed = match (verdict, programming) {
+        (Verdict::Rejected { .. }, _) => (
+            ConditionStatus::False,
+            reason::PENDING,
+            "not programmed because the policy is not accepted".to_owned(),
+        ),
+        (Verdict::Accepted, Programming::Done { config_maps }) => (
+            ConditionStatus::True,
+            reason::PROGRAMMED,
+            format!("carried by {config_maps} proxy ConfigMap(s)"),
+        ),
+        (Verdict::Accepted, Programming::Pending(message)) => {
+            (ConditionStatus::False, reason::PENDING, message.clone())
+        }
+        (Verdict::Accepted, Programming::TooLarge(message)) => {
+            (ConditionStatus::False, reason::TOO_LARGE, message.clone())
+        }
+    };
+    let mut transitions = Vec::new();
+    let conditions = [
+        (condition::ACCEPTED, accepted),
+        (condition::PROGRAMMED, programmed),
+    ]
+    .into_iter()
+    .map(|(type_, (status, reason, message))| {
+        let old = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == type_));
+        let changed = old.is_none_or(|c| c.status != status || c.reason != reason);
+        if changed {
+            transitions.push(Transition {
+                type_,
+                holds: status == ConditionStatus::True,
+                reason: reason.to_owned(),
+                message: message.clone(),
+            });
+        }
+        let last_transition_time = match old {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => now.to_owned(),
+        };
+        Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            last_transition_time,
+            observed_generation: generation,
+        }
+    })
+    .collect();
+    let status = PolicyStatus {
+        observed_generation: generation,
+        conditions,
+    };
+    (status, transitions)
+}

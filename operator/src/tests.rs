@@ -1,0 +1,869 @@
+//! Unit tests of the pure core: rendering, verdicts and status.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{
+    Container, ObjectReference, Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use tandem_crds::contract::{LoadBalancer, Protocol};
+use tandem_crds::v1alpha1::{
+    CircuitBreakerPolicy, CircuitBreakerPolicySpec, ConditionStatus, PolicyStatus, TrafficPolicy,
+    TrafficPolicySpec, reason,
+};
+
+use crate::policy::{PolicyKey, PolicyKind, Verdict};
+use crate::render::{Inputs, MAX_CONFIG_MAP_BYTES, document, protocol_of, render, workloads};
+use crate::status::{Programming, next_status};
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn service(namespace: &str, name: &str, ip: &str, ports: &[(&str, i32)]) -> Arc<Service> {
+    Arc::new(Service {
+        metadata: meta(namespace, name),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            cluster_ips: Some(vec![ip.into()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| ServicePort {
+                        name: (!n.is_empty()).then(|| (*n).to_owned()),
+                        port: *p,
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// One slice for `service` with endpoints `(ip, ready, pod)` on ports `(name, targetPort)`.
+fn slice(
+    namespace: &str,
+    service: &str,
+    name: &str,
+    ports: &[(&str, i32)],
+    endpoints: &[(&str, Option<bool>, &str)],
+) -> Arc<EndpointSlice> {
+    let mut metadata = meta(namespace, name);
+    metadata.labels = Some(
+        [("kubernetes.io/service-name".to_owned(), service.to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    Arc::new(EndpointSlice {
+        metadata,
+        address_type: "IPv4".into(),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p)| EndpointPort {
+                    name: Some((*n).to_owned()),
+                    port: Some(*p),
+                    protocol: Some("TCP".into()),
+                    ..EndpointPort::default()
+                })
+                .collect(),
+        ),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, ready, pod)| Endpoint {
+                addresses: vec![(*ip).to_owned()],
+                conditions: Some(EndpointConditions {
+                    ready: *ready,
+                    ..EndpointConditions::default()
+                }),
+                target_ref: (!pod.is_empty()).then(|| ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: Some((*pod).to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    ..ObjectReference::default()
+                }),
+                ..Endpoint::default()
+            })
+            .collect(),
+    })
+}
+
+fn pod(namespace: &str, name: &str, service_account: &str, injected: bool) -> Arc<Pod> {
+    let init = injected.then(|| {
+        vec![Container {
+            name: "tandem-proxy".into(),
+            ..Container::default()
+        }]
+    });
+    Arc::new(Pod {
+        metadata: meta(namespace, name),
+        spec: Some(PodSpec {
+            service_account_name: Some(service_account.into()),
+            init_containers: init,
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            ..PodStatus::default()
+        }),
+    })
+}
+
+fn at(seconds: i64) -> Option<Time> {
+    Timestamp::from_second(1_700_000_000 + seconds)
+        .ok()
+        .map(Time)
+}
+
+fn traffic(
+    namespace: &str,
+    name: &str,
+    created: i64,
+    spec: serde_json::Value,
+) -> Arc<TrafficPolicy> {
+    let spec: TrafficPolicySpec = serde_json::from_value(spec).unwrap_or_else(|e| panic!("{e}"));
+    let mut policy = TrafficPolicy::new(name, spec);
+    policy.metadata.namespace = Some(namespace.into());
+    policy.metadata.creation_timestamp = at(created);
+    policy.metadata.generation = Some(1);
+    Arc::new(policy)
+}
+
+fn breaker(
+    namespace: &str,
+    name: &str,
+    created: i64,
+    spec: serde_json::Value,
+) -> Arc<CircuitBreakerPolicy> {
+    let spec: CircuitBreakerPolicySpec =
+        serde_json::from_value(spec).unwrap_or_else(|e| panic!("{e}"));
+    let mut policy = CircuitBreakerPolicy::new(name, spec);
+    policy.metadata.namespace = Some(namespace.into());
+    policy.metadata.creation_timestamp = at(created);
+    policy.metadata.generation = Some(3);
+    Arc::new(policy)
+}
+
+fn key(kind: PolicyKind, namespace: &str, name: &str) -> PolicyKey {
+    PolicyKey {
+        kind,
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+/// A shop with a canary: `server` splits 90/10 between `server-v1` and `server-v2`.
+fn shop() -> Inputs {
+    Inputs {
+        traffic_policies: vec![traffic(
+            "shop",
+            "canary",
+            0,
+            serde_json::json!({
+                "targetRef": {"name": "server"},
+                "rules": [{"backends": [
+                    {"name": "server-v1", "port": 80, "weight": 90},
+                    {"name": "server-v2", "port": 80, "weight": 10}
+                ]}]
+            }),
+        )],
+        services: vec![
+            service("shop", "server", "10.96.0.10", &[("http", 80)]),
+            service("shop", "server-v1", "10.96.0.11", &[("http", 80)]),
+            service("shop", "server-v2", "10.96.0.12", &[("http", 80)]),
+            service("shop", "unrelated", "10.96.0.13", &[("http", 80)]),
+        ],
+        endpoint_slices: vec![
+            slice(
+                "shop",
+                "server-v1",
+                "server-v1-abc",
+                &[("http", 8080)],
+                &[
+                    ("10.244.0.5", Some(true), "v1-a"),
+                    ("10.244.0.4", None, "v1-b"),
+                ],
+            ),
+            slice(
+                "shop",
+                "server-v2",
+                "server-v2-abc",
+                &[("http", 8080)],
+                &[
+                    ("10.244.0.6", Some(true), "v2-a"),
+                    ("10.244.0.7", Some(false), "v2-b"),
+                ],
+            ),
+        ],
+        pods: vec![
+            pod("shop", "client-1", "client", true),
+            pod("shop", "v1-a", "server", true),
+            pod("shop", "v1-b", "server", false),
+        ],
+        ..Inputs::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+
+#[test]
+fn a_canary_renders_its_target_and_both_backends_only() {
+    let rendered = render(&shop());
+    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["server", "server-v1", "server-v2"]);
+    let server = &rendered.services[0];
+    assert_eq!(server.routes.len(), 1);
+    assert_eq!(server.routes[0].name, "rule-0");
+    let weights: Vec<(&str, u32)> = server.routes[0]
+        .backends
+        .iter()
+        .map(|b| (b.service.name.as_str(), b.weight))
+        .collect();
+    assert_eq!(weights, [("server-v1", 90), ("server-v2", 10)]);
+    assert_eq!(
+        rendered
+            .verdicts
+            .get(&key(PolicyKind::Traffic, "shop", "canary")),
+        Some(&Verdict::Accepted)
+    );
+}
+
+#[test]
+fn endpoints_are_ready_only_sorted_on_the_target_port_and_marked_meshed() {
+    let rendered = render(&shop());
+    let v1 = &rendered.services[1];
+    let endpoints: Vec<(String, bool)> = v1.ports[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.address.to_string(), e.meshed))
+        .collect();
+    // 10.244.0.4 has no ready condition (unknown counts as ready) and its pod is not injected.
+    assert_eq!(
+        endpoints,
+        [
+            ("10.244.0.4:8080".to_owned(), false),
+            ("10.244.0.5:8080".to_owned(), true)
+        ]
+    );
+    let v2 = &rendered.services[2];
+    assert_eq!(
+        v2.ports[0].endpoints.len(),
+        1,
+        "the not-ready endpoint is left out"
+    );
+}
+
+#[test]
+fn cluster_ips_and_protocols_come_from_the_service() {
+    let rendered = render(&shop());
+    let server = &rendered.services[0];
+    assert_eq!(
+        server.cluster_ips,
+        ["10.96.0.10"
+            .parse::<std::net::IpAddr>()
+            .unwrap_or_else(|e| panic!("{e}"))]
+    );
+    assert_eq!(server.ports[0].port, 80);
+    assert_eq!(server.ports[0].protocol, Protocol::Http);
+}
+
+#[test]
+fn protocol_comes_from_app_protocol_then_the_port_name_prefix() {
+    let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+        name: name.map(str::to_owned),
+        app_protocol: app.map(str::to_owned),
+        port: 80,
+        ..ServicePort::default()
+    };
+    assert_eq!(
+        protocol_of(&port(Some("web"), Some("kubernetes.io/h2c"))),
+        Protocol::Http2
+    );
+    assert_eq!(protocol_of(&port(Some("grpc-api"), None)), Protocol::Grpc);
+    assert_eq!(protocol_of(&port(Some("http"), None)), Protocol::Http);
+    assert_eq!(protocol_of(&port(Some("h2c-x"), None)), Protocol::Http2);
+    assert_eq!(protocol_of(&port(Some("tcp-db"), None)), Protocol::Tcp);
+    assert_eq!(
+        protocol_of(&port(Some("grpc"), Some("http"))),
+        Protocol::Http
+    );
+    assert_eq!(protocol_of(&port(Some("web"), None)), Protocol::Detect);
+    assert_eq!(protocol_of(&port(None, None)), Protocol::Detect);
+}
+
+#[test]
+fn unchanged_inputs_render_byte_identical_json() {
+    let a = document(&render(&shop()).config_for("shop", "client"));
+    let mut reordered = shop();
+    reordered.services.reverse();
+    reordered.endpoint_slices.reverse();
+    reordered.pods.reverse();
+    let b = document(&render(&reordered).config_for("shop", "client"));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn a_changed_weight_changes_the_version() {
+    let before = render(&shop());
+    let mut inputs = shop();
+    inputs.traffic_policies = vec![traffic(
+        "shop",
+        "canary",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "rules": [{"backends": [
+                {"name": "server-v1", "port": 80, "weight": 50},
+                {"name": "server-v2", "port": 80, "weight": 50}
+            ]}]
+        }),
+    )];
+    let after = render(&inputs);
+    assert_ne!(before.version, after.version);
+}
+
+#[test]
+fn the_rendered_config_is_valid_and_round_trips_through_the_proxy_parser() {
+    let config = render(&shop()).config_for("shop", "client");
+    let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed, config);
+    assert_eq!(parsed.workload.service_account, "client");
+}
+
+#[test]
+fn retries_without_a_budget_get_the_default_budget() {
+    let mut inputs = shop();
+    inputs.traffic_policies = vec![traffic(
+        "shop",
+        "retry",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "loadBalancer": "RoundRobin",
+            "rules": [{"name": "gets", "timeout": "2s",
+                       "matches": [{"method": "GET", "path": {"value": "/api"},
+                                    "headers": [{"name": "X-Canary", "value": "yes"}]}],
+                       "retries": {"attempts": 3, "perTryTimeout": "500ms"}}]
+        }),
+    )];
+    let rendered = render(&inputs);
+    assert_eq!(rendered.services.len(), 1, "no backends: the target alone");
+    let server = &rendered.services[0];
+    assert_eq!(server.load_balancer, LoadBalancer::RoundRobin);
+    assert_eq!(
+        server.retry_budget,
+        Some(tandem_crds::v1alpha1::default_retry_budget())
+    );
+    let route = &server.routes[0];
+    assert_eq!(route.name, "gets");
+    assert!(
+        route.backends.is_empty(),
+        "empty backends mean the target itself"
+    );
+    assert_eq!(route.timeout_ms, Some(2000));
+    assert_eq!(route.retries.as_ref().map(|r| r.attempts), Some(3));
+    assert_eq!(route.matches[0].headers[0].name, "x-canary");
+}
+
+#[test]
+fn a_policy_without_retries_has_no_budget() {
+    let rendered = render(&shop());
+    assert_eq!(rendered.services[0].retry_budget, None);
+}
+
+#[test]
+fn a_missing_target_is_reported_and_renders_nothing() {
+    let mut inputs = shop();
+    inputs
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("server"));
+    let rendered = render(&inputs);
+    assert!(rendered.services.is_empty());
+    match rendered
+        .verdicts
+        .get(&key(PolicyKind::Traffic, "shop", "canary"))
+    {
+        Some(Verdict::Rejected { reason: r, message }) => {
+            assert_eq!(*r, reason::TARGET_NOT_FOUND);
+            assert!(message.contains("shop/server"), "{message}");
+        }
+        other => panic!("unexpected verdict {other:?}"),
+    }
+}
+
+#[test]
+fn a_missing_backend_is_target_not_found() {
+    let mut inputs = shop();
+    inputs
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("server-v2"));
+    let rendered = render(&inputs);
+    match rendered
+        .verdicts
+        .get(&key(PolicyKind::Traffic, "shop", "canary"))
+    {
+        Some(Verdict::Rejected { reason: r, message }) => {
+            assert_eq!(*r, reason::TARGET_NOT_FOUND);
+            assert!(message.contains("server-v2"), "{message}");
+        }
+        other => panic!("unexpected verdict {other:?}"),
+    }
+}
+
+#[test]
+fn a_backend_port_the_service_lacks_is_invalid_and_other_policies_still_render() {
+    let mut inputs = shop();
+    inputs
+        .services
+        .push(service("shop", "api", "10.96.0.20", &[("grpc", 9000)]));
+    inputs.traffic_policies.push(traffic(
+        "shop",
+        "bad-port",
+        5,
+        serde_json::json!({
+            "targetRef": {"name": "api"},
+            "rules": [{"backends": [{"name": "server-v1", "port": 81}]}]
+        }),
+    ));
+    let rendered = render(&inputs);
+    match rendered
+        .verdicts
+        .get(&key(PolicyKind::Traffic, "shop", "bad-port"))
+    {
+        Some(Verdict::Rejected { reason: r, message }) => {
+            assert_eq!(*r, reason::INVALID);
+            assert!(message.contains("rules[0].backends[0].port"), "{message}");
+        }
+        other => panic!("unexpected verdict {other:?}"),
+    }
+    assert_eq!(
+        rendered
+            .verdicts
+            .get(&key(PolicyKind::Traffic, "shop", "canary")),
+        Some(&Verdict::Accepted)
+    );
+    assert!(!rendered.services.iter().any(|s| s.name == "api"));
+}
+
+#[test]
+fn an_invalid_regex_is_invalid() {
+    let mut inputs = shop();
+    inputs.traffic_policies = vec![traffic(
+        "shop",
+        "regex",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/a(("}}]}]
+        }),
+    )];
+    let rendered = render(&inputs);
+    assert!(matches!(
+        rendered.verdicts.get(&key(PolicyKind::Traffic, "shop", "regex")),
+        Some(Verdict::Rejected { reason: r, .. }) if *r == reason::INVALID
+    ));
+    assert!(rendered.services.is_empty());
+}
+
+#[test]
+fn a_bad_duration_the_schema_missed_is_invalid() {
+    let mut inputs = shop();
+    inputs.traffic_policies = vec![traffic(
+        "shop",
+        "slow",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "rules": [{"timeout": "forever"}]
+        }),
+    )];
+    let rendered = render(&inputs);
+    match rendered
+        .verdicts
+        .get(&key(PolicyKind::Traffic, "shop", "slow"))
+    {
+        Some(Verdict::Rejected { reason: r, message }) => {
+            assert_eq!(*r, reason::INVALID);
+            assert!(message.contains("rules[0].timeout"), "{message}");
+        }
+        other => panic!("unexpected verdict {other:?}"),
+    }
+}
+
+#[test]
+fn the_older_of_two_policies_on_one_service_wins() {
+    let mut inputs = shop();
+    inputs.traffic_policies.push(traffic(
+        "shop",
+        "a-newer",
+        60,
+        serde_json::json!({"targetRef": {"name": "server"}, "loadBalancer": "LeastRequest"}),
+    ));
+    let rendered = render(&inputs);
+    assert_eq!(
+        rendered
+            .verdicts
+            .get(&key(PolicyKind::Traffic, "shop", "canary")),
+        Some(&Verdict::Accepted)
+    );
+    match rendered
+        .verdicts
+        .get(&key(PolicyKind::Traffic, "shop", "a-newer"))
+    {
+        Some(Verdict::Rejected { reason: r, message }) => {
+            assert_eq!(*r, reason::CONFLICTED);
+            assert!(message.contains("shop/canary"), "{message}");
+        }
+        other => panic!("unexpected verdict {other:?}"),
+    }
+    assert_eq!(rendered.services[0].load_balancer, LoadBalancer::PeakEwma);
+}
+
+#[test]
+fn equal_creation_times_are_broken_by_name() {
+    let mut inputs = shop();
+    inputs.traffic_policies.push(traffic(
+        "shop",
+        "b-same-age",
+        0,
+        serde_json::json!({"targetRef": {"name": "server"}}),
+    ));
+    inputs.traffic_policies.push(traffic(
+        "shop",
+        "a-same-age",
+        0,
+        serde_json::json!({"targetRef": {"name": "server"}}),
+    ));
+    let rendered = render(&inputs);
+    assert_eq!(
+        rendered
+            .verdicts
+            .get(&key(PolicyKind::Traffic, "shop", "a-same-age")),
+        Some(&Verdict::Accepted)
+    );
+    assert!(!rendered.verdicts[&key(PolicyKind::Traffic, "shop", "canary")].is_accepted());
+}
+
+#[test]
+fn policies_of_different_kinds_on_one_service_do_not_conflict() {
+    let mut inputs = shop();
+    inputs.circuit_breaker_policies = vec![breaker(
+        "shop",
+        "protect",
+        10,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "connectionPool": {"maxConnections": 10},
+            "outlierDetection": {"consecutive5xxErrors": 3, "baseEjectionTime": "10s"}
+        }),
+    )];
+    let rendered = render(&inputs);
+    assert!(rendered.verdicts.values().all(Verdict::is_accepted));
+    let server = &rendered.services[0];
+    let breaker = server
+        .circuit_breaker
+        .as_ref()
+        .unwrap_or_else(|| panic!("no breaker"));
+    assert_eq!(
+        breaker
+            .connection_pool
+            .as_ref()
+            .map(|p| (p.max_connections, p.max_pending_requests)),
+        Some((10, 1024))
+    );
+    assert_eq!(
+        breaker
+            .outlier_detection
+            .as_ref()
+            .map(|o| o.base_ejection_time_ms),
+        Some(10_000)
+    );
+    assert_eq!(server.routes.len(), 1, "the TrafficPolicy's routes stay");
+}
+
+#[test]
+fn a_circuit_breaker_alone_governs_its_service() {
+    let inputs = Inputs {
+        circuit_breaker_policies: vec![breaker(
+            "shop",
+            "protect",
+            0,
+            serde_json::json!({"targetRef": {"name": "unrelated"}, "connectionPool": {}}),
+        )],
+        ..shop()
+    };
+    let rendered = render(&Inputs {
+        traffic_policies: Vec::new(),
+        ..inputs
+    });
+    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["unrelated"]);
+    assert!(rendered.services[0].routes.is_empty());
+}
+
+#[test]
+fn a_circuit_breaker_with_impossible_ejection_times_is_invalid() {
+    let inputs = Inputs {
+        circuit_breaker_policies: vec![breaker(
+            "shop",
+            "protect",
+            0,
+            serde_json::json!({"targetRef": {"name": "server"},
+                               "outlierDetection": {"interval": "soon"}}),
+        )],
+        ..shop()
+    };
+    let rendered = render(&inputs);
+    assert!(matches!(
+        rendered.verdicts.get(&key(PolicyKind::CircuitBreaker, "shop", "protect")),
+        Some(Verdict::Rejected { reason: r, .. }) if *r == reason::INVALID
+    ));
+    assert!(rendered.services[0].circuit_breaker.is_none());
+}
+
+#[test]
+fn policies_target_services_in_their_own_namespace_only() {
+    let mut inputs = shop();
+    inputs.traffic_policies = vec![traffic(
+        "other",
+        "canary",
+        0,
+        serde_json::json!({"targetRef": {"name": "server"}}),
+    )];
+    let rendered = render(&inputs);
+    assert!(matches!(
+        rendered.verdicts.get(&key(PolicyKind::Traffic, "other", "canary")),
+        Some(Verdict::Rejected { reason: r, .. }) if *r == reason::TARGET_NOT_FOUND
+    ));
+}
+
+#[test]
+fn workloads_are_the_service_accounts_of_injected_running_pods() {
+    let mut pods = shop().pods;
+    let mut finished = (*pod("shop", "job-1", "batch", true)).clone();
+    finished.status = Some(PodStatus {
+        phase: Some("Succeeded".into()),
+        ..PodStatus::default()
+    });
+    pods.push(Arc::new(finished));
+    let mut no_sa = (*pod("web", "w-1", "", true)).clone();
+    if let Some(spec) = no_sa.spec.as_mut() {
+        spec.service_account_name = None;
+    }
+    pods.push(Arc::new(no_sa));
+    let names: Vec<(String, String)> = workloads(&pods)
+        .into_iter()
+        .map(|w| (w.namespace, w.service_account))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("shop".to_owned(), "client".to_owned()),
+            ("shop".to_owned(), "server".to_owned()),
+            ("web".to_owned(), "default".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn named_target_ports_resolve_through_the_slice_port_of_the_same_name() {
+    let mut inputs = shop();
+    inputs.services = vec![
+        service(
+            "shop",
+            "server",
+            "10.96.0.10",
+            &[("http", 80), ("grpc", 9000)],
+        ),
+        service("shop", "server-v1", "10.96.0.11", &[("http", 80)]),
+        service("shop", "server-v2", "10.96.0.12", &[("http", 80)]),
+    ];
+    inputs.endpoint_slices.push(slice(
+        "shop",
+        "server",
+        "server-x",
+        &[("grpc", 50051), ("http", 8080)],
+        &[("10.244.0.9", Some(true), "")],
+    ));
+    let rendered = render(&inputs);
+    let server = &rendered.services[0];
+    let by_port: Vec<(u16, String)> = server
+        .ports
+        .iter()
+        .map(|p| (p.port, p.endpoints[0].address.to_string()))
+        .collect();
+    assert_eq!(
+        by_port,
+        [
+            (80, "10.244.0.9:8080".to_owned()),
+            (9000, "10.244.0.9:50051".to_owned())
+        ]
+    );
+    assert_eq!(server.ports[1].protocol, Protocol::Grpc);
+}
+
+#[test]
+fn a_thousand_endpoints_fit_well_under_the_configmap_limit() {
+    let mut inputs = shop();
+    let endpoints: Vec<(String, Option<bool>, &str)> = (0..1000)
+        .map(|i| {
+            (
+                format!("10.244.{}.{}", i / 250, i % 250 + 1),
+                Some(true),
+                "",
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Option<bool>, &str)> = endpoints
+        .iter()
+        .map(|(a, r, p)| (a.as_str(), *r, *p))
+        .collect();
+    inputs.endpoint_slices = vec![slice("shop", "server-v1", "big", &[("http", 8080)], &refs)];
+    let json = document(&render(&inputs).config_for("shop", "client"));
+    assert!(json.len() < MAX_CONFIG_MAP_BYTES, "{} bytes", json.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+fn condition<'a>(status: &'a PolicyStatus, type_: &str) -> &'a tandem_crds::v1alpha1::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
+#[test]
+fn an_accepted_programmed_policy_reports_both_conditions_and_the_generation() {
+    let (status, transitions) = next_status(
+        None,
+        Some(4),
+        &Verdict::Accepted,
+        &Programming::Done { config_maps: 3 },
+        "2026-01-01T00:00:00Z",
+    );
+    assert_eq!(status.observed_generation, Some(4));
+    let accepted = condition(&status, "Accepted");
+    assert_eq!(accepted.status, ConditionStatus::True);
+    assert_eq!(accepted.reason, reason::ACCEPTED);
+    assert_eq!(accepted.observed_generation, Some(4));
+    let programmed = condition(&status, "Programmed");
+    assert_eq!(programmed.status, ConditionStatus::True);
+    assert!(programmed.message.contains('3'));
+    assert_eq!(transitions.len(), 2);
+}
+
+#[test]
+fn recomputing_an_unchanged_status_gives_an_equal_value_and_no_transition() {
+    let verdict = Verdict::Accepted;
+    let done = Programming::Done { config_maps: 1 };
+    let (first, _) = next_status(None, Some(1), &verdict, &done, "2026-01-01T00:00:00Z");
+    let (second, transitions) = next_status(
+        Some(&first),
+        Some(1),
+        &verdict,
+        &done,
+        "2026-01-02T00:00:00Z",
+    );
+    assert_eq!(first, second);
+    assert!(transitions.is_empty());
+}
+
+#[test]
+fn a_new_generation_updates_observed_generation_but_keeps_transition_times() {
+    let done = Programming::Done { config_maps: 1 };
+    let (first, _) = next_status(
+        None,
+        Some(1),
+        &Verdict::Accepted,
+        &done,
+        "2026-01-01T00:00:00Z",
+    );
+    let (second, transitions) = next_status(
+        Some(&first),
+        Some(2),
+        &Verdict::Accepted,
+        &done,
+        "2026-01-02T00:00:00Z",
+    );
+    assert_eq!(second.observed_generation, Some(2));
+    assert_eq!(
+        condition(&second, "Accepted").last_transition_time,
+        "2026-01-01T00:00:00Z"
+    );
+    assert!(transitions.is_empty());
+}
+
+#[test]
+fn a_rejection_is_a_transition_with_its_reason_and_not_programmed() {
+    let done = Programming::Done { config_maps: 1 };
+    let (first, _) = next_status(
+        None,
+        Some(1),
+        &Verdict::Accepted,
+        &done,
+        "2026-01-01T00:00:00Z",
+    );
+    let rejected = Verdict::Rejected {
+        reason: reason::CONFLICTED,
+        message: "older wins".into(),
+    };
+    let (second, transitions) = next_status(
+        Some(&first),
+        Some(2),
+        &rejected,
+        &done,
+        "2026-01-02T00:00:00Z",
+    );
+    let accepted = condition(&second, "Accepted");
+    assert_eq!(accepted.status, ConditionStatus::False);
+    assert_eq!(accepted.reason, reason::CONFLICTED);
+    assert_eq!(accepted.last_transition_time, "2026-01-02T00:00:00Z");
+    assert_eq!(
+        condition(&second, "Programmed").status,
+        ConditionStatus::False
+    );
+    assert_eq!(transitions.len(), 2);
+    assert!(transitions.iter().all(|t| !t.holds));
+}
+
+#[test]
+fn a_config_over_the_limit_is_reported_as_too_large() {
+    let (status, _) = next_status(
+        None,
+        Some(1),
+        &Verdict::Accepted,
+        &Programming::TooLarge("1200000 bytes".into()),
+        "2026-01-01T00:00:00Z",
+    );
+    let programmed = condition(&status, "Programmed");
+    assert_eq!(programmed.status, ConditionStatus::False);
+    assert_eq!(programmed.reason, reason::TOO_LARGE);
+    assert_eq!(condition(&status, "Accepted").status, ConditionStatus::True);
+}
+
+#[test]
+fn failed_writes_leave_the_policy_pending() {
+    let (status, _) = next_status(
+        None,
+        Some(1),
+        &Verdict::Accepted,
+        &Programming::Pending("1 of 2".into()),
+        "2026-01-01T00:00:00Z",
+    );
+    assert_eq!(condition(&status, "Programmed").reason, reason::PENDING);
+}

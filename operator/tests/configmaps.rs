@@ -1,0 +1,365 @@
+//! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager on
+//! loopback): policies, Services, EndpointSlices and injected pods in; proxy ConfigMaps and
+//! policy status out; leader takeover; an apiserver restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use support::*;
+use tandem_crds::v1alpha1::{CircuitBreakerPolicy, TrafficPolicy};
+
+#[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
+async fn policies_services_endpoints_and_pods_become_configmaps_and_status() {
+    let cluster = cluster().await;
+    let client = cluster.client();
+    let operator = Operator::start(&cluster, "operator-a").await;
+    namespace_with_injected_client(&client, "shop").await;
+    canary_services(&client, "shop").await;
+
+    // A policy in: the client's ConfigMap carries the split, the policy is Accepted and
+    // Programmed for generation 1.
+    canary(&client, "shop", "canary", 90, 10).await;
+    eventually("the canary in tandem-proxy-client", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+    })
+    .await;
+    let (config, _) = proxy_config(&client, "shop", "client").await.unwrap();
+    assert_eq!(config.workload.service_account, "client");
+    let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["server", "server-v1", "server-v2"]);
+    let v1 = config
+        .services
+        .iter()
+        .find(|s| s.name == "server-v1")
+        .unwrap();
+    assert_eq!(
+        v1.ports[0].endpoints[0].address.to_string(),
+        "10.244.0.11:8080"
+    );
+    assert!(
+        !v1.cluster_ips.is_empty(),
+        "cluster IPs come from the Service"
+    );
+    eventually("canary Accepted and Programmed at generation 1", || async {
+        traffic_condition(&client, "shop", "canary", "Accepted").await
+            == Some(("True".into(), "Accepted".into(), Some(1)))
+            && traffic_condition(&client, "shop", "canary", "Programmed")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+    })
+    .await;
+
+    // A change of the policy reaches the ConfigMap and the status follows the generation.
+    canary(&client, "shop", "canary", 50, 50).await;
+    eventually("the 50/50 split in tandem-proxy-client", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| canary_weights(&c) == [50, 50])
+    })
+    .await;
+    eventually("observedGeneration 2", || async {
+        traffic_condition(&client, "shop", "canary", "Accepted")
+            .await
+            .is_some_and(|(_, _, g)| g == Some(2))
+    })
+    .await;
+
+    // A new endpoint reaches the ConfigMap.
+    endpoints(
+        &client,
+        "shop",
+        "server-v2",
+        8080,
+        &["10.244.0.21", "10.244.0.22"],
+    )
+    .await;
+    eventually("the new server-v2 endpoint", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| {
+                c.services
+                    .iter()
+                    .find(|s| s.name == "server-v2")
+                    .is_some_and(|s| s.ports[0].endpoints.len() == 2)
+            })
+    })
+    .await;
+
+    // A change nothing governs writes nothing: a pass runs, no ConfigMap is applied.
+    let (_, version_before) = proxy_config(&client, "shop", "client").await.unwrap();
+    let applies = operator
+        .metric("tandem_operator_configmap_applies_total")
+        .await;
+    let passes = operator.metric("tandem_operator_reconciles_total").await;
+    service(
+        &client,
+        "shop",
+        "unrelated",
+        json!([{"name": "http", "port": 80}]),
+    )
+    .await;
+    endpoints(&client, "shop", "unrelated", 8080, &["10.244.0.99"]).await;
+    eventually("a pass after the unrelated change", || async {
+        operator.metric("tandem_operator_reconciles_total").await > passes
+    })
+    .await;
+    assert_eq!(
+        operator
+            .metric("tandem_operator_configmap_applies_total")
+            .await,
+        applies
+    );
+    let (config, version_after) = proxy_config(&client, "shop", "client").await.unwrap();
+    assert_eq!(
+        version_before, version_after,
+        "the ConfigMap was not rewritten"
+    );
+    assert!(!config.services.iter().any(|s| s.name == "unrelated"));
+
+    // A second policy on the same Service loses to the older one, visibly.
+    canary(&client, "shop", "newer", 1, 1).await;
+    eventually("the newer policy Conflicted", || async {
+        traffic_condition(&client, "shop", "newer", "Accepted")
+            .await
+            .is_some_and(|(s, r, _)| s == "False" && r == "Conflicted")
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), "shop");
+    eventually("an Event for the conflict", || async {
+        events.list(&ListParams::default()).await.is_ok_and(|list| {
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("Conflicted"))
+        })
+    })
+    .await;
+    assert_eq!(
+        canary_weights(&proxy_config(&client, "shop", "client").await.unwrap().0),
+        [50, 50]
+    );
+
+    // An invalid policy is refused with a reason and blocks nothing; a circuit breaker on a
+    // Service that does not exist is TargetNotFound.
+    apply::<TrafficPolicy>(
+        &client,
+        Some("shop"),
+        json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "bad-regex", "namespace": "shop"},
+            "spec": {"targetRef": {"name": "server-v1"},
+                     "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/a(("}}]}]}
+        }),
+    )
+    .await;
+    apply::<CircuitBreakerPolicy>(
+        &client,
+        Some("shop"),
+        json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "CircuitBreakerPolicy",
+            "metadata": {"name": "ghost", "namespace": "shop"},
+            "spec": {"targetRef": {"name": "ghost"}, "connectionPool": {"maxConnections": 5}}
+        }),
+    )
+    .await;
+    apply::<CircuitBreakerPolicy>(
+        &client,
+        Some("shop"),
+        json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "CircuitBreakerPolicy",
+            "metadata": {"name": "protect", "namespace": "shop"},
+            "spec": {"targetRef": {"name": "server"}, "connectionPool": {"maxConnections": 5}}
+        }),
+    )
+    .await;
+    eventually("bad-regex Invalid", || async {
+        traffic_condition(&client, "shop", "bad-regex", "Accepted")
+            .await
+            .is_some_and(|(s, r, _)| s == "False" && r == "Invalid")
+    })
+    .await;
+    eventually("ghost TargetNotFound", || async {
+        breaker_condition(&client, "shop", "ghost", "Accepted").await
+            == Some(("False".into(), "TargetNotFound".into()))
+    })
+    .await;
+    eventually("the breaker in the config", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| {
+                c.services.iter().any(|s| {
+                    s.name == "server"
+                        && s.circuit_breaker
+                            .as_ref()
+                            .and_then(|b| b.connection_pool.as_ref())
+                            .is_some_and(|p| p.max_connections == 5)
+                })
+            })
+    })
+    .await;
+
+    // A second injected ServiceAccount gets its own ConfigMap with the same services.
+    apply::<k8s_openapi::api::core::v1::ServiceAccount>(
+        &client,
+        Some("shop"),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "server", "namespace": "shop"}}),
+    )
+    .await;
+    injected_pod(&client, "shop", "server-1", "server").await;
+    eventually("tandem-proxy-server", || async {
+        proxy_config(&client, "shop", "server")
+            .await
+            .is_some_and(|(c, _)| c.workload.service_account == "server" && c.services.len() == 3)
+    })
+    .await;
+
+    // The target goes away: TargetNotFound, and its routes leave the config.
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    services
+        .delete("server", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("canary TargetNotFound", || async {
+        traffic_condition(&client, "shop", "canary", "Accepted")
+            .await
+            .is_some_and(|(s, r, _)| s == "False" && r == "TargetNotFound")
+    })
+    .await;
+    eventually("server out of the config", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| !c.services.iter().any(|s| s.name == "server"))
+    })
+    .await;
+
+    // The last injected pod of a ServiceAccount goes: its ConfigMap goes too.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    pods.delete("server-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    eventually("tandem-proxy-server deleted", || async {
+        proxy_config(&client, "shop", "server").await.is_none()
+    })
+    .await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    assert!(
+        config_maps
+            .get_opt("tandem-proxy-client")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(operator.status_of("/readyz").await, Some(200));
+    assert_eq!(operator.status_of("/healthz").await, Some(200));
+}
+
+#[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
+async fn a_new_leader_takes_over_when_the_leader_is_killed() {
+    let cluster = cluster().await;
+    let client = cluster.client();
+    let mut a = Operator::start(&cluster, "operator-a").await;
+    let mut b = Operator::start(&cluster, "operator-b").await;
+    namespace_with_injected_client(&client, "shop").await;
+    canary_services(&client, "shop").await;
+    canary(&client, "shop", "canary", 90, 10).await;
+    eventually("the canary in tandem-proxy-client", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+    })
+    .await;
+    let holder = lease_holder(&client).await.expect("a leader");
+    let (leader, follower) = if holder == a.identity {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert_eq!(follower.metric("tandem_operator_leader").await, 0.0);
+    assert_eq!(leader.metric("tandem_operator_leader").await, 1.0);
+
+    // SIGKILL: no chance to release the Lease; the follower must wait for it to expire.
+    let pid = leader.process.pid().expect("leader runs");
+    kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    canary(&client, "shop", "canary", 0, 100).await;
+    let follower_id = follower.identity.clone();
+    eventually("the follower holds the Lease", || async {
+        lease_holder(&client).await.as_deref() == Some(follower_id.as_str())
+    })
+    .await;
+    eventually("the follower wrote the new split", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| canary_weights(&c) == [0, 100])
+    })
+    .await;
+    eprintln!(
+        "takeover after SIGKILL of the leader: {:?}",
+        killed.elapsed()
+    );
+    follower.process.ensure_running().unwrap();
+
+    // A clean shutdown releases the Lease: a fresh replica gets it without waiting it out.
+    let c = Operator::start(&cluster, "operator-c").await;
+    eventually("operator-c ready", || async {
+        c.status_of("/readyz").await == Some(200)
+    })
+    .await;
+    let stopped = Instant::now();
+    follower.process.stop();
+    eventually("operator-c holds the Lease", || async {
+        lease_holder(&client).await.as_deref() == Some("operator-c")
+    })
+    .await;
+    eprintln!(
+        "takeover after SIGTERM of the leader: {:?}",
+        stopped.elapsed()
+    );
+    assert!(
+        follower_log_released(follower),
+        "the stopped leader logged releasing the Lease"
+    );
+}
+
+fn follower_log_released(operator: &Operator) -> bool {
+    operator.log().contains("Released the Lease")
+}
+
+#[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
+async fn the_operator_rides_out_an_apiserver_restart() {
+    let mut cluster = cluster().await;
+    let client = cluster.client();
+    let mut operator = Operator::start(&cluster, "operator-a").await;
+    namespace_with_injected_client(&client, "shop").await;
+    canary_services(&client, "shop").await;
+    canary(&client, "shop", "canary", 90, 10).await;
+    eventually("the canary in tandem-proxy-client", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+    })
+    .await;
+
+    cluster.restart_apiserver().await.unwrap();
+    canary(&client, "shop", "canary", 10, 90).await;
+    eventually("the new split after the restart", || async {
+        proxy_config(&client, "shop", "client")
+            .await
+            .is_some_and(|(c, _)| canary_weights(&c) == [10, 90])
+    })
+    .await;
+    operator.process.ensure_running().unwrap();
+    assert!(operator.metric("tandem_operator_watch_errors_total").await >= 1.0);
+}
