@@ -281,7 +281,16 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !built.iter().any(|b| b == bin) {
-        let status = Command::new(env!("CARGO"))
+        let mut cargo = Command::new(env!("CARGO"));
+        // The variables cargo sets for this test process would change the fingerprints of
+        // crates that read them at compile time and make this build redo what
+        // `cargo build` from the command line (make e2e) already did.
+        for (key, _) in std::env::vars_os() {
+            if is_per_crate_cargo_var(&key.to_string_lossy()) {
+                cargo.env_remove(key);
+            }
+        }
+        let status = cargo
             .args(["build", "-p", package, "--bin", bin])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
@@ -294,6 +303,18 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
         built.push(bin.to_owned());
     }
     Ok(path)
+}
+
+fn is_per_crate_cargo_var(key: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_CRATE_",
+        "CARGO_MANIFEST_",
+        "CARGO_BIN_EXE_",
+    ]
+    .iter()
+    .any(|prefix| key.starts_with(prefix))
+        || matches!(key, "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR")
 }
 
 /// `target/debug` (or whichever profile built this test): two levels above the test
