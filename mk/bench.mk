@@ -18,8 +18,8 @@ bench-deps: ## install the proxies compared against (Debian's haproxy and nginx)
 	fi
 
 bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in bench/results/
-	$(CARGO) build --release -p tandem-bench
-	@if [ -f proxy/Cargo.toml ]; then $(CARGO) build --release -p tandem-proxy; \
-	  else echo "no proxy/ crate: tandem topologies will be reported as not measured"; fi
+	@# One cargo invocation for both: built apart, feature unification differs and Pingora is
+	@# compiled twice.
+	$(CARGO) build --release -p tandem-bench $(if $(wildcard proxy/Cargo.toml),-p tandem-proxy)
 	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT) \
 	  $(if $(wildcard $(TANDEM_PROXY_BIN)),--tandem-proxy $(TANDEM_PROXY_BIN)) $(BENCH_ARGS)
