@@ -31,7 +31,11 @@ impl Binaries {
             kube_apiserver: dir.join("kube-apiserver"),
             kube_controller_manager: dir.join("kube-controller-manager"),
         };
-        for path in [&bins.etcd, &bins.kube_apiserver, &bins.kube_controller_manager] {
+        for path in [
+            &bins.etcd,
+            &bins.kube_apiserver,
+            &bins.kube_controller_manager,
+        ] {
             if !path.is_file() {
                 return Err(Error::Binaries(format!("{} is missing", path.display())));
             }

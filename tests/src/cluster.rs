@@ -81,7 +81,6 @@ impl Layout {
 
 /// A running control plane. Dropping it stops the processes (controller-manager, apiserver,
 /// etcd, in that order: the field order below) and removes a temporary directory.
-#[derive(Debug)]
 pub struct ControlPlane {
     kube_controller_manager: Supervised,
     kube_apiserver: Supervised,
@@ -94,6 +93,15 @@ pub struct ControlPlane {
     started_in: Duration,
     start_timeout: Duration,
     _temp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("server", &self.server())
+            .field("dir", &self.layout.root)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ControlPlane {
@@ -147,8 +155,12 @@ impl ControlPlane {
         .await?;
 
         let kcm = pki.client_cert("system:kube-controller-manager", None)?;
-        let kcm_yaml =
-            kubeconfig::render(&server, &pki.ca_pem(), "kube-controller-manager", &kcm.into())?;
+        let kcm_yaml = kubeconfig::render(
+            &server,
+            &pki.ca_pem(),
+            "kube-controller-manager",
+            &kcm.into(),
+        )?;
         write_file(&layout.kcm_kubeconfig(), &kcm_yaml)?;
         let mut kube_controller_manager = spawn(
             &controller_manager_command(&bins, &layout),
@@ -231,9 +243,16 @@ impl ControlPlane {
         lifetime: Duration,
         path: &Path,
     ) -> Result<()> {
-        let token = self.service_account_token(namespace, name, lifetime).await?;
+        let token = self
+            .service_account_token(namespace, name, lifetime)
+            .await?;
         let user = format!("system:serviceaccount:{namespace}:{name}");
-        let yaml = kubeconfig::render(&self.server(), &self.ca_pem(), &user, &Credentials::Token(token))?;
+        let yaml = kubeconfig::render(
+            &self.server(),
+            &self.ca_pem(),
+            &user,
+            &Credentials::Token(token),
+        )?;
         write_file(path, &yaml)
     }
 
@@ -252,16 +271,16 @@ impl ControlPlane {
             },
             ..TokenRequest::default()
         };
-        let body = serde_json::to_vec(&request).map_err(Error::Json)?;
         let api: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
         let created: TokenRequest = api
-            .create_subresource("token", name, &PostParams::default(), body)
+            .create_subresource("token", name, &PostParams::default(), &request)
             .await
             .map_err(|e| Error::kube(format!("request a token for {namespace}/{name}"), e))?;
-        created
-            .status
-            .map(|status| status.token)
-            .ok_or_else(|| Error::Unexpected(format!("token request for {namespace}/{name} returned no token")))
+        created.status.map(|status| status.token).ok_or_else(|| {
+            Error::Unexpected(format!(
+                "token request for {namespace}/{name} returned no token"
+            ))
+        })
     }
 
     /// Fails with the log's tail if any control-plane process has exited.
@@ -319,7 +338,8 @@ fn write_pki(layout: &Layout, pki: &Pki) -> Result<()> {
     write_file(&layout.pki("ca.key"), &pki.ca_key_pem())?;
     write_file(&layout.pki("apiserver.crt"), &serving.cert_pem)?;
     write_file(&layout.pki("apiserver.key"), &serving.key_pem)?;
-    write_file(&layout.pki("sa.key"), &pki.service_account_key_pem())
+    write_file(&layout.pki("sa.key"), &pki.service_account_key_pem())?;
+    write_file(&layout.pki("sa.pub"), &pki.service_account_public_key_pem())
 }
 
 fn start_etcd(bins: &Binaries, layout: &Layout) -> Result<(Supervised, String)> {
@@ -357,13 +377,16 @@ fn apiserver_command(
         "--bind-address=127.0.0.1".to_owned(),
         "--advertise-address=127.0.0.1".to_owned(),
         format!("--secure-port={port}"),
-        format!("--cert-dir={}", layout.root.join("apiserver-certs").display()),
+        format!(
+            "--cert-dir={}",
+            layout.root.join("apiserver-certs").display()
+        ),
         format!("--tls-cert-file={}", pki("apiserver.crt")),
         format!("--tls-private-key-file={}", pki("apiserver.key")),
         format!("--client-ca-file={}", pki("ca.crt")),
         "--authorization-mode=RBAC".to_owned(),
         format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-        format!("--service-account-key-file={}", pki("sa.key")),
+        format!("--service-account-key-file={}", pki("sa.pub")),
         format!("--service-account-signing-key-file={}", pki("sa.key")),
         format!("--service-cluster-ip-range={SERVICE_CIDR}"),
         // The proxy's init container needs NET_ADMIN; the node agent runs it for real.
@@ -425,20 +448,19 @@ where
     Fut: Future<Output = std::result::Result<T, String>>,
 {
     let deadline = Instant::now() + timeout;
-    let mut last = None;
     loop {
         for process in processes.iter_mut() {
             process.ensure_running()?;
         }
-        match probe().await {
+        let last = match probe().await {
             Ok(value) => return Ok(value),
-            Err(message) => last = Some(message),
-        }
+            Err(message) => message,
+        };
         if Instant::now() >= deadline {
             return Err(Error::Timeout {
                 what: what.to_owned(),
                 seconds: timeout.as_secs(),
-                detail: last,
+                detail: Some(last),
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -470,7 +492,10 @@ async fn apiserver_ready(client: kube::Client) -> std::result::Result<(), String
     let request = http::Request::get("/readyz")
         .body(Vec::new())
         .map_err(|e| e.to_string())?;
-    let body = client.request_text(request).await.map_err(|e| e.to_string())?;
+    let body = client
+        .request_text(request)
+        .await
+        .map_err(|e| e.to_string())?;
     if body.trim() == "ok" {
         Ok(())
     } else {

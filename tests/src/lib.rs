@@ -9,6 +9,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod kubeconfig;
+pub mod node;
 pub mod pki;
 pub mod process;
 

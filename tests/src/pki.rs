@@ -65,14 +65,24 @@ impl Pki {
         self.ca.key().serialize_pem()
     }
 
-    /// The ServiceAccount token signing key, PKCS#8 PEM. The apiserver derives the verifying
-    /// key from it too.
+    /// The ServiceAccount token signing key, PKCS#8 PEM.
     pub fn service_account_key_pem(&self) -> String {
         self.service_account_key.serialize_pem()
     }
 
+    /// The ServiceAccount token verifying key, SubjectPublicKeyInfo PEM (the apiserver reads
+    /// public keys only from `PUBLIC KEY` blocks or SEC1/PKCS#1 private keys).
+    pub fn service_account_public_key_pem(&self) -> String {
+        self.service_account_key.public_key_pem()
+    }
+
     /// A serving certificate for the given DNS names and IP addresses.
-    pub fn serving_cert(&self, common_name: &str, dns: &[&str], ips: &[IpAddr]) -> Result<CertPair> {
+    pub fn serving_cert(
+        &self,
+        common_name: &str,
+        dns: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<CertPair> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(Error::Pki)?;
         params.distinguished_name = name(common_name, None);
         for dns_name in dns {

@@ -46,7 +46,10 @@ async fn controllers_create_service_accounts_and_collect_garbage_and_namespaces(
     let client = cluster.client();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "gc-check"}})).unwrap();
-    namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
 
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "gc-check");
     eventually("the default ServiceAccount in a new namespace", || async {
@@ -119,12 +122,22 @@ async fn a_new_node_is_given_a_pod_cidr() {
     let nodes: Api<Node> = Api::all(cluster.client());
     let node: Node = serde_json::from_value(json!({"metadata": {"name": "cidr-check"}})).unwrap();
     nodes.create(&PostParams::default(), &node).await.unwrap();
-    eventually("the node IPAM controller to assign spec.podCIDR", || async {
-        let node = nodes.get("cidr-check").await.unwrap();
-        node.spec.and_then(|s| s.pod_cidr).is_some()
-    })
+    eventually(
+        "the node IPAM controller to assign spec.podCIDR",
+        || async {
+            let node = nodes.get("cidr-check").await.unwrap();
+            node.spec.and_then(|s| s.pod_cidr).is_some()
+        },
+    )
     .await;
-    let cidr = nodes.get("cidr-check").await.unwrap().spec.unwrap().pod_cidr.unwrap();
+    let cidr = nodes
+        .get("cidr-check")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .pod_cidr
+        .unwrap();
     assert!(cidr.starts_with("10.244."), "{cidr}");
     assert!(cidr.ends_with("/24"), "{cidr}");
 }
