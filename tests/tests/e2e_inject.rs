@@ -130,7 +130,10 @@ async fn a_labelled_namespace_gets_injected_pods_whose_traffic_crosses_both_prox
     // Traffic: the client calls the server's ClusterIP; both proxies carry it.
     // A window that starts once the endpoints are published: before that the client's early
     // requests had nowhere to go.
+    // As in any cluster, published endpoints reach the Service rules a moment later (the node
+    // agent's kube-proxy watch); give them two seconds before measuring.
     let client = &clients[0];
+    tokio::time::sleep(Duration::from_secs(2)).await;
     mesh.get(client, 9090, "/stats?reset=1").await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stats: serde_json::Value =

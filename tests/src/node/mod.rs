@@ -223,16 +223,13 @@ impl Drop for NodeAgent {
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        // Pods still running: kill their processes (kill_on_drop) and remove namespaces.
+        // Pods still running (the owner did not call shutdown, e.g. a test panicked): their
+        // processes die with their handles (kill_on_drop); remove their namespaces here.
         if let Ok(mut pods) = self.pods.try_lock() {
-            pods.clear();
+            for (_, running) in std::mem::take(&mut *pods) {
+                let _ = net::ip(&["netns", "delete", running.netns()]);
+            }
         }
-        let _ = std::process::Command::new("sh")
-            .args([
-                "-c",
-                "for n in $(ip netns list | awk '{print $1}' | grep '^tandem-pod-'); do :; done",
-            ])
-            .status();
     }
 }
 

@@ -86,6 +86,7 @@ fn now() -> String {
 /// A running pod: dropping the sender stops it.
 #[derive(Debug)]
 pub struct RunningPod {
+    netns: String,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -94,6 +95,7 @@ impl RunningPod {
     /// Starts `pod` on the node.
     pub fn start(node: Arc<NodeShared>, pod: Pod) -> Self {
         let (stop, stopped) = watch::channel(false);
+        let netns = netns_name(&pod);
         let task = tokio::spawn(async move {
             let name = format!(
                 "{}/{}",
@@ -104,7 +106,12 @@ impl RunningPod {
                 tracing::error!(pod = %name, error = %e, "Pod failed");
             }
         });
-        Self { stop, task }
+        Self { netns, stop, task }
+    }
+
+    /// The pod's network namespace name.
+    pub fn netns(&self) -> &str {
+        &self.netns
     }
 
     /// Stops the pod's containers (SIGTERM, grace, SIGKILL) and removes its network and
@@ -117,13 +124,8 @@ impl RunningPod {
 
 async fn run(node: Arc<NodeShared>, pod: Pod, stopped: watch::Receiver<bool>) -> Result<()> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let short: String = uid
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(10)
-        .collect();
-    let netns_name = format!("tandem-pod-{short}");
-    let veth = format!("tv{short}");
+    let netns_name = netns_name(&pod);
+    let veth = netns_name.replace("tandem-pod-", "tv");
     let ip = node
         .pool
         .lock()
@@ -606,6 +608,17 @@ fn period(probe: &Probe, default_secs: u64) -> Duration {
         .and_then(|p| u64::try_from(p).ok())
         .unwrap_or(default_secs.max(1));
     Duration::from_secs(secs)
+}
+
+/// The pod's network namespace name, from its UID (unique, and short enough for the veth).
+fn netns_name(pod: &Pod) -> String {
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let short: String = uid
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(10)
+        .collect();
+    format!("tandem-pod-{short}")
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).
