@@ -13,6 +13,7 @@ pub mod binaries;
 pub mod cluster;
 pub mod install;
 pub mod kubeconfig;
+pub mod node;
 pub mod pki;
 pub mod process;
 pub mod schema_bounds;
