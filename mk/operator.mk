@@ -3,9 +3,9 @@
 
 .PHONY: test-operator bench-operator
 
-test-operator: ## operator: unit tests, clippy, and the integration tests against a real apiserver
-	$(CARGO) clippy -p tandem-operator --all-targets --locked -- -D warnings
-	$(CARGO) test -p tandem-operator --locked
+# Its clippy run and unit tests are part of `make lint` and `make unit`; this adds the
+# scenarios against the real control plane, which plain `cargo test` skips (#[ignore]).
+test-operator: ## operator: the integration tests against a real apiserver
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" \
 	  $(CARGO) test -p tandem-operator --test configmaps --locked -- --ignored --test-threads=1
 
