@@ -9,17 +9,16 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -47,7 +46,19 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
 /// of `config.json` as it is in the cluster.
 const DATA_HASH: &str = "tandem.dev/local-data-hash";
 
-/// In-memory views of the cluster, kept current by watches.
+/// The watches, by the names logs and `pending` use.
+pub const WATCHES: [&str; 7] = [
+    "trafficpolicies",
+    "circuitbreakerpolicies",
+    "services",
+    "endpointslices",
+    "pods",
+    "namespaces",
+    "configmaps",
+];
+
+/// In-memory views of the cluster, kept current by watches. Each store is empty until its
+/// watch has listed once; [`Stores::wait_until_ready`] waits for all of them.
 #[derive(Clone)]
 pub struct Stores {
     traffic: Store<TrafficPolicy>,
@@ -59,8 +70,70 @@ pub struct Stores {
     config_maps: Store<ConfigMap>,
 }
 
+/// The write halves of [`Stores`], one per watch; [`start_watches`] feeds them.
+pub struct Writers {
+    traffic: Writer<TrafficPolicy>,
+    breakers: Writer<CircuitBreakerPolicy>,
+    services: Writer<k8s_openapi::api::core::v1::Service>,
+    slices: Writer<EndpointSlice>,
+    pods: Writer<Pod>,
+    namespaces: Writer<PartialObjectMeta<Namespace>>,
+    config_maps: Writer<ConfigMap>,
+}
+
+#[cfg(test)]
+impl Writers {
+    /// Feeds watch `name` the start (`done == false`) or the end of a list, as its watch does.
+    pub(crate) fn list_event(&mut self, name: &str, done: bool) {
+        fn bare<K>(done: bool) -> Event<K> {
+            if done { Event::InitDone } else { Event::Init }
+        }
+        match name {
+            "trafficpolicies" => self.traffic.apply_watcher_event(&bare(done)),
+            "circuitbreakerpolicies" => self.breakers.apply_watcher_event(&bare(done)),
+            "services" => self.services.apply_watcher_event(&bare(done)),
+            "endpointslices" => self.slices.apply_watcher_event(&bare(done)),
+            "pods" => self.pods.apply_watcher_event(&bare(done)),
+            "namespaces" => self.namespaces.apply_watcher_event(&bare(done)),
+            "configmaps" => self.config_maps.apply_watcher_event(&bare(done)),
+            other => panic!("no watch named {other}"),
+        }
+    }
+}
+
 impl Stores {
-    /// Waits until every watch has listed its objects once.
+    /// Empty, unsynced stores and the writers that fill them.
+    pub fn new() -> (Self, Writers) {
+        let (traffic, traffic_w) = reflector::store();
+        let (breakers, breakers_w) = reflector::store();
+        let (services, services_w) = reflector::store();
+        let (slices, slices_w) = reflector::store();
+        let (pods, pods_w) = reflector::store();
+        let (namespaces, namespaces_w) = reflector::store();
+        let (config_maps, config_maps_w) = reflector::store();
+        let stores = Self {
+            traffic,
+            breakers,
+            services,
+            slices,
+            pods,
+            namespaces,
+            config_maps,
+        };
+        let writers = Writers {
+            traffic: traffic_w,
+            breakers: breakers_w,
+            services: services_w,
+            slices: slices_w,
+            pods: pods_w,
+            namespaces: namespaces_w,
+            config_maps: config_maps_w,
+        };
+        (stores, writers)
+    }
+
+    /// Waits until every watch has listed its objects once. Fails only if a watch task ended
+    /// before that (its writer was dropped), in which case the stores never sync.
     pub async fn wait_until_ready(&self) -> Result<()> {
         let closed = |_| Error::WatchEnded;
         self.traffic.wait_until_ready().await.map_err(closed)?;
@@ -71,6 +144,24 @@ impl Stores {
         self.namespaces.wait_until_ready().await.map_err(closed)?;
         self.config_maps.wait_until_ready().await.map_err(closed)?;
         Ok(())
+    }
+
+    /// The watches (names from [`WATCHES`]) that have not listed once yet.
+    pub fn pending(&self) -> Vec<&'static str> {
+        let synced = [
+            is_synced(&self.traffic),
+            is_synced(&self.breakers),
+            is_synced(&self.services),
+            is_synced(&self.slices),
+            is_synced(&self.pods),
+            is_synced(&self.namespaces),
+            is_synced(&self.config_maps),
+        ];
+        WATCHES
+            .into_iter()
+            .zip(synced)
+            .filter_map(|(name, synced)| (!synced).then_some(name))
+            .collect()
     }
 
     fn inputs(&self) -> Inputs {
@@ -84,85 +175,30 @@ impl Stores {
     }
 }
 
-/// Starts one watch per input; each event wakes `trigger`. Watch errors (an unreachable
-/// apiserver) are retried with backoff for ever and counted.
+/// Whether a store has seen its watch's first complete list (it never becomes unsynced again:
+/// a later re-list swaps the new objects in whole, at its end).
+fn is_synced<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
+}
+
+/// Starts one watch per input, filling `writers`; each event wakes `trigger`. Watch errors (an
+/// unreachable apiserver, a missing right or resource) are logged, counted and retried with
+/// backoff for ever: until its first list succeeds, a store stays unsynced and the operator
+/// does nothing (see [`crate::sync`]).
 pub fn start_watches(
     client: &Client,
-    trigger: Arc<Notify>,
+    writers: Writers,
+    trigger: &Arc<Notify>,
     metrics: &Metrics,
-) -> (Stores, Vec<JoinHandle<()>>) {
-    let mut tasks = Vec::new();
-    let config = watcher::Config::default();
-    let (traffic, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "trafficpolicies",
-        watcher(Api::all(client.clone()), config.clone()).reflect(w),
-        &trigger,
-        metrics,
-    ));
-    let (breakers, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "circuitbreakerpolicies",
-        watcher(Api::all(client.clone()), config.clone()).reflect(w),
-        &trigger,
-        metrics,
-    ));
-    let (services, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "services",
-        watcher(Api::all(client.clone()), config.clone())
-            .modify(|s: &mut k8s_openapi::api::core::v1::Service| s.managed_fields_mut().clear())
-            .reflect(w),
-        &trigger,
-        metrics,
-    ));
-    let (slices, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "endpointslices",
-        watcher(Api::all(client.clone()), config.clone())
-            .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
-            .reflect(w),
-        &trigger,
-        metrics,
-    ));
-    // Pods cannot be selected by injection on the server (namespace-wide injection leaves no
-    // pod label), so every pod is watched, only injected pods are kept, and those are stripped
-    // to what rendering reads.
-    let (pods, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "pods",
-        watcher(Api::all(client.clone()), config.clone())
-            .try_filter(|event| futures::future::ready(keeps_pod(event)))
-            .modify(strip_pod)
-            .reflect(w),
-        &trigger,
-        metrics,
-    ));
-    let (namespaces, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "namespaces",
-        watcher(
-            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-            config.clone(),
-        )
-        .reflect(w),
-        &trigger,
-        metrics,
-    ));
-    let (config_maps, w) = reflector::store();
-    tasks.push(spawn_watch(
-        "configmaps",
-        watcher(
-            Api::all(client.clone()),
-            watcher::Config::default()
-                .labels(&format!("{MANAGED_BY_LABEL}={OPERATOR_FIELD_MANAGER}")),
-        )
-        .modify(hash_config_map)
-        .reflect(w),
-        &trigger,
-        metrics,
-    ));
-    let stores = Stores {
+) -> Vec<JoinHandle<()>> {
+    let [
         traffic,
         breakers,
         services,
@@ -170,8 +206,74 @@ pub fn start_watches(
         pods,
         namespaces,
         config_maps,
-    };
-    (stores, tasks)
+    ] = WATCHES;
+    let config = watcher::Config::default();
+    vec![
+        spawn_watch(
+            traffic,
+            watcher(Api::all(client.clone()), config.clone()).reflect(writers.traffic),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            breakers,
+            watcher(Api::all(client.clone()), config.clone()).reflect(writers.breakers),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            services,
+            watcher(Api::all(client.clone()), config.clone())
+                .modify(|s: &mut k8s_openapi::api::core::v1::Service| {
+                    s.managed_fields_mut().clear();
+                })
+                .reflect(writers.services),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            slices,
+            watcher(Api::all(client.clone()), config.clone())
+                .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
+                .reflect(writers.slices),
+            trigger,
+            metrics,
+        ),
+        // Pods cannot be selected by injection on the server (namespace-wide injection leaves
+        // no pod label), so every pod is watched, only injected pods are kept, and those are
+        // stripped to what rendering reads.
+        spawn_watch(
+            pods,
+            watcher(Api::all(client.clone()), config.clone())
+                .try_filter(|event| futures::future::ready(keeps_pod(event)))
+                .modify(strip_pod)
+                .reflect(writers.pods),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            namespaces,
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+                config.clone(),
+            )
+            .reflect(writers.namespaces),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            config_maps,
+            watcher(
+                Api::all(client.clone()),
+                watcher::Config::default()
+                    .labels(&format!("{MANAGED_BY_LABEL}={OPERATOR_FIELD_MANAGER}")),
+            )
+            .modify(hash_config_map)
+            .reflect(writers.config_maps),
+            trigger,
+            metrics,
+        ),
+    ]
 }
 
 fn watcher<K>(
@@ -305,15 +407,23 @@ impl Reconciler {
         }
     }
 
-    /// Runs passes whenever `trigger` fires while this replica leads, until `shutdown`.
-    /// A failed pass is retried with exponential backoff (0.5 s doubling to 30 s).
+    /// Runs passes whenever `trigger` fires while this replica leads and its stores have
+    /// synced (`synced`, see [`crate::sync`]), until `shutdown`. A failed pass is retried with
+    /// exponential backoff (0.5 s doubling to 30 s).
     pub async fn run(
         self,
         trigger: Arc<Notify>,
         debounce: Duration,
         mut leader: watch::Receiver<bool>,
+        mut synced: watch::Receiver<bool>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        // Nothing before every store has synced. (The gate's sender is gone once it has
+        // opened, so it is awaited here once, not selected on below: a closed channel would
+        // end the loop.)
+        if !crate::sync::wait_open(&mut synced, &mut shutdown).await {
+            return;
+        }
         let mut backoff = Duration::from_millis(500);
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
@@ -329,7 +439,7 @@ impl Reconciler {
                 changed = leader.changed() => if changed.is_err() { return },
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
-            if !*leader.borrow() {
+            if !crate::sync::may_reconcile(*leader.borrow(), *synced.borrow()) {
                 continue;
             }
             // Let a burst of events settle into one pass.
@@ -676,12 +786,4 @@ impl HasStatus for CircuitBreakerPolicy {
     fn status(&self) -> Option<&PolicyStatus> {
         self.status.as_ref()
     }
-}
-
-/// Marks the stores as ready for `/readyz` once every watch has listed.
-pub async fn mark_ready(stores: Stores, ready: Arc<crate::server::Health>) -> Result<()> {
-    stores.wait_until_ready().await?;
-    ready.ready.store(true, Ordering::Relaxed);
-    info!("Caches synced");
-    Ok(())
 }

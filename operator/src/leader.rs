@@ -87,10 +87,21 @@ pub async fn run(
     let mut observed: Option<Observed> = None;
     let mut last_renewal: Option<Instant> = None;
     loop {
-        let held = match step(&api, &settings, &mut observed).await {
-            Ok(held) => held,
-            Err(error) => {
+        // A round that hangs (an apiserver that accepts but never answers) counts as failed
+        // once the renew deadline has passed, so a leader cut off this way still steps down
+        // before another replica may take over.
+        let round = tokio::time::timeout(
+            settings.renew_deadline,
+            step(&api, &settings, &mut observed),
+        );
+        let held = match round.await {
+            Ok(Ok(held)) => held,
+            Ok(Err(error)) => {
                 warn!(%error, lease = %settings.name, "Lease update failed");
+                false
+            }
+            Err(_) => {
+                warn!(lease = %settings.name, timeout_ms = settings.renew_deadline.as_millis(), "Lease update timed out");
                 false
             }
         };

@@ -6,6 +6,7 @@
 //! - [`policy`]: conflicts between policies and verdicts.
 //! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
 //! - [`controller`]: watches, and the reconcile pass that writes ConfigMaps and status.
+//! - [`sync`]: nothing is rendered, written or deleted before every watch has listed once.
 //! - [`leader`]: leader election on a Lease.
 //! - [`server`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`run`]: wires it all together for the binary.
@@ -18,6 +19,7 @@ pub mod render;
 pub mod run;
 pub mod server;
 pub mod status;
+pub mod sync;
 
 pub use render::{Inputs, Rendered, render};
 pub use run::{Settings, run};

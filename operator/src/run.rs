@@ -11,10 +11,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
-use crate::controller::{Reconciler, mark_ready, start_watches};
+use crate::controller::{Reconciler, Stores, start_watches};
 use crate::leader::{self, ElectionSettings};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
+use crate::sync;
 use crate::{Error, Result};
 
 /// The operator's settings (from flags or environment, see `main.rs`).
@@ -77,8 +78,17 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     });
 
     let trigger = Arc::new(Notify::new());
-    let (stores, watches) = start_watches(&client, trigger.clone(), &metrics);
-    let ready = tokio::spawn(mark_ready(stores.clone(), health));
+    let (stores, writers) = Stores::new();
+    let watches = start_watches(&client, writers, &trigger, &metrics);
+    // Nothing acts on a partial view of the cluster: see `sync`.
+    let (synced_tx, synced_rx) = watch::channel(false);
+    let sync_task = tokio::spawn(sync::open_when_synced(
+        stores.clone(),
+        health,
+        synced_tx,
+        Duration::from_secs(10),
+        shutdown.clone(),
+    ));
 
     let (leader_tx, leader_rx) = watch::channel(false);
     let mut election =
@@ -93,7 +103,16 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             leader_gauge.set(i64::from(*gauge_rx.borrow()));
         }
     });
-    let election_task = tokio::spawn(leader::run(leases, election, leader_tx, shutdown.clone()));
+    // A replica campaigns only once synced: holding the Lease without being able to act would
+    // keep a synced replica from taking over.
+    let mut election_gate = synced_rx.clone();
+    let mut election_shutdown = shutdown.clone();
+    let election_stop = shutdown.clone();
+    let election_task = tokio::spawn(async move {
+        if sync::wait_open(&mut election_gate, &mut election_shutdown).await {
+            leader::run(leases, election, leader_tx, election_stop).await;
+        }
+    });
 
     let reconciler = Reconciler::new(client, stores, metrics, &identity);
     reconciler
@@ -101,6 +120,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             trigger,
             Duration::from_millis(settings.debounce_ms),
             leader_rx,
+            synced_rx,
             shutdown,
         )
         .await;
@@ -109,9 +129,18 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     if let Err(error) = election_task.await {
         warn!(%error, "Election task failed");
     }
-    ready.abort();
+    let synced = match sync_task.await {
+        Ok(synced) => synced,
+        Err(_) => Err(Error::WatchEnded),
+    };
     for watch in watches {
         watch.abort();
+    }
+    // The reconciler also stops when the caches can never sync (a watch task died): exit
+    // with the error, so the pod restarts rather than sitting unready for ever.
+    if let Err(error) = synced {
+        http.abort();
+        return Err(error);
     }
     let _ = http.await;
     info!("Stopped");

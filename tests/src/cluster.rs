@@ -304,7 +304,18 @@ impl ControlPlane {
     /// Stops kube-apiserver and starts it again with the same flags, then waits until it is
     /// ready: what an apiserver upgrade or crash looks like to clients.
     pub async fn restart_apiserver(&mut self) -> Result<()> {
+        self.stop_apiserver();
+        self.start_apiserver().await
+    }
+
+    /// Stops kube-apiserver (SIGTERM, SIGKILL after a grace period): clients get connection
+    /// refused until [`Self::start_apiserver`]. Idempotent.
+    pub fn stop_apiserver(&mut self) {
         self.kube_apiserver.stop();
+    }
+
+    /// Starts a stopped kube-apiserver again with the same flags and waits until it is ready.
+    pub async fn start_apiserver(&mut self) -> Result<()> {
         self.kube_apiserver = spawn(&self.apiserver_command, "kube-apiserver", &self.layout)?;
         let client = self.client();
         wait_until(

@@ -177,6 +177,20 @@ impl Operator {
     }
 }
 
+impl Drop for Operator {
+    /// A failing test shows what the operator logged (the cluster's directory goes with it).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of {}'s log ---", self.identity);
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream
@@ -406,4 +420,90 @@ pub async fn breaker_condition(
     let status = api.get_opt(name).await.ok().flatten()?.status?;
     let c = status.conditions.iter().find(|c| c.type_ == type_)?;
     Some((format!("{:?}", c.status), c.reason.clone()))
+}
+
+/// The operator's ConfigMaps in `ns`: name → (uid, resourceVersion).
+pub async fn config_map_versions(
+    client: &Client,
+    ns: &str,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let list = api
+        .list(
+            &kube::api::ListParams::default()
+                .labels("app.kubernetes.io/managed-by=tandem-operator"),
+        )
+        .await
+        .expect("list ConfigMaps");
+    list.items
+        .into_iter()
+        .map(|cm| {
+            let meta = cm.metadata;
+            (
+                meta.name.unwrap_or_default(),
+                (
+                    meta.uid.unwrap_or_default(),
+                    meta.resource_version.unwrap_or_default(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Watches the ConfigMaps of `ns` from now on and records the name of each one deleted.
+pub fn record_deletions(
+    client: &Client,
+    ns: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let deleted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = deleted.clone();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+        while let Some(event) = events.next().await {
+            if let Ok(watcher::Event::Delete(cm)) = event {
+                record
+                    .lock()
+                    .expect("not poisoned")
+                    .push(cm.metadata.name.unwrap_or_default());
+            }
+        }
+    });
+    deleted
+}
+
+/// Grants (`allowed`) or withdraws the operator's rights on pods in its ClusterRole; returns
+/// whether it had them before.
+pub async fn set_pod_rights(client: &Client, allowed: bool) -> bool {
+    let api: Api<ClusterRole> = Api::all(client.clone());
+    let mut role = api
+        .get("tandem-operator")
+        .await
+        .expect("the operator's ClusterRole");
+    let rules = role.rules.get_or_insert_with(Vec::new);
+    let had = rules
+        .iter()
+        .any(|r| r.resources.iter().flatten().any(|res| res == "pods"));
+    if allowed && !had {
+        let core = rules
+            .iter_mut()
+            .find(|r| r.resources.iter().flatten().any(|res| res == "services"))
+            .expect("the rule on core resources");
+        core.resources
+            .get_or_insert_with(Vec::new)
+            .push("pods".to_owned());
+    }
+    if !allowed {
+        for rule in rules.iter_mut() {
+            if let Some(resources) = rule.resources.as_mut() {
+                resources.retain(|res| res != "pods");
+            }
+        }
+    }
+    api.replace("tandem-operator", &PostParams::default(), &role)
+        .await
+        .expect("update the operator's ClusterRole");
+    had
 }
