@@ -1,7 +1,8 @@
 # Benchmarks (issue 4). `make bench` runs every scenario in 5 rounds (about 35 minutes on the
 # 2-core machine); `make bench QUICK=1` runs the same scenarios shortened (under 5 minutes
-# once built). Reports, charts and raw results go to bench/results/. `make test` does not run
-# the benchmark; the benchmark's pure parts are unit-tested by `cargo test` (make unit).
+# once built; it skips the operator benchmark). Reports, charts and raw results go to
+# bench/results/. `make test` does not run the benchmark; the benchmark's pure parts are
+# unit-tested by `cargo test` (make unit).
 
 QUICK ?= 0
 BENCH_OUT ?= bench/results
@@ -23,3 +24,6 @@ bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in be
 	$(CARGO) build --release -p tandem-bench $(if $(wildcard proxy/Cargo.toml),-p tandem-proxy)
 	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT) \
 	  $(if $(wildcard $(TANDEM_PROXY_BIN)),--tandem-proxy $(TANDEM_PROXY_BIN)) $(BENCH_ARGS)
+	@# The operator at scale (mk/operator.mk): about 6 minutes, so the full run only; QUICK
+	@# skips it (its own quick mode alone takes over 3): `make bench-operator QUICK=1`.
+	$(if $(filter 1 true yes,$(QUICK)),@echo "QUICK: operator benchmark skipped (make bench-operator QUICK=1)",$(MAKE) --no-print-directory bench-operator)

@@ -9,8 +9,10 @@ test-operator: ## operator: the integration tests against a real apiserver
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" \
 	  $(CARGO) test -p tandem-operator --test configmaps --locked -- --ignored --test-threads=1
 
+# The scale benchmark: bounded (gives up after 20 min, 12 with QUICK=1); its report goes to
+# $(BENCH_OUT)/[quick-]operator-report.md. `make bench` runs it after the proxy benchmark.
 bench-operator: ## operator: 1,000 Services, 5,000 endpoints, 200 ServiceAccounts against a real apiserver
-	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" \
+	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" QUICK=$(QUICK) TANDEM_BENCH_OUT="$(abspath $(BENCH_OUT))" \
 	  $(CARGO) bench -p tandem-operator --bench operator_scale --locked
 
 TEST_TARGETS += test-operator
