@@ -37,9 +37,9 @@ pub const INBOUND: &str = "inbound";
 /// `dst_service` of an outbound request whose destination could not be resolved.
 pub const UNKNOWN: &str = "unknown";
 
-/// How many requests one upstream h2c connection carries at once. Kept at or below what
-/// servers commonly advertise (Pingora's own h2 server: 100) so streams never queue in the pool.
-const H2_STREAMS: usize = 100;
+/// How many requests one upstream h2c connection carries at once (also what `maxConnections`
+/// counts an HTTP/2 connection as).
+const H2_STREAMS: usize = crate::policy::STREAMS_PER_H2_CONNECTION as usize;
 
 /// The proxy logic for one direction.
 pub struct MeshHttp {
