@@ -53,8 +53,15 @@ pub struct Mesh {
 impl Mesh {
     /// Starts everything. Needs root (fails, never skips, without it).
     pub async fn start() -> anyhow::Result<Self> {
+        // The kube clients' connection errors while scenario f restarts the apiserver are
+        // expected; RUST_LOG shows them when wanted.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,kube=warn,kube_client=off,tandem_tests::node=warn",
+            )
+        });
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("info,kube=warn")
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
         tandem_tests::node::net::require_root()?;
