@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 BENCH_BIN := target/release/tandem-bench
 TANDEM_PROXY_BIN := target/release/tandem-proxy
 
-.PHONY: bench bench-deps
+.PHONY: bench bench-deps bench-resilience
 
 bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
 	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
@@ -23,3 +23,8 @@ bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in be
 	$(CARGO) build --release -p tandem-bench $(if $(wildcard proxy/Cargo.toml),-p tandem-proxy)
 	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT) \
 	  $(if $(wildcard $(TANDEM_PROXY_BIN)),--tandem-proxy $(TANDEM_PROXY_BIN)) $(BENCH_ARGS)
+	QUICK=$(QUICK) $(BENCH_BIN) resilience --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
+
+bench-resilience: ## success rate while one of three endpoints fails (60 s per policy; QUICK=1: 10 s)
+	$(CARGO) build --release -p tandem-bench -p tandem-proxy
+	QUICK=$(QUICK) $(BENCH_BIN) resilience --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
