@@ -476,6 +476,16 @@ async fn scenario_c(mesh: &Mesh, loadgen: &Pod) {
         retries >= REQUESTS / 4,
         "the proxy retried ({retries} retries): {policy}"
     );
+    let metrics = mesh.proxy_metrics(loadgen).await.unwrap();
+    let exported = counter(
+        &metrics,
+        "tandem_retries_total",
+        &[("dst_service", "shop/flaky")],
+    );
+    assert!(
+        exported >= retries as f64,
+        "/metrics exports the retries ({exported}):\n{metrics}"
+    );
     eprintln!(
         "scenario c: retries loaded {:.2} s after apply; {}; loadgen's proxy retried {retries} times, budget refused {}",
         in_proxy.as_secs_f64(),
@@ -573,6 +583,13 @@ async fn scenario_d(mesh: &Mesh, loadgen: &Pod) {
     assert!(
         destination["ejectionsTotal"].as_u64().unwrap_or(0) >= 1,
         "{destination}"
+    );
+    let metrics = mesh.proxy_metrics(loadgen).await.unwrap();
+    let breaker = [("dst_service", "shop/breaker")];
+    assert!(
+        counter(&metrics, "tandem_ejections_total", &breaker) >= 1.0
+            && counter(&metrics, "tandem_active_ejections", &breaker) == 1.0,
+        "/metrics shows the ejection:\n{metrics}"
     );
 
     let after = mesh
