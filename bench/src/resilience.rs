@@ -88,6 +88,37 @@ impl Mode {
     }
 }
 
+/// How the proxy balances over the three endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balancer {
+    /// The default: peak-EWMA power of two choices, which already steers away from an endpoint
+    /// whose failures make it look slow.
+    PeakEwma,
+    /// Round-robin: every endpoint gets its turn, so the policy alone shields the caller.
+    RoundRobin,
+}
+
+impl Balancer {
+    /// Both, in report order.
+    pub const ALL: [Self; 2] = [Self::PeakEwma, Self::RoundRobin];
+
+    /// How the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PeakEwma => "peak-EWMA (default)",
+            Self::RoundRobin => "round-robin",
+        }
+    }
+
+    fn config_value(self) -> &'static str {
+        match self {
+            Self::PeakEwma => "peakEwma",
+            Self::RoundRobin => "roundRobin",
+        }
+    }
+}
+
 /// Errors of the resilience benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum ResilienceError {
@@ -115,6 +146,8 @@ pub enum ResilienceError {
 pub struct ModeResult {
     /// The policy.
     pub mode: Mode,
+    /// The load balancer.
+    pub balancer: Balancer,
     /// Requests the caller sent.
     pub requests: u64,
     /// Requests that got a 2xx.
@@ -158,15 +191,19 @@ pub async fn run(
     plan: Plan,
 ) -> Result<Vec<ModeResult>, ResilienceError> {
     let mut results = Vec::new();
-    for mode in Mode::ALL {
+    for (balancer, mode) in Balancer::ALL
+        .into_iter()
+        .flat_map(|b| Mode::ALL.map(|m| (b, m)))
+    {
         println!(
-            "resilience: {} — {} req/s for {} s, the failing endpoint killed at {} s",
+            "resilience: {}, {} — {} req/s for {} s, the failing endpoint killed at {} s",
+            balancer.label(),
             mode.label(),
             plan.rate,
             plan.length.as_secs(),
             plan.length.as_secs() / 2
         );
-        let result = run_mode(bench, proxy, plan, mode).await?;
+        let result = run_mode(bench, proxy, plan, balancer, mode).await?;
         println!(
             "  success {:.3}% ({} of {}), retries {} (+{:.1}% load), budget refusals {}, ejections {}",
             result.success_percent,
@@ -217,7 +254,12 @@ fn start_endpoint(
 
 /// The client proxy's config: one service on a made-up cluster address whose three endpoints
 /// are the upstreams.
-fn config(cluster: SocketAddr, endpoints: &[SocketAddr], mode: Mode) -> Result<String, String> {
+fn config(
+    cluster: SocketAddr,
+    endpoints: &[SocketAddr],
+    balancer: Balancer,
+    mode: Mode,
+) -> Result<String, String> {
     let mut service = json!({
         "name": "upstream",
         "namespace": "bench",
@@ -228,6 +270,7 @@ fn config(cluster: SocketAddr, endpoints: &[SocketAddr], mode: Mode) -> Result<S
             "protocol": "http",
             "endpoints": endpoints.iter().map(|e| json!({"address": e})).collect::<Vec<_>>(),
         }],
+        "loadBalancer": balancer.config_value(),
     });
     if let (Some(s), Value::Object(policy)) = (service.as_object_mut(), mode.policy()) {
         s.extend(policy);
@@ -247,6 +290,7 @@ async fn run_mode(
     bench: &Path,
     proxy: &Path,
     plan: Plan,
+    balancer: Balancer,
     mode: Mode,
 ) -> Result<ModeResult, ResilienceError> {
     let mut fleet = Fleet {
@@ -266,7 +310,7 @@ async fn run_mode(
     let flaky = fleet.children.len() - 1;
     // Any address works as the service's: the proxy matches the Host header against it.
     let cluster = free_port()?;
-    let config = config(cluster, &endpoints, mode).map_err(ResilienceError::Config)?;
+    let config = config(cluster, &endpoints, balancer, mode).map_err(ResilienceError::Config)?;
     let ports = Ports::free()?;
     fleet
         .children
@@ -311,6 +355,7 @@ async fn run_mode(
     let requests = s.ok + s.errors;
     Ok(ModeResult {
         mode,
+        balancer,
         requests,
         ok: s.ok,
         success_percent: if requests == 0 {
@@ -391,18 +436,21 @@ pub fn markdown(results: &[ModeResult], plan: Plan, command: &str) -> String {
     out.push_str(&format!(
         "Three endpoints behind one tandem-proxy; one answers 503 to every second request and is \
          killed (SIGKILL) at {} s. Constant load of {} req/s for {} s per policy, HTTP/1.1, 64 \
-         connections. Retries: 2 attempts on 5xx, connect failure and reset, the default budget \
+         connections. Each policy runs under the default balancer (peak-EWMA, which by itself \
+         steers away from an endpoint whose failures make it look slow) and under round-robin \
+         (every endpoint gets its turn, so the policy alone shields the caller). Retries: 2 attempts on 5xx, connect failure and reset, the default budget \
          (20% of requests + 10/s over 10 s). Outlier detection: 3 consecutive 5xx, 5 s base \
          ejection, at most 50% ejected. Retries and ejections are the proxy's own counters.\n\n",
         plan.length.as_secs() / 2,
         plan.rate,
         plan.length.as_secs()
     ));
-    out.push_str("| policy | requests | succeeded | success rate | p99 (ms) | retries | extra load | budget refusals | ejections |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| load balancer | policy | requests | succeeded | success rate | p99 (ms) | retries | extra load | budget refusals | ejections |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in results {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.3}% | {:.2} | {} | {:.1}% | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.3}% | {:.2} | {} | {:.1}% | {} | {} |\n",
+            r.balancer.label(),
             r.mode.label(),
             r.requests,
             r.ok,
@@ -438,8 +486,11 @@ mod tests {
             .map(|a| a.parse().unwrap())
             .collect();
         let cluster: SocketAddr = "127.0.0.1:2000".parse().unwrap();
-        for mode in Mode::ALL {
-            let text = config(cluster, &endpoints, mode).unwrap();
+        for (balancer, mode) in Balancer::ALL
+            .into_iter()
+            .flat_map(|b| Mode::ALL.map(|m| (b, m)))
+        {
+            let text = config(cluster, &endpoints, balancer, mode).unwrap();
             let parsed = ProxyConfig::from_json(text.as_bytes()).unwrap();
             let service = &parsed.services[0];
             assert_eq!(service.ports[0].endpoints.len(), 3);
@@ -472,6 +523,7 @@ mod tests {
     fn extra_load_is_retries_per_request() {
         let r = ModeResult {
             mode: Mode::Retries,
+            balancer: Balancer::RoundRobin,
             requests: 1000,
             ok: 999,
             success_percent: 99.9,
