@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 BENCH_BIN := target/release/tandem-bench
 TANDEM_PROXY_BIN := target/release/tandem-proxy
 
-.PHONY: bench bench-deps
+.PHONY: bench bench-deps bench-resilience
 
 bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
 	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
@@ -24,6 +24,11 @@ bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in be
 	$(CARGO) build --release -p tandem-bench $(if $(wildcard proxy/Cargo.toml),-p tandem-proxy)
 	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT) \
 	  $(if $(wildcard $(TANDEM_PROXY_BIN)),--tandem-proxy $(TANDEM_PROXY_BIN)) $(BENCH_ARGS)
+	QUICK=$(QUICK) $(BENCH_BIN) resilience --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
 	@# The operator at scale (mk/operator.mk): about 6 minutes, so the full run only; QUICK
 	@# skips it (its own quick mode alone takes over 3): `make bench-operator QUICK=1`.
 	$(if $(filter 1 true yes,$(QUICK)),@echo "QUICK: operator benchmark skipped (make bench-operator QUICK=1)",$(MAKE) --no-print-directory bench-operator)
+
+bench-resilience: ## success rate while one of three endpoints fails (60 s per policy; QUICK=1: 10 s)
+	$(CARGO) build --release -p tandem-bench -p tandem-proxy
+	QUICK=$(QUICK) $(BENCH_BIN) resilience --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)

@@ -1,13 +1,14 @@
 //! Tandem's benchmark (`make bench`): a load generator without coordinated omission, a fixed
 //! upstream, the bare Pingora floor, and the orchestrator that measures direct, bare Pingora,
 //! HAProxy, nginx and tandem-proxy (one and two hops) side by side and writes a Markdown report
-//! with an SVG chart.
+//! with an SVG chart; and the resilience run (success rate while an endpoint misbehaves).
 
 pub mod chart;
 pub mod loadgen;
 pub mod pingora_floor;
 pub mod procfs;
 pub mod report;
+pub mod resilience;
 pub mod run;
 pub mod schedule;
 pub mod stats;

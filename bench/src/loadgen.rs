@@ -172,6 +172,17 @@ async fn exchange(conn: &mut Conn, target: &Target) -> Result<(), LoadError> {
     }
 }
 
+impl Conn {
+    /// Whether the server closed the connection (after a `Connection: close` answer, say); a
+    /// client reconnects rather than fail a request it never sent.
+    fn is_closed(&self) -> bool {
+        match self {
+            Conn::H1(sender) => sender.is_closed(),
+            Conn::H2(sender) => sender.is_closed(),
+        }
+    }
+}
+
 /// A connection slot that reconnects lazily after a failure.
 struct Slot {
     conn: Option<Conn>,
@@ -181,8 +192,8 @@ impl Slot {
     async fn request(&mut self, target: &Target, limit: Duration) -> Result<(), LoadError> {
         let attempt = async {
             let conn = match self.conn.take() {
-                Some(conn) => conn,
-                None => connect(target).await?,
+                Some(conn) if !conn.is_closed() => conn,
+                _ => connect(target).await?,
             };
             let mut conn = conn;
             let outcome = exchange(&mut conn, target).await;

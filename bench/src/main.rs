@@ -11,7 +11,7 @@ use tandem_bench::loadgen::{self, ClosedLoop, OpenLoop, Protocol, Target};
 use tandem_bench::report::{self, Machine};
 use tandem_bench::run::{self, Plan};
 use tandem_bench::topology::{Tools, Topology, find_program};
-use tandem_bench::{chart, pingora_floor, upstream};
+use tandem_bench::{chart, pingora_floor, resilience, upstream};
 
 #[derive(Parser)]
 #[command(about = "Tandem's benchmark: load generator, upstream, bare Pingora and orchestrator")]
@@ -32,7 +32,12 @@ enum Command {
         /// Size of the body.
         #[arg(long, default_value_t = 32)]
         body_bytes: usize,
+        /// Answer every Nth request with 503 (the resilience run's misbehaving endpoint).
+        #[arg(long)]
+        fail_every: Option<u64>,
     },
+    /// Success rate through tandem-proxy while one of three endpoints fails, per policy.
+    Resilience(ResilienceArgs),
     /// The bare Pingora proxy: forwards everything to one upstream.
     Pingora {
         /// Address to listen on (HTTP/1.1 and h2c).
@@ -63,6 +68,22 @@ struct RunArgs {
     /// Only these topologies (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<TopologyArg>,
+}
+
+#[derive(clap::Args)]
+struct ResilienceArgs {
+    /// The short run (10 s per policy instead of 60 s).
+    #[arg(long, env = "QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    quick: bool,
+    /// The tandem-proxy binary.
+    #[arg(long, env = "TANDEM_PROXY_BIN")]
+    tandem_proxy: PathBuf,
+    /// Folder for the report.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Requests per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,7 +145,11 @@ fn main() -> anyhow::Result<()> {
             pingora_floor::run(listen, upstream)?;
             Ok(())
         }
-        Command::Upstream { listen, body_bytes } => {
+        Command::Upstream {
+            listen,
+            body_bytes,
+            fail_every,
+        } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -133,11 +158,13 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("bind {listen}"))?;
                 println!("listening on {}", listener.local_addr()?);
-                upstream::serve(listener, upstream::fixed_body(body_bytes)).await;
+                upstream::serve_failing(listener, upstream::fixed_body(body_bytes), fail_every)
+                    .await;
                 Ok(())
             })
         }
         Command::Load(args) => client_runtime()?.block_on(load(args)),
+        Command::Resilience(args) => client_runtime()?.block_on(resilience(args)),
         Command::Run(args) => client_runtime()?.block_on(run_all(args)),
     }
 }
@@ -147,6 +174,36 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
+}
+
+async fn resilience(args: ResilienceArgs) -> anyhow::Result<()> {
+    let bench = std::env::current_exe().context("find this program")?;
+    let plan = resilience::Plan {
+        rate: args.rate.clamp(1, 5_000),
+        length: Duration::from_secs(if args.quick { 10 } else { 60 }),
+    };
+    let results = resilience::run(&bench, &args.tandem_proxy, plan).await?;
+    let command = format!(
+        "make bench-resilience{}",
+        if args.quick { " QUICK=1" } else { "" }
+    );
+    let tools = Tools {
+        bench: bench.clone(),
+        haproxy: None,
+        nginx: None,
+        tandem: Some(args.tandem_proxy.clone()),
+    };
+    let m = machine(&tools);
+    let mut text = format!(
+        "# Tandem resilience benchmark\n\n{}; {}; {}\n\n",
+        m.date, m.description, m.versions
+    );
+    text.push_str(&resilience::markdown(&results, plan, &command));
+    std::fs::create_dir_all(&args.out)?;
+    let path = resilience::report_path(&args.out, args.quick);
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    println!("resilience report: {}", path.display());
+    Ok(())
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {

@@ -170,7 +170,7 @@ impl Drop for Running {
     }
 }
 
-fn spawn(dir: &Path, log: &str, command: &mut Command) -> Result<Child, TopologyError> {
+pub(crate) fn spawn(dir: &Path, log: &str, command: &mut Command) -> Result<Child, TopologyError> {
     let out = fs::File::create(dir.join(log)).map_err(io(format!("create {log}")))?;
     let err = out.try_clone().map_err(io(format!("open {log}")))?;
     command
@@ -304,7 +304,7 @@ impl Running {
     }
 }
 
-fn tandem_child(
+pub(crate) fn tandem_child(
     dir: &Path,
     program: &Path,
     name: &str,

@@ -2,12 +2,14 @@
 //! the same fixed body, over HTTP/1.1 and h2c (prior knowledge) on one port.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::Response;
 use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -21,8 +23,21 @@ pub fn fixed_body(size: usize) -> Bytes {
     Bytes::from(body)
 }
 
+/// Whether the `n`th request (counting from 1) is one a server failing every `fail_every`th
+/// request answers with 503; `None` or 0 never fails.
+pub fn fails(n: u64, fail_every: Option<u64>) -> bool {
+    fail_every.is_some_and(|every| every > 0 && n.is_multiple_of(every))
+}
+
 /// Serves `body` to every request on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, body: Bytes) {
+    serve_failing(listener, body, None).await;
+}
+
+/// Serves `body`, except that every `fail_every`th request is answered 503 (the resilience
+/// benchmark's misbehaving endpoint).
+pub async fn serve_failing(listener: TcpListener, body: Bytes, fail_every: Option<u64>) {
+    let served = Arc::new(AtomicU64::new(0));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -35,10 +50,18 @@ pub async fn serve(listener: TcpListener, body: Bytes) {
         };
         let _ = stream.set_nodelay(true);
         let body = body.clone();
+        let served = served.clone();
         tokio::spawn(async move {
             let service = service_fn(move |_request| {
                 let body = body.clone();
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+                async move {
+                    let mut response = Response::new(Full::new(body));
+                    if fails(n, fail_every) {
+                        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             // A client closing mid-request is routine under load; nothing to report.
             let _ = auto::Builder::new(TokioExecutor::new())
@@ -58,6 +81,13 @@ mod tests {
         assert_eq!(fixed_body(32).len(), 32);
         assert_eq!(fixed_body(32).last(), Some(&b'\n'));
         assert!(fixed_body(0).is_empty());
+    }
+
+    #[test]
+    fn a_server_failing_every_second_request_fails_half_of_them() {
+        let failed = (1..=100).filter(|&n| fails(n, Some(2))).count();
+        assert_eq!(failed, 50);
+        assert!(!(1..=100).any(|n| fails(n, None) || fails(n, Some(0))));
     }
 
     #[tokio::test]

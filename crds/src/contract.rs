@@ -360,7 +360,8 @@ pub struct CircuitBreaker {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionPool {
-    /// Open upstream connections.
+    /// Upstream connections in use: one per HTTP/1.1 attempt in flight, one per 100 attempts
+    /// on an HTTP/2 port.
     pub max_connections: u32,
     /// Requests waiting for a connection.
     pub max_pending_requests: u32,

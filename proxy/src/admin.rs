@@ -77,10 +77,13 @@ impl ServeHttp for Admin {
                     .metrics
                     .ready
                     .set(i64::from(self.shared.ready().is_ok()));
+                let active = self.shared.config.active();
                 respond(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    self.shared.metrics.encode(),
+                    self.shared
+                        .metrics
+                        .encode(active.as_deref().map(|a| &a.policies)),
                 )
             }
             "/config" => {

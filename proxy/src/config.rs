@@ -46,8 +46,9 @@ impl ActiveConfig {
         config: ProxyConfig,
         hash: String,
         previous: Option<&ActiveConfig>,
+        metrics: &Metrics,
     ) -> std::result::Result<Self, crate::policy::PolicyError> {
-        let destinations = Destinations::compile(&config);
+        let destinations = Destinations::compile(&config, metrics);
         let policies =
             PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())?;
         Ok(Self {
@@ -112,12 +113,12 @@ impl ConfigStore {
                 source,
             })
             .and_then(|config| {
-                ActiveConfig::new(config, hash, self.active().as_deref()).map_err(|source| {
-                    Error::CompilePolicy {
+                ActiveConfig::new(config, hash, self.active().as_deref(), &self.metrics).map_err(
+                    |source| Error::CompilePolicy {
                         path: self.path.clone(),
                         source,
-                    }
-                })
+                    },
+                )
             });
         match compiled {
             Ok(active) => {
@@ -329,7 +330,7 @@ mod tests {
         assert!(store.apply(b"[]").is_err());
         assert!(
             metrics
-                .encode()
+                .encode(None)
                 .contains("tandem_config_reload_errors_total 1")
         );
     }

@@ -29,8 +29,8 @@ use tandem_crds::contract::Protocol;
 use tokio::net::TcpStream;
 
 use crate::detect::{Detected, PROBE_LEN, classify};
-use crate::http::{INBOUND, MeshHttp, PASSTHROUGH};
-use crate::metrics::{ConnProtocol, ConnectionTelemetry, Direction, TcpLabels};
+use crate::http::MeshHttp;
+use crate::metrics::{ConnProtocol, ConnectionTelemetry, Direction, ServiceTelemetry};
 use crate::relay::relay;
 use crate::server::Shared;
 
@@ -64,23 +64,23 @@ pub fn redirected_destination(socket: &SocketDigest) -> Option<SocketAddr> {
 }
 
 /// What to do with a connection before reading anything from it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Plan {
     /// Close it, for this reason.
     Refuse(&'static str),
     /// Relay as opaque TCP to this address.
     Relay {
         upstream: SocketAddr,
-        label: Arc<str>,
+        label: Arc<ServiceTelemetry>,
     },
     /// HTTP/1.x, declared.
-    Http1 { label: Arc<str> },
+    Http1 { label: Arc<ServiceTelemetry> },
     /// HTTP/2, declared.
-    Http2 { label: Arc<str> },
+    Http2 { label: Arc<ServiceTelemetry> },
     /// Detect from the first bytes; `eager` is where to connect if the client stays silent.
     Detect {
         eager: Option<SocketAddr>,
-        label: Arc<str>,
+        label: Arc<ServiceTelemetry>,
     },
 }
 
@@ -90,7 +90,7 @@ impl Listener {
             // Not redirected: only HTTP can say where it is going (its authority).
             return Plan::Detect {
                 eager: None,
-                label: Arc::from(""),
+                label: self.shared.metrics.unresolved(self.direction).clone(),
             };
         };
         match self.direction {
@@ -102,10 +102,10 @@ impl Listener {
                     }
                     return Plan::Relay {
                         upstream: dst,
-                        label: Arc::from(PASSTHROUGH),
+                        label: self.shared.metrics.passthrough.clone(),
                     };
                 };
-                let label = target.label.clone();
+                let label = target.telemetry.clone();
                 match target.protocol {
                     Protocol::Http => Plan::Http1 { label },
                     Protocol::Http2 | Protocol::Grpc => Plan::Http2 { label },
@@ -126,7 +126,7 @@ impl Listener {
                 Err(why) => Plan::Refuse(why),
                 Ok(()) => Plan::Detect {
                     eager: Some(dst),
-                    label: Arc::from(INBOUND),
+                    label: self.shared.metrics.inbound.clone(),
                 },
             },
         }
@@ -172,7 +172,7 @@ impl Listener {
         socket: SocketDigest,
         destination: Option<SocketAddr>,
         eager: Option<SocketAddr>,
-        label: Arc<str>,
+        label: Arc<ServiceTelemetry>,
     ) {
         let first = match first_speaker(&client, eager, self.shared.connect_timeout()).await {
             Ok(first) => first,
@@ -214,13 +214,8 @@ impl Listener {
         }
     }
 
-    async fn relay(&self, client: TcpStream, upstream: TcpStream, label: Arc<str>) {
-        let labels = TcpLabels {
-            direction: self.direction,
-            dst_service: label.to_string(),
-            protocol: ConnProtocol::Tcp,
-        };
-        let telemetry = ConnectionTelemetry::open(&self.shared.metrics, &labels);
+    async fn relay(&self, client: TcpStream, upstream: TcpStream, label: Arc<ServiceTelemetry>) {
+        let telemetry = ConnectionTelemetry::open(&label, ConnProtocol::Tcp);
         relay(client, upstream, &telemetry).await;
     }
 
@@ -229,19 +224,9 @@ impl Listener {
         client: TcpStream,
         socket: SocketDigest,
         protocol: ConnProtocol,
-        label: Arc<str>,
+        label: Arc<ServiceTelemetry>,
     ) {
-        let label = if label.is_empty() {
-            "unresolved".to_owned()
-        } else {
-            label.to_string()
-        };
-        let labels = TcpLabels {
-            direction: self.direction,
-            dst_service: label,
-            protocol,
-        };
-        let _telemetry = ConnectionTelemetry::open(&self.shared.metrics, &labels);
+        let _telemetry = ConnectionTelemetry::open(&label, protocol);
         let mut stream = PingoraStream::from(client);
         stream.set_socket_digest(socket);
         match protocol {

@@ -26,7 +26,7 @@ use pingora::{Error as PingoraError, ErrorSource, Result as PingoraResult, Retry
 use tandem_crds::contract::Protocol;
 
 use crate::connection::redirected_destination;
-use crate::metrics::{Classification, Direction, RequestLabels, ResponseLabels};
+use crate::metrics::{Classification, Direction, ServiceTelemetry};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
 
@@ -34,10 +34,12 @@ use crate::server::Shared;
 pub const PASSTHROUGH: &str = "passthrough";
 /// `dst_service` of inbound traffic.
 pub const INBOUND: &str = "inbound";
+/// `dst_service` of an outbound request whose destination could not be resolved.
+pub const UNKNOWN: &str = "unknown";
 
-/// How many requests one upstream h2c connection carries at once. Kept at or below what
-/// servers commonly advertise (Pingora's own h2 server: 100) so streams never queue in the pool.
-const H2_STREAMS: usize = 100;
+/// How many requests one upstream h2c connection carries at once (also what `maxConnections`
+/// counts an HTTP/2 connection as).
+const H2_STREAMS: usize = crate::policy::STREAMS_PER_H2_CONNECTION as usize;
 
 /// The proxy logic for one direction.
 pub struct MeshHttp {
@@ -55,7 +57,8 @@ impl MeshHttp {
 /// Per-request state, filled when the destination is resolved and read when logging.
 pub struct RequestCtx {
     started: Instant,
-    dst_service: Arc<str>,
+    /// The destination's metric series, once resolved.
+    telemetry: Option<Arc<ServiceTelemetry>>,
     upstream: Option<SocketAddr>,
     upstream_h2: bool,
     counted: bool,
@@ -73,7 +76,7 @@ pub struct RequestCtx {
 
 /// Where one request goes.
 struct Resolved {
-    dst_service: Arc<str>,
+    telemetry: Arc<ServiceTelemetry>,
     upstream: SocketAddr,
     h2: bool,
 }
@@ -120,7 +123,7 @@ impl MeshHttp {
                         let h2 = downstream_h2
                             || matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
                         Ok(Resolved {
-                            dst_service: target.label.clone(),
+                            telemetry: target.telemetry.clone(),
                             upstream,
                             h2,
                         })
@@ -130,7 +133,7 @@ impl MeshHttp {
                             .refuse_loop(dst)
                             .map_err(|why| status(403, why))?;
                         Ok(Resolved {
-                            dst_service: Arc::from(PASSTHROUGH),
+                            telemetry: self.shared.metrics.passthrough.clone(),
                             upstream: dst,
                             h2: downstream_h2,
                         })
@@ -158,7 +161,7 @@ impl MeshHttp {
                     .refuse_inbound(upstream)
                     .map_err(|why| status(403, why))?;
                 Ok(Resolved {
-                    dst_service: Arc::from(INBOUND),
+                    telemetry: self.shared.metrics.inbound.clone(),
                     upstream,
                     h2: downstream_h2,
                 })
@@ -280,17 +283,20 @@ impl MeshHttp {
 }
 
 impl MeshHttp {
+    /// The request's metric series: its destination's, or `unknown` when none was resolved.
+    fn telemetry<'c>(&'c self, ctx: &'c RequestCtx) -> &'c ServiceTelemetry {
+        ctx.telemetry
+            .as_deref()
+            .unwrap_or_else(|| self.shared.metrics.unknown(self.direction))
+    }
+
     /// Counts a request once, when its destination is known.
     fn count_request(&self, ctx: &mut RequestCtx) {
         if ctx.counted {
             return;
         }
         ctx.counted = true;
-        let labels = RequestLabels {
-            direction: self.direction,
-            dst_service: ctx.dst_service.to_string(),
-        };
-        self.shared.metrics.requests.get_or_create(&labels).inc();
+        self.telemetry(ctx).request();
     }
 }
 
@@ -404,7 +410,7 @@ impl ProxyHttp for MeshHttp {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
-            dst_service: Arc::from(""),
+            telemetry: None,
             upstream: None,
             upstream_h2: false,
             counted: false,
@@ -458,17 +464,11 @@ impl ProxyHttp for MeshHttp {
         let resolved = match self.resolve(session, ctx) {
             Ok(r) => r,
             Err(e) => {
-                if ctx.dst_service.is_empty() {
-                    ctx.dst_service = Arc::from(match self.direction {
-                        Direction::Outbound => "unknown",
-                        Direction::Inbound => INBOUND,
-                    });
-                }
                 self.count_request(ctx);
                 return Err(e);
             }
         };
-        ctx.dst_service = resolved.dst_service;
+        ctx.telemetry = Some(resolved.telemetry);
         self.count_request(ctx);
         ctx.upstream = Some(resolved.upstream);
         ctx.upstream_h2 = resolved.h2;
@@ -623,32 +623,13 @@ impl ProxyHttp for MeshHttp {
         } else {
             Classification::Success
         };
-        let dst_service = if ctx.dst_service.is_empty() {
-            "unknown"
-        } else {
-            &ctx.dst_service
-        };
-        let metrics = &self.shared.metrics;
-        let labels = RequestLabels {
-            direction: self.direction,
-            dst_service: dst_service.to_owned(),
-        };
+        let telemetry = self.telemetry(ctx);
         if !ctx.counted {
-            metrics.requests.get_or_create(&labels).inc();
+            telemetry.request();
         }
-        metrics
-            .latency
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        metrics
-            .responses
-            .get_or_create(&ResponseLabels {
-                direction: self.direction,
-                dst_service: labels.dst_service,
-                status_code: status,
-                classification,
-            })
-            .inc();
+        let attempts = ctx.decision.as_ref().map(Decision::attempts);
+        telemetry.response(status, classification, elapsed, attempts);
+        let dst_service = telemetry.label();
         let req = session.req_header();
         tracing::info!(
             target: "tandem::access",

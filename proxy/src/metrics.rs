@@ -1,15 +1,34 @@
 //! Prometheus metrics (prometheus-client), served at `/metrics`.
 //!
 //! Names: `tandem_requests_total`, `tandem_responses_total`, `tandem_response_latency_seconds`,
-//! `tandem_tcp_open_total`, `tandem_tcp_close_total`, `tandem_tcp_active`,
-//! `tandem_tcp_read_bytes_total`, `tandem_tcp_write_bytes_total`, `tandem_config_reloads_total`,
-//! `tandem_config_reload_errors_total`, `tandem_config_info`, `tandem_ready`.
+//! `tandem_request_attempts`, `tandem_tcp_open_total`, `tandem_tcp_close_total`,
+//! `tandem_tcp_active`, `tandem_tcp_read_bytes_total`, `tandem_tcp_write_bytes_total`,
+//! `tandem_config_reloads_total`, `tandem_config_reload_errors_total`, `tandem_config_info`,
+//! `tandem_ready`, and the resilience engine's (read from the active config at scrape time, see
+//! [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
+//! `tandem_ejections_total`, `tandem_active_ejections`, `tandem_panic_total`,
+//! `tandem_no_endpoints_total`, `tandem_overflows_total`.
+//!
+//! The request path never looks a series up in a family: a family's map sits behind a lock and
+//! its key is an owned label set. Instead each destination gets a [`ServiceTelemetry`] when the
+//! config is compiled, whose series are resolved once on first use and then touched with atomic
+//! adds only. Histograms are [`AtomicHistogram`]s for the same reason (prometheus-client's own
+//! histogram takes a write lock per observation).
+
+mod histogram;
+mod policy;
+mod service;
+
+pub use histogram::AtomicHistogram;
+pub use policy::policy_metrics;
+pub use service::{ConnectionTelemetry, ServiceTelemetry};
+
+use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 /// Which listener a connection came in on.
@@ -63,6 +82,32 @@ lower_case_label!(Direction, Outbound => "outbound", Inbound => "inbound");
 lower_case_label!(Classification, Success => "success", Failure => "failure");
 lower_case_label!(ConnProtocol, Http1 => "http1", Http2 => "http2", Tcp => "tcp");
 
+impl ConnProtocol {
+    /// Every protocol, in index order.
+    pub const ALL: [Self; 3] = [Self::Http1, Self::Http2, Self::Tcp];
+
+    fn index(self) -> usize {
+        match self {
+            Self::Http1 => 0,
+            Self::Http2 => 1,
+            Self::Tcp => 2,
+        }
+    }
+}
+
+impl Classification {
+    fn index(self) -> usize {
+        match self {
+            Self::Success => 0,
+            Self::Failure => 1,
+        }
+    }
+}
+
+/// `dst_service` of a connection that was not redirected, before its first request named a
+/// destination.
+const UNRESOLVED: &str = "unresolved";
+
 /// Labels of request counters and latency.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -112,25 +157,40 @@ pub struct ConfigInfoLabels {
     pub hash: String,
 }
 
+/// The families whose series are per destination, shared by every [`ServiceTelemetry`].
+#[derive(Clone)]
+pub(crate) struct Families {
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) responses: Family<ResponseLabels, Counter>,
+    pub(crate) latency: Family<RequestLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    pub(crate) attempts: Family<RequestLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    pub(crate) tcp_open: Family<TcpLabels, Counter>,
+    pub(crate) tcp_close: Family<TcpLabels, Counter>,
+    pub(crate) tcp_active: Family<TcpLabels, Gauge>,
+    pub(crate) tcp_read_bytes: Family<TcpLabels, Counter>,
+    pub(crate) tcp_write_bytes: Family<TcpLabels, Counter>,
+}
+
+impl Families {
+    fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(AtomicHistogram::latency),
+            attempts: Family::new_with_constructor(AtomicHistogram::attempts),
+            tcp_open: Family::default(),
+            tcp_close: Family::default(),
+            tcp_active: Family::default(),
+            tcp_read_bytes: Family::default(),
+            tcp_write_bytes: Family::default(),
+        }
+    }
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
-    /// Requests received.
-    pub requests: Family<RequestLabels, Counter>,
-    /// Responses sent (or failures).
-    pub responses: Family<ResponseLabels, Counter>,
-    /// Time from request start to the end of the response.
-    pub latency: Family<RequestLabels, Histogram>,
-    /// Connections accepted.
-    pub tcp_open: Family<TcpLabels, Counter>,
-    /// Connections closed.
-    pub tcp_close: Family<TcpLabels, Counter>,
-    /// Connections open now.
-    pub tcp_active: Family<TcpLabels, Gauge>,
-    /// Bytes read from clients.
-    pub tcp_read_bytes: Family<TcpLabels, Counter>,
-    /// Bytes written to clients.
-    pub tcp_write_bytes: Family<TcpLabels, Counter>,
+    families: Families,
     /// Config load attempts by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
     /// Config files refused.
@@ -139,72 +199,26 @@ pub struct Metrics {
     pub config_info: Family<ConfigInfoLabels, Gauge>,
     /// 1 when ready (listeners bound and a valid config loaded), else 0.
     pub ready: Gauge,
-}
-
-fn latency_histogram() -> Histogram {
-    // 0.1 ms to about 6.5 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+    /// Outbound traffic to a destination the config does not know.
+    pub passthrough: Arc<ServiceTelemetry>,
+    /// Outbound requests whose destination could not be resolved.
+    unknown: Arc<ServiceTelemetry>,
+    /// Inbound traffic.
+    pub inbound: Arc<ServiceTelemetry>,
+    /// Connections that were not redirected and had not yet said where they go, by direction.
+    unresolved: [Arc<ServiceTelemetry>; 2],
 }
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::default();
-        let responses = Family::default();
-        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        let tcp_open = Family::default();
-        let tcp_close = Family::default();
-        let tcp_active = Family::default();
-        let tcp_read_bytes = Family::default();
-        let tcp_write_bytes = Family::default();
+        let families = Families::new();
+        register_families(&mut registry, &families);
         let config_reloads = Family::default();
         let config_reload_errors = Counter::default();
         let config_info = Family::default();
         let ready = Gauge::default();
-        registry.register(
-            "tandem_requests",
-            "HTTP requests received",
-            requests.clone(),
-        );
-        registry.register(
-            "tandem_responses",
-            "HTTP responses by status and classification",
-            responses.clone(),
-        );
-        registry.register_with_unit(
-            "tandem_response_latency",
-            "Time from request to the end of the response",
-            Unit::Seconds,
-            latency.clone(),
-        );
-        registry.register(
-            "tandem_tcp_open",
-            "TCP connections accepted",
-            tcp_open.clone(),
-        );
-        registry.register(
-            "tandem_tcp_close",
-            "TCP connections closed",
-            tcp_close.clone(),
-        );
-        registry.register(
-            "tandem_tcp_active",
-            "TCP connections open",
-            tcp_active.clone(),
-        );
-        registry.register(
-            "tandem_tcp_read_bytes",
-            "Bytes read from clients over relayed TCP",
-            tcp_read_bytes.clone(),
-        );
-        registry.register(
-            "tandem_tcp_write_bytes",
-            "Bytes written to clients over relayed TCP",
-            tcp_write_bytes.clone(),
-        );
         registry.register(
             "tandem_config_reloads",
             "Config load attempts by result",
@@ -221,16 +235,23 @@ impl Metrics {
             config_info.clone(),
         );
         registry.register("tandem_ready", "1 when the proxy is ready", ready.clone());
+        let fixed = |direction, label: &str| {
+            Arc::new(ServiceTelemetry::new(
+                &families,
+                direction,
+                Arc::from(label),
+            ))
+        };
         Self {
+            passthrough: fixed(Direction::Outbound, crate::http::PASSTHROUGH),
+            unknown: fixed(Direction::Outbound, crate::http::UNKNOWN),
+            inbound: fixed(Direction::Inbound, crate::http::INBOUND),
+            unresolved: [
+                fixed(Direction::Outbound, UNRESOLVED),
+                fixed(Direction::Inbound, UNRESOLVED),
+            ],
             registry,
-            requests,
-            responses,
-            latency,
-            tcp_open,
-            tcp_close,
-            tcp_active,
-            tcp_read_bytes,
-            tcp_write_bytes,
+            families,
             config_reloads,
             config_reload_errors,
             config_info,
@@ -238,57 +259,96 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// The handles of one destination's series, for a compiled config to keep.
+    pub fn service(&self, direction: Direction, label: Arc<str>) -> Arc<ServiceTelemetry> {
+        Arc::new(ServiceTelemetry::new(&self.families, direction, label))
+    }
+
+    /// The handles of a request whose destination could not be resolved: `unknown` outbound;
+    /// inbound, every request is for the application.
+    pub fn unknown(&self, direction: Direction) -> &Arc<ServiceTelemetry> {
+        match direction {
+            Direction::Outbound => &self.unknown,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
+    /// The handles of connections whose destination is not known yet.
+    pub fn unresolved(&self, direction: Direction) -> &Arc<ServiceTelemetry> {
+        match direction {
+            Direction::Outbound => &self.unresolved[0],
+            Direction::Inbound => &self.unresolved[1],
+        }
+    }
+
+    /// The Prometheus text exposition of every metric, with the resilience engine's counters
+    /// of the active policies when there are any.
+    pub fn encode(&self, policies: Option<&crate::policy::PolicySet>) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        if let Some(policies) = policies {
+            let _ = prometheus_client::encoding::text::encode_registry(
+                &mut out,
+                &policy_metrics(policies),
+            );
+        }
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
+}
+
+fn register_families(registry: &mut Registry, f: &Families) {
+    registry.register(
+        "tandem_requests",
+        "HTTP requests received",
+        f.requests.clone(),
+    );
+    registry.register(
+        "tandem_responses",
+        "HTTP responses by status and classification",
+        f.responses.clone(),
+    );
+    registry.register_with_unit(
+        "tandem_response_latency",
+        "Time from request to the end of the response",
+        Unit::Seconds,
+        f.latency.clone(),
+    );
+    registry.register(
+        "tandem_request_attempts",
+        "Attempts (first try and retries) per request to a service with a policy",
+        f.attempts.clone(),
+    );
+    registry.register(
+        "tandem_tcp_open",
+        "TCP connections accepted",
+        f.tcp_open.clone(),
+    );
+    registry.register(
+        "tandem_tcp_close",
+        "TCP connections closed",
+        f.tcp_close.clone(),
+    );
+    registry.register(
+        "tandem_tcp_active",
+        "TCP connections open",
+        f.tcp_active.clone(),
+    );
+    registry.register(
+        "tandem_tcp_read_bytes",
+        "Bytes read from clients over relayed TCP",
+        f.tcp_read_bytes.clone(),
+    );
+    registry.register(
+        "tandem_tcp_write_bytes",
+        "Bytes written to clients over relayed TCP",
+        f.tcp_write_bytes.clone(),
+    );
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Keeps a connection counted as open; counts it closed when dropped.
-pub struct ConnectionTelemetry {
-    read: Counter,
-    write: Counter,
-    active: Gauge,
-    close: Counter,
-}
-
-impl ConnectionTelemetry {
-    /// Counts a connection opened.
-    pub fn open(metrics: &Metrics, labels: &TcpLabels) -> Self {
-        metrics.tcp_open.get_or_create(labels).inc();
-        let active = metrics.tcp_active.get_or_create(labels).clone();
-        active.inc();
-        Self {
-            read: metrics.tcp_read_bytes.get_or_create(labels).clone(),
-            write: metrics.tcp_write_bytes.get_or_create(labels).clone(),
-            close: metrics.tcp_close.get_or_create(labels).clone(),
-            active,
-        }
-    }
-
-    /// Counts bytes read from the client.
-    pub fn from_client(&self, n: u64) {
-        self.read.inc_by(n);
-    }
-
-    /// Counts bytes written to the client.
-    pub fn to_client(&self, n: u64) {
-        self.write.inc_by(n);
-    }
-}
-
-impl Drop for ConnectionTelemetry {
-    fn drop(&mut self) {
-        self.close.inc();
-        self.active.dec();
     }
 }

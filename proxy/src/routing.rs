@@ -12,11 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tandem_crds::contract::{Protocol, ProxyConfig};
 
+use crate::metrics::{Direction, Metrics, ServiceTelemetry};
+
 /// One port of one service, ready to be balanced over.
 #[derive(Debug)]
 pub struct ServiceTarget {
-    /// `namespace/name`, the `dst_service` label in metrics and logs.
-    pub label: Arc<str>,
+    /// Its metric series; `telemetry.label()` is `namespace/name`, the `dst_service` label in
+    /// metrics and logs.
+    pub telemetry: Arc<ServiceTelemetry>,
     /// The port clients connect to.
     pub port: u16,
     /// The declared protocol; anything but `detect` turns detection off.
@@ -44,14 +47,15 @@ pub struct Destinations {
 }
 
 impl Destinations {
-    /// Builds the lookup table for a config.
-    pub fn compile(config: &ProxyConfig) -> Self {
+    /// Builds the lookup table for a config, with each service's metric handles.
+    pub fn compile(config: &ProxyConfig, metrics: &Metrics) -> Self {
         let mut by_addr = HashMap::new();
         for service in &config.services {
-            let label: Arc<str> = Arc::from(service.key().to_string());
+            let telemetry =
+                metrics.service(Direction::Outbound, Arc::from(service.key().to_string()));
             for port in &service.ports {
                 let target = Arc::new(ServiceTarget {
-                    label: label.clone(),
+                    telemetry: telemetry.clone(),
                     port: port.port,
                     protocol: port.protocol,
                     endpoints: port.endpoints.iter().map(|e| e.address).collect(),
@@ -117,7 +121,7 @@ mod tests {
 
     #[test]
     fn endpoints_are_taken_in_turn() {
-        let d = Destinations::compile(&config());
+        let d = Destinations::compile(&config(), &Metrics::new());
         let t = d.lookup("10.96.0.10:80".parse().unwrap()).unwrap();
         let picks: Vec<_> = (0..4).map(|_| t.pick().unwrap().to_string()).collect();
         assert_eq!(
@@ -129,12 +133,12 @@ mod tests {
                 "10.0.0.2:8080"
             ]
         );
-        assert_eq!(&*t.label, "shop/web");
+        assert_eq!(t.telemetry.label(), "shop/web");
     }
 
     #[test]
     fn unknown_addresses_and_ports_are_not_services() {
-        let d = Destinations::compile(&config());
+        let d = Destinations::compile(&config(), &Metrics::new());
         assert!(d.lookup("10.96.0.10:81".parse().unwrap()).is_none());
         assert!(d.lookup("10.96.0.11:80".parse().unwrap()).is_none());
     }
@@ -143,7 +147,7 @@ mod tests {
     fn a_service_without_endpoints_picks_none() {
         let mut c = config();
         c.services[0].ports[0].endpoints.clear();
-        let d = Destinations::compile(&c);
+        let d = Destinations::compile(&c, &Metrics::new());
         assert!(
             d.lookup("10.96.0.10:80".parse().unwrap())
                 .unwrap()

@@ -84,6 +84,29 @@ async fn a_failed_get_is_retried_on_another_endpoint() {
     // Every attempt that reached the bad endpoint was retried once, on the good one.
     assert!(bad.requests() >= 1);
     assert_eq!(good.requests(), 10);
+
+    // The retries are in /metrics: as a counter, and as requests that took two attempts.
+    let (_, metrics) = proxy.admin("/metrics").await;
+    let retried = bad.requests();
+    assert!(
+        metrics.contains(&format!(
+            "tandem_retries_total{{dst_service=\"test/web\"}} {retried}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "tandem_request_attempts_bucket{{le=\"1.0\",direction=\"outbound\",dst_service=\"test/web\"}} {}\n",
+            10 - retried
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "tandem_request_attempts_count{direction=\"outbound\",dst_service=\"test/web\"} 10\n"
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,6 +176,13 @@ async fn ejection_after_consecutive_5xx_shows_at_config_and_the_endpoint_returns
     let dest = &config["policies"]["destinations"][0];
     assert_eq!(dest["activeEjections"], 1, "{dest}");
     assert_eq!(dest["endpoints"][0]["state"], "ejected");
+    let (_, metrics) = proxy.admin("/metrics").await;
+    for line in [
+        "tandem_ejections_total{dst_service=\"test/web\",port=\"80\"} 1\n",
+        "tandem_active_ejections{dst_service=\"test/web\",port=\"80\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     for _ in 0..10 {
         assert_eq!(send(&proxy, "GET", b"").await.status, 200);
     }

@@ -1,6 +1,6 @@
 //! Installing Tandem into a local control plane the way a user would: the CRDs, the RBAC and
-//! the webhook configuration from `manifests/`, then the webhook (and, once it exists, the
-//! operator) as local processes that authenticate with their own ServiceAccounts' tokens.
+//! the webhook configuration from `manifests/`, then the webhook and the operator as local
+//! processes that authenticate with their own ServiceAccounts' tokens.
 //!
 //! The one change to the manifests is where the apiserver finds the webhook: the
 //! MutatingWebhookConfiguration's `clientConfig.service` becomes
@@ -337,16 +337,72 @@ fn target_dir() -> Result<PathBuf> {
 /// Tandem installed into a control plane, its processes running. Dropping it stops them.
 #[derive(Debug)]
 pub struct Tandem {
-    webhook: Supervised,
+    webhook: Component,
     webhook_addr: SocketAddr,
+    operator: Component,
+    operator_addr: SocketAddr,
     crds: Vec<InstalledCrd>,
     dir: tempfile::TempDir,
 }
 
+/// One of Tandem's processes, with what it takes to start it again as it was. Its
+/// ServiceAccount in `tandem-system` has its name, as in `manifests/`.
+#[derive(Debug)]
+struct Component {
+    name: &'static str,
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    process: Supervised,
+}
+
+impl Component {
+    async fn start(
+        cluster: &ControlPlane,
+        name: &'static str,
+        binary: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        dir: &Path,
+    ) -> Result<Self> {
+        let process = spawn_component(cluster, name, &binary, &args, &env, dir).await?;
+        Ok(Self {
+            name,
+            binary,
+            args,
+            env,
+            process,
+        })
+    }
+
+    /// Stops the process (SIGTERM, as a rollout does) and starts it again with a fresh token.
+    async fn restart(&mut self, cluster: &ControlPlane, dir: &Path) -> Result<()> {
+        self.process.stop();
+        self.process =
+            spawn_component(cluster, self.name, &self.binary, &self.args, &self.env, dir).await?;
+        Ok(())
+    }
+}
+
+async fn spawn_component(
+    cluster: &ControlPlane,
+    name: &str,
+    binary: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+) -> Result<Supervised> {
+    let mut cmd = Command::new(binary);
+    cmd.args(args);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    spawn_as_service_account(cluster, names::SYSTEM_NAMESPACE, name, name, cmd, dir).await
+}
+
 impl Tandem {
-    /// Installs the CRDs, the RBAC and the webhook configuration, then starts the webhook
-    /// with its own ServiceAccount's credentials and a serving certificate for 127.0.0.1,
-    /// and waits until it accepts connections.
+    /// Installs the CRDs, the RBAC and the webhook configuration; starts the webhook with its
+    /// own ServiceAccount's credentials and a serving certificate for 127.0.0.1, and the
+    /// operator with its own; and waits until the webhook accepts connections and the
+    /// operator's caches are synced (`/readyz`).
     pub async fn install(cluster: &ControlPlane) -> Result<Self> {
         let client = cluster.client();
         let crds = install_crds(&client).await?;
@@ -374,28 +430,50 @@ impl Tandem {
         let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         write(&cert_path, &cert.cert_pem)?;
         write(&key_path, &cert.key_pem)?;
-        let binary = workspace_binary("tandem-webhook", "tandem-webhook")?;
-        let mut cmd = Command::new(binary);
-        cmd.args([
+        let webhook_args = vec![
             format!("--listen={webhook_addr}"),
             format!("--tls-cert={}", cert_path.display()),
             format!("--tls-key={}", key_path.display()),
             format!("--proxy-image={PROXY_IMAGE}"),
             "--image-pull-policy=IfNotPresent".to_owned(),
-        ]);
-        let mut webhook = spawn_as_service_account(
+        ];
+        let mut webhook = Component::start(
             cluster,
-            names::SYSTEM_NAMESPACE,
             "tandem-webhook",
-            "tandem-webhook",
-            cmd,
+            workspace_binary("tandem-webhook", "tandem-webhook")?,
+            webhook_args,
+            Vec::new(),
             dir.path(),
         )
         .await?;
-        wait_listening(&mut webhook, webhook_addr).await?;
+
+        // The Deployment's settings (manifests/operator/deployment.yaml), on loopback.
+        let operator_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let operator_env = [
+            ("POD_NAME", "tandem-operator-local"),
+            ("POD_NAMESPACE", names::SYSTEM_NAMESPACE),
+            ("TANDEM_LOG_FORMAT", "text"),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let mut operator = Component::start(
+            cluster,
+            "tandem-operator",
+            workspace_binary("tandem-operator", "tandem-operator")?,
+            vec![format!("--http-addr={operator_addr}")],
+            operator_env,
+            dir.path(),
+        )
+        .await?;
+        wait_listening(&mut webhook.process, webhook_addr).await?;
+        wait_ready(&mut operator.process, operator_addr).await?;
         Ok(Self {
             webhook,
             webhook_addr,
+            operator,
+            operator_addr,
             crds,
             dir,
         })
@@ -404,6 +482,11 @@ impl Tandem {
     /// Where the webhook listens.
     pub fn webhook_addr(&self) -> SocketAddr {
         self.webhook_addr
+    }
+
+    /// Where the operator serves `/healthz`, `/readyz` and `/metrics`.
+    pub fn operator_addr(&self) -> SocketAddr {
+        self.operator_addr
     }
 
     /// The policy CRDs, as served.
@@ -416,9 +499,37 @@ impl Tandem {
         self.dir.path()
     }
 
-    /// Fails with its log's tail if the webhook has exited.
+    /// Fails with its log's tail if the webhook or the operator has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
-        self.webhook.ensure_running()
+        self.webhook.process.ensure_running()?;
+        self.operator.process.ensure_running()
+    }
+
+    /// Stops the webhook (SIGTERM) and starts it again; returns once it accepts connections.
+    pub async fn restart_webhook(&mut self, cluster: &ControlPlane) -> Result<()> {
+        self.webhook.restart(cluster, self.dir.path()).await?;
+        wait_listening(&mut self.webhook.process, self.webhook_addr).await
+    }
+
+    /// Stops the operator (SIGTERM: it releases its Lease) and starts it again; returns once
+    /// its caches are synced.
+    pub async fn restart_operator(&mut self, cluster: &ControlPlane) -> Result<()> {
+        self.operator.restart(cluster, self.dir.path()).await?;
+        wait_ready(&mut self.operator.process, self.operator_addr).await
+    }
+
+    /// The end of the webhook's and the operator's logs, for failure messages.
+    pub fn log_tails(&self) -> String {
+        [&self.webhook, &self.operator]
+            .iter()
+            .map(|c| {
+                format!(
+                    "--- {}\n{}\n",
+                    c.name,
+                    crate::process::log_tail(c.process.log())
+                )
+            })
+            .collect()
     }
 }
 
@@ -477,6 +588,48 @@ async fn wait_listening(process: &mut Supervised, addr: SocketAddr) -> Result<()
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `GET /readyz` on `addr` answers 200 (the operator's caches are synced).
+async fn wait_ready(process: &mut Supervised, addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        process.ensure_running()?;
+        let last = match http_status(addr, "/readyz").await {
+            Ok(200) => return Ok(()),
+            Ok(status) => format!("status {status}"),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("http://{addr}/readyz to answer 200"),
+                seconds: 60,
+                detail: Some(last),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The status code of `GET path` on `addr` (HTTP/1.0, so the server closes the connection).
+pub async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = [0_u8; 64];
+        let n = stream.read(&mut head).await?;
+        let text = String::from_utf8_lossy(&head[..n]);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| std::io::Error::other(format!("no answer from {addr} within 2 s")))?
 }
 
 fn write(path: &Path, contents: &str) -> Result<()> {

@@ -52,7 +52,9 @@ pub struct CircuitBreakerPolicySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPool {
-    /// Most open connections to the Service's endpoints. Default 1024.
+    /// Most connections in use to the Service's endpoints: each HTTP/1.1 request in flight holds
+    /// one; an HTTP/2 (h2c, gRPC) port's connection carries up to 100 requests at once. Idle
+    /// kept-alive connections are not counted. Default 1024.
     #[serde(default = "default_limit")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_connections: i32,

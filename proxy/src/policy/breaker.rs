@@ -72,16 +72,25 @@ impl Overflow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolLimits {
     limits: [u32; 4],
+    /// Attempts one upstream connection carries at once: 1 for HTTP/1.1, the stream limit for
+    /// HTTP/2.
+    streams_per_connection: u32,
 }
+
+/// Streams one upstream HTTP/2 connection carries at once (at or below what servers commonly
+/// advertise, Pingora's own h2 server: 100, so streams never queue in the pool).
+pub const STREAMS_PER_H2_CONNECTION: u32 = 100;
 
 impl PoolLimits {
     /// No limits.
     pub const UNLIMITED: Self = Self {
         limits: [u32::MAX; 4],
+        streams_per_connection: 1,
     };
 
-    /// The limits a service's config sets.
-    pub fn new(pool: Option<&contract::ConnectionPool>) -> Self {
+    /// The limits a service's config sets, for a port whose upstream connections carry
+    /// `streams_per_connection` attempts at once.
+    pub fn new(pool: Option<&contract::ConnectionPool>, streams_per_connection: u32) -> Self {
         pool.map_or(Self::UNLIMITED, |p| Self {
             limits: [
                 p.max_connections,
@@ -89,12 +98,27 @@ impl PoolLimits {
                 p.max_requests,
                 p.max_retries,
             ],
+            streams_per_connection: streams_per_connection.max(1),
         })
     }
 
-    /// The limit of one kind.
+    /// The configured limit of one kind.
     pub fn limit(&self, kind: Overflow) -> u32 {
         self.limits[kind.index()]
+    }
+
+    /// How many slots of `kind` may be taken at once. Connection slots are taken per attempt
+    /// in flight (Pingora owns the upstream pool and does not report a connection's close), so
+    /// `maxConnections` admits as many attempts as that many connections carry: one each over
+    /// HTTP/1.1, [`STREAMS_PER_H2_CONNECTION`] each over HTTP/2. Idle kept-alive connections
+    /// carry nothing and are bounded by the pool's size instead.
+    pub fn admits(&self, kind: Overflow) -> u32 {
+        match kind {
+            Overflow::MaxConnections => {
+                self.limit(kind).saturating_mul(self.streams_per_connection)
+            }
+            _ => self.limit(kind),
+        }
     }
 }
 
@@ -120,7 +144,7 @@ impl BreakerStats {
         kind: Overflow,
         limits: &PoolLimits,
     ) -> Result<PoolGuard, Overflow> {
-        let limit = limits.limit(kind);
+        let limit = limits.admits(kind);
         let taken =
             self.in_use[kind.index()].fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then(|| n + 1)
@@ -397,12 +421,15 @@ mod tests {
     #[test]
     fn pool_limit_fails_fast_and_frees_its_slot_on_drop() {
         let stats = Arc::new(BreakerStats::default());
-        let limits = PoolLimits::new(Some(&contract::ConnectionPool {
-            max_connections: 10,
-            max_pending_requests: 10,
-            max_requests: 2,
-            max_retries: 1,
-        }));
+        let limits = PoolLimits::new(
+            Some(&contract::ConnectionPool {
+                max_connections: 10,
+                max_pending_requests: 10,
+                max_requests: 2,
+                max_retries: 1,
+            }),
+            1,
+        );
         let a = stats.try_acquire(Overflow::MaxRequests, &limits).unwrap();
         let _b = stats.try_acquire(Overflow::MaxRequests, &limits).unwrap();
         let refused = stats
@@ -418,12 +445,15 @@ mod tests {
     #[test]
     fn a_max_retries_of_zero_refuses_every_retry() {
         let stats = Arc::new(BreakerStats::default());
-        let limits = PoolLimits::new(Some(&contract::ConnectionPool {
-            max_connections: 1,
-            max_pending_requests: 1,
-            max_requests: 1,
-            max_retries: 0,
-        }));
+        let limits = PoolLimits::new(
+            Some(&contract::ConnectionPool {
+                max_connections: 1,
+                max_pending_requests: 1,
+                max_requests: 1,
+                max_retries: 0,
+            }),
+            1,
+        );
         assert_eq!(
             stats
                 .try_acquire(Overflow::MaxRetries, &limits)

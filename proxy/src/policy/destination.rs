@@ -15,7 +15,9 @@ use tandem_crds::contract::{self, LoadBalancer, ServiceRef};
 
 use super::Refusal;
 use super::balance;
-use super::breaker::{BreakerStats, OutlierDetection, Overflow, PoolGuard, PoolLimits};
+use super::breaker::{
+    BreakerStats, OutlierDetection, Overflow, PoolGuard, PoolLimits, STREAMS_PER_H2_CONNECTION,
+};
 use super::endpoint::{Availability, EndpointSnapshot, EndpointState};
 use super::outcome::Outcome;
 use super::sources::{Nanos, Sources};
@@ -56,6 +58,9 @@ pub struct Attempt {
     started: Nanos,
     /// Held until a connection is ready (`maxPendingRequests`).
     pending: Option<PoolGuard>,
+    /// The share of an upstream connection the attempt occupies (`maxConnections`), held
+    /// until the attempt ends.
+    _connection: PoolGuard,
     finished: bool,
 }
 
@@ -140,7 +145,15 @@ impl Destination {
             algorithm: service.load_balancer,
             endpoints,
             meshed: port.endpoints.iter().map(|e| e.meshed).collect(),
-            limits: PoolLimits::new(breaker.and_then(|b| b.connection_pool.as_ref())),
+            limits: PoolLimits::new(
+                breaker.and_then(|b| b.connection_pool.as_ref()),
+                match port.protocol {
+                    contract::Protocol::Http2 | contract::Protocol::Grpc => {
+                        STREAMS_PER_H2_CONNECTION
+                    }
+                    _ => 1,
+                },
+            ),
             outlier,
             shared: previous.map_or_else(Arc::default, |p| Arc::clone(&p.shared)),
             sources: sources.clone(),
@@ -167,10 +180,9 @@ impl Destination {
         &self.shared.stats
     }
 
-    /// Takes a connection-pool slot of `kind`. The request path takes `maxRequests` and
-    /// `maxPendingRequests` through [`Policy::select`](super::Policy::select); the connection
-    /// layer takes `maxConnections` for each upstream connection it opens and holds the guard
-    /// as long as the connection lives.
+    /// Takes a connection-pool slot of `kind`. The request path takes `maxRequests` through
+    /// [`Policy::select`](super::Policy::select), and each attempt `maxConnections` and
+    /// `maxPendingRequests` through [`Destination::pick`].
     pub fn try_acquire(&self, kind: Overflow) -> Result<PoolGuard, Overflow> {
         self.shared.stats.try_acquire(kind, &self.limits)
     }
@@ -186,6 +198,9 @@ impl Destination {
             self.shared.stats.count_no_endpoints();
             return Err(Refusal::NoEndpoints);
         }
+        let connection = self
+            .try_acquire(Overflow::MaxConnections)
+            .map_err(Refusal::Overflow)?;
         let pending = self
             .try_acquire(Overflow::MaxPendingRequests)
             .map_err(Refusal::Overflow)?;
@@ -213,6 +228,7 @@ impl Destination {
             panic: pick.panic,
             started: now,
             pending: Some(pending),
+            _connection: connection,
             finished: false,
         })
     }

@@ -51,7 +51,7 @@ use http::request::Parts;
 use serde::Serialize;
 use tandem_crds::contract::{self, ProxyConfig, ServiceRef};
 
-pub use breaker::{OVERFLOW_HEADER, Overflow};
+pub use breaker::{OVERFLOW_HEADER, Overflow, STREAMS_PER_H2_CONNECTION};
 pub use budget::RetryBudget;
 pub use decision::{Decision, RetryDecision};
 pub use destination::{Attempt, Destination, DestinationSnapshot};

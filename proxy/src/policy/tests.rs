@@ -7,8 +7,8 @@ use std::time::Duration;
 use http::request::Parts;
 use tandem_crds::contract::{
     Backend, CircuitBreaker, ConnectionPool, Endpoint, LoadBalancer, OutlierDetection, PathMatch,
-    ProxyConfig, RequestMatch, Retries, RetryBudget as BudgetConfig, RetryOn, Route, Service,
-    ServicePort, ServiceRef, Workload,
+    Protocol, ProxyConfig, RequestMatch, Retries, RetryBudget as BudgetConfig, RetryOn, Route,
+    Service, ServicePort, ServiceRef, Workload,
 };
 
 use super::sources::{ManualClock, SeededRandom};
@@ -423,6 +423,58 @@ fn pending_requests_are_limited_until_their_connection_is_ready() {
         ("x-tandem-overflow", "max-pending-requests")
     );
     a.on_connected();
+    assert!(p.select(80, &get("/")).is_ok());
+}
+
+fn pooled(name: &str, protocol: Protocol, max_connections: u32) -> Service {
+    let mut svc = service(name, 1, &[1, 3]);
+    svc.ports[0].protocol = protocol;
+    svc.circuit_breaker = Some(CircuitBreaker {
+        connection_pool: Some(ConnectionPool {
+            max_connections,
+            max_pending_requests: 1_000,
+            max_requests: 1_000,
+            max_retries: 1,
+        }),
+        outlier_detection: None,
+    });
+    svc
+}
+
+#[test]
+fn http1_attempts_in_flight_are_capped_by_max_connections_one_connection_each() {
+    let h = Harness::new();
+    let set = h.build(&config(vec![pooled("cart", Protocol::Http, 2)]), None);
+    let p = policy(&set, "cart");
+    let mut a = p.select(80, &get("/")).unwrap();
+    let mut b = p.select(80, &get("/")).unwrap();
+    // Connected or not, an attempt in flight holds its connection.
+    a.on_connected();
+    b.on_connected();
+    assert_eq!(
+        p.select(80, &get("/")).unwrap_err().header(),
+        ("x-tandem-overflow", "max-connections")
+    );
+    drop(a);
+    assert!(p.select(80, &get("/")).is_ok());
+    let snap = set.snapshot();
+    assert_eq!(snap.destinations[0].overflows_total["max-connections"], 1);
+    assert_eq!(snap.destinations[0].limits["max-connections"], 2);
+}
+
+#[test]
+fn an_http2_connection_counts_for_as_many_attempts_as_it_carries_streams() {
+    let h = Harness::new();
+    let set = h.build(&config(vec![pooled("grpc", Protocol::Grpc, 1)]), None);
+    let p = policy(&set, "grpc");
+    let streams: Vec<_> = (0..STREAMS_PER_H2_CONNECTION)
+        .map(|_| p.select(80, &get("/")).unwrap())
+        .collect();
+    assert_eq!(
+        p.select(80, &get("/")).unwrap_err().header(),
+        ("x-tandem-overflow", "max-connections")
+    );
+    drop(streams);
     assert!(p.select(80, &get("/")).is_ok());
 }
 

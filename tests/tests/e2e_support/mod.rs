@@ -6,23 +6,20 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use base64::Engine as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::GroupVersionKind;
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
-use serde_json::json;
-use tandem_crds::contract::{ProxyConfig, Workload};
+use tandem_crds::contract::ProxyConfig;
+use tandem_tests::install::Tandem;
 use tandem_tests::node::{Image, Images, NodeAgent, NodeOptions};
-use tandem_tests::process::{Supervised, free_port};
 use tandem_tests::{ControlPlane, ControlPlaneOptions};
 
 /// The proxy image the webhook injects and the node maps to the built `tandem-proxy`.
-pub const PROXY_IMAGE: &str = "tandem-proxy:dev";
+pub const PROXY_IMAGE: &str = tandem_tests::install::PROXY_IMAGE;
 /// The test app's image.
 pub const TESTAPP_IMAGE: &str = "tandem-testapp:dev";
 
@@ -45,10 +42,10 @@ fn workspace_binary(env: &str, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A control plane, the webhook installed, and a node.
+/// A control plane, Tandem installed (webhook and operator), and a node.
 pub struct Mesh {
     pub node: NodeAgent,
-    pub webhook: Supervised,
+    pub tandem: Tandem,
     pub cluster: ControlPlane,
     pub dir: tempfile::TempDir,
 }
@@ -56,46 +53,24 @@ pub struct Mesh {
 impl Mesh {
     /// Starts everything. Needs root (fails, never skips, without it).
     pub async fn start() -> anyhow::Result<Self> {
+        // The kube clients' connection errors while scenario f restarts the apiserver are
+        // expected; RUST_LOG shows them when wanted.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,kube=warn,kube_client=off,tandem_tests::node=warn",
+            )
+        });
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("info,kube=warn")
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
         tandem_tests::node::net::require_root()?;
         let proxy = workspace_binary("TANDEM_PROXY_BIN", "tandem-proxy")?;
-        let webhook_bin = workspace_binary("TANDEM_WEBHOOK_BIN", "tandem-webhook")?;
         let cluster = ControlPlane::start(ControlPlaneOptions::default()).await?;
         let dir = tempfile::Builder::new().prefix("tandem-e2e-").tempdir()?;
-
-        // The webhook, serving on loopback with a certificate the cluster CA signed.
-        let cert = cluster.loopback_serving_cert("tandem-webhook")?;
-        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&cert_path, &cert.cert_pem)?;
-        std::fs::write(&key_path, &cert.key_pem)?;
-        let port = free_port()?;
-        let mut command = Command::new(webhook_bin);
-        command.args([
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--tls-cert={}", cert_path.display()),
-            format!("--tls-key={}", key_path.display()),
-            format!("--proxy-image={PROXY_IMAGE}"),
-        ]);
-        let webhook =
-            Supervised::spawn("tandem-webhook", command, &dir.path().join("webhook.log"))?;
-        let ca = base64::engine::general_purpose::STANDARD.encode(cluster.ca_pem());
-        let webhook_config = json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "tandem-webhook"},
-            "webhooks": [
-                webhook_entry("namespace.inject.tandem.dev", port, &ca,
-                    json!({"matchLabels": {"tandem.dev/inject": "enabled"}}),
-                    json!({})),
-                webhook_entry("pod.inject.tandem.dev", port, &ca,
-                    json!({"matchExpressions": [{"key": "tandem.dev/inject", "operator": "NotIn", "values": ["enabled"]}]}),
-                    json!({"matchLabels": {"tandem.dev/inject": "enabled"}})),
-            ]
-        });
-        apply_value(&cluster.client(), &webhook_config).await?;
+        // Tandem as a user installs it: CRDs, RBAC, the webhook configuration from
+        // manifests/, the webhook and the operator under their own ServiceAccounts.
+        let tandem = Tandem::install(&cluster).await?;
 
         let mut images = BTreeMap::new();
         images.insert(
@@ -132,7 +107,7 @@ impl Mesh {
         .await?;
         Ok(Self {
             node,
-            webhook,
+            tandem,
             cluster,
             dir,
         })
@@ -140,7 +115,7 @@ impl Mesh {
 
     /// The tail of every container log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
+        let mut out = self.tandem.log_tails();
         let dir = self.dir.path().join("node/logs");
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let tail = tandem_tests::process::log_tail(&entry.path());
@@ -175,25 +150,6 @@ impl Mesh {
             }
         }
         Ok(())
-    }
-
-    /// Writes the proxy config ConfigMap of a ServiceAccount with no governed services (every
-    /// destination passes through): what the operator writes for a workload no policy names.
-    pub async fn write_passthrough_config(
-        &self,
-        namespace: &str,
-        service_account: &str,
-    ) -> anyhow::Result<()> {
-        let config = ProxyConfig::new(Workload {
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        });
-        let cm = json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": tandem_crds::names::config_map_name(service_account), "namespace": namespace},
-            "data": {tandem_crds::names::CONFIG_KEY: config.to_json()}
-        });
-        apply_value(&self.client(), &cm).await
     }
 
     /// Waits until `count` pods matching `selector` in `namespace` are Ready; returns them.
@@ -260,27 +216,189 @@ impl Mesh {
         self.get(pod, tandem_crds::names::ADMIN_PORT, "/metrics")
             .await
     }
+
+    /// A proxy's `/config` (admin port 15020): what it loaded, and its policies' state.
+    pub async fn proxy_admin_config(&self, pod: &Pod) -> anyhow::Result<serde_json::Value> {
+        let body = self
+            .get(pod, tandem_crds::names::ADMIN_PORT, "/config")
+            .await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The proxy config a proxy has loaded, if any.
+    pub async fn proxy_loaded(&self, pod: &Pod) -> anyhow::Result<Option<ProxyConfig>> {
+        let admin = self.proxy_admin_config(pod).await?;
+        if admin["config"].is_null() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_value(admin["config"].clone())?))
+    }
+
+    /// The proxy config the operator wrote for a ServiceAccount, if any.
+    pub async fn operator_config(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<Option<ProxyConfig>> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client(), namespace);
+        let Some(cm) = api
+            .get_opt(&tandem_crds::names::config_map_name(service_account))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let json = cm
+            .data
+            .unwrap_or_default()
+            .remove(tandem_crds::names::CONFIG_KEY)
+            .context("ConfigMap without the config key")?;
+        Ok(Some(serde_json::from_str(&json)?))
+    }
+
+    /// Asks a `tandem-testapp client` pod for a burst: see [`burst`].
+    pub async fn burst(
+        &self,
+        client: &Pod,
+        target: &str,
+        n: u64,
+        concurrency: u64,
+        rps: Option<u32>,
+    ) -> anyhow::Result<ClientStats> {
+        burst(&self.node, client, target, n, concurrency, rps).await
+    }
+
+    /// What a `tandem-testapp client` pod's background traffic observed since the last reset.
+    pub async fn client_stats(&self, client: &Pod, reset: bool) -> anyhow::Result<ClientStats> {
+        let path = if reset { "/stats?reset=1" } else { "/stats" };
+        Ok(serde_json::from_str(&self.get(client, 9090, path).await?)?)
+    }
+
+    /// A Service's cluster IP.
+    pub async fn cluster_ip(&self, namespace: &str, name: &str) -> anyhow::Result<String> {
+        let api: Api<Service> = Api::namespaced(self.client(), namespace);
+        api.get(name)
+            .await?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .context("Service without a cluster IP")
+    }
+
+    /// A policy condition as (status, reason, message): `plural` is `trafficpolicies` or
+    /// `circuitbreakerpolicies`.
+    pub async fn policy_condition(
+        &self,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        type_: &str,
+    ) -> anyhow::Result<Option<(String, String, String)>> {
+        let kind = match plural {
+            "trafficpolicies" => "TrafficPolicy",
+            _ => "CircuitBreakerPolicy",
+        };
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("tandem.dev", "v1alpha1", kind),
+            plural,
+        );
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client(), namespace, &resource);
+        let Some(object) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        let conditions = object.data["status"]["conditions"].clone();
+        Ok(conditions.as_array().into_iter().flatten().find_map(|c| {
+            (c["type"] == type_).then(|| {
+                let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                (text("status"), text("reason"), text("message"))
+            })
+        }))
+    }
 }
 
-fn webhook_entry(
-    name: &str,
-    port: u16,
-    ca: &str,
-    namespace_selector: serde_json::Value,
-    object_selector: serde_json::Value,
-) -> serde_json::Value {
-    json!({
-        "name": name,
-        "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate"), "caBundle": ca},
-        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-        "namespaceSelector": namespace_selector,
-        "objectSelector": object_selector,
-        "sideEffects": "None",
-        "admissionReviewVersions": ["v1"],
-        "failurePolicy": "Fail",
-        "reinvocationPolicy": "IfNeeded",
-        "timeoutSeconds": 10
-    })
+/// Asks a `tandem-testapp client` pod for a burst of exactly `n` requests to `target`
+/// (`concurrency` at once, paced at `rps` if given) and returns what they observed.
+pub async fn burst(
+    node: &NodeAgent,
+    client: &Pod,
+    target: &str,
+    n: u64,
+    concurrency: u64,
+    rps: Option<u32>,
+) -> anyhow::Result<ClientStats> {
+    let ip = pod_ip(client)?;
+    let mut path = format!("/burst?n={n}&concurrency={concurrency}&target={target}");
+    if let Some(rps) = rps {
+        path.push_str(&format!("&rps={rps}"));
+    }
+    // The burst answers when its last request is done: the pacing, plus 5 ms a request (slow
+    // debug builds on a shared machine), plus slack; each request is limited to 5 s anyway.
+    let paced = rps.map_or(0, |r| n / u64::from(r.max(1)));
+    let limit = Duration::from_secs(30 + paced + 5 * n / concurrency.max(1) / 1000);
+    let response = tandem_tests::node::net::http_get_in(
+        &node.netns(),
+        SocketAddr::from((ip, 9090)),
+        &path,
+        limit,
+    )
+    .await?;
+    if response.status != 200 {
+        bail!("burst {path}: {} {}", response.status, response.body);
+    }
+    Ok(serde_json::from_str(&response.body)?)
+}
+
+/// What `tandem-testapp client` reports (`/stats`, `/burst`).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct ClientStats {
+    pub seconds: f64,
+    pub total: u64,
+    pub ok: u64,
+    pub by_status: BTreeMap<String, u64>,
+    pub by_body: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl ClientStats {
+    /// Successful responses, as a fraction of all.
+    pub fn success_rate(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        self.ok as f64 / self.total as f64
+    }
+
+    /// Responses whose body was `body`, as a fraction of all.
+    pub fn share(&self, body: &str) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        self.by_body.get(body).copied().unwrap_or(0) as f64 / self.total as f64
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, at most `timeout`; returns the value
+/// and how long it took. Errors of `check` count as "not yet" (the last one is reported).
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<(T, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let started = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(Some(value)) => return Ok((value, started.elapsed())),
+            Ok(None) => "not yet".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        if started.elapsed() > timeout {
+            bail!("{what}: not within {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Server-side applies one object of any kind.
