@@ -440,7 +440,11 @@ async fn the_operator_rides_out_an_apiserver_outage_and_converges_after_it() {
         || async { operator.metric("tandem_operator_leader").await == 0.0 },
     )
     .await;
-    assert!(operator.metric("tandem_operator_watch_errors_total").await >= 1.0);
+    // The apiserver closes its watches last, as it exits: then they fail and are retried.
+    eventually("the watches fail and are retried", || async {
+        operator.metric("tandem_operator_watch_errors_total").await >= 1.0
+    })
+    .await;
     operator.process.ensure_running().unwrap();
     assert_eq!(operator.status_of("/healthz").await, Some(200));
 
