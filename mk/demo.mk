@@ -1,3 +1,15 @@
+# The node agent's end-to-end scenarios need Tandem's binaries: the webhook and the operator
+# (run as processes under their own ServiceAccounts) and the proxy (tandem-init and the
+# sidecar, which the node maps the proxy image to). The test binaries (tandem-container,
+# tandem-testapp) are built by cargo test itself.
+
+.PHONY: e2e-bins
+
+e2e-bins: ## build the webhook, operator and proxy binaries the local-cluster scenarios run
+	$(CARGO) build --locked -p tandem-webhook -p tandem-operator -p tandem-proxy
+
+e2e: e2e-bins
+
 # `make demo`: Tandem's main job in one command. tandem-demo (tests/src/bin/tandem-demo.rs)
 # brings up the local cluster (control plane, Tandem's webhook and operator, a node agent),
 # deploys the sample app, measures each route before and after its sample policy through the
