@@ -27,6 +27,10 @@ DEMO_TIMEOUT ?= 900
 demo: cluster-bins e2e-bins ## Tandem's main job: local cluster, sample app and policies, a before/after table; the cluster stays up
 	@[ "$$(id -u)" = 0 ] || { echo "make demo needs root: it creates network namespaces" >&2; exit 1; }
 	$(CARGO) build --locked -p tandem-tests --bins
+	@# What Tandem::install builds when it starts them, package by package as it does, so that
+	@# the demo finds them up to date instead of compiling in the middle of its progress.
+	$(CARGO) build --locked -p tandem-webhook --bin tandem-webhook
+	$(CARGO) build --locked -p tandem-operator --bin tandem-operator
 	@echo "==> Tandem demo: a local Kubernetes $(K8S_VERSION) cluster, Tandem, the sample app and policies"
 	@TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" TANDEM_DEMO_DIR=$(DEMO_DIR) DEMO_TIMEOUT=$(DEMO_TIMEOUT) \
 	  KUBECTL=$(KUBECTL) tests/demo/demo.sh up

@@ -81,6 +81,7 @@ up() {
   [[ -x $bin ]] || { echo "$bin not built" >&2; exit 1; }
   down >/dev/null
   mkdir -p "$dir"
+  : >"$dir/demo.log"
   # Its own session: the demo outlives this script, and `down` finds what it started.
   setsid "$bin" --dir "$dir" >"$dir/demo.log" 2>&1 </dev/null &
   pid=$!
