@@ -507,7 +507,7 @@ async fn measure(demo: &Demo) -> anyhow::Result<Vec<RouteReport>> {
     progress(&format!(
         "breaker: {} errors; the client's proxy sees {bad} as {} ({} consecutive 5xx, ejected {} times)",
         after.total - after.ok,
-        endpoint["state"],
+        endpoint["state"].as_str().unwrap_or("unknown"),
         endpoint["consecutive5xx"],
         endpoint["timesEjected"]
     ));
