@@ -4,6 +4,7 @@
 //!   loopback, built from the pinned release in `tests/k8s/`.
 //! - [`install`]: Tandem installed from `manifests/` as a user would, its webhook running as a
 //!   local process with its own ServiceAccount's credentials.
+//! - [`demo`]: the measurements and the table of `make demo` (binary `tandem-demo`).
 //! - [`schema_bounds`]: each bound of a CRD schema, and an object just outside it.
 //! - [`pki`], [`kubeconfig`], [`process`]: what the control plane is made of.
 //!
@@ -11,6 +12,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod demo;
 pub mod install;
 pub mod kubeconfig;
 pub mod node;
