@@ -148,10 +148,23 @@ impl Drop for InFlight {
     }
 }
 
+/// Accept backlog of each listener. tokio's default (1,024) overflows when thousands of clients
+/// connect at once (a pod's burst of 10,000 calls): the kernel drops the excess SYNs, the
+/// clients resend them after a second, and a calling proxy's 1 s connect timeout fails them.
+/// The kernel caps this at `net.core.somaxconn` (4,096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4_096;
+
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, what, source })
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| Error::Bind { addr, what, source })
 }
 
 fn local(listener: &TcpListener, requested: SocketAddr) -> SocketAddr {
