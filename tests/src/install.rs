@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::discovery::Scope;
 use serde_json::{Value, json};
 use tandem_crds::names;
 
@@ -239,6 +240,40 @@ async fn apply(client: &kube::Client, resource: &ApiResource, doc: &Value) -> Re
     )
     .await
     .map_err(|e| Error::kube(format!("apply {} {name}", resource.kind), e))?;
+    Ok(())
+}
+
+/// Server-side applies one object of any kind (found by its apiVersion and kind through
+/// discovery) as `field_manager`, taking over fields another manager holds.
+pub async fn apply_object(client: &kube::Client, value: &Value, field_manager: &str) -> Result<()> {
+    let unexpected = |what: String| Error::Unexpected(what);
+    let object: DynamicObject = serde_json::from_value(value.clone())
+        .map_err(|e| unexpected(format!("not a Kubernetes object: {e}")))?;
+    let types = object
+        .types
+        .clone()
+        .ok_or_else(|| unexpected("object without apiVersion/kind".into()))?;
+    let gvk = GroupVersionKind::try_from(&types).map_err(|e| unexpected(e.to_string()))?;
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .map_err(|e| Error::kube(format!("discover {}", types.kind), e))?;
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| unexpected("object without a name".into()))?;
+    let api: Api<DynamicObject> = match (caps.scope, object.metadata.namespace.as_deref()) {
+        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+        (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
+        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(
+        &name,
+        &PatchParams::apply(field_manager).force(),
+        &Patch::Apply(value),
+    )
+    .await
+    .map_err(|e| Error::kube(format!("apply {} {name}", types.kind), e))?;
     Ok(())
 }
 

@@ -15,13 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::GroupVersionKind;
-use kube::discovery::Scope;
+use kube::api::{Api, ListParams};
 use serde_json::Value;
 use tandem_crds::contract::ProxyConfig;
 use tandem_tests::demo::{Burst, RouteReport, retarget, table};
-use tandem_tests::install::{PROXY_IMAGE, Tandem, manifests_dir, read_documents};
+use tandem_tests::install::{PROXY_IMAGE, Tandem, apply_object, manifests_dir, read_documents};
 use tandem_tests::node::{Image, Images, NodeAgent, NodeOptions, net};
 use tandem_tests::{ControlPlane, ControlPlaneOptions};
 
@@ -268,7 +266,7 @@ impl Demo {
     }
 
     async fn apply(&self, value: &Value) -> anyhow::Result<()> {
-        apply(&self.cluster.client(), value).await
+        Ok(apply_object(&self.cluster.client(), value, "tandem-demo").await?)
     }
 
     async fn ready_pods(&self, selector: &str, count: usize) -> anyhow::Result<Vec<Pod>> {
@@ -538,33 +536,4 @@ fn is_ready(pod: &Pod) -> bool {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// Server-side applies one object of any kind.
-async fn apply(client: &kube::Client, value: &Value) -> anyhow::Result<()> {
-    let object: DynamicObject = serde_json::from_value(value.clone())?;
-    let types = object
-        .types
-        .clone()
-        .context("object without apiVersion/kind")?;
-    let gvk = GroupVersionKind::try_from(&types)?;
-    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
-    let name = object
-        .metadata
-        .name
-        .clone()
-        .context("object without a name")?;
-    let api: Api<DynamicObject> = match (caps.scope, object.metadata.namespace.as_deref()) {
-        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
-        (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
-        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply("tandem-demo").force(),
-        &Patch::Apply(value),
-    )
-    .await
-    .with_context(|| format!("apply {} {name}", types.kind))?;
-    Ok(())
 }

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::discovery::Scope;
 use tandem_crds::contract::ProxyConfig;
 use tandem_tests::install::Tandem;
 use tandem_tests::node::{Image, Images, NodeAgent, NodeOptions};
@@ -403,31 +402,7 @@ where
 
 /// Server-side applies one object of any kind.
 pub async fn apply_value(client: &kube::Client, value: &serde_json::Value) -> anyhow::Result<()> {
-    let object: DynamicObject = serde_json::from_value(value.clone())?;
-    let types = object
-        .types
-        .clone()
-        .context("object without apiVersion/kind")?;
-    let gvk = GroupVersionKind::try_from(&types)?;
-    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
-    let name = object
-        .metadata
-        .name
-        .clone()
-        .context("object without a name")?;
-    let api: Api<DynamicObject> = match (caps.scope, object.metadata.namespace.as_deref()) {
-        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
-        (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
-        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply("tandem-e2e").force(),
-        &Patch::Apply(value),
-    )
-    .await
-    .with_context(|| format!("apply {} {name}", types.kind))?;
-    Ok(())
+    Ok(tandem_tests::install::apply_object(client, value, "tandem-e2e").await?)
 }
 
 pub fn is_ready(pod: &Pod) -> bool {
