@@ -1,8 +1,10 @@
 # Benchmarks (issue 4). `make bench` runs every scenario in 5 rounds (about 35 minutes on the
-# 2-core machine); `make bench QUICK=1` runs the same scenarios shortened (under 5 minutes
-# once built; it skips the operator benchmark). Reports, charts and raw results go to
-# bench/results/. `make test` does not run the benchmark; the benchmark's pure parts are
-# unit-tested by `cargo test` (make unit).
+# 2-core machine), then the resilience run and the capture run (about 13 minutes; needs root,
+# ip, iptables and nsenter, else it says why it is skipped); `make bench QUICK=1` runs the same
+# scenarios shortened (under 5 minutes once built, the capture run about 1; it skips the
+# operator benchmark). Reports, charts and raw results go to bench/results/. `make test` does
+# not run the benchmark; its pure parts are unit-tested and the capture topology is checked
+# end to end (as root) by `cargo test` (make unit).
 
 QUICK ?= 0
 BENCH_OUT ?= bench/results
@@ -10,7 +12,7 @@ BENCH_ARGS ?=
 BENCH_BIN := target/release/tandem-bench
 TANDEM_PROXY_BIN := target/release/tandem-proxy
 
-.PHONY: bench bench-deps bench-resilience
+.PHONY: bench bench-deps bench-resilience bench-capture
 
 bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
 	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
@@ -25,6 +27,7 @@ bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in be
 	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT) \
 	  $(if $(wildcard $(TANDEM_PROXY_BIN)),--tandem-proxy $(TANDEM_PROXY_BIN)) $(BENCH_ARGS)
 	QUICK=$(QUICK) $(BENCH_BIN) resilience --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
+	QUICK=$(QUICK) $(BENCH_BIN) capture --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
 	@# The operator at scale (mk/operator.mk): about 6 minutes, so the full run only; QUICK
 	@# skips it (its own quick mode alone takes over 3): `make bench-operator QUICK=1`.
 	$(if $(filter 1 true yes,$(QUICK)),@echo "QUICK: operator benchmark skipped (make bench-operator QUICK=1)",$(MAKE) --no-print-directory bench-operator)
@@ -32,3 +35,7 @@ bench: bench-deps ## side-by-side benchmark (QUICK=1: under 5 min); report in be
 bench-resilience: ## success rate while one of three endpoints fails (60 s per policy; QUICK=1: 10 s)
 	$(CARGO) build --release -p tandem-bench -p tandem-proxy
 	QUICK=$(QUICK) $(BENCH_BIN) resilience --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
+
+bench-capture: ## what iptables capture costs: 2 hops captured vs not, in network namespaces (root; QUICK=1: about 1 min)
+	$(CARGO) build --release -p tandem-bench -p tandem-proxy
+	QUICK=$(QUICK) $(BENCH_BIN) capture --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)

@@ -1,5 +1,7 @@
-//! `tandem-bench`: `run` measures every topology and writes the report; `upstream`, `pingora`
-//! and `load` are the pieces it starts (and can be run by hand).
+//! `tandem-bench`: `run` measures every topology and writes the report; `capture` measures the
+//! two hops behind real iptables rules in network namespaces; `resilience` measures success
+//! rates while an endpoint fails; `upstream`, `pingora` and `load` are the pieces they start
+//! (and can be run by hand).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use tandem_bench::loadgen::{self, ClosedLoop, OpenLoop, Protocol, Target};
 use tandem_bench::report::{self, Machine};
 use tandem_bench::run::{self, Plan};
 use tandem_bench::topology::{Tools, Topology, find_program};
-use tandem_bench::{chart, pingora_floor, resilience, upstream};
+use tandem_bench::{capture, chart, netns, pingora_floor, resilience, upstream};
 
 #[derive(Parser)]
 #[command(about = "Tandem's benchmark: load generator, upstream, bare Pingora and orchestrator")]
@@ -38,6 +40,10 @@ enum Command {
     },
     /// Success rate through tandem-proxy while one of three endpoints fails, per policy.
     Resilience(ResilienceArgs),
+    /// What capture costs: the two hops behind real iptables rules in network namespaces, side
+    /// by side with the same two hops without them and with direct (needs root; skipped
+    /// with a message otherwise).
+    Capture(CaptureArgs),
     /// The bare Pingora proxy: forwards everything to one upstream.
     Pingora {
         /// Address to listen on (HTTP/1.1 and h2c).
@@ -84,6 +90,22 @@ struct ResilienceArgs {
     /// Requests per second.
     #[arg(long, default_value_t = 500)]
     rate: u64,
+}
+
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// The short run (2 rounds of 1.5-second runs).
+    #[arg(long, env = "QUICK", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    quick: bool,
+    /// Rounds (overrides the mode's default).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// The tandem-proxy binary.
+    #[arg(long, env = "TANDEM_PROXY_BIN")]
+    tandem_proxy: PathBuf,
+    /// Folder for the report.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -166,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         Command::Load(args) => client_runtime()?.block_on(load(args)),
         Command::Resilience(args) => client_runtime()?.block_on(resilience(args)),
         Command::Run(args) => client_runtime()?.block_on(run_all(args)),
+        Command::Capture(args) => client_runtime()?.block_on(capture_run(args)),
     }
 }
 
@@ -297,6 +320,87 @@ async fn run_all(args: RunArgs) -> anyhow::Result<()> {
     )?;
     eprintln!(
         "report: {} ({:.1} min)",
+        report_path.display(),
+        result.elapsed.as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+async fn capture_run(args: CaptureArgs) -> anyhow::Result<()> {
+    if let Some(why) = netns::missing_prerequisites() {
+        println!("capture run skipped: {why}");
+        return Ok(());
+    }
+    let tandem = args
+        .tandem_proxy
+        .canonicalize()
+        .with_context(|| format!("tandem-proxy at {}", args.tandem_proxy.display()))?;
+    let bench = std::env::current_exe().context("find this program")?;
+    let mut plan = Plan::capture(args.quick);
+    if let Some(rounds) = args.rounds {
+        plan.rounds = rounds.max(1);
+    }
+    for name in netns::remove_stale() {
+        eprintln!("removed the network namespace {name} of a benchmark run that is gone");
+    }
+    let pods = netns::Pods::create().context("create the pods' network namespaces")?;
+    let paths = pods.paths();
+    let upstream = capture::start_upstream(&bench, &paths, plan.body_bytes)?;
+    let stage = capture::CaptureStage {
+        tandem: tandem.clone(),
+        pods: paths,
+    };
+    let load_before = load_average();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let measured_plan = plan.clone();
+    std::thread::spawn(move || {
+        let _ = done.send(capture::measure(measured_plan, stage));
+    });
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        result = finished => result.context("the measuring thread ended without a result")??,
+        _ = tokio::signal::ctrl_c() => {
+            drop(upstream);
+            drop(pods);
+            anyhow::bail!("interrupted: the network namespaces were deleted");
+        }
+        _ = terminate.recv() => {
+            drop(upstream);
+            drop(pods);
+            anyhow::bail!("terminated: the network namespaces were deleted");
+        }
+    };
+    drop(upstream);
+    drop(pods);
+    let tools = Tools {
+        bench,
+        haproxy: None,
+        nginx: None,
+        tandem: Some(tandem),
+    };
+    let mut machine = machine(&tools);
+    machine.description.push_str(&format!(
+        "; load average (1 min) {load_before} before the run, {} after",
+        load_average()
+    ));
+    let prefix = if args.quick { "quick-" } else { "" };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let chart_name = format!("{prefix}capture-latency.svg");
+    std::fs::write(args.out.join(&chart_name), chart::render_svg(&result)?)?;
+    let command = format!(
+        "make bench-capture{}",
+        if args.quick { " QUICK=1" } else { "" }
+    );
+    let markdown = report::render_capture(&result, &machine, &chart_name, &command);
+    let report_path = args.out.join(format!("{prefix}capture.md"));
+    std::fs::write(&report_path, markdown)?;
+    std::fs::write(
+        args.out.join(format!("{prefix}capture.json")),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    let failures: usize = result.topologies.iter().map(|t| t.failures.len()).sum();
+    eprintln!(
+        "capture report: {} ({:.1} min, {failures} failed rounds)",
         report_path.display(),
         result.elapsed.as_secs_f64() / 60.0
     );

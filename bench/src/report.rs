@@ -74,11 +74,12 @@ struct View<'a> {
 }
 
 impl<'a> View<'a> {
+    /// The measured run of `topology`; [`Topology::Direct`] stands for the run's baseline,
+    /// whichever direct topology it measured (loopback, or the capture run's pods).
     fn find(&self, topology: Topology) -> Option<&'a TopologyRun> {
-        self.result
-            .topologies
-            .iter()
-            .find(|r| r.topology == topology && r.not_measured.is_none())
+        self.measured().find(|r| {
+            r.topology == topology || (topology == Topology::Direct && r.topology.is_direct())
+        })
     }
 
     fn measured(&self) -> impl Iterator<Item = &'a TopologyRun> {
@@ -209,7 +210,18 @@ pub fn render(result: &RunResult, machine: &Machine, chart: &str) -> String {
          then the median is shown. Only ratios from one run mean anything on a shared machine.\n"
     );
     let _ = writeln!(out, "![latency percentiles per topology]({chart})\n");
+    problems_section(&mut out, result);
+    fixed_section(&mut out, &view);
+    max_section(&mut out, &view);
+    many_section(&mut out, &view);
+    memory_section(&mut out, &view);
+    goals_section(&mut out, &view);
+    method_section(&mut out);
+    out
+}
 
+/// The topologies not measured and the rounds that failed, with why.
+fn problems_section(out: &mut String, result: &RunResult) {
     let missing: Vec<_> = result
         .topologies
         .iter()
@@ -235,18 +247,125 @@ pub fn render(result: &RunResult, machine: &Machine, chart: &str) -> String {
         }
         let _ = writeln!(out);
     }
+}
 
+/// Renders the capture run's report: the rows explained, the constant-rate tables (added
+/// over direct (netns)), and what capture itself costs: captured minus uncaptured, paired by
+/// round. `command` reproduces the run.
+pub fn render_capture(result: &RunResult, machine: &Machine, chart: &str, command: &str) -> String {
+    let view = View { result };
+    let plan = &result.plan;
+    let mut out = String::new();
+    let _ = writeln!(out, "# Tandem benchmark: capture run ({})\n", plan.mode);
+    let _ = writeln!(out, "- Date: {}", machine.date);
+    let _ = writeln!(out, "- Machine: {}", machine.description);
+    let _ = writeln!(out, "- Versions: {}", machine.versions);
+    let _ = writeln!(
+        out,
+        "- Length: {:.1} min; {} rounds, topology order reversed every other round; \
+         constant-rate runs {} s after a {} s warm-up. Upstream body {} bytes.",
+        result.elapsed.as_secs_f64() / 60.0,
+        plan.rounds,
+        plan.fixed_length.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+        plan.body_bytes
+    );
+    let _ = writeln!(out, "- Reproduce: `{command}`");
+    let _ = writeln!(
+        out,
+        "- Reading: each figure is the median over rounds [min..max]; \"added\" is the \
+         topology's figure minus direct (netns)'s in the same round.\n"
+    );
+    let _ = writeln!(
+        out,
+        "## The rows\n\n\
+         Two network namespaces joined by a veth pair stand for a client pod (10.77.7.1) and a \
+         server pod (10.77.7.2); the upstream (`tandem-bench upstream`) runs in the server pod \
+         on :8080, the load generator on a thread inside the client pod.\n\n\
+         - **direct (netns)**: the client pod sends to 10.77.7.2:8080 over the veth. The \
+         baseline.\n\
+         - **tandem 2 hops, no capture (netns)**: both sidecars run (UID 2102, ports 15001, \
+         15006, 15020), no iptables rules: the client sends to its sidecar's 127.0.0.1:15001 \
+         with the service (10.96.77.77:8080) in the Host header; the client sidecar sends to \
+         the server sidecar's 10.77.7.2:15006, which sends to 127.0.0.1:8080.\n\
+         - **tandem 2 hops, captured**: the real mesh path. `tandem-proxy init` (the \
+         tandem-init container's program) programs both pods' nat tables; the client sends to \
+         the service's cluster IP 10.96.77.77:80 as an unmodified app does; OUTPUT redirects \
+         it to the client sidecar (:15001), which picks the endpoint 10.77.7.2:8080 from the \
+         original destination; the server pod's PREROUTING redirects that to its sidecar \
+         (:15006), which forwards to 10.77.7.2:8080.\n\n\
+         After every measured run each sidecar's `tandem_requests_total` (client: outbound to \
+         bench/upstream; server: inbound) must have grown by the requests that succeeded, or \
+         that round of the topology fails (listed below): the figures are of traffic that \
+         went through both sidecars. The rules exist only while the captured topology runs; \
+         the other topologies check they are gone before they start.\n"
+    );
+    let _ = writeln!(out, "![latency percentiles per topology]({chart})\n");
+    problems_section(&mut out, result);
     fixed_section(&mut out, &view);
-    max_section(&mut out, &view);
-    many_section(&mut out, &view);
-    memory_section(&mut out, &view);
-    goals_section(&mut out, &view);
-    method_section(&mut out);
+    capture_cost_section(&mut out, &view);
+    let _ = writeln!(
+        out,
+        "## Method\n\n\
+         - Same load generator, upstream and constant-rate method as the loopback run \
+         (report.md): latency from each request's intended send time into an HdrHistogram, \
+         32 requests in flight (HTTP/1.1: 32 connections; h2c: 4 connections).\n\
+         - Proxy cores: utime + stime of both sidecars over the run, per second.\n\
+         - Everything shares the machine's cores; compare within one run.\n"
+    );
     out
+}
+
+/// Captured minus uncaptured, per scenario and percentile, paired by round.
+fn capture_cost_section(out: &mut String, view: &View<'_>) {
+    let plan = &view.result.plan;
+    let _ = writeln!(
+        out,
+        "## What capture itself costs (captured − no capture, ms, paired by round)\n"
+    );
+    let (Some(captured), Some(uncaptured)) = (
+        view.find(Topology::TandemCaptured),
+        view.find(Topology::TandemNetns),
+    ) else {
+        let _ = writeln!(out, "Not computed: a two-hop topology was not measured.\n");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "| scenario | p50 | p90 | p99 | p99.9 | max | proxy cores |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let picks: [fn(&crate::stats::LatencySummary) -> f64; 5] =
+        [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999, |l| l.max];
+    for &rate in &plan.rates {
+        for &protocol in &plan.fixed_protocols {
+            let difference = |figure: &dyn Fn(&RoundResult) -> Option<f64>| {
+                Spread::of(&paired(
+                    &series(captured, figure),
+                    &series(uncaptured, figure),
+                    |a, b| Some(a - b),
+                ))
+            };
+            let cells: Vec<String> = picks
+                .iter()
+                .map(|&pick| signed_cell(difference(&fixed_figure(protocol, rate, pick)), 2))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {rate} req/s {} | {} | {} |",
+                protocol.label(),
+                cells.join(" | "),
+                signed_cell(difference(&fixed_cores(protocol, rate)), 3),
+            );
+        }
+    }
+    let _ = writeln!(out);
 }
 
 fn fixed_section(out: &mut String, view: &View<'_>) {
     let plan = &view.result.plan;
+    // The floor column only where the floor was measured (the capture run has none).
+    let floor = view.find(Topology::BarePingora).is_some();
     for &rate in &plan.rates {
         for &protocol in &plan.fixed_protocols {
             let _ = writeln!(
@@ -256,9 +375,18 @@ fn fixed_section(out: &mut String, view: &View<'_>) {
             );
             let _ = writeln!(
                 out,
-                "| topology | p50 | p90 | p99 | p99.9 | max | errors | proxy cores | added p50 | added p99 | p50 × direct | added p50 × bare Pingora's |"
+                "| topology | p50 | p90 | p99 | p99.9 | max | errors | proxy cores | added p50 | added p99 | p50 × direct |{}",
+                if floor {
+                    " added p50 × bare Pingora's |"
+                } else {
+                    ""
+                }
             );
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                out,
+                "|---|---|---|---|---|---|---|---|---|---|---|{}",
+                if floor { "---|" } else { "" }
+            );
             for run in view.measured() {
                 let f = |pick: fn(&crate::stats::LatencySummary) -> f64| {
                     fixed_figure(protocol, rate, pick)
@@ -267,10 +395,17 @@ fn fixed_section(out: &mut String, view: &View<'_>) {
                 let p99 = f(|l| l.p99);
                 let spread =
                     |g: &dyn Fn(&RoundResult) -> Option<f64>| Spread::of(&flat(&series(run, g)));
-                let direct = run.topology == Topology::Direct;
+                let direct = run.topology.is_direct();
+                let floor_cell = if !floor {
+                    String::new()
+                } else if !run.topology.has_proxy() || run.topology == Topology::BarePingora {
+                    " – |".into()
+                } else {
+                    format!(" {} |", ratio_cell(view.added_versus_floor(run, &p50)))
+                };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{floor_cell}",
                     run.topology.name(),
                     cell(spread(&p50), 2),
                     cell(spread(&f(|l| l.p90)), 2),
@@ -293,11 +428,6 @@ fn fixed_section(out: &mut String, view: &View<'_>) {
                         "–".into()
                     } else {
                         ratio_cell(view.versus(run, Topology::Direct, &p50))
-                    },
-                    if !run.topology.has_proxy() || run.topology == Topology::BarePingora {
-                        "–".into()
-                    } else {
-                        ratio_cell(view.added_versus_floor(run, &p50))
                     },
                 );
             }
@@ -677,6 +807,58 @@ mod tests {
             .find(|l| l.contains("errors with 10,000 connections"))
             .unwrap();
         assert!(errors.contains("| met |"), "{errors}");
+    }
+
+    fn capture_sample() -> RunResult {
+        let mut plan = Plan::capture(true);
+        plan.rates = vec![1_000];
+        plan.fixed_protocols = vec![Protocol::Http1];
+        RunResult {
+            plan,
+            topologies: vec![
+                run(
+                    Topology::DirectNetns,
+                    vec![round(0.10, 0.0, 0), round(0.20, 0.0, 0)],
+                ),
+                run(
+                    Topology::TandemNetns,
+                    vec![round(0.50, 0.0, 0), round(0.60, 0.0, 0)],
+                ),
+                TopologyRun {
+                    failures: vec!["round 2: client sidecar counted 0 requests".into()],
+                    ..run(Topology::TandemCaptured, vec![round(0.70, 0.0, 0), None])
+                },
+            ],
+            elapsed: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn the_capture_report_shows_what_capture_costs_paired_by_round() {
+        let report = render_capture(
+            &capture_sample(),
+            &Machine::default(),
+            "capture.svg",
+            "make bench-capture QUICK=1",
+        );
+        assert!(report.contains("- Reproduce: `make bench-capture QUICK=1`"));
+        // Added over direct (netns): 0.70 − 0.10 in round 1; no bare Pingora column.
+        let captured = report
+            .lines()
+            .find(|l| l.starts_with("| tandem 2 hops, captured | 0.70"))
+            .unwrap();
+        assert!(captured.contains("| +0.60 |"), "{captured}");
+        assert!(!report.contains("bare Pingora's"));
+        // Capture's cost: captured − uncaptured in the one round both measured, 0.70 − 0.50.
+        let cost = report
+            .lines()
+            .find(|l| l.starts_with("| 1000 req/s HTTP/1.1 |"))
+            .unwrap();
+        assert!(
+            cost.starts_with("| 1000 req/s HTTP/1.1 | +0.20 |"),
+            "{cost}"
+        );
+        assert!(report.contains("- tandem 2 hops, captured: round 2: client sidecar counted 0"));
     }
 
     #[test]

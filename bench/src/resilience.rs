@@ -13,14 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tandem_crds::contract::ProxyConfig;
 use tempfile::TempDir;
 
+use crate::admin;
 use crate::loadgen::{self, OpenLoop, Protocol, Target};
 use crate::tandem::Ports;
 use crate::topology::{TopologyError, free_port, spawn, tandem_child};
@@ -382,51 +380,24 @@ struct PolicyCounters {
 
 impl PolicyCounters {
     async fn read(admin: SocketAddr) -> Result<Self, ResilienceError> {
-        let text = admin_get(admin, "/metrics").await?;
+        let text = admin::get(admin, "/metrics")
+            .await
+            .map_err(|e| ResilienceError::Admin {
+                addr: admin,
+                message: e.to_string(),
+            })?;
         Ok(Self::parse(&text))
     }
 
     /// Sums each counter over its series (a service without a policy has none: zero).
     fn parse(text: &str) -> Self {
-        let sum = |name: &str| -> u64 {
-            text.lines()
-                .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .map(|v| v as u64)
-                .sum()
-        };
+        let sum = |name: &str| admin::counter_sum(text, name, &[]);
         Self {
             retries: sum("tandem_retries_total"),
             budget_exhausted: sum("tandem_retry_budget_exhausted_total"),
             ejections: sum("tandem_ejections_total"),
         }
     }
-}
-
-async fn admin_get(addr: SocketAddr, path: &str) -> Result<String, ResilienceError> {
-    let fail = |message: String| ResilienceError::Admin { addr, message };
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    tokio::spawn(conn);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| fail(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The Markdown section of the report.

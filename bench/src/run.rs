@@ -1,6 +1,8 @@
 //! The orchestrator: starts the upstream once, then, round after round, each topology in turn
 //! (order reversed on every other round), drives the loads at it, reads the proxy's CPU time
-//! and memory from `/proc`, and stops it. Only one topology runs at a time.
+//! and memory from `/proc`, checks that the proxies counted the requests, and stops it. Only
+//! one topology runs at a time. Where the topologies run is a [`Stage`]: loopback here, the
+//! capture run's network namespaces in [`crate::capture`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,12 +10,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::admin::{self, Probe};
 use crate::loadgen::{
     self, ClosedLoop, LoadError, ManyConnections, OpenLoop, Protocol, RunOutcome, Target,
 };
 use crate::procfs;
 use crate::stats::{LatencySummary, cpu_seconds_per_10k};
-use crate::topology::{self, Running, Tools, Topology};
+use crate::topology::{self, Running, Tools, Topology, TopologyError};
 
 /// What to run and for how long.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +57,30 @@ pub struct Plan {
     pub topologies: Vec<Topology>,
 }
 
+/// Where a run's topologies are started.
+pub trait Stage {
+    /// Why `topology` cannot run here, or `None` when it can.
+    fn missing(&self, topology: Topology) -> Option<String>;
+    /// Starts `topology`; dropping the result stops it.
+    fn start(&self, topology: Topology) -> Result<Running, TopologyError>;
+}
+
+/// The loopback run: every process on 127.0.0.1, in front of one upstream.
+struct Loopback<'a> {
+    tools: &'a Tools,
+    upstream: SocketAddr,
+}
+
+impl Stage for Loopback<'_> {
+    fn missing(&self, topology: Topology) -> Option<String> {
+        self.tools.missing(topology)
+    }
+
+    fn start(&self, topology: Topology) -> Result<Running, TopologyError> {
+        topology::start(topology, self.tools, self.upstream)
+    }
+}
+
 impl Plan {
     /// The full run: 5 rounds of 10-second runs.
     pub fn full() -> Self {
@@ -75,6 +102,18 @@ impl Plan {
             timeout: Duration::from_secs(10),
             body_bytes: 32,
             topologies: Topology::ALL.to_vec(),
+        }
+    }
+
+    /// The capture run: the constant-rate runs only, over [`Topology::CAPTURE`]; 5 rounds of
+    /// 10-second runs, or with `quick` 2 rounds of 1.5-second runs.
+    pub fn capture(quick: bool) -> Self {
+        let base = if quick { Self::quick() } else { Self::full() };
+        Self {
+            max_protocols: Vec::new(),
+            many_rounds: 0,
+            topologies: Topology::CAPTURE.to_vec(),
+            ..base
         }
     }
 
@@ -100,7 +139,11 @@ impl Plan {
         let max = self.max_length * self.max_protocols.len() as u32;
         let start = Duration::from_secs(2);
         let per_round = (fixed + max + start) * measured as u32;
-        let many = Duration::from_secs(10 + 3 * self.many_waves as u64) * measured as u32;
+        let many = if self.many_rounds == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(10 + 3 * self.many_waves as u64) * measured as u32
+        };
         per_round * self.rounds as u32 + many * self.many_rounds.min(self.rounds) as u32
     }
 }
@@ -206,12 +249,8 @@ impl Progress {
     }
 }
 
-/// Runs `plan` with `tools` and returns every figure.
+/// Runs `plan` on loopback with `tools` and returns every figure.
 pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
-    let progress = Progress {
-        start: Instant::now(),
-    };
-    let ticks = procfs::clock_ticks_per_second();
     let upstream = topology::start_upstream(tools, plan.body_bytes)?;
     let probe = Target {
         addr: upstream.http1,
@@ -221,12 +260,28 @@ pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
     loadgen::wait_ready(&probe, Duration::from_secs(15))
         .await
         .map_err(RunError::UpstreamNotReady)?;
+    let stage = Loopback {
+        tools,
+        upstream: upstream.http1,
+    };
+    let result = run_on(plan, &stage).await;
+    drop(upstream);
+    Ok(result)
+}
+
+/// Runs `plan`'s rounds over the topologies `stage` starts (its upstream already answers)
+/// and returns every figure.
+pub async fn run_on(plan: &Plan, stage: &dyn Stage) -> RunResult {
+    let progress = Progress {
+        start: Instant::now(),
+    };
+    let ticks = procfs::clock_ticks_per_second();
     let mut runs: Vec<TopologyRun> = plan
         .topologies
         .iter()
         .map(|&topology| TopologyRun {
             topology,
-            not_measured: tools.missing(topology),
+            not_measured: stage.missing(topology),
             rounds: Vec::new(),
             failures: Vec::new(),
         })
@@ -262,7 +317,7 @@ pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
                 ticks,
                 progress: &progress,
             };
-            match scene.measure(run.topology, tools, upstream.http1).await {
+            match scene.measure(run.topology, stage).await {
                 Ok(result) => run.rounds.push(Some(result)),
                 Err(reason) => {
                     progress.say(&format!(
@@ -276,12 +331,11 @@ pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
             }
         }
     }
-    drop(upstream);
-    Ok(RunResult {
+    RunResult {
         plan: plan.clone(),
         topologies: runs,
         elapsed: progress.start.elapsed(),
-    })
+    }
 }
 
 /// One topology in one round.
@@ -318,13 +372,8 @@ impl Scene<'_> {
         pids.iter().map(|&pid| read(pid).ok()).sum()
     }
 
-    async fn measure(
-        &self,
-        topology: Topology,
-        tools: &Tools,
-        upstream: SocketAddr,
-    ) -> Result<RoundResult, String> {
-        let running = topology::start(topology, tools, upstream).map_err(|e| e.to_string())?;
+    async fn measure(&self, topology: Topology, stage: &dyn Stage) -> Result<RoundResult, String> {
+        let running = stage.start(topology).map_err(|e| e.to_string())?;
         let probe = self.target(&running, Protocol::Http1);
         if let Err(e) = loadgen::wait_ready(&probe, Duration::from_secs(20)).await {
             return Err(format!("not ready: {e}\n{}", running.logs()));
@@ -419,11 +468,22 @@ impl Scene<'_> {
             .await
             .map_err(|e| format!("warm-up: {e}"))?;
         params.length = self.plan.fixed_length;
+        let counted = count(&running.probes).await?;
         let before = self.cpu(&running.pids);
         let outcome = loadgen::open_loop(&target, &params)
             .await
             .map_err(|e| e.to_string())?;
         let after = self.cpu(&running.pids);
+        // Proof that the requests took the topology's path: every proxy on it counted them.
+        for (probe, before) in running.probes.iter().zip(counted) {
+            let now = probe.read().await.map_err(|e| e.to_string())?;
+            admin::check_counted(
+                &probe.label,
+                now.saturating_sub(before),
+                outcome.summary.ok,
+                outcome.summary.errors,
+            )?;
+        }
         let proxy_cores = cpu_delta(before, after).map(|s| s / outcome.elapsed.as_secs_f64());
         Ok(FixedResult {
             protocol,
@@ -481,6 +541,15 @@ impl Scene<'_> {
             rss_kib,
         })
     }
+}
+
+/// Every probe's counter now.
+async fn count(probes: &[Probe]) -> Result<Vec<u64>, String> {
+    let mut counts = Vec::with_capacity(probes.len());
+    for probe in probes {
+        counts.push(probe.read().await.map_err(|e| e.to_string())?);
+    }
+    Ok(counts)
 }
 
 /// Pools a wave's recorded latencies into `into`.

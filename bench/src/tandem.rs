@@ -1,6 +1,8 @@
-//! tandem-proxy in the benchmark, without iptables: the ports each instance listens on and the
-//! config files (the `tandem.dev/proxy-config/v1` contract) that make one or two hops.
+//! tandem-proxy in the benchmark: the ports each instance listens on, the config files (the
+//! `tandem.dev/proxy-config/v1` contract) that make one or two hops, and the request counters
+//! that prove a run went through them.
 //!
+//! The loopback run uses no iptables (the capture run, [`crate::capture`], adds them):
 //! A connection that iptables did not redirect reaches the outbound listener with the
 //! destination only in its Host header; the proxy matches that against the config's services
 //! (cluster IP and port) and balances over the service's endpoints. The inbound listener sends
@@ -8,13 +10,18 @@
 //! - one hop: client → A outbound (service = the upstream's address, endpoint = the upstream);
 //! - two hops: client → A outbound (endpoint = B's inbound) → B inbound → 127.0.0.1:upstream.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
 use tandem_crds::contract::{
     Endpoint, PROXY_CONFIG_API_VERSION, Protocol, ProxyConfig, Service, ServicePort, Workload,
 };
 
+use crate::admin::Probe;
 use crate::topology::{TopologyError, free_port};
+
+/// The `dst_service` label of the benchmark's service in the client proxy's metrics.
+pub const SERVICE: &str = "bench/upstream";
 
 /// Errors building a tandem-proxy config.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +54,49 @@ impl Ports {
             admin: free_port()?,
         })
     }
+
+    /// A sidecar's standard ports (15001, 15006, 15020) on every address of its pod.
+    pub fn standard() -> Self {
+        use tandem_crds::names::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        Self {
+            outbound: any(OUTBOUND_PORT),
+            inbound: any(INBOUND_PORT),
+            admin: any(ADMIN_PORT),
+        }
+    }
+}
+
+/// The client sidecar's count of requests it routed to the benchmark's service (a request it
+/// passed through unrouted does not count). `netns`: where its admin listener is.
+pub fn outbound_probe(netns: Option<PathBuf>, admin: SocketAddr) -> Probe {
+    Probe {
+        label: "client sidecar (outbound, service bench/upstream)".into(),
+        netns,
+        admin: loopback(admin),
+        direction: "outbound",
+        service: SERVICE.into(),
+    }
+}
+
+/// The server sidecar's count of inbound requests.
+pub fn inbound_probe(netns: Option<PathBuf>, admin: SocketAddr) -> Probe {
+    Probe {
+        label: "server sidecar (inbound)".into(),
+        netns,
+        admin: loopback(admin),
+        direction: "inbound",
+        service: "inbound".into(),
+    }
+}
+
+/// A listener on every address is reached on loopback.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+    } else {
+        addr
+    }
 }
 
 fn workload(service_account: &str) -> Workload {
@@ -68,6 +118,22 @@ pub fn client_config(
     endpoint: SocketAddr,
     meshed: bool,
 ) -> Result<String, ConfigError> {
+    service_config(
+        cluster.ip(),
+        &[("http", cluster.port(), Protocol::Http)],
+        endpoint,
+        meshed,
+    )
+}
+
+/// The client-side proxy's config: one service at `cluster_ip` with `ports` (name, port,
+/// declared protocol), each sent to the one ready `endpoint`.
+pub fn service_config(
+    cluster_ip: IpAddr,
+    ports: &[(&str, u16, Protocol)],
+    endpoint: SocketAddr,
+    meshed: bool,
+) -> Result<String, ConfigError> {
     render(&ProxyConfig {
         api_version: PROXY_CONFIG_API_VERSION.into(),
         version: "bench".into(),
@@ -75,16 +141,19 @@ pub fn client_config(
         services: vec![Service {
             name: "upstream".into(),
             namespace: "bench".into(),
-            cluster_ips: vec![cluster.ip()],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                port: cluster.port(),
-                protocol: Protocol::Http,
-                endpoints: vec![Endpoint {
-                    address: endpoint,
-                    meshed,
-                }],
-            }],
+            cluster_ips: vec![cluster_ip],
+            ports: ports
+                .iter()
+                .map(|&(name, port, protocol)| ServicePort {
+                    name: name.into(),
+                    port,
+                    protocol,
+                    endpoints: vec![Endpoint {
+                        address: endpoint,
+                        meshed,
+                    }],
+                })
+                .collect(),
             ..Service::default()
         }],
         ..ProxyConfig::default()
@@ -117,5 +186,15 @@ mod tests {
         assert!(port.endpoints[0].meshed);
         let server: ProxyConfig = serde_json::from_str(&server_config().unwrap()).unwrap();
         assert!(server.services.is_empty());
+    }
+
+    #[test]
+    fn probes_of_standard_ports_read_the_admin_port_on_loopback() {
+        let ports = Ports::standard();
+        assert_eq!(ports.outbound.to_string(), "0.0.0.0:15001");
+        let probe = inbound_probe(None, ports.admin);
+        assert_eq!(probe.admin.to_string(), "127.0.0.1:15020");
+        assert_eq!(probe.service, "inbound");
+        assert_eq!(outbound_probe(None, ports.admin).service, SERVICE);
     }
 }

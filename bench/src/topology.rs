@@ -1,5 +1,6 @@
 //! The topologies under test: how each is started on loopback, where a client connects and
-//! which processes' CPU and memory count as "the proxy".
+//! which processes' CPU and memory count as "the proxy". The capture run's topologies (in
+//! network namespaces) are started by [`crate::capture`].
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -8,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
+use crate::admin::Probe;
 use crate::tandem;
 
 /// Errors starting a topology.
@@ -50,6 +52,14 @@ pub enum Topology {
     TandemOneHop,
     /// Two tandem-proxies, the mesh path: client sidecar outbound → server sidecar inbound.
     TandemTwoHops,
+    /// The capture run's baseline: the client pod talks to the server pod's IP over the veth.
+    DirectNetns,
+    /// The capture run's real mesh path: the app sends to the service's cluster IP, the
+    /// `tandem-proxy init` rules redirect it to the client sidecar, which sends to the server
+    /// pod, whose rules redirect it to the server sidecar.
+    TandemCaptured,
+    /// The same two sidecars in the same pods, addressed explicitly: no iptables.
+    TandemNetns,
 }
 
 impl Topology {
@@ -63,6 +73,13 @@ impl Topology {
         Topology::TandemTwoHops,
     ];
 
+    /// The capture run's topologies, in report order.
+    pub const CAPTURE: [Topology; 3] = [
+        Topology::DirectNetns,
+        Topology::TandemNetns,
+        Topology::TandemCaptured,
+    ];
+
     /// Name in tables and progress lines.
     pub fn name(self) -> &'static str {
         match self {
@@ -72,12 +89,20 @@ impl Topology {
             Self::Nginx => "nginx",
             Self::TandemOneHop => "tandem 1 hop",
             Self::TandemTwoHops => "tandem 2 hops",
+            Self::DirectNetns => "direct (netns)",
+            Self::TandemCaptured => "tandem 2 hops, captured",
+            Self::TandemNetns => "tandem 2 hops, no capture (netns)",
         }
+    }
+
+    /// Whether this is a run's baseline: the client talks to the upstream itself.
+    pub fn is_direct(self) -> bool {
+        matches!(self, Self::Direct | Self::DirectNetns)
     }
 
     /// Whether there is a proxy process to measure.
     pub fn has_proxy(self) -> bool {
-        self != Self::Direct
+        !self.is_direct()
     }
 }
 
@@ -99,12 +124,13 @@ impl Tools {
     pub fn missing(&self, topology: Topology) -> Option<String> {
         let need = |tool: &Option<PathBuf>, why: &str| tool.is_none().then(|| why.to_string());
         match topology {
-            Topology::Direct | Topology::BarePingora => None,
+            Topology::Direct | Topology::BarePingora | Topology::DirectNetns => None,
             Topology::Haproxy => need(&self.haproxy, "haproxy not installed"),
             Topology::Nginx => need(&self.nginx, "nginx not installed"),
-            Topology::TandemOneHop | Topology::TandemTwoHops => {
-                need(&self.tandem, "proxy not available")
-            }
+            Topology::TandemOneHop
+            | Topology::TandemTwoHops
+            | Topology::TandemCaptured
+            | Topology::TandemNetns => need(&self.tandem, "proxy not available"),
         }
     }
 }
@@ -134,11 +160,51 @@ pub struct Running {
     pub authority: String,
     /// The proxy processes whose CPU and memory are measured (empty for direct).
     pub pids: Vec<u32>,
+    /// Request counters that must grow by what each measured run sent (empty: no proxy).
+    pub probes: Vec<Probe>,
     children: Vec<Child>,
     dir: TempDir,
+    /// Undone once the processes are gone (the capture run's iptables rules).
+    cleanup: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Running {
+    /// Nothing started yet: clients connect to `addr` with `authority`; files go in a new
+    /// temporary directory.
+    pub fn new(addr: SocketAddr, authority: String) -> Result<Self, TopologyError> {
+        Ok(Self {
+            http1: addr,
+            h2c: addr,
+            authority,
+            pids: Vec::new(),
+            probes: Vec::new(),
+            children: Vec::new(),
+            dir: TempDir::new().map_err(io("create a temp dir"))?,
+            cleanup: None,
+        })
+    }
+
+    /// The directory for this topology's configs and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds a process whose CPU and memory count as the proxy's.
+    pub fn add_proxy(&mut self, child: Child) {
+        self.pids.push(child.id());
+        self.children.push(child);
+    }
+
+    /// Adds a process that is not measured (it is only stopped with the topology).
+    pub fn add_helper(&mut self, child: Child) {
+        self.children.push(child);
+    }
+
+    /// Runs `f` when the topology stops, after its processes are killed.
+    pub fn on_stop(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.cleanup = Some(Box::new(f));
+    }
+
     /// The last lines each process wrote, to explain a failed start.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -167,6 +233,9 @@ impl Drop for Running {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup();
+        }
     }
 }
 
@@ -183,10 +252,10 @@ pub(crate) fn spawn(dir: &Path, log: &str, command: &mut Command) -> Result<Chil
 
 /// Starts the upstream server (this binary's `upstream` command) and returns it running.
 pub fn start_upstream(tools: &Tools, body_bytes: usize) -> Result<Running, TopologyError> {
-    let dir = TempDir::new().map_err(io("create a temp dir"))?;
     let addr = free_port()?;
+    let mut running = Running::new(addr, addr.to_string())?;
     let child = spawn(
-        dir.path(),
+        running.dir(),
         "upstream.log",
         Command::new(&tools.bench)
             .arg("upstream")
@@ -195,14 +264,8 @@ pub fn start_upstream(tools: &Tools, body_bytes: usize) -> Result<Running, Topol
             .arg("--body-bytes")
             .arg(body_bytes.to_string()),
     )?;
-    Ok(Running {
-        http1: addr,
-        h2c: addr,
-        authority: addr.to_string(),
-        pids: vec![child.id()],
-        children: vec![child],
-        dir,
-    })
+    running.add_proxy(child);
+    Ok(running)
 }
 
 /// Starts `topology` in front of `upstream`.
@@ -214,19 +277,15 @@ pub fn start(
     if let Some(reason) = tools.missing(topology) {
         return Err(TopologyError::Unavailable(reason));
     }
-    let dir = TempDir::new().map_err(io("create a temp dir"))?;
-    let authority = upstream.to_string();
-    let mut running = Running {
-        http1: upstream,
-        h2c: upstream,
-        authority,
-        pids: Vec::new(),
-        children: Vec::new(),
-        dir,
-    };
-    let dir = running.dir.path().to_path_buf();
+    let mut running = Running::new(upstream, upstream.to_string())?;
+    let dir = running.dir().to_path_buf();
     match topology {
         Topology::Direct => {}
+        Topology::DirectNetns | Topology::TandemCaptured | Topology::TandemNetns => {
+            return Err(TopologyError::Unavailable(
+                "a capture-run topology: `tandem-bench capture` starts it".into(),
+            ));
+        }
         Topology::BarePingora => {
             let listen = free_port()?;
             let child = spawn(
@@ -279,6 +338,7 @@ pub fn start(
             let config = tandem::client_config(upstream, upstream, false)?;
             let child = tandem_child(&dir, program, "tandem-a", &a, &config)?;
             running.add(child, a.outbound, a.outbound);
+            running.probes = vec![tandem::outbound_probe(None, a.admin)];
         }
         Topology::TandemTwoHops => {
             let program = tools.tandem.as_deref().unwrap_or(Path::new("tandem-proxy"));
@@ -289,6 +349,10 @@ pub fn start(
             let client = tandem::client_config(upstream, b.inbound, true)?;
             let child_a = tandem_child(&dir, program, "tandem-a", &a, &client)?;
             running.add(child_a, a.outbound, a.outbound);
+            running.probes = vec![
+                tandem::outbound_probe(None, a.admin),
+                tandem::inbound_probe(None, b.admin),
+            ];
         }
     }
     Ok(running)
@@ -297,8 +361,7 @@ pub fn start(
 impl Running {
     /// Adds a process; the last one added is where clients connect.
     fn add(&mut self, child: Child, http1: SocketAddr, h2c: SocketAddr) {
-        self.pids.push(child.id());
-        self.children.push(child);
+        self.add_proxy(child);
         self.http1 = http1;
         self.h2c = h2c;
     }
@@ -311,12 +374,30 @@ pub(crate) fn tandem_child(
     ports: &tandem::Ports,
     config: &str,
 ) -> Result<Child, TopologyError> {
+    tandem_child_with(dir, Command::new(program), name, ports, config)
+}
+
+/// Starts `tandem-proxy run` as `command` (the program, or a wrapper such as nsenter that
+/// ends with it) with `config` written to `<dir>/<name>.json`, readable by any user (the
+/// capture run's proxies run as UID 2102).
+pub(crate) fn tandem_child_with(
+    dir: &Path,
+    mut command: Command,
+    name: &str,
+    ports: &tandem::Ports,
+    config: &str,
+) -> Result<Child, TopologyError> {
+    use std::os::unix::fs::PermissionsExt as _;
     let path = dir.join(format!("{name}.json"));
     fs::write(&path, config).map_err(io(format!("write {name}.json")))?;
+    for (file, mode) in [(dir, 0o755), (path.as_path(), 0o644)] {
+        fs::set_permissions(file, fs::Permissions::from_mode(mode))
+            .map_err(io(format!("chmod {}", file.display())))?;
+    }
     spawn(
         dir,
         &format!("{name}.log"),
-        Command::new(program)
+        command
             .arg("run")
             .arg("--config")
             .arg(&path)
