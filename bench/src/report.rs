@@ -290,7 +290,9 @@ pub fn render_capture(result: &RunResult, machine: &Machine, chart: &str, comman
          the server sidecar's 10.77.7.2:15006, which sends to 127.0.0.1:8080.\n\
          - **tandem 2 hops, captured**: the real mesh path. `tandem-proxy init` (the \
          tandem-init container's program) programs both pods' nat tables; the client sends to \
-         the service's cluster IP 10.96.77.77:80 as an unmodified app does; OUTPUT redirects \
+         the service's cluster IP 10.96.77.77:80 as an unmodified app does (h2c: :81, a port \
+         declared `http2`, since a captured connection is served as its port's declared \
+         protocol); OUTPUT redirects \
          it to the client sidecar (:15001), which picks the endpoint 10.77.7.2:8080 from the \
          original destination; the server pod's PREROUTING redirects that to its sidecar \
          (:15006), which forwards to 10.77.7.2:8080.\n\n\
@@ -310,7 +312,9 @@ pub fn render_capture(result: &RunResult, machine: &Machine, chart: &str, comman
          - Same load generator, upstream and constant-rate method as the loopback run \
          (report.md): latency from each request's intended send time into an HdrHistogram, \
          32 requests in flight (HTTP/1.1: 32 connections; h2c: 4 connections).\n\
-         - Proxy cores: utime + stime of both sidecars over the run, per second.\n\
+         - Proxy cores: utime + stime of both sidecars over the run, per second. The nat \
+         rules' own work (conntrack, REDIRECT, the original-destination lookup) is done by the \
+         kernel, mostly outside the sidecars' CPU time: it shows in the latencies.\n\
          - Everything shares the machine's cores; compare within one run.\n"
     );
     out
