@@ -354,17 +354,38 @@ fn capture_cost_section(out: &mut String, view: &View<'_>) {
                 .iter()
                 .map(|&pick| signed_cell(difference(&fixed_figure(protocol, rate, pick)), 2))
                 .collect();
+            let p50 = fixed_figure(protocol, rate, |l| l.p50);
+            let median =
+                |run: &TopologyRun| Spread::of(&flat(&series(run, &p50))).map(|s| s.median);
+            let saturated = view
+                .find(Topology::Direct)
+                .and_then(median)
+                .is_some_and(|direct| {
+                    [captured, uncaptured]
+                        .into_iter()
+                        .filter_map(median)
+                        .any(|p| p > SATURATED * direct.max(0.01))
+                });
             let _ = writeln!(
                 out,
-                "| {rate} req/s {} | {} | {} |",
+                "| {rate} req/s {}{} | {} | {} |",
                 protocol.label(),
+                if saturated { " (saturated)" } else { "" },
                 cells.join(" | "),
                 signed_cell(difference(&fixed_cores(protocol, rate)), 3),
             );
         }
     }
-    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "\n\"Saturated\": a two-hop median p50 over {SATURATED}× direct's, i.e. the sidecars, \
+         the load generator and the upstream together ran out of the machine's cores and \
+         requests queued; there the difference is queueing, not what capture costs.\n"
+    );
 }
+
+/// A p50 this many times direct's means the machine was saturated (requests queued).
+const SATURATED: f64 = 10.0;
 
 fn fixed_section(out: &mut String, view: &View<'_>) {
     let plan = &view.result.plan;
@@ -863,6 +884,19 @@ mod tests {
             "{cost}"
         );
         assert!(report.contains("- tandem 2 hops, captured: round 2: client sidecar counted 0"));
+    }
+
+    #[test]
+    fn a_scenario_where_the_two_hops_queued_is_marked_saturated() {
+        let mut result = capture_sample();
+        result.topologies[2].rounds = vec![round(3.0, 0.0, 0), round(3.0, 0.0, 0)];
+        let report = render_capture(&result, &Machine::default(), "c.svg", "make");
+        assert!(
+            report.contains("| 1000 req/s HTTP/1.1 (saturated) |"),
+            "{report}"
+        );
+        let calm = render_capture(&capture_sample(), &Machine::default(), "c.svg", "make");
+        assert!(!calm.contains("(saturated) |"));
     }
 
     #[test]
