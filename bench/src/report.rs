@@ -334,6 +334,7 @@ fn capture_cost_section(out: &mut String, view: &View<'_>) {
         let _ = writeln!(out, "Not computed: a two-hop topology was not measured.\n");
         return;
     };
+    let top_rate = plan.rates.iter().copied().max().unwrap_or(1);
     let _ = writeln!(
         out,
         "| scenario | p50 | p90 | p99 | p99.9 | max | proxy cores |"
@@ -376,11 +377,13 @@ fn capture_cost_section(out: &mut String, view: &View<'_>) {
     }
     let _ = writeln!(
         out,
-        "\n\"Saturated\": a two-hop median p50 over {} requests in flight ÷ the rate (6.4 ms \
-         at 5,000 req/s): every slot of the load generator was busy and requests queued, because \
+        "\n\"Saturated\": a two-hop median p50 over {} requests in flight ÷ the rate ({:.1} ms \
+         at {} req/s): every slot of the load generator was busy and requests queued, because \
          the sidecars, the load generator and the upstream together ran out of the machine's \
          cores. There the difference is queueing, not what capture costs.\n",
-        plan.in_flight
+        plan.in_flight,
+        plan.in_flight as f64 * 1_000.0 / top_rate.max(1) as f64,
+        top_rate
     );
 }
 
