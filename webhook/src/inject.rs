@@ -628,4 +628,18 @@ mod tests {
             Err(InjectError::NoSpec)
         );
     }
+
+    #[test]
+    fn the_access_log_annotation_reaches_the_proxy_and_its_absence_leaves_the_default() {
+        let env_of = |overrides: &Overrides| -> Vec<(String, Option<String>)> {
+            proxy_env(overrides)
+                .into_iter()
+                .map(|e| (e.name, e.value))
+                .collect()
+        };
+        let mut overrides = crate::overrides::resolve(None, &InjectConfig::default()).unwrap();
+        assert!(!env_of(&overrides).iter().any(|(n, _)| n == env::ACCESS_LOG));
+        overrides.access_log = Some("off".into());
+        assert!(env_of(&overrides).contains(&(env::ACCESS_LOG.to_owned(), Some("off".to_owned()))));
+    }
 }
