@@ -85,6 +85,7 @@ echo "  $Q"
 top() { # the 12 functions with the most instructions of their own
   # Frames that were running when the counters were zeroed (the thread start and the runtime's
   # worker loop) show the whole total; they are left out.
+  # shellcheck disable=SC2016 # a Python program: its $ are not the shell's
   callgrind_annotate --threshold=100 "$1" 2>/dev/null | python3 -c '
 import re, sys
 rows = [re.match(r"\s*([\d,]+) \(\s*([\d.]+)%\)\s+(.*)", l) for l in sys.stdin]
