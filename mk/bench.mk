@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 BENCH_BIN := target/release/tandem-bench
 TANDEM_PROXY_BIN := target/release/tandem-proxy
 
-.PHONY: bench bench-deps bench-resilience bench-capture
+.PHONY: bench bench-deps bench-resilience bench-capture bench-profile
 
 bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
 	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
@@ -39,3 +39,8 @@ bench-resilience: ## success rate while one of three endpoints fails (60 s per p
 bench-capture: ## what iptables capture costs: 2 hops captured vs not, in network namespaces (root; QUICK=1: about 1 min)
 	$(CARGO) build --release -p tandem-bench -p tandem-proxy
 	QUICK=$(QUICK) $(BENCH_BIN) capture --out $(BENCH_OUT) --tandem-proxy $(TANDEM_PROXY_BIN)
+
+bench-profile: ## instructions per request under callgrind: bare Pingora vs tandem-proxy (about 3 min)
+	@command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
+	$(CARGO) build --release -p tandem-bench -p tandem-proxy
+	bench/profile.sh target/release $(BENCH_OUT)/profile.md

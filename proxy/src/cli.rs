@@ -53,6 +53,18 @@ pub struct RunArgs {
     /// Log format on stdout.
     #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+    /// Access log on stdout: one JSON line per HTTP request, or none.
+    #[arg(long, env = "TANDEM_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Json)]
+    pub access_log: AccessLogFormat,
+}
+
+/// Whether each HTTP request gets an access-log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccessLogFormat {
+    /// One JSON object per request (target `tandem::access`), whatever `--log-format` says.
+    Json,
+    /// No access log (Linkerd's and Istio's default; metrics still count every request).
+    Off,
 }
 
 /// How log lines are written.

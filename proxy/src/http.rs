@@ -25,6 +25,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error as PingoraError, ErrorSource, Result as PingoraResult, RetryType};
 use tandem_crds::contract::Protocol;
 
+use crate::access_log;
 use crate::connection::redirected_destination;
 use crate::metrics::{Classification, Direction, ServiceTelemetry};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
@@ -354,15 +355,14 @@ fn authority_port(session: &Session) -> Option<u16> {
     }
 }
 
-fn authority(session: &Session) -> Option<String> {
+fn authority(session: &Session) -> Option<&str> {
     let req = session.req_header();
     if let Some(a) = req.uri.authority() {
-        return Some(a.as_str().to_owned());
+        return Some(a.as_str());
     }
     req.headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
 }
 
 /// Largest request header section accepted (names and values), as Envoy's 60 KiB default;
@@ -629,28 +629,29 @@ impl ProxyHttp for MeshHttp {
         }
         let attempts = ctx.decision.as_ref().map(Decision::attempts);
         telemetry.response(status, classification, elapsed, attempts);
-        let dst_service = telemetry.label();
+        let log = &self.shared.access_log;
+        if !log.enabled() {
+            return;
+        }
         let req = session.req_header();
-        tracing::info!(
-            target: "tandem::access",
-            direction = self.direction.as_str(),
-            dst_service,
-            method = %req.method,
-            authority = authority(session).as_deref().unwrap_or(""),
-            path = req.uri.path(),
+        log.write(&access_log::Entry {
+            direction: self.direction.as_str(),
+            dst_service: telemetry.label(),
+            method: req.method.as_str(),
+            authority: authority(session).unwrap_or(""),
+            path: req.uri.path(),
             status,
-            upstream = ctx.upstream.map(|u| u.to_string()).as_deref().unwrap_or(""),
-            upstream_protocol = if ctx.upstream_h2 { "h2" } else { "http/1.1" },
-            route = ctx.decision.as_ref().map_or("", |d| d.route_name()),
-            attempts = ctx.decision.as_ref().map_or(u32::from(ctx.upstream.is_some()), Decision::attempts),
-            refused = ctx.refusal.map_or("", |r| r.header().1),
-            bytes_in = session.body_bytes_read(),
-            bytes_out = session.body_bytes_sent(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            traceparent = header(session, "traceparent"),
-            error = error.map(|e| e.to_string()).as_deref().unwrap_or(""),
-            "request"
-        );
+            upstream: ctx.upstream,
+            upstream_protocol: if ctx.upstream_h2 { "h2" } else { "http/1.1" },
+            route: ctx.decision.as_ref().map_or("", |d| d.route_name()),
+            attempts: attempts.unwrap_or(u32::from(ctx.upstream.is_some())),
+            refused: ctx.refusal.map_or("", |r| r.header().1),
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            traceparent: header(session, "traceparent"),
+            error: error.map(|e| e as &dyn std::fmt::Display),
+        });
     }
 }
 

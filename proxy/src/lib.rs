@@ -14,8 +14,9 @@
 //! classifier), [`relay`] (opaque TCP), [`http`] (the Pingora HTTP path), [`routing`] (services
 //! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
 //! balancers, circuit breaking), [`config`] (load, watch, swap), [`metrics`], [`admin`],
-//! [`logging`].
+//! [`logging`] and [`access_log`].
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;

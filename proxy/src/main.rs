@@ -39,10 +39,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            if let Err(e) = tandem_proxy::logging::init(args.log_format) {
-                eprintln!("tandem-proxy: {e}");
-                return ExitCode::FAILURE;
-            }
+            let logs = match tandem_proxy::logging::init(args.log_format, args.access_log) {
+                Ok(logs) => logs,
+                Err(e) => {
+                    eprintln!("tandem-proxy: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(args.worker_threads.max(1))
                 .enable_all()
@@ -54,7 +57,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tandem_proxy::run(args)) {
+            match runtime.block_on(tandem_proxy::run(args, &logs)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %anyhow::Error::from(e), "tandem-proxy failed");

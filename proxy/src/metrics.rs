@@ -23,7 +23,7 @@ pub use histogram::AtomicHistogram;
 pub use policy::policy_metrics;
 pub use service::{ConnectionTelemetry, ServiceTelemetry};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -207,7 +207,12 @@ pub struct Metrics {
     pub inbound: Arc<ServiceTelemetry>,
     /// Connections that were not redirected and had not yet said where they go, by direction.
     unresolved: [Arc<ServiceTelemetry>; 2],
+    /// Reads how many log lines were dropped (the log writer counts them itself).
+    log_lines_dropped: OnceLock<ReadCounter>,
 }
+
+/// How a source of a counter read at scrape time is given to [`Metrics`].
+pub type ReadCounter = Box<dyn Fn() -> u64 + Send + Sync>;
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -256,7 +261,14 @@ impl Metrics {
             config_reload_errors,
             config_info,
             ready,
+            log_lines_dropped: OnceLock::new(),
         }
+    }
+
+    /// Exports `tandem_log_lines_dropped_total`, read from `read` at each scrape. Set once;
+    /// later calls are ignored.
+    pub fn count_dropped_log_lines(&self, read: ReadCounter) {
+        let _ = self.log_lines_dropped.set(read);
     }
 
     /// The handles of one destination's series, for a compiled config to keep.
@@ -292,6 +304,17 @@ impl Metrics {
                 &mut out,
                 &policy_metrics(policies),
             );
+        }
+        if let Some(read) = self.log_lines_dropped.get() {
+            let mut registry = Registry::default();
+            let dropped = Counter::<u64>::default();
+            dropped.inc_by(read());
+            registry.register(
+                "tandem_log_lines_dropped",
+                "Log lines (access log included) dropped because stdout could not keep up",
+                dropped,
+            );
+            let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
         }
         let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out

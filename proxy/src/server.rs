@@ -20,12 +20,14 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, watch};
 
+use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::cli::RunArgs;
 use crate::config::{ConfigStore, Watcher};
 use crate::connection::Listener;
 use crate::error::{Error, Result};
 use crate::http::MeshHttp;
+use crate::logging::Logs;
 use crate::metrics::{Direction, Metrics};
 
 /// The addresses the proxy itself listens on.
@@ -49,6 +51,8 @@ pub struct Shared {
     pub own: OwnAddrs,
     /// Connections in flight, for the drain.
     pub tracker: Arc<Tracker>,
+    /// Where each HTTP request's line goes.
+    pub access_log: AccessLog,
     draining: AtomicBool,
 }
 
@@ -200,10 +204,13 @@ fn proxies(
     (Arc::new(h1), Arc::new(h2))
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(args: RunArgs) -> Result<()> {
+/// Runs the proxy until SIGTERM or SIGINT, then drains and returns. `logs` is the running log
+/// ([`crate::logging::init`]).
+pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
     raise_fd_limit();
     let metrics = Arc::new(Metrics::new());
+    let dropped = logs.dropped.clone();
+    metrics.count_dropped_log_lines(Box::new(move || dropped.dropped_lines() as u64));
     let store = Arc::new(ConfigStore::new(args.config.clone(), metrics.clone()));
     let mut watcher = Watcher::new(store.clone());
     watcher.check();
@@ -230,6 +237,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         own,
         tracker: Arc::new(Tracker::default()),
+        access_log: logs.access.clone(),
         draining: AtomicBool::new(false),
     });
 

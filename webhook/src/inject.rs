@@ -57,6 +57,8 @@ pub mod env {
     pub const SERVICE_ACCOUNT: &str = "TANDEM_SERVICE_ACCOUNT";
     /// The proxy's log filter (from `tandem.dev/log-level` or the webhook's default).
     pub const LOG: &str = "TANDEM_LOG";
+    /// The proxy's access log (from `tandem.dev/access-log`; absent: the proxy's default).
+    pub const ACCESS_LOG: &str = "TANDEM_ACCESS_LOG";
 }
 
 /// The webhook's defaults for every injected pod.
@@ -423,6 +425,25 @@ fn init_container(overrides: &Overrides, config: &InjectConfig) -> Container {
     }
 }
 
+fn proxy_env(overrides: &Overrides) -> Vec<EnvVar> {
+    let value = |name: &str, value: &str| EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    };
+    let mut env = vec![
+        field_env(env::POD_NAME, "metadata.name"),
+        field_env(env::POD_NAMESPACE, "metadata.namespace"),
+        field_env(env::POD_IP, "status.podIP"),
+        field_env(env::SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        value(env::LOG, &overrides.log_level),
+    ];
+    if let Some(access_log) = &overrides.access_log {
+        env.push(value(env::ACCESS_LOG, access_log));
+    }
+    env
+}
+
 /// `tandem-proxy`: a native sidecar (an init container with `restartPolicy: Always`), so the
 /// application containers start only once its startup probe passes and Jobs complete when
 /// their own containers do. The image's entrypoint runs the proxy.
@@ -438,17 +459,7 @@ fn proxy_container(overrides: &Overrides, config: &InjectConfig) -> Container {
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
-        env: Some(vec![
-            field_env(env::POD_NAME, "metadata.name"),
-            field_env(env::POD_NAMESPACE, "metadata.namespace"),
-            field_env(env::POD_IP, "status.podIP"),
-            field_env(env::SERVICE_ACCOUNT, "spec.serviceAccountName"),
-            EnvVar {
-                name: env::LOG.to_owned(),
-                value: Some(overrides.log_level.clone()),
-                ..EnvVar::default()
-            },
-        ]),
+        env: Some(proxy_env(overrides)),
         // Up to two minutes to become ready (the config may still be on its way), checked
         // every second so the application starts as soon as the proxy can carry its traffic.
         startup_probe: Some(http_probe("/ready", 1, 120)),
@@ -616,5 +627,19 @@ mod tests {
             inject(&empty, "shop", &InjectConfig::default()),
             Err(InjectError::NoSpec)
         );
+    }
+
+    #[test]
+    fn the_access_log_annotation_reaches_the_proxy_and_its_absence_leaves_the_default() {
+        let env_of = |overrides: &Overrides| -> Vec<(String, Option<String>)> {
+            proxy_env(overrides)
+                .into_iter()
+                .map(|e| (e.name, e.value))
+                .collect()
+        };
+        let mut overrides = crate::overrides::resolve(None, &InjectConfig::default()).unwrap();
+        assert!(!env_of(&overrides).iter().any(|(n, _)| n == env::ACCESS_LOG));
+        overrides.access_log = Some("off".into());
+        assert!(env_of(&overrides).contains(&(env::ACCESS_LOG.to_owned(), Some("off".to_owned()))));
     }
 }

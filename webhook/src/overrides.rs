@@ -24,6 +24,10 @@ pub const SKIP_OUTBOUND_CIDRS: &str = "tandem.dev/skip-outbound-cidrs";
 pub const PROXY_IMAGE: &str = "tandem.dev/proxy-image";
 /// The proxy's log level (`info`, `debug`, or a filter like `info,tandem_proxy=debug`).
 pub const LOG_LEVEL: &str = "tandem.dev/log-level";
+/// The proxy's access log: `json` (one line per HTTP request, the proxy's default) or `off`.
+pub const ACCESS_LOG: &str = "tandem.dev/access-log";
+/// The values [`ACCESS_LOG`] takes (the proxy's `--access-log`).
+const ACCESS_LOG_VALUES: [&str; 2] = ["json", "off"];
 /// The proxy's CPU request.
 pub const PROXY_CPU_REQUEST: &str = "tandem.dev/proxy-cpu-request";
 /// The proxy's CPU limit.
@@ -46,6 +50,8 @@ pub struct Overrides {
     pub proxy_image: String,
     /// The proxy's log filter.
     pub log_level: String,
+    /// The proxy's access log, when the pod chose one (`None`: the proxy's default).
+    pub access_log: Option<String>,
     /// The proxy's requests and limits.
     pub resources: ProxyResources,
 }
@@ -99,6 +105,13 @@ pub fn resolve(
         Some((_, value)) => value.to_owned(),
         None => config.log_level.clone(),
     };
+    let access_log = match get(ACCESS_LOG) {
+        Some((key, value)) if !ACCESS_LOG_VALUES.contains(&value) => {
+            return Err(invalid(key, value, "expected json or off".into()));
+        }
+        Some((_, value)) => Some(value.to_owned()),
+        None => None,
+    };
 
     let quantity = |key: &'static str, default: &Option<Quantity>| match get(key) {
         Some((key, value)) if !is_quantity(value) => Err(invalid(
@@ -123,6 +136,7 @@ pub fn resolve(
         skip_outbound_cidrs,
         proxy_image,
         log_level,
+        access_log,
         resources,
     })
 }
@@ -167,6 +181,7 @@ mod tests {
         assert_eq!(overrides.proxy_image, config.proxy_image);
         assert_eq!(overrides.resources, config.resources);
         assert!(overrides.skip_outbound_cidrs.is_empty());
+        assert_eq!(overrides.access_log, None);
     }
 
     #[test]
@@ -175,6 +190,7 @@ mod tests {
             (SKIP_OUTBOUND_CIDRS, "10.0.0.0/8, 169.254.169.254"),
             (PROXY_IMAGE, "registry.local/tandem-proxy:dev"),
             (LOG_LEVEL, "info,tandem_proxy=debug"),
+            (ACCESS_LOG, "off"),
             (PROXY_MEMORY_LIMIT, "256Mi"),
             (PROXY_CPU_REQUEST, "0.5"),
         ]);
@@ -182,6 +198,7 @@ mod tests {
         assert_eq!(overrides.skip_outbound_cidrs.len(), 2);
         assert_eq!(overrides.proxy_image, "registry.local/tandem-proxy:dev");
         assert_eq!(overrides.log_level, "info,tandem_proxy=debug");
+        assert_eq!(overrides.access_log.as_deref(), Some("off"));
         assert_eq!(
             overrides.resources.memory_limit,
             Some(Quantity("256Mi".into()))
@@ -200,6 +217,7 @@ mod tests {
             (SKIP_OUTBOUND_CIDRS, "10.0.0.0/40"),
             (PROXY_IMAGE, "bad image"),
             (LOG_LEVEL, "info; rm -rf /"),
+            (ACCESS_LOG, "apache"),
             (PROXY_MEMORY_LIMIT, "lots"),
         ] {
             let error = resolve(
