@@ -4,10 +4,10 @@
 //! (callgrind, HTTP/1.1) put a quarter of the proxy's instructions per request in that
 //! formatter — per-field visitors, dynamic dispatch, a `write(2)` on stdout per line, in the
 //! request's own task. Now the line is serialised from a borrowed struct into a buffer the
-//! thread reuses, and handed to the same non-blocking writer the rest of the log uses
-//! (tracing-appender: a bounded channel and a writer thread). When stdout cannot keep up,
-//! lines are dropped and counted (`tandem_log_lines_dropped_total`), never waited for: a slow
-//! log reader must not slow the traffic.
+//! thread reuses, and queued for the writer the rest of the log uses too
+//! ([`crate::log_writer`]). When stdout cannot keep up, lines are dropped and counted
+//! (`tandem_log_lines_dropped_total`), never waited for: a slow log reader must not slow the
+//! traffic.
 //!
 //! The line keeps the shape the tracing formatter gave it (`timestamp`, `level`, `target`
 //! `tandem::access`, `message` `request`, then the request's fields), so log pipelines that
@@ -15,22 +15,21 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use serde::ser::SerializeStruct as _;
 use serde::{Serialize, Serializer};
-use tracing_appender::non_blocking::NonBlocking;
-use tracing_subscriber::fmt::MakeWriter as _;
+
+use crate::log_writer::LogWriter;
 
 /// The `target` of access-log lines.
 pub const TARGET: &str = "tandem::access";
 
-/// Where access-log lines go: the shared non-blocking stdout writer, or nowhere.
+/// Where access-log lines go: the shared log writer, or nowhere.
 #[derive(Clone, Default)]
 pub struct AccessLog {
-    out: Option<NonBlocking>,
+    out: Option<LogWriter>,
 }
 
 impl fmt::Debug for AccessLog {
@@ -43,7 +42,7 @@ impl fmt::Debug for AccessLog {
 
 impl AccessLog {
     /// Lines go to `out`.
-    pub fn to(out: NonBlocking) -> Self {
+    pub fn to(out: LogWriter) -> Self {
         Self { out: Some(out) }
     }
 
@@ -69,8 +68,8 @@ impl AccessLog {
             line.clear();
             if serde_json::to_writer(&mut *line, &Line::new(entry)).is_ok() {
                 line.push(b'\n');
-                // One write call, so one channel message: lines never interleave.
-                let _ = out.make_writer().write_all(line);
+                // One message per line: lines never interleave.
+                out.write_line(line);
             }
         });
     }
@@ -249,7 +248,7 @@ mod tests {
     #[test]
     fn lines_reach_the_writer_whole_one_per_request() {
         let captured = Captured::default();
-        let (out, guard) = tracing_appender::non_blocking(captured.clone());
+        let (out, writer) = crate::log_writer::spawn(captured.clone()).unwrap();
         let log = AccessLog::to(out);
         assert!(log.enabled());
         let writers: Vec<_> = (0..4)
@@ -259,7 +258,7 @@ mod tests {
             })
             .collect();
         writers.into_iter().for_each(|w| w.join().unwrap());
-        drop(guard); // flushes
+        drop(writer); // writes what is queued
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()

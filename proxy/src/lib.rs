@@ -14,7 +14,7 @@
 //! classifier), [`relay`] (opaque TCP), [`http`] (the Pingora HTTP path), [`routing`] (services
 //! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
 //! balancers, circuit breaking), [`config`] (load, watch, swap), [`metrics`], [`admin`],
-//! [`logging`] and [`access_log`].
+//! [`logging`], [`log_writer`] and [`access_log`].
 
 pub mod access_log;
 pub mod admin;
@@ -24,6 +24,7 @@ pub mod connection;
 pub mod detect;
 pub mod error;
 pub mod http;
+pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

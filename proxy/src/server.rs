@@ -209,8 +209,8 @@ fn proxies(
 pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
     raise_fd_limit();
     let metrics = Arc::new(Metrics::new());
-    let dropped = logs.dropped.clone();
-    metrics.count_dropped_log_lines(Box::new(move || dropped.dropped_lines() as u64));
+    let writer = logs.writer.clone();
+    metrics.count_dropped_log_lines(Box::new(move || writer.dropped()));
     let store = Arc::new(ConfigStore::new(args.config.clone(), metrics.clone()));
     let mut watcher = Watcher::new(store.clone());
     watcher.check();
