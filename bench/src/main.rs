@@ -300,12 +300,7 @@ async fn run_all(args: RunArgs) -> anyhow::Result<()> {
     };
     let load_before = load_average();
     let result = run::run(&plan, &tools).await?;
-    let mut machine = machine(&tools);
-    // Other work on the machine moves every figure: say how busy it was.
-    machine.description.push_str(&format!(
-        "; load average (1 min) {load_before} before the run, {} after",
-        load_average()
-    ));
+    let machine = machine_after(&tools, &load_before);
     let prefix = if args.quick { "quick-" } else { "" };
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let chart_name = format!("{prefix}latency.svg");
@@ -378,11 +373,7 @@ async fn capture_run(args: CaptureArgs) -> anyhow::Result<()> {
         nginx: None,
         tandem: Some(tandem),
     };
-    let mut machine = machine(&tools);
-    machine.description.push_str(&format!(
-        "; load average (1 min) {load_before} before the run, {} after",
-        load_average()
-    ));
+    let machine = machine_after(&tools, &load_before);
     let prefix = if args.quick { "quick-" } else { "" };
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let chart_name = format!("{prefix}capture-latency.svg");
@@ -433,6 +424,17 @@ fn command_output(program: &str, args: &[&str]) -> String {
                 .to_string()
         })
         .unwrap_or_default()
+}
+
+/// The machine, with how busy it was before the run (`load_before`) and is now: other work on
+/// the machine moves every figure.
+fn machine_after(tools: &Tools, load_before: &str) -> Machine {
+    let mut machine = machine(tools);
+    machine.description.push_str(&format!(
+        "; load average (1 min) {load_before} before the run, {} after",
+        load_average()
+    ));
+    machine
 }
 
 fn machine(tools: &Tools) -> Machine {
