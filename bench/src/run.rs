@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::admin::{self, Probe};
 use crate::loadgen::{
-    self, ClosedLoop, LoadError, ManyConnections, OpenLoop, Protocol, RunOutcome, Target,
+    self, ClosedLoop, LoadError, ManyConnections, OpenLoop, Protocol, RunOutcome,
 };
 use crate::procfs;
 use crate::stats::{LatencySummary, cpu_seconds_per_10k};
@@ -252,12 +252,7 @@ impl Progress {
 /// Runs `plan` on loopback with `tools` and returns every figure.
 pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
     let upstream = topology::start_upstream(tools, plan.body_bytes)?;
-    let probe = Target {
-        addr: upstream.http1,
-        authority: upstream.authority.clone(),
-        protocol: Protocol::Http1,
-    };
-    loadgen::wait_ready(&probe, Duration::from_secs(15))
+    loadgen::wait_ready(&upstream.target(Protocol::Http1), Duration::from_secs(15))
         .await
         .map_err(RunError::UpstreamNotReady)?;
     let stage = Loopback {
@@ -374,7 +369,7 @@ impl Scene<'_> {
 
     async fn measure(&self, topology: Topology, stage: &dyn Stage) -> Result<RoundResult, String> {
         let running = stage.start(topology).map_err(|e| e.to_string())?;
-        let probe = self.target(&running, Protocol::Http1);
+        let probe = running.target(Protocol::Http1);
         if let Err(e) = loadgen::wait_ready(&probe, Duration::from_secs(20)).await {
             return Err(format!("not ready: {e}\n{}", running.logs()));
         }
@@ -439,24 +434,13 @@ impl Scene<'_> {
         Ok(result)
     }
 
-    fn target(&self, running: &Running, protocol: Protocol) -> Target {
-        Target {
-            addr: match protocol {
-                Protocol::Http1 => running.http1,
-                Protocol::H2c => running.h2c,
-            },
-            authority: running.authority.clone(),
-            protocol,
-        }
-    }
-
     async fn fixed(
         &self,
         running: &Running,
         protocol: Protocol,
         rate: u64,
     ) -> Result<FixedResult, String> {
-        let target = self.target(running, protocol);
+        let target = running.target(protocol);
         let mut params = OpenLoop {
             rate,
             length: self.plan.warmup,
@@ -494,7 +478,7 @@ impl Scene<'_> {
     }
 
     async fn max(&self, running: &Running, protocol: Protocol) -> Result<MaxResult, String> {
-        let target = self.target(running, protocol);
+        let target = running.target(protocol);
         let params = ClosedLoop {
             in_flight: self.plan.max_in_flight,
             h2_connections: self.plan.h2_connections,
@@ -516,7 +500,7 @@ impl Scene<'_> {
     }
 
     async fn many(&self, running: &Running) -> Result<ManyResult, String> {
-        let target = self.target(running, Protocol::Http1);
+        let target = running.target(Protocol::Http1);
         let mut conns = ManyConnections::open(&target, self.plan.many_connections, 256)
             .await
             .map_err(|e| e.to_string())?;

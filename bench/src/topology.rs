@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use tempfile::TempDir;
 
 use crate::admin::Probe;
+use crate::loadgen::{Protocol, Target};
 use crate::tandem;
 
 /// Errors starting a topology.
@@ -169,6 +170,18 @@ pub struct Running {
 }
 
 impl Running {
+    /// Where a client speaking `protocol` sends its requests, and as whom.
+    pub fn target(&self, protocol: Protocol) -> Target {
+        Target {
+            addr: match protocol {
+                Protocol::Http1 => self.http1,
+                Protocol::H2c => self.h2c,
+            },
+            authority: self.authority.clone(),
+            protocol,
+        }
+    }
+
     /// Nothing started yet: clients connect to `addr` with `authority`; files go in a new
     /// temporary directory.
     pub fn new(addr: SocketAddr, authority: String) -> Result<Self, TopologyError> {

@@ -79,11 +79,7 @@ fn every_request_to_the_cluster_ip_is_captured_and_counted_by_both_sidecars() {
                 .unwrap();
             let running = stage.start(Topology::TandemCaptured).unwrap();
             assert_eq!(running.http1.ip(), capture::CLUSTER_IP);
-            let target = Target {
-                addr: running.http1,
-                authority: running.authority.clone(),
-                protocol: Protocol::Http1,
-            };
+            let target = running.target(Protocol::Http1);
             loadgen::wait_ready(&target, Duration::from_secs(10))
                 .await
                 .unwrap();
