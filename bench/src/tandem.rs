@@ -103,6 +103,7 @@ fn workload(service_account: &str) -> Workload {
     Workload {
         namespace: "bench".into(),
         service_account: service_account.into(),
+        mtls: Default::default(),
     }
 }
 
@@ -151,6 +152,7 @@ pub fn service_config(
                     endpoints: vec![Endpoint {
                         address: endpoint,
                         meshed,
+                        identity: None,
                     }],
                 })
                 .collect(),

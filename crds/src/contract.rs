@@ -17,6 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::identity::MtlsMode;
+
 mod validate;
 
 pub use validate::{ValidationError, ValidationErrors};
@@ -59,6 +61,10 @@ pub struct Workload {
     pub namespace: String,
     /// ServiceAccount the pods run as.
     pub service_account: String,
+    /// Whether this workload's inbound listener accepts plaintext (`permissive`, the default)
+    /// or only mutual TLS from meshed peers (`strict`).
+    #[serde(default)]
+    pub mtls: MtlsMode,
 }
 
 /// Proxy-wide defaults, used where a service or route says nothing.
@@ -179,6 +185,11 @@ pub struct Endpoint {
     /// used only towards meshed endpoints.
     #[serde(default)]
     pub meshed: bool,
+    /// The SPIFFE ID of the endpoint's workload (`spiffe://<td>/ns/<ns>/sa/<sa>`), set when the
+    /// endpoint is meshed and its pod's ServiceAccount is known. The outbound proxy opens mutual
+    /// TLS to such an endpoint and accepts only a certificate for exactly this identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A reference to a service in the config.

@@ -3,11 +3,13 @@
 //! - [`names`]: the fixed names, ports and identifiers every crate shares.
 //! - [`contract`]: the proxy config contract (`tandem.dev/proxy-config/v1`), the JSON the
 //!   operator renders and the proxy loads. It compiles without kube, so the proxy can use it.
+//! - [`identity`]: workload identity (SPIFFE IDs), the signer's wire contract, mTLS modes.
 //! - [`duration`]: the duration strings the CRDs use (`"250ms"`).
 //! - [`v1alpha1`] (feature `kube`): the `TrafficPolicy` and `CircuitBreakerPolicy` CRDs.
 
 pub mod contract;
 pub mod duration;
+pub mod identity;
 pub mod names;
 #[cfg(feature = "kube")]
 pub mod v1alpha1;

@@ -29,6 +29,7 @@ fn service(name: &str, ip: &str, endpoints: &[&str]) -> Service {
                 .map(|e| Endpoint {
                     address: addr(e),
                     meshed: true,
+                    identity: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
                 })
                 .collect(),
         }],
@@ -64,6 +65,7 @@ fn full_config() -> ProxyConfig {
     let mut config = ProxyConfig::new(Workload {
         namespace: "shop".into(),
         service_account: "client".into(),
+        mtls: Default::default(),
     });
     let mut server = service(
         "server",

@@ -64,6 +64,7 @@ impl Rendered {
         let mut config = ProxyConfig::new(Workload {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
+            mtls: Default::default(),
         });
         config.version.clone_from(&self.version);
         config.services.clone_from(&self.services);
@@ -298,6 +299,7 @@ impl<'a> Index<'a> {
                         found.insert(Endpoint {
                             address: SocketAddr::new(ip, target),
                             meshed,
+                            identity: None,
                         });
                     }
                 }
@@ -434,6 +436,7 @@ fn check_fragment(
     let mut trial = ProxyConfig::new(Workload {
         namespace: "trial".into(),
         service_account: "trial".into(),
+        mtls: Default::default(),
     });
     trial.services = bases.into_values().collect();
     trial.validate().map_err(|errors| {
@@ -583,6 +586,7 @@ fn breaker_verdict(
     let mut trial = ProxyConfig::new(Workload {
         namespace: "trial".into(),
         service_account: "trial".into(),
+        mtls: Default::default(),
     });
     // Routes are the TrafficPolicy's business and were checked with it; the breaker is checked
     // on its own.

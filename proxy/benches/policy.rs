@@ -34,6 +34,7 @@ fn service(name: &str, ip: u8, endpoints: u8) -> Service {
                 .map(|i| Endpoint {
                     address: SocketAddr::from(([10, ip, 0, i], 8080)),
                     meshed: true,
+                    identity: None,
                 })
                 .collect(),
             ..ServicePort::default()
@@ -103,6 +104,7 @@ fn config() -> ProxyConfig {
     let mut c = ProxyConfig::new(Workload {
         namespace: "bench".into(),
         service_account: "bench".into(),
+        mtls: Default::default(),
     });
     c.services = vec![
         front,

@@ -24,6 +24,7 @@ pub mod connection;
 pub mod detect;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod log_writer;
 pub mod logging;
 pub mod metrics;

@@ -107,10 +107,12 @@ mod tests {
                     Endpoint {
                         address: "10.0.0.1:8080".parse().unwrap(),
                         meshed: true,
+                        identity: None,
                     },
                     Endpoint {
                         address: "10.0.0.2:8080".parse().unwrap(),
                         meshed: true,
+                        identity: None,
                     },
                 ],
             }],

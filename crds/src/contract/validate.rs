@@ -142,6 +142,13 @@ fn service_problems(
                 || format!("{port_path}.endpoints[{k}].address"),
                 "endpoint port must be 1-65535",
             );
+            if let Some(identity) = &endpoint.identity {
+                let at = || format!("{port_path}.endpoints[{k}].identity");
+                if let Err(e) = crate::identity::SpiffeId::parse(identity) {
+                    report.error(at(), e.to_string());
+                }
+                report.check(endpoint.meshed, at, "an identity needs meshed: true");
+            }
         }
     }
     for (j, route) in service.routes.iter().enumerate() {

@@ -57,6 +57,7 @@ fn service(name: &str, vip_last: u8, endpoints: &[u8]) -> Service {
                 .map(|&i| Endpoint {
                     address: addr(i),
                     meshed: i % 2 == 0,
+                    identity: None,
                 })
                 .collect(),
             ..ServicePort::default()
@@ -73,6 +74,7 @@ fn config(services: Vec<Service>) -> ProxyConfig {
     let mut c = ProxyConfig::new(Workload {
         namespace: "shop".into(),
         service_account: "web".into(),
+        mtls: Default::default(),
     });
     c.services = services;
     c
@@ -655,6 +657,7 @@ fn state_of_remaining_endpoints_is_kept_across_endpoint_set_changes() {
         .map(|&i| Endpoint {
             address: addr(i),
             meshed: false,
+            identity: None,
         })
         .collect();
     let second = h.build(&config(vec![next]), Some(&first));
