@@ -8,14 +8,20 @@ CLUSTER_DIR ?= $(TANDEM_CACHE)/cluster
 # 1.34 build; 1.33 is within kubectl's supported skew (one minor) of the 1.34 apiserver.
 KUBECTL ?= $(firstword $(wildcard /usr/lib/google-cloud-sdk/bin/kubectl.1.33) kubectl)
 
-.PHONY: cluster-bins e2e cluster-up cluster-down
+.PHONY: cluster-bins e2e e2e-tools cluster-up cluster-down
 
 cluster-bins: ## build etcd, kube-apiserver, kube-controller-manager (once per machine, cached)
 	tests/k8s/build.sh
 
 # The cluster tests are #[ignore]d in plain `cargo test` (make unit), which must not start a
 # half-hour Go build; here the binaries exist and they run, every one of them.
-e2e: cluster-bins ## the local-cluster tests: real control plane, node agent, scenarios
+# tcpdump: the mTLS scenario captures the bytes on a pod's veth to prove nothing crosses it in
+# plaintext.
+e2e-tools: ## install tcpdump if missing (idempotent, needs root)
+	@command -v tcpdump >/dev/null 2>&1 || { echo "installing tcpdump"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump; }
+
+e2e: cluster-bins e2e-tools ## the local-cluster tests: real control plane, node agent, scenarios
 	$(CARGO) build -p tandem-webhook --bin tandem-webhook --locked
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" $(CARGO) test -p tandem-tests --locked -- --ignored
 
