@@ -59,6 +59,9 @@ pub enum CaptureError {
     /// The run's runtime could not be built.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    /// A planned topology is not one this stage starts.
+    #[error(transparent)]
+    Select(#[from] run::SelectError),
 }
 
 /// The upstream's address in the server pod.
@@ -320,7 +323,7 @@ pub fn measure(plan: Plan, stage: CaptureStage) -> Result<RunResult, CaptureErro
             loadgen::wait_ready(&probe, Duration::from_secs(15))
                 .await
                 .map_err(CaptureError::UpstreamNotReady)?;
-            Ok(run::run_on(&plan, &stage).await)
+            Ok(run::run_on(&plan, &stage).await?)
         })
     })?
 }

@@ -25,7 +25,6 @@ fn lines(result: &RunResult, protocol: Protocol, rate: u64) -> Vec<Line> {
     result
         .topologies
         .iter()
-        .filter(|run| run.not_measured.is_none())
         .filter_map(|run| {
             let per_round: Vec<[f64; 5]> = run
                 .rounds

@@ -5,14 +5,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tandem_bench::loadgen::{self, ClosedLoop, OpenLoop, Protocol, Target};
 use tandem_bench::report::{self, Machine};
-use tandem_bench::run::{self, Plan};
-use tandem_bench::topology::{Tools, Topology, find_program};
+use tandem_bench::run::{self, Plan, SelectError};
+use tandem_bench::topology::{Program, Tools, Topology};
 use tandem_bench::{capture, chart, netns, pingora_floor, resilience, upstream};
 
 #[derive(Parser)]
@@ -65,15 +66,20 @@ struct RunArgs {
     /// Rounds (overrides the mode's default).
     #[arg(long)]
     rounds: Option<usize>,
-    /// The tandem-proxy binary; without it the tandem topologies are reported as not measured.
+    /// The tandem-proxy binary; without it the tandem topologies cannot run, so the run is
+    /// refused unless they are left out with --skip.
     #[arg(long, env = "TANDEM_PROXY_BIN")]
     tandem_proxy: Option<PathBuf>,
     /// Folder for the report, chart and raw results.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Only these topologies (default: all).
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<TopologyArg>,
+    /// Only these topologies (default: all); the others are reported as left out.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Topology>,
+    /// Leave this topology out (repeatable, or comma-separated). Any topology asked for that
+    /// cannot run here (a program missing) refuses the run, exit code 64, unless left out.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    skip: Vec<Topology>,
 }
 
 #[derive(clap::Args)]
@@ -109,29 +115,6 @@ struct CaptureArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum TopologyArg {
-    Direct,
-    Pingora,
-    Haproxy,
-    Nginx,
-    Tandem1,
-    Tandem2,
-}
-
-impl From<TopologyArg> for Topology {
-    fn from(arg: TopologyArg) -> Self {
-        match arg {
-            TopologyArg::Direct => Topology::Direct,
-            TopologyArg::Pingora => Topology::BarePingora,
-            TopologyArg::Haproxy => Topology::Haproxy,
-            TopologyArg::Nginx => Topology::Nginx,
-            TopologyArg::Tandem1 => Topology::TandemOneHop,
-            TopologyArg::Tandem2 => Topology::TandemTwoHops,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum ProtocolArg {
     Http1,
     H2c,
@@ -159,8 +142,27 @@ struct LoadArgs {
     seconds: u64,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Exit code of a run refused before it started, as for bad config (EX_USAGE).
+const EXIT_REFUSED: u8 = 64;
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A refusal is an answer to what the user asked for, not a failure of the program:
+        // the message alone, without a backtrace.
+        Err(e) if e.downcast_ref::<SelectError>().is_some() => {
+            eprintln!("Error: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e) => {
+            // Printed as `fn main() -> anyhow::Result` would, with the cause chain.
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pingora { listen, upstream } => {
             // Pingora builds and owns its runtimes, so it runs outside tokio.
@@ -187,7 +189,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Load(args) => client_runtime()?.block_on(load(args)),
         Command::Resilience(args) => client_runtime()?.block_on(resilience(args)),
-        Command::Run(args) => client_runtime()?.block_on(run_all(args)),
+        Command::Run(args) => run_all(args),
         Command::Capture(args) => client_runtime()?.block_on(capture_run(args)),
     }
 }
@@ -212,9 +214,9 @@ async fn resilience(args: ResilienceArgs) -> anyhow::Result<()> {
     );
     let tools = Tools {
         bench: bench.clone(),
-        haproxy: None,
-        nginx: None,
-        tandem: Some(args.tandem_proxy.clone()),
+        haproxy: Program::Missing("not part of the resilience run".into()),
+        nginx: Program::Missing("not part of the resilience run".into()),
+        tandem: Program::Found(args.tandem_proxy.clone()),
     };
     let m = machine(&tools);
     let mut text = format!(
@@ -275,11 +277,16 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_all(args: RunArgs) -> anyhow::Result<()> {
-    // 10,000 client connections need more descriptors than the usual soft limit; the proxies
-    // started from here inherit the raised limit.
-    let nofile = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
-    eprintln!("descriptor limit: {nofile}");
+/// `tandem-bench run`: decides what to measure before anything starts (refusing a run that
+/// would leave out a topology the user did not), then measures and writes the report.
+fn run_all(args: RunArgs) -> anyhow::Result<()> {
+    let tools = Tools {
+        bench: std::env::current_exe().context("find this binary")?,
+        haproxy: Program::find("haproxy", "`make bench-deps` installs it"),
+        nginx: Program::find("nginx", "`make bench-deps` installs it"),
+        tandem: Program::tandem_proxy(args.tandem_proxy.as_deref()),
+    };
+    let selection = run::select(&Topology::ALL, &args.only, &args.skip, |t| tools.missing(t))?;
     let mut plan = if args.quick {
         Plan::quick()
     } else {
@@ -288,29 +295,34 @@ async fn run_all(args: RunArgs) -> anyhow::Result<()> {
     if let Some(rounds) = args.rounds {
         plan.rounds = rounds.max(1);
     }
-    if !args.only.is_empty() {
-        plan.topologies = args.only.iter().map(|&t| t.into()).collect();
-    }
-    let tandem = args.tandem_proxy.filter(|path| path.is_file());
-    let tools = Tools {
-        bench: std::env::current_exe().context("find this binary")?,
-        haproxy: find_program("haproxy"),
-        nginx: find_program("nginx"),
-        tandem,
-    };
+    plan.topologies = selection.measure;
+    plan.excluded = selection.excluded;
+    client_runtime()?.block_on(measure_all(&plan, &tools, args.quick, &args.out))
+}
+
+async fn measure_all(
+    plan: &Plan,
+    tools: &Tools,
+    quick: bool,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    // 10,000 client connections need more descriptors than the usual soft limit; the proxies
+    // started from here inherit the raised limit.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
+    eprintln!("descriptor limit: {nofile}");
     let load_before = load_average();
-    let result = run::run(&plan, &tools).await?;
-    let machine = machine_after(&tools, &load_before);
-    let prefix = if args.quick { "quick-" } else { "" };
-    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let result = run::run(plan, tools).await?;
+    let machine = machine_after(tools, &load_before);
+    let prefix = if quick { "quick-" } else { "" };
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let chart_name = format!("{prefix}latency.svg");
     let svg = chart::render_svg(&result)?;
-    std::fs::write(args.out.join(&chart_name), svg)?;
+    std::fs::write(out.join(&chart_name), svg)?;
     let markdown = report::render(&result, &machine, &chart_name);
-    let report_path = args.out.join(format!("{prefix}report.md"));
+    let report_path = out.join(format!("{prefix}report.md"));
     std::fs::write(&report_path, &markdown)?;
     std::fs::write(
-        args.out.join(format!("{prefix}results.json")),
+        out.join(format!("{prefix}results.json")),
         serde_json::to_string_pretty(&result)?,
     )?;
     eprintln!(
@@ -369,9 +381,9 @@ async fn capture_run(args: CaptureArgs) -> anyhow::Result<()> {
     drop(pods);
     let tools = Tools {
         bench,
-        haproxy: None,
-        nginx: None,
-        tandem: Some(tandem),
+        haproxy: Program::Missing("not part of the capture run".into()),
+        nginx: Program::Missing("not part of the capture run".into()),
+        tandem: Program::Found(tandem),
     };
     let machine = machine_after(&tools, &load_before);
     let prefix = if args.quick { "quick-" } else { "" };
@@ -455,10 +467,10 @@ fn machine(tools: &Tools) -> Machine {
         "commit {}",
         command_output("git", &["rev-parse", "--short", "HEAD"])
     )];
-    if let Some(h) = &tools.haproxy {
+    if let Some(h) = tools.haproxy.path() {
         versions.push(command_output(&h.to_string_lossy(), &["-v"]));
     }
-    if let Some(n) = &tools.nginx {
+    if let Some(n) = tools.nginx.path() {
         versions.push(command_output(&n.to_string_lossy(), &["-v"]));
     }
     versions.push("Pingora 0.9".into());

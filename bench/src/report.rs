@@ -82,11 +82,10 @@ impl<'a> View<'a> {
         })
     }
 
+    /// Every topology of the run: a run measures all it planned or is refused before it
+    /// starts ([`crate::run::select`]).
     fn measured(&self) -> impl Iterator<Item = &'a TopologyRun> {
-        self.result
-            .topologies
-            .iter()
-            .filter(|r| r.not_measured.is_none())
+        self.result.topologies.iter()
     }
 
     /// Median [range] of `figure`, its ratio to the same figure of `base` (paired by round).
@@ -220,17 +219,26 @@ pub fn render(result: &RunResult, machine: &Machine, chart: &str) -> String {
     out
 }
 
-/// The topologies not measured and the rounds that failed, with why.
+/// The topologies the user left out and the rounds that failed, with why.
 fn problems_section(out: &mut String, result: &RunResult) {
-    let missing: Vec<_> = result
-        .topologies
-        .iter()
-        .filter_map(|r| r.not_measured.as_ref().map(|why| (r.topology, why)))
-        .collect();
-    if !missing.is_empty() {
-        let _ = writeln!(out, "## Not measured\n");
-        for (topology, why) in missing {
-            let _ = writeln!(out, "- {}: not measured: {why}", topology.name());
+    let excluded = &result.plan.excluded;
+    if !excluded.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Left out by the user
+"
+        );
+        let _ = writeln!(
+            out,
+            "Not measured because the run was told to leave them out (`--skip`, `--only`; \
+             `make bench BENCH_SKIP=...`), not because they failed:\n"
+        );
+        for exclusion in excluded {
+            let could = match &exclusion.unavailable {
+                Some(why) => format!(" (it could not have run here: {why})"),
+                None => String::new(),
+            };
+            let _ = writeln!(out, "- {}: left out{could}", exclusion.topology.name());
         }
         let _ = writeln!(out);
     }
@@ -587,7 +595,7 @@ fn goals_section(out: &mut String, view: &View<'_>) {
     if one.is_none() && two.is_none() {
         let _ = writeln!(
             out,
-            "Not evaluated: tandem-proxy was not measured in this run.\n"
+            "Not evaluated: both tandem topologies were left out of this run.\n"
         );
         return;
     }
@@ -706,7 +714,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::run::{FixedResult, ManyResult, MaxResult, Plan};
+    use crate::run::{Exclusion, FixedResult, ManyResult, MaxResult, Plan};
     use crate::stats::LatencySummary;
 
     fn latency(p50: f64, p99: f64) -> LatencySummary {
@@ -749,7 +757,6 @@ mod tests {
     fn run(topology: Topology, rounds: Vec<Option<RoundResult>>) -> TopologyRun {
         TopologyRun {
             topology,
-            not_measured: None,
             rounds,
             failures: Vec::new(),
         }
@@ -760,6 +767,21 @@ mod tests {
         plan.rates = vec![1_000];
         plan.fixed_protocols = vec![Protocol::Http1];
         plan.max_protocols = vec![Protocol::Http1];
+        plan.topologies = vec![
+            Topology::Direct,
+            Topology::BarePingora,
+            Topology::TandemOneHop,
+        ];
+        plan.excluded = vec![
+            Exclusion {
+                topology: Topology::Nginx,
+                unavailable: None,
+            },
+            Exclusion {
+                topology: Topology::TandemTwoHops,
+                unavailable: Some("no tandem-proxy at /x".into()),
+            },
+        ];
         RunResult {
             plan,
             topologies: vec![
@@ -775,12 +797,6 @@ mod tests {
                     Topology::TandemOneHop,
                     vec![round(0.50, 1.40, 204_800), None],
                 ),
-                TopologyRun {
-                    topology: Topology::TandemTwoHops,
-                    not_measured: Some("proxy not available".into()),
-                    rounds: Vec::new(),
-                    failures: Vec::new(),
-                },
             ],
             elapsed: Duration::from_secs(90),
         }
@@ -805,10 +821,23 @@ mod tests {
     }
 
     #[test]
-    fn unmeasured_topologies_are_named_with_their_reason() {
+    fn topologies_the_user_left_out_are_named_as_left_out() {
         let report = render(&sample(), &Machine::default(), "latency.svg");
-        assert!(report.contains("- tandem 2 hops: not measured: proxy not available"));
+        assert!(report.contains("## Left out by the user"));
+        assert!(report.contains("- nginx: left out\n"), "{report}");
+        assert!(report.contains(
+            "- tandem 2 hops: left out (it could not have run here: no tandem-proxy at /x)"
+        ));
         assert!(!report.contains("| tandem 2 hops |"));
+        assert!(!report.contains("| nginx |"));
+    }
+
+    #[test]
+    fn a_run_with_nothing_left_out_has_no_such_section() {
+        let mut result = sample();
+        result.plan.excluded.clear();
+        let report = render(&result, &Machine::default(), "latency.svg");
+        assert!(!report.contains("Left out"), "{report}");
     }
 
     #[test]

@@ -55,6 +55,94 @@ pub struct Plan {
     pub body_bytes: usize,
     /// Topologies to measure.
     pub topologies: Vec<Topology>,
+    /// Topologies the user left out (`--skip`, or not named by `--only`): the report says so.
+    #[serde(default)]
+    pub excluded: Vec<Exclusion>,
+}
+
+/// A topology the user left out of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusion {
+    /// Which topology.
+    pub topology: Topology,
+    /// Why it could not have run here anyway, if so.
+    pub unavailable: Option<String>,
+}
+
+/// Which topologies a run measures and which the user left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// To measure, in report order.
+    pub measure: Vec<Topology>,
+    /// Left out by the user, in report order.
+    pub excluded: Vec<Exclusion>,
+}
+
+/// Why a run was refused before anything started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    /// Topologies asked for (not left out) that cannot run here, each with why.
+    #[error("{}", unavailable_message(.0))]
+    Unavailable(Vec<(Topology, String)>),
+    /// `--only` and `--skip` left nothing.
+    #[error("every topology is left out (--only, --skip): nothing to measure")]
+    NothingToMeasure,
+}
+
+fn unavailable_message(missing: &[(Topology, String)]) -> String {
+    let mut text = String::from(
+        "refusing to run: these topologies cannot run here, and a report without them would \
+         hide them:",
+    );
+    for (topology, why) in missing {
+        text.push_str(&format!("\n  {}: {why}", topology.name()));
+    }
+    let names: Vec<&str> = missing.iter().map(|(t, _)| t.arg_name()).collect();
+    let flags: Vec<String> = names.iter().map(|n| format!("--skip {n}")).collect();
+    text.push_str(&format!(
+        "\nprovide what is missing, or leave them out explicitly: {} (make bench BENCH_SKIP=\"{}\")",
+        flags.join(" "),
+        names.join(" ")
+    ));
+    text
+}
+
+/// The topologies of `all` to measure: those `only` names (all when it is empty) and `skip`
+/// does not. One asked for that cannot run here (`missing` says why) refuses the whole run:
+/// a benchmark that quietly dropped its subject would report on something else. What the
+/// user left out is kept, with whether it could have run, for the report.
+pub fn select(
+    all: &[Topology],
+    only: &[Topology],
+    skip: &[Topology],
+    missing: impl Fn(Topology) -> Option<String>,
+) -> Result<Selection, SelectError> {
+    let mut selection = Selection {
+        measure: Vec::new(),
+        excluded: Vec::new(),
+    };
+    let mut unavailable = Vec::new();
+    for &topology in all {
+        let asked = (only.is_empty() || only.contains(&topology)) && !skip.contains(&topology);
+        let why = missing(topology);
+        if !asked {
+            selection.excluded.push(Exclusion {
+                topology,
+                unavailable: why,
+            });
+        } else if let Some(why) = why {
+            unavailable.push((topology, why));
+        } else {
+            selection.measure.push(topology);
+        }
+    }
+    if !unavailable.is_empty() {
+        return Err(SelectError::Unavailable(unavailable));
+    }
+    if selection.measure.is_empty() {
+        return Err(SelectError::NothingToMeasure);
+    }
+    Ok(selection)
 }
 
 /// Where a run's topologies are started.
@@ -102,6 +190,7 @@ impl Plan {
             timeout: Duration::from_secs(10),
             body_bytes: 32,
             topologies: Topology::ALL.to_vec(),
+            excluded: Vec::new(),
         }
     }
 
@@ -207,8 +296,6 @@ pub struct RoundResult {
 pub struct TopologyRun {
     /// Which topology.
     pub topology: Topology,
-    /// Why it was not measured at all, if so.
-    pub not_measured: Option<String>,
     /// One entry per round; `None` where the round failed (see `failures`).
     pub rounds: Vec<Option<RoundResult>>,
     /// What went wrong in failed rounds.
@@ -226,9 +313,12 @@ pub struct RunResult {
     pub elapsed: Duration,
 }
 
-/// Errors that end the whole run (a single topology's failure does not).
+/// Errors that end the whole run (a single topology's failure in a round does not).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A planned topology cannot run here.
+    #[error(transparent)]
+    Select(#[from] SelectError),
     /// Starting the upstream failed.
     #[error("upstream: {0}")]
     Upstream(#[from] topology::TopologyError),
@@ -249,7 +339,8 @@ impl Progress {
     }
 }
 
-/// Runs `plan` on loopback with `tools` and returns every figure.
+/// Runs `plan` on loopback with `tools` and returns every figure; refused when a planned
+/// topology cannot run (see [`select`]).
 pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
     let upstream = topology::start_upstream(tools, plan.body_bytes)?;
     loadgen::wait_ready(&upstream.target(Protocol::Http1), Duration::from_secs(15))
@@ -261,12 +352,30 @@ pub async fn run(plan: &Plan, tools: &Tools) -> Result<RunResult, RunError> {
     };
     let result = run_on(plan, &stage).await;
     drop(upstream);
-    Ok(result)
+    Ok(result?)
+}
+
+/// Every planned topology can run, or the ones that cannot, with why.
+fn check_available(
+    plan: &Plan,
+    missing: &dyn Fn(Topology) -> Option<String>,
+) -> Result<(), SelectError> {
+    let unavailable: Vec<_> = plan
+        .topologies
+        .iter()
+        .filter_map(|&t| missing(t).map(|why| (t, why)))
+        .collect();
+    if unavailable.is_empty() {
+        Ok(())
+    } else {
+        Err(SelectError::Unavailable(unavailable))
+    }
 }
 
 /// Runs `plan`'s rounds over the topologies `stage` starts (its upstream already answers)
-/// and returns every figure.
-pub async fn run_on(plan: &Plan, stage: &dyn Stage) -> RunResult {
+/// and returns every figure; refused when `stage` cannot start one of them.
+pub async fn run_on(plan: &Plan, stage: &dyn Stage) -> Result<RunResult, SelectError> {
+    check_available(plan, &|t| stage.missing(t))?;
     let progress = Progress {
         start: Instant::now(),
     };
@@ -276,24 +385,22 @@ pub async fn run_on(plan: &Plan, stage: &dyn Stage) -> RunResult {
         .iter()
         .map(|&topology| TopologyRun {
             topology,
-            not_measured: stage.missing(topology),
             rounds: Vec::new(),
             failures: Vec::new(),
         })
         .collect();
-    let measured = runs.iter().filter(|r| r.not_measured.is_none()).count();
-    for run in runs.iter().filter(|r| r.not_measured.is_some()) {
+    for excluded in &plan.excluded {
         progress.say(&format!(
-            "{}: not measured: {}",
-            run.topology.name(),
-            run.not_measured.as_deref().unwrap_or_default()
+            "{}: left out (--skip, --only)",
+            excluded.topology.name()
         ));
     }
     progress.say(&format!(
-        "{} run: {} rounds over {measured} topologies, about {} min",
+        "{} run: {} rounds over {} topologies, about {} min",
         plan.mode,
         plan.rounds,
-        plan.estimate(measured).as_secs().div_ceil(60)
+        runs.len(),
+        plan.estimate(runs.len()).as_secs().div_ceil(60)
     ));
     for round in 0..plan.rounds {
         let mut order: Vec<usize> = (0..runs.len()).collect();
@@ -303,9 +410,6 @@ pub async fn run_on(plan: &Plan, stage: &dyn Stage) -> RunResult {
         }
         for index in order {
             let run = &mut runs[index];
-            if run.not_measured.is_some() {
-                continue;
-            }
             let scene = Scene {
                 plan,
                 round,
@@ -326,11 +430,11 @@ pub async fn run_on(plan: &Plan, stage: &dyn Stage) -> RunResult {
             }
         }
     }
-    RunResult {
+    Ok(RunResult {
         plan: plan.clone(),
         topologies: runs,
         elapsed: progress.start.elapsed(),
-    }
+    })
 }
 
 /// One topology in one round.
@@ -543,4 +647,139 @@ fn merge(into: &mut hdrhistogram::Histogram<u64>, outcome: &RunOutcome) -> Resul
 
 fn cpu_delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
     Some(after? - before?).filter(|d| *d >= 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the tandem topologies are missing, as on a clone where tandem-proxy is not built.
+    fn no_tandem(topology: Topology) -> Option<String> {
+        matches!(topology, Topology::TandemOneHop | Topology::TandemTwoHops)
+            .then(|| "no tandem-proxy given".to_string())
+    }
+
+    #[test]
+    fn a_missing_topology_that_was_not_left_out_refuses_the_run() {
+        let refused = select(&Topology::ALL, &[], &[], no_tandem).unwrap_err();
+        assert_eq!(
+            refused,
+            SelectError::Unavailable(vec![
+                (Topology::TandemOneHop, "no tandem-proxy given".into()),
+                (Topology::TandemTwoHops, "no tandem-proxy given".into()),
+            ])
+        );
+        let message = refused.to_string();
+        assert!(
+            message.contains("tandem 1 hop: no tandem-proxy given"),
+            "{message}"
+        );
+        assert!(
+            message.contains(
+                "--skip tandem1 --skip tandem2 (make bench BENCH_SKIP=\"tandem1 tandem2\")"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_missing_topology_left_out_is_recorded_with_why_it_could_not_run() {
+        let skip = [Topology::TandemOneHop, Topology::TandemTwoHops];
+        let selection = select(&Topology::ALL, &[], &skip, no_tandem).unwrap();
+        assert_eq!(
+            selection.measure,
+            [
+                Topology::Direct,
+                Topology::BarePingora,
+                Topology::Haproxy,
+                Topology::Nginx
+            ]
+        );
+        assert_eq!(
+            selection.excluded,
+            skip.map(|topology| Exclusion {
+                topology,
+                unavailable: Some("no tandem-proxy given".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn skipping_one_of_two_missing_topologies_still_refuses_for_the_other() {
+        let refused = select(&Topology::ALL, &[], &[Topology::TandemOneHop], no_tandem);
+        assert_eq!(
+            refused,
+            Err(SelectError::Unavailable(vec![(
+                Topology::TandemTwoHops,
+                "no tandem-proxy given".into()
+            )]))
+        );
+    }
+
+    #[test]
+    fn only_leaves_the_others_out_in_report_order() {
+        let only = [Topology::Nginx, Topology::Direct, Topology::Direct];
+        let selection = select(&Topology::ALL, &only, &[], no_tandem).unwrap();
+        assert_eq!(selection.measure, [Topology::Direct, Topology::Nginx]);
+        let excluded: Vec<_> = selection.excluded.iter().map(|e| e.topology).collect();
+        assert_eq!(
+            excluded,
+            [
+                Topology::BarePingora,
+                Topology::Haproxy,
+                Topology::TandemOneHop,
+                Topology::TandemTwoHops
+            ]
+        );
+        // Left out and available: nothing to explain.
+        assert_eq!(selection.excluded[0].unavailable, None);
+    }
+
+    #[test]
+    fn everything_available_measures_everything() {
+        let selection = select(&Topology::ALL, &[], &[], |_| None).unwrap();
+        assert_eq!(selection.measure, Topology::ALL);
+        assert!(selection.excluded.is_empty());
+    }
+
+    #[test]
+    fn leaving_everything_out_is_refused() {
+        let refused = select(
+            &Topology::ALL,
+            &[Topology::Nginx],
+            &[Topology::Nginx],
+            |_| None,
+        );
+        assert_eq!(refused, Err(SelectError::NothingToMeasure));
+    }
+
+    /// A stage that cannot start nginx.
+    struct NoNginx;
+
+    impl Stage for NoNginx {
+        fn missing(&self, topology: Topology) -> Option<String> {
+            (topology == Topology::Nginx).then(|| "nginx not installed".to_string())
+        }
+
+        fn start(&self, topology: Topology) -> Result<Running, TopologyError> {
+            Err(TopologyError::Unavailable(format!(
+                "{} must not be started",
+                topology.name()
+            )))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stage_that_cannot_start_a_planned_topology_refuses_before_any_round() {
+        let mut plan = Plan::quick();
+        plan.topologies = vec![Topology::Direct, Topology::Nginx];
+        let refused = run_on(&plan, &NoNginx).await.err();
+        assert_eq!(
+            refused,
+            Some(SelectError::Unavailable(vec![(
+                Topology::Nginx,
+                "nginx not installed".into()
+            )]))
+        );
+    }
 }

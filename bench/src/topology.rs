@@ -39,27 +39,39 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TopologyError {
 }
 
 /// One way of putting something between the client and the upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+///
+/// The loopback run's topologies are also the values of `tandem-bench run --only` and
+/// `--skip` (clap's names below), so the name a user types and the one an error suggests are
+/// one and the same; the capture run's are not selectable there.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 pub enum Topology {
     /// The client talks to the upstream itself: the baseline.
     Direct,
-    /// The minimal Pingora proxy of [`crate::pingora_floor`]: the floor.
+    /// The minimal Pingora proxy (`tandem-bench pingora`): the floor.
+    #[value(name = "pingora")]
     BarePingora,
     /// Debian's HAProxy, one thread.
     Haproxy,
     /// Debian's nginx, one worker process, `proxy_pass` with upstream keep-alive.
     Nginx,
     /// One tandem-proxy: the client-side sidecar's outbound listener.
+    #[value(name = "tandem1")]
     TandemOneHop,
     /// Two tandem-proxies, the mesh path: client sidecar outbound → server sidecar inbound.
+    #[value(name = "tandem2")]
     TandemTwoHops,
     /// The capture run's baseline: the client pod talks to the server pod's IP over the veth.
+    #[value(skip)]
     DirectNetns,
     /// The capture run's real mesh path: the app sends to the service's cluster IP, the
     /// `tandem-proxy init` rules redirect it to the client sidecar, which sends to the server
     /// pod, whose rules redirect it to the server sidecar.
+    #[value(skip)]
     TandemCaptured,
     /// The same two sidecars in the same pods, addressed explicitly: no iptables.
+    #[value(skip)]
     TandemNetns,
 }
 
@@ -96,6 +108,20 @@ impl Topology {
         }
     }
 
+    /// The name `--only` and `--skip` take (`tandem1`; a test keeps it equal to clap's), or
+    /// for the capture run's topologies, which those flags do not select, the table name.
+    pub fn arg_name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::BarePingora => "pingora",
+            Self::Haproxy => "haproxy",
+            Self::Nginx => "nginx",
+            Self::TandemOneHop => "tandem1",
+            Self::TandemTwoHops => "tandem2",
+            Self::DirectNetns | Self::TandemCaptured | Self::TandemNetns => self.name(),
+        }
+    }
+
     /// Whether this is a run's baseline: the client talks to the upstream itself.
     pub fn is_direct(self) -> bool {
         matches!(self, Self::Direct | Self::DirectNetns)
@@ -107,31 +133,84 @@ impl Topology {
     }
 }
 
+/// A program a topology needs: where it is, or why it is not there (said to the user when
+/// a topology that needs it was asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Program {
+    /// Found at this path.
+    Found(PathBuf),
+    /// Not there, and why.
+    Missing(String),
+}
+
+impl Program {
+    /// `name` from the PATH or the usual sbin directories; `install` says how to get it.
+    pub fn find(name: &str, install: &str) -> Self {
+        match find_program(name) {
+            Some(path) => Self::Found(path),
+            None => Self::Missing(format!(
+                "{name} not installed (not on PATH, nor in /usr/sbin, /usr/local/sbin, /sbin); {install}"
+            )),
+        }
+    }
+
+    /// The tandem-proxy binary the user named (`--tandem-proxy`, `TANDEM_PROXY_BIN`), if it
+    /// is a file.
+    pub fn tandem_proxy(given: Option<&Path>) -> Self {
+        match given {
+            Some(path) if path.is_file() => Self::Found(path.to_path_buf()),
+            Some(path) => Self::Missing(format!(
+                "no tandem-proxy at {} (build it: cargo build --release -p tandem-proxy)",
+                path.display()
+            )),
+            None => Self::Missing(
+                "no tandem-proxy given (--tandem-proxy <path> or TANDEM_PROXY_BIN; \
+                 `make bench` builds target/release/tandem-proxy and passes it)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The path, when found.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Found(path) => Some(path),
+            Self::Missing(_) => None,
+        }
+    }
+
+    fn missing(&self) -> Option<String> {
+        match self {
+            Self::Found(_) => None,
+            Self::Missing(why) => Some(why.clone()),
+        }
+    }
+}
+
 /// The programs the topologies run.
 #[derive(Debug, Clone)]
 pub struct Tools {
     /// This benchmark's own binary (it also serves the upstream and the bare Pingora proxy).
     pub bench: PathBuf,
-    /// `haproxy`, when installed.
-    pub haproxy: Option<PathBuf>,
-    /// `nginx`, when installed.
-    pub nginx: Option<PathBuf>,
-    /// `tandem-proxy`, when built.
-    pub tandem: Option<PathBuf>,
+    /// `haproxy`.
+    pub haproxy: Program,
+    /// `nginx`.
+    pub nginx: Program,
+    /// `tandem-proxy`.
+    pub tandem: Program,
 }
 
 impl Tools {
     /// Why `topology` cannot run here, or `None` when it can.
     pub fn missing(&self, topology: Topology) -> Option<String> {
-        let need = |tool: &Option<PathBuf>, why: &str| tool.is_none().then(|| why.to_string());
         match topology {
             Topology::Direct | Topology::BarePingora | Topology::DirectNetns => None,
-            Topology::Haproxy => need(&self.haproxy, "haproxy not installed"),
-            Topology::Nginx => need(&self.nginx, "nginx not installed"),
+            Topology::Haproxy => self.haproxy.missing(),
+            Topology::Nginx => self.nginx.missing(),
             Topology::TandemOneHop
             | Topology::TandemTwoHops
             | Topology::TandemCaptured
-            | Topology::TandemNetns => need(&self.tandem, "proxy not available"),
+            | Topology::TandemNetns => self.tandem.missing(),
         }
     }
 }
@@ -318,7 +397,7 @@ pub fn start(
             let config = dir.join("haproxy.cfg");
             fs::write(&config, haproxy_config(http1, h2c, upstream))
                 .map_err(io("write haproxy.cfg"))?;
-            let program = tools.haproxy.as_deref().unwrap_or(Path::new("haproxy"));
+            let program = tools.haproxy.path().unwrap_or(Path::new("haproxy"));
             let child = spawn(
                 &dir,
                 "haproxy.log",
@@ -331,7 +410,7 @@ pub fn start(
             let config = dir.join("nginx.conf");
             fs::write(&config, nginx_config(&dir, http1, h2c, upstream))
                 .map_err(io("write nginx.conf"))?;
-            let program = tools.nginx.as_deref().unwrap_or(Path::new("nginx"));
+            let program = tools.nginx.path().unwrap_or(Path::new("nginx"));
             let child = spawn(
                 &dir,
                 "nginx.log",
@@ -346,7 +425,7 @@ pub fn start(
             running.add(child, http1, h2c);
         }
         Topology::TandemOneHop => {
-            let program = tools.tandem.as_deref().unwrap_or(Path::new("tandem-proxy"));
+            let program = tools.tandem.path().unwrap_or(Path::new("tandem-proxy"));
             let a = tandem::Ports::free()?;
             let config = tandem::client_config(upstream, upstream, false)?;
             let child = tandem_child(&dir, program, "tandem-a", &a, &config)?;
@@ -354,7 +433,7 @@ pub fn start(
             running.probes = vec![tandem::outbound_probe(None, a.admin)];
         }
         Topology::TandemTwoHops => {
-            let program = tools.tandem.as_deref().unwrap_or(Path::new("tandem-proxy"));
+            let program = tools.tandem.path().unwrap_or(Path::new("tandem-proxy"));
             let (a, b) = (tandem::Ports::free()?, tandem::Ports::free()?);
             let server = tandem::server_config()?;
             let child_b = tandem_child(&dir, program, "tandem-b", &b, &server)?;
@@ -498,20 +577,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tandem_topologies_are_unavailable_without_the_binary() {
+    fn each_topology_is_missing_what_its_program_is_missing() {
         let tools = Tools {
             bench: PathBuf::from("/bin/true"),
-            haproxy: None,
-            nginx: Some(PathBuf::from("/usr/sbin/nginx")),
-            tandem: None,
+            haproxy: Program::Missing("haproxy not installed".into()),
+            nginx: Program::Found(PathBuf::from("/usr/sbin/nginx")),
+            tandem: Program::tandem_proxy(None),
         };
         assert_eq!(tools.missing(Topology::Direct), None);
+        assert_eq!(tools.missing(Topology::BarePingora), None);
         assert_eq!(tools.missing(Topology::Nginx), None);
         assert_eq!(
-            tools.missing(Topology::TandemTwoHops).as_deref(),
-            Some("proxy not available")
+            tools.missing(Topology::Haproxy).as_deref(),
+            Some("haproxy not installed")
         );
-        assert!(tools.missing(Topology::Haproxy).is_some());
+        for tandem in [Topology::TandemOneHop, Topology::TandemTwoHops] {
+            let why = tools.missing(tandem).unwrap();
+            assert!(why.contains("--tandem-proxy"), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_tandem_proxy_path_that_is_not_a_file_is_named_in_the_reason() {
+        let given = Path::new("/nonexistent/target/release/tandem-proxy");
+        let Program::Missing(why) = Program::tandem_proxy(Some(given)) else {
+            panic!("a path that does not exist was taken for the binary");
+        };
+        assert!(
+            why.contains("/nonexistent/target/release/tandem-proxy"),
+            "{why}"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(
+            Program::tandem_proxy(Some(file.path())),
+            Program::Found(file.path().to_path_buf())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Program::tandem_proxy(Some(dir.path())).path().is_none());
+    }
+
+    #[test]
+    fn the_names_the_flags_take_are_clap_s() {
+        use clap::ValueEnum as _;
+        for topology in Topology::ALL {
+            let value = topology.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), topology.arg_name());
+        }
+        for topology in Topology::CAPTURE {
+            assert!(topology.to_possible_value().is_none(), "{topology:?}");
+        }
     }
 
     #[test]
