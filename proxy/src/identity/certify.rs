@@ -120,7 +120,7 @@ pub async fn certify(
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CertifyFailure::Key)?;
     let csr = csr_pem(&key, expected).map_err(CertifyFailure::Key)?;
     let body = serde_json::to_vec(&CertifyRequest { csr })
-        .map_err(|e| CertifyFailure::BadResponse(BadResponse::Body(Box::new(e))))?;
+        .map_err(|e| CertifyFailure::Request(Box::new(e)))?;
     let exchange = post(signer, &trust, &token, body);
     let (status, body) = tokio::time::timeout(signer.timeout, exchange)
         .await
@@ -195,8 +195,7 @@ async fn post(
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "application/json")
         .body(Full::new(Bytes::from(body)));
-    let request =
-        request.map_err(|e| CertifyFailure::BadResponse(BadResponse::Body(Box::new(e))))?;
+    let request = request.map_err(|e| CertifyFailure::Request(Box::new(e)))?;
     let response = sender.send_request(request).await.map_err(http)?;
     let status = response.status();
     let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
@@ -387,4 +386,205 @@ fn hex(bytes: &[u8]) -> String {
         _ => bytes,
     };
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
+
+    use super::*;
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        pem: String,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { params, key, pem }
+    }
+
+    /// A leaf for `key` with these URI SANs, valid `from`..`to` seconds around now.
+    fn leaf(ca: &Ca, key: &KeyPair, uris: &[&str], from: i64, to: i64) -> String {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = SystemTime::now();
+        let at = |s: i64| {
+            if s >= 0 {
+                now + Duration::from_secs(s.unsigned_abs())
+            } else {
+                now - Duration::from_secs(s.unsigned_abs())
+            }
+        };
+        params.not_before = at(from).into();
+        params.not_after = at(to).into();
+        params
+            .signed_by(key, &Issuer::from_params(&ca.params, &ca.key))
+            .unwrap()
+            .pem()
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn response(chain: String, identity: &str) -> CertifyResponse {
+        CertifyResponse {
+            certificate_chain: chain,
+            identity: identity.into(),
+            not_after_unix: 0,
+        }
+    }
+
+    fn check(trusted: &Ca, chain: String, key: &KeyPair) -> Result<Credentials, BadResponse> {
+        let trust = TrustBundle::from_pem(trusted.pem.as_bytes()).unwrap();
+        credentials(&response(chain, WEB), key, &trust, SystemTime::now())
+    }
+
+    fn p256() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    #[test]
+    fn a_leaf_for_our_key_and_one_spiffe_id_under_the_roots_becomes_credentials() {
+        let ca = ca("root");
+        let key = p256();
+        let creds = check(&ca, leaf(&ca, &key, &[WEB], -10, 3_600), &key).unwrap();
+        assert_eq!(creds.id.uri(), WEB);
+        assert!(creds.not_after > SystemTime::now());
+        assert!(!creds.serial.is_empty());
+        assert_eq!(creds.certified.cert.len(), 1);
+        assert_eq!(creds.key.secret_pkcs8_der(), key.serialize_der().as_slice());
+    }
+
+    #[test]
+    fn a_leaf_for_another_key_is_refused() {
+        let ca = ca("root");
+        let (ours, theirs) = (p256(), p256());
+        let chain = leaf(&ca, &theirs, &[WEB], -10, 3_600);
+        assert!(matches!(
+            check(&ca, chain, &ours),
+            Err(BadResponse::KeyMismatch)
+        ));
+    }
+
+    #[test]
+    fn a_leaf_without_exactly_one_spiffe_uri_is_refused() {
+        let ca = ca("root");
+        let key = p256();
+        let none = leaf(&ca, &key, &[], -10, 3_600);
+        assert!(matches!(
+            check(&ca, none, &key),
+            Err(BadResponse::UriSans(0))
+        ));
+        let two = leaf(
+            &ca,
+            &key,
+            &[WEB, "spiffe://cluster.local/ns/shop/sa/db"],
+            -10,
+            3_600,
+        );
+        assert!(matches!(
+            check(&ca, two, &key),
+            Err(BadResponse::UriSans(2))
+        ));
+        let not_spiffe = leaf(&ca, &key, &["https://example.com/web"], -10, 3_600);
+        assert!(matches!(
+            check(&ca, not_spiffe, &key),
+            Err(BadResponse::SpiffeId(_))
+        ));
+    }
+
+    #[test]
+    fn a_leaf_for_another_identity_than_the_signer_names_is_refused() {
+        let ca = ca("root");
+        let key = p256();
+        let chain = leaf(
+            &ca,
+            &key,
+            &["spiffe://cluster.local/ns/shop/sa/db"],
+            -10,
+            3_600,
+        );
+        assert!(matches!(
+            check(&ca, chain, &key),
+            Err(BadResponse::IdentityMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn an_expired_leaf_is_refused() {
+        let ca = ca("root");
+        let key = p256();
+        let chain = leaf(&ca, &key, &[WEB], -3_600, -60);
+        assert!(matches!(
+            check(&ca, chain, &key),
+            Err(BadResponse::Validity { .. })
+        ));
+    }
+
+    #[test]
+    fn a_leaf_not_under_the_trust_roots_is_refused() {
+        let (signer, other) = (ca("root"), ca("other"));
+        let key = p256();
+        let chain = leaf(&signer, &key, &[WEB], -10, 3_600);
+        assert!(matches!(
+            check(&other, chain, &key),
+            Err(BadResponse::Untrusted(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_are_classed_by_status() {
+        let body = br#"{"reason":"Unauthenticated","message":"token expired"}"#;
+        let e = answer(http::StatusCode::UNAUTHORIZED, body).unwrap_err();
+        assert_eq!(e.reason(), "unauthenticated");
+        assert!(e.to_string().contains("token expired"), "{e}");
+        let e = answer(http::StatusCode::SERVICE_UNAVAILABLE, b"upstream gone").unwrap_err();
+        assert_eq!(e.reason(), "refused");
+        assert!(e.to_string().contains("upstream gone"), "{e}");
+        let e = answer(http::StatusCode::OK, b"<html>").unwrap_err();
+        assert_eq!(e.reason(), "bad-response");
+    }
+
+    #[test]
+    fn a_csr_names_the_expected_identity_when_there_is_one() {
+        let key = p256();
+        let id = SpiffeId::parse(WEB).unwrap();
+        let with = csr_pem(&key, Some(&id)).unwrap();
+        let without = csr_pem(&key, None).unwrap();
+        assert!(with.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        assert!(with.len() > without.len());
+    }
+
+    #[test]
+    fn signer_addresses_print_as_they_parse() {
+        for s in [
+            "tandem-identity.tandem-system.svc:15030",
+            "127.0.0.1:1",
+            "[::1]:15030",
+        ] {
+            assert_eq!(SignerAddr::parse(s).unwrap().to_string(), s);
+        }
+        assert!(SignerAddr::parse("[]:1").is_err());
+        assert_eq!(
+            SignerName::parse("tandem-identity.tandem-system.svc")
+                .unwrap()
+                .to_string(),
+            "tandem-identity.tandem-system.svc"
+        );
+    }
 }

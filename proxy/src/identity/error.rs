@@ -96,13 +96,17 @@ pub enum CertifyFailure {
     /// The key or the CSR could not be made (the system's random source failed).
     #[error("cannot make a key and CSR")]
     Key(#[source] rcgen::Error),
+    /// The request could not be put together (encoding the body, building the message).
+    #[error("cannot build the certify request")]
+    Request(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl CertifyFailure {
     /// The failure class, as a label value: `unauthenticated` (no usable token, or the signer
     /// refused it), `refused` (the signer said no for another reason), `unreachable` (no
     /// verified connection to the signer: no trust bundle, DNS, TCP, TLS, HTTP, timeout),
-    /// `bad-response` (a 200 whose certificate is unusable) or `local` (no key could be made).
+    /// `bad-response` (a 200 whose certificate is unusable) or `local` (no key or request could
+    /// be made).
     pub fn reason(&self) -> &'static str {
         match self {
             Self::ReadToken { .. } | Self::BadToken { .. } | Self::Unauthenticated { .. } => {
@@ -116,7 +120,7 @@ impl CertifyFailure {
             | Self::Http { .. }
             | Self::Timeout { .. } => "unreachable",
             Self::BadResponse(_) => "bad-response",
-            Self::Key(_) => "local",
+            Self::Key(_) | Self::Request(_) => "local",
         }
     }
 }
