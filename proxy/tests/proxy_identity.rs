@@ -373,3 +373,29 @@ async fn without_a_signer_identity_is_off_and_not_required_for_readiness() {
     let (_, metrics) = proxy.admin("/metrics").await;
     assert!(!metrics.contains("tandem_identity_"), "{metrics}");
 }
+
+#[test]
+fn the_test_ca_fills_an_identity_state_whose_leaf_chains_to_the_root() {
+    let root = TestCa::root("root");
+    let issuer = root.intermediate("issuer");
+    let id = SpiffeId::new("cluster.local", "test", "web");
+    let state = support::ca::identity_state(&issuer, &[&root], &id, Duration::from_secs(600));
+    let creds = state.credentials().unwrap();
+    assert_eq!(creds.id, id);
+    assert_eq!(creds.chain.len(), 2);
+    assert!(creds.not_after > SystemTime::now());
+    let trust = state.trust().unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        trust.roots.clone(),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_client_cert(
+            &creds.chain[0],
+            &creds.chain[1..],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .unwrap();
+}

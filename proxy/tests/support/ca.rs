@@ -6,7 +6,8 @@
 //! and client auth, random serial), either with a fresh key ([`TestCa::issue_spiffe`]) or for a
 //! public key taken from a CSR ([`TestCa::sign_spiffe`]). [`TestSigner`] serves
 //! `POST /v1/certify` over rustls: the bearer token picks the identity, the CSR contributes only
-//! its public key, as the real signer does.
+//! its public key, as the real signer does. [`identity_state`] fills an `IdentityState`
+//! directly, for data-plane tests that need credentials but no signer.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,6 +31,7 @@ use rustls::pki_types::{
 use tandem_crds::identity::{
     CERTIFY_PATH, CertifyError, CertifyRequest, CertifyResponse, SpiffeId, signer_dns_name,
 };
+use tandem_proxy::identity::{Credentials, IdentityState, TrustBundle};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::FromDer;
@@ -66,6 +68,49 @@ impl Issued {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.as_ref().expect("issued with a key").clone_key())
     }
+
+    /// The proxy's [`Credentials`] for this workload leaf (from [`TestCa::issue_spiffe`]), to
+    /// install with `IdentityState::set_credentials` without a signer.
+    pub fn credentials(&self, id: &SpiffeId) -> Credentials {
+        let key = self.key.as_ref().expect("issued with a key").clone_key();
+        let certified = rustls::sign::CertifiedKey::from_der(
+            self.chain.clone(),
+            PrivateKeyDer::Pkcs8(key.clone_key()),
+            &rustls::crypto::ring::default_provider(),
+        )
+        .unwrap();
+        let (_, leaf) =
+            x509_parser::certificate::X509Certificate::from_der(self.chain[0].as_ref()).unwrap();
+        let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64);
+        Credentials {
+            id: id.clone(),
+            chain: self.chain.clone(),
+            key,
+            certified: Arc::new(certified),
+            not_before: at(leaf.validity().not_before.timestamp()),
+            not_after: at(leaf.validity().not_after.timestamp()),
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+/// A [`TrustBundle`] of these roots, to install with `IdentityState::set_trust`.
+pub fn trust_bundle(roots: &[&TestCa]) -> TrustBundle {
+    TrustBundle::from_der(roots.iter().map(|ca| ca.cert.clone()).collect()).unwrap()
+}
+
+/// An [`IdentityState`] holding a fresh leaf for `id` under `issuer` (valid `ttl`) and the
+/// trust anchors `roots`: what a proxy has once its identity client has done its work.
+pub fn identity_state(
+    issuer: &TestCa,
+    roots: &[&TestCa],
+    id: &SpiffeId,
+    ttl: Duration,
+) -> Arc<IdentityState> {
+    let state = Arc::new(IdentityState::default());
+    state.set_credentials(Arc::new(issuer.issue_spiffe(id, ttl).credentials(id)));
+    state.set_trust(Arc::new(trust_bundle(roots)));
+    state
 }
 
 /// A public key taken from a CSR (P-256, as the proxy makes them).
