@@ -14,7 +14,8 @@
 //! classifier), [`relay`] (opaque TCP), [`http`] (the Pingora HTTP path), [`routing`] (services
 //! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
 //! balancers, circuit breaking), [`config`] (load, watch, swap), [`metrics`], [`admin`],
-//! [`logging`], [`log_writer`] and [`access_log`].
+//! [`logging`], [`log_writer`] and [`access_log`]; [`tls`] (mutual TLS between sidecars:
+//! inbound termination and the mTLS mode, outbound origination) reads [`identity`].
 
 pub mod access_log;
 pub mod admin;
@@ -32,6 +33,7 @@ pub mod policy;
 pub mod relay;
 pub mod routing;
 pub mod server;
+pub mod tls;
 
 pub use cli::{Cli, Command, RunArgs};
 pub use error::{Error, Result};
