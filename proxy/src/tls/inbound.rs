@@ -13,6 +13,7 @@
 //! TLS from their own listeners, and the callback's [`PeerIdentity`] lands in the connection's
 //! `SslDigest` extension, where each request finds it.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -36,6 +37,18 @@ use super::spiffe::{self, SanRefusal};
 use super::{HANDSHAKE_TIMEOUT, PeerIdentity};
 use crate::identity::{IdentityState, TrustBundle};
 use crate::metrics::{Direction, HandshakeResult, InboundRefusal, TlsMetrics};
+
+tokio::task_local! {
+    /// Why the client verifier refused the certificate of the handshake this task runs.
+    /// Pingora's acceptor reports a failure as text only, so the verifier, which runs inside
+    /// the handshake's poll, notes the typed cause here for [`InboundTls::terminate`].
+    static REFUSED: Cell<Option<HandshakeResult>>;
+}
+
+/// Notes a refusal's cause for the running handshake (outside one, nothing happens).
+fn note(result: HandshakeResult) {
+    let _ = REFUSED.try_with(|cause| cause.set(Some(result)));
+}
 
 /// ALPN protocols the inbound side negotiates, in its order of preference.
 pub const ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", ALPN_TCP];
@@ -158,10 +171,16 @@ impl InboundTls {
             stream,
             &self.callbacks,
         );
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        let (outcome, refused) = REFUSED
+            .scope(Cell::new(None), async {
+                let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+                (outcome, REFUSED.with(Cell::take))
+            })
+            .await;
+        match outcome {
             Ok(Ok(tls)) => Ok(tls),
             Ok(Err(source)) => {
-                let result = spiffe::classify(&*source);
+                let result = refused.unwrap_or(HandshakeResult::Handshake);
                 self.callbacks
                     .metrics
                     .tls
@@ -245,20 +264,28 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.webpki()?
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let id = spiffe::spiffe_id(end_entity).map_err(SanRefusal::into_rustls)?;
+        let refuse = |e: rustls::Error| {
+            note(spiffe::classify(&e));
+            e
+        };
+        self.webpki()
+            .map_err(refuse)?
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(refuse)?;
+        let id = spiffe::spiffe_id(end_entity).map_err(|r| refuse(r.into_rustls()))?;
         let ours = self
             .identity
             .credentials()
             .map(|c| c.id.trust_domain.clone())
             .unwrap_or_default();
         if id.trust_domain != ours {
-            return Err(SanRefusal::WrongTrustDomain {
-                found: id.uri(),
-                expected: ours,
-            }
-            .into_rustls());
+            return Err(refuse(
+                SanRefusal::WrongTrustDomain {
+                    found: id.uri(),
+                    expected: ours,
+                }
+                .into_rustls(),
+            ));
         }
         Ok(ClientCertVerified::assertion())
     }

@@ -196,9 +196,11 @@ impl OutboundTls {
                 | pingora::ErrorType::HandshakeError
         ) || spiffe::rustls_cause(error).is_some();
         if tls {
-            self.metrics
-                .tls
-                .handshake(Direction::Outbound, spiffe::classify(error));
+            let result = match spiffe::classify(error) {
+                HandshakeResult::Handshake => spiffe::classify_message(&error.to_string()),
+                typed => typed,
+            };
+            self.metrics.tls.handshake(Direction::Outbound, result);
         }
     }
 

@@ -126,6 +126,29 @@ pub fn classify(error: &(dyn StdError + 'static)) -> HandshakeResult {
     }
 }
 
+/// The counted cause of a failed handshake whose typed error is gone, from its message.
+///
+/// Pingora's TLS handshakes (upstream connect and downstream accept) report a failure as an
+/// error *explained* with the rustls error's text, dropping the typed cause (`explain_err`),
+/// so the outbound HTTP path can only read the text; rustls's `Display` for certificate
+/// errors is stable within 0.23. The inbound path does not need this: its own verifier notes
+/// the cause ([`super::inbound`]).
+pub fn classify_message(message: &str) -> HandshakeResult {
+    let Some((_, cert)) = message.split_once("invalid peer certificate: ") else {
+        return HandshakeResult::Handshake;
+    };
+    let has = |needle: &str| cert.contains(needle);
+    if has("not valid for name") || has("NotValidForName") {
+        HandshakeResult::WrongIdentity
+    } else if has("expired") || has("Expired") || has("not valid yet") || has("NotValidYet") {
+        HandshakeResult::Expired
+    } else if has("UnknownIssuer") || has("BadSignature") || has("issuer") {
+        HandshakeResult::Untrusted
+    } else {
+        HandshakeResult::Handshake
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +213,31 @@ mod tests {
         assert_eq!(classify(&unknown), HandshakeResult::Untrusted);
         let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
         assert_eq!(classify(&eof), HandshakeResult::Handshake);
+    }
+
+    #[test]
+    fn pingoras_flattened_messages_still_name_the_cause() {
+        let msg = |e: CertificateError| {
+            format!(
+                "TLS connect() failed: TLSHandshakeFailure context: tls connect error cause: {}, SNI: a.b.sa.c",
+                rustls::Error::InvalidCertificate(e)
+            )
+        };
+        assert_eq!(
+            classify_message(&msg(CertificateError::NotValidForName)),
+            HandshakeResult::WrongIdentity
+        );
+        assert_eq!(
+            classify_message(&msg(CertificateError::Expired)),
+            HandshakeResult::Expired
+        );
+        assert_eq!(
+            classify_message(&msg(CertificateError::UnknownIssuer)),
+            HandshakeResult::Untrusted
+        );
+        assert_eq!(
+            classify_message("TLS connect() failed: connection reset"),
+            HandshakeResult::Handshake
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! loopback port 0, small HTTP/1.1 and h2c clients, and the kubelet's atomic config swap.
 #![allow(dead_code, missing_docs)]
 
+pub mod ca;
+pub mod mesh;
 pub mod netns;
 pub mod upstream;
 
