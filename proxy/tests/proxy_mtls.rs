@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use support::ca::{Leaf, TestCa, identity};
 use support::mesh::{MeshProxy, Wiretap, config, contains, meshed_service};
+use support::netns::{Pods, SERVER_IP};
 use support::upstream::{self, bind_local};
 use support::{ConfigDir, H1Client, eventually, get, h2_client};
 use tandem_proxy::identity::IdentityState;
@@ -417,4 +418,227 @@ async fn a_two_root_bundle_accepts_certificates_from_either_root() {
         .set_credentials(old.issue(Leaf::new("test", "client")));
     assert_eq!(hops.get("/").await.unwrap().status, 200);
     assert_eq!(handshakes(&hops.server, "inbound", "success"), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// With an original destination: two network namespaces, iptables REDIRECT on both sides.
+
+/// A port the server pod's app listens on; its inbound connections are redirected to the proxy.
+const APP_PORT: u16 = 7000;
+/// A cluster IP the client pod's outbound connections to which are redirected to its proxy.
+const CLUSTER_IP: &str = "10.96.0.50";
+
+/// Redirects TCP arriving at the server pod on `port` to `inbound`.
+fn redirect_inbound(pods: &Pods, port: u16, inbound: SocketAddr) {
+    pods.server.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        &port.to_string(),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &inbound.port().to_string(),
+    ]);
+}
+
+/// A TLS server with its own certificate for `app.example` (the application's TLS, not
+/// Tandem's), echoing what it reads; returns the certificate to trust.
+fn app_tls_server(listener: std::net::TcpListener) -> rustls::pki_types::CertificateDer<'static> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["app.example".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = cert.der().clone();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![der.clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    der
+}
+
+/// Connects with TLS to `addr` as `app.example`, trusting `root`, sends `line`, returns the echo.
+async fn app_tls_call(
+    addr: SocketAddr,
+    root: rustls::pki_types::CertificateDer<'static>,
+    line: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(line).await?;
+    let mut buf = vec![0u8; line.len()];
+    tls.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destination() {
+    let pods = Pods::new();
+    let ca = TestCa::new("root");
+    let echo = upstream::tcp_echo(pods.server.bind(&format!("0.0.0.0:{APP_PORT}")));
+    let mut server_dir = ConfigDir::new();
+    server_dir.publish(&config("server", "server", "strict", vec![]));
+    let server = MeshProxy::start_in(
+        &pods.server,
+        &server_dir.path(),
+        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
+    );
+    redirect_inbound(&pods, echo.port(), server.inbound);
+    let app: SocketAddr = format!("{SERVER_IP}:{APP_PORT}").parse().unwrap();
+    let wiretap = Wiretap::start_in(&pods.client, pods.client.bind("127.0.0.1:0"), app);
+    let mut client_dir = ConfigDir::new();
+    client_dir.publish(&config(
+        "client",
+        "client",
+        "permissive",
+        vec![meshed_service(
+            "echo",
+            CLUSTER_IP,
+            APP_PORT,
+            "tcp",
+            &[(wiretap.addr, SERVER)],
+        )],
+    ));
+    let client = MeshProxy::start_in(
+        &pods.client,
+        &client_dir.path(),
+        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
+    );
+    pods.client.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        CLUSTER_IP,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &client.outbound.port().to_string(),
+    ]);
+
+    let echoed = pods.client.block_on(|| async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(format!("{CLUSTER_IP}:{APP_PORT}"))
+            .await
+            .unwrap();
+        let line = format!("{MARKER}\n");
+        tcp.write_all(line.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; line.len()];
+        tcp.read_exact(&mut buf).await.unwrap();
+        String::from_utf8(buf).unwrap()
+    });
+    assert_eq!(echoed, format!("{MARKER}\n"));
+
+    let wire = wiretap.bytes();
+    assert_eq!(
+        wire.first(),
+        Some(&0x16),
+        "the hop starts with a TLS record"
+    );
+    assert!(
+        !contains(&wire, MARKER.as_bytes()),
+        "plaintext crossed the wire"
+    );
+    assert_eq!(handshakes(&client, "outbound", "success"), 1);
+    assert_eq!(handshakes(&server, "inbound", "success"), 1);
+    eventually("the relayed connection counted", Duration::from_secs(5), async || {
+        server.metrics().contains(
+            r#"tandem_tcp_open_total{direction="inbound",dst_service="inbound",protocol="tcp",connection_security_policy="mutual_tls"} 1"#,
+        )
+    })
+    .await;
+    assert!(server.metrics().contains(&format!(
+        r#"tandem_tls_peer_connections_total{{direction="inbound",peer_identity="{CLIENT}"}} 1"#
+    )));
+    assert!(client.metrics().contains(
+        r#"tandem_tcp_open_total{direction="outbound",dst_service="test/echo",protocol="tcp",connection_security_policy="mutual_tls"} 1"#
+    ), "{}", client.metrics());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_tls_passes_through_untouched_when_permissive_and_is_refused_when_strict() {
+    let pods = Pods::new();
+    let ca = TestCa::new("root");
+    let app_port = 8443;
+    let root = app_tls_server(pods.server.bind(&format!("0.0.0.0:{app_port}")));
+    let mut dir = ConfigDir::new();
+    dir.publish(&config("v1", "server", "permissive", vec![]));
+    let server = MeshProxy::start_in(
+        &pods.server,
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
+    );
+    redirect_inbound(&pods, app_port, server.inbound);
+    let app: SocketAddr = format!("{SERVER_IP}:{app_port}").parse().unwrap();
+
+    // The application's own TLS reaches it end to end: the proxy neither terminates nor alters it.
+    let call = {
+        let root = root.clone();
+        move || async move { app_tls_call(app, root, b"hello app\n").await }
+    };
+    let echoed = pods.client.block_on(call.clone()).unwrap();
+    assert_eq!(echoed, b"hello app\n");
+    assert_eq!(handshakes(&server, "inbound", "success"), 0);
+    assert_eq!(handshakes(&server, "inbound", "handshake"), 0);
+    eventually("the pass-through counted", Duration::from_secs(5), async || {
+        server.metrics().contains(
+            r#"tandem_tcp_open_total{direction="inbound",dst_service="inbound",protocol="tcp",connection_security_policy="none"} 1"#,
+        )
+    })
+    .await;
+
+    dir.publish(&config("v2", "server", "strict", vec![]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if pods.client.block_on(call.clone()).is_err() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "strict never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused(&server, "foreign-tls") >= 1);
 }

@@ -203,49 +203,70 @@ pub struct Wiretap {
 impl Wiretap {
     /// Listens on `listener`, forwards each connection to `to`.
     pub fn start(listener: std::net::TcpListener, to: SocketAddr) -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        Self::start_at(listener, to, None)
+    }
+
+    /// The same, inside `ns` (the connections to `to` are made there).
+    pub fn start_in(ns: &Netns, listener: std::net::TcpListener, to: SocketAddr) -> Self {
+        Self::start_at(listener, to, Some(ns.path()))
+    }
+
+    fn start_at(listener: std::net::TcpListener, to: SocketAddr, netns: Option<String>) -> Self {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let recorded = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let recorded = recorded.clone();
-                tokio::spawn(async move {
-                    let Ok(upstream) = tokio::net::TcpStream::connect(to).await else {
-                        return;
-                    };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut ur, mut uw) = upstream.into_split();
-                    let up = async move {
-                        let mut buf = [0u8; 4096];
-                        loop {
-                            match cr.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    recorded.lock().unwrap().extend_from_slice(&buf[..n]);
-                                    if uw.write_all(&buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        let _ = uw.shutdown().await;
-                    };
-                    let down = async move {
-                        let _ = tokio::io::copy(&mut ur, &mut cw).await;
-                        let _ = cw.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                });
+        std::thread::spawn(move || {
+            if let Some(path) = netns {
+                let file = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             }
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(tap(listener, to, recorded));
         });
         Self { addr, seen }
     }
 
     pub fn bytes(&self) -> Vec<u8> {
         self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn tap(listener: std::net::TcpListener, to: SocketAddr, recorded: Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    while let Ok((client, _)) = listener.accept().await {
+        let recorded = recorded.clone();
+        tokio::spawn(async move {
+            let Ok(upstream) = tokio::net::TcpStream::connect(to).await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            let up = async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = uw.shutdown().await;
+            };
+            let down = async move {
+                let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                let _ = cw.shutdown().await;
+            };
+            tokio::join!(up, down);
+        });
     }
 }
 
