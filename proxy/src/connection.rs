@@ -225,12 +225,7 @@ impl Listener {
             Detected::Http2 => self.http(client, socket, ConnProtocol::Http2, label).await,
             Detected::Opaque | Detected::NeedMore => {
                 let (upstream, addr) = match (early, eager.or(destination)) {
-                    (Some(up), Some(addr)) => (up, addr),
-                    (Some(up), None) => {
-                        // Unreachable: an early connection is only made to `eager`.
-                        let Ok(addr) = up.peer_addr() else { return };
-                        (up, addr)
-                    }
+                    (Some(early), _) => early,
                     (None, Some(addr)) => {
                         match connect(addr, self.shared.connect_timeout()).await {
                             Ok(up) => (up, addr),
@@ -463,8 +458,9 @@ impl Listener {
 
 /// Who spoke first.
 enum First {
-    /// The client has bytes to read; the early upstream connection, if one was made.
-    Client(Option<TcpStream>),
+    /// The client has bytes to read; the early upstream connection and its address, if one
+    /// was made.
+    Client(Option<(TcpStream, SocketAddr)>),
     /// The server spoke (or closed) first: a server-first protocol.
     Server(TcpStream),
 }
@@ -502,7 +498,7 @@ async fn first_speaker(
             biased;
             r = client.readable() => {
                 r?;
-                Ok(First::Client(Some(up)))
+                Ok(First::Client(Some((up, addr))))
             }
             r = up.readable() => {
                 r?;
