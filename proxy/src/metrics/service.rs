@@ -176,7 +176,8 @@ pub struct ConnectionTelemetry {
 }
 
 impl ConnectionTelemetry {
-    /// Counts a connection to `service` carried as `protocol` opened.
+    /// Counts a connection to `service` carried as `protocol` (mutually authenticated or not)
+    /// opened.
     pub fn open(
         service: &ServiceTelemetry,
         protocol: ConnProtocol,
