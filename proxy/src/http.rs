@@ -39,13 +39,6 @@ use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
 use crate::tls::PeerIdentity;
 
-/// `dst_service` of traffic to a destination the config does not know.
-pub const PASSTHROUGH: &str = "passthrough";
-/// `dst_service` of inbound traffic.
-pub const INBOUND: &str = "inbound";
-/// `dst_service` of an outbound request whose destination could not be resolved.
-pub const UNKNOWN: &str = "unknown";
-
 /// How many requests one upstream h2c connection carries at once (also what `maxConnections`
 /// counts an HTTP/2 connection as).
 const H2_STREAMS: usize = crate::policy::STREAMS_PER_H2_CONNECTION as usize;

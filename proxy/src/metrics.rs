@@ -137,6 +137,12 @@ impl Classification {
 /// `dst_service` of a connection that was not redirected, before its first request named a
 /// destination.
 const UNRESOLVED: &str = "unresolved";
+/// `dst_service` of traffic to a destination the config does not know.
+pub const PASSTHROUGH: &str = "passthrough";
+/// `dst_service` of inbound traffic.
+pub const INBOUND: &str = "inbound";
+/// `dst_service` of an outbound request whose destination could not be resolved.
+pub const UNKNOWN: &str = "unknown";
 
 /// Labels of request counters and latency.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -283,9 +289,9 @@ impl Metrics {
             ))
         };
         Self {
-            passthrough: fixed(Direction::Outbound, crate::http::PASSTHROUGH),
-            unknown: fixed(Direction::Outbound, crate::http::UNKNOWN),
-            inbound: fixed(Direction::Inbound, crate::http::INBOUND),
+            passthrough: fixed(Direction::Outbound, PASSTHROUGH),
+            unknown: fixed(Direction::Outbound, UNKNOWN),
+            inbound: fixed(Direction::Inbound, INBOUND),
             unresolved: [
                 fixed(Direction::Outbound, UNRESOLVED),
                 fixed(Direction::Inbound, UNRESOLVED),

@@ -285,13 +285,17 @@ async fn a_client_certificate_from_an_unknown_root_is_refused_as_untrusted() {
     refused_client_cert(&ca, &stranger, Leaf::new("test", "client"), "untrusted").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as_wrong_identity() {
-    let ca = TestCa::new("root");
-    // A TLS server that answers any SNI with a valid certificate for test/impostor.
+/// A TLS server that answers any SNI with a valid certificate for `test/impostor` (signed by
+/// `ca`) and negotiates `alpn`; the flag says whether any handshake completed.
+fn impostor(
+    ca: &TestCa,
+    listener: std::net::TcpListener,
+    alpn: &[u8],
+) -> (SocketAddr, Arc<AtomicBool>) {
     let impostor = ca.issue(Leaf::new("test", "impostor"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let impostor_addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -300,7 +304,7 @@ async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as
     .with_no_client_auth()
     .with_single_cert(impostor.chain.clone(), impostor.key.clone_key().into())
     .unwrap();
-    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    server_config.alpn_protocols = vec![alpn.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let reached = Arc::new(AtomicBool::new(false));
     let flag = reached.clone();
@@ -315,6 +319,13 @@ async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as
             });
         }
     });
+    (addr, reached)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as_wrong_identity() {
+    let ca = TestCa::new("root");
+    let (impostor_addr, reached) = impostor(&ca, bind_local(), b"http/1.1");
     let client = identity(ca.issue(Leaf::new("test", "client")), &[&ca]);
     let mut dir = ConfigDir::new();
     dir.publish(&config(
@@ -641,4 +652,69 @@ async fn foreign_tls_passes_through_untouched_when_permissive_and_is_refused_whe
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused(&server, "foreign-tls") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wrong_identity() {
+    let pods = Pods::new();
+    let ca = TestCa::new("root");
+    let listener = pods.client.bind("127.0.0.1:0");
+    let (impostor_addr, reached) = impostor(&ca, listener, b"tandem/1");
+    let mut dir = ConfigDir::new();
+    dir.publish(&config(
+        "client",
+        "client",
+        "permissive",
+        vec![meshed_service(
+            "db",
+            CLUSTER_IP,
+            APP_PORT,
+            "tcp",
+            &[(impostor_addr, SERVER)],
+        )],
+    ));
+    let client = MeshProxy::start_in(
+        &pods.client,
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
+    );
+    pods.client.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        CLUSTER_IP,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &client.outbound.port().to_string(),
+    ]);
+    let answer = pods.client.block_on(|| async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(format!("{CLUSTER_IP}:{APP_PORT}"))
+            .await
+            .unwrap();
+        let _ = tcp.write_all(MARKER.as_bytes()).await;
+        let mut buf = Vec::new();
+        tcp.read_to_end(&mut buf).await.map(|_| buf)
+    });
+    assert!(
+        answer.is_err() || answer.as_ref().is_ok_and(Vec::is_empty),
+        "{answer:?}"
+    );
+    assert_eq!(
+        handshakes(&client, "outbound", "wrong-identity"),
+        1,
+        "{}",
+        client.metrics()
+    );
+    assert_eq!(handshakes(&client, "outbound", "success"), 0);
+    assert!(
+        !reached.load(Ordering::Relaxed),
+        "the impostor completed a handshake"
+    );
 }

@@ -327,3 +327,69 @@ impl ServerCertVerifier for PeerVerifier {
         self.webpki.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    use tandem_crds::identity::SpiffeId;
+
+    /// A root, and a leaf it signed with these SANs.
+    fn chain(dns: &str, uri: &str) -> (CertificateDer<'static>, CertificateDer<'static>) {
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![
+            SanType::DnsName(dns.try_into().unwrap()),
+            SanType::URI(uri.try_into().unwrap()),
+        ];
+        let cert = leaf
+            .signed_by(&KeyPair::generate().unwrap(), &root)
+            .unwrap();
+        (root.der().clone(), cert.der().clone())
+    }
+
+    fn verifier(root: CertificateDer<'static>, expected: SpiffeId) -> PeerVerifier {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root).unwrap();
+        let webpki = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        PeerVerifier {
+            webpki,
+            expected: Arc::new(PeerIdentity::new(expected)),
+        }
+    }
+
+    #[test]
+    fn the_servers_uri_san_must_be_exactly_the_expected_identity() {
+        let expected = SpiffeId::new("cluster.local", "shop", "web");
+        let sni = ServerName::try_from(expected.dns_name()).unwrap();
+        let now = UnixTime::now();
+
+        let (root, leaf) = chain(&expected.dns_name(), &expected.uri());
+        let v = verifier(root, expected.clone());
+        assert!(v.verify_server_cert(&leaf, &[], &sni, &[], now).is_ok());
+
+        // The right DNS name but another URI SAN: only our check catches it.
+        let (root, leaf) = chain(&expected.dns_name(), "spiffe://cluster.local/ns/shop/sa/db");
+        let err = verifier(root, expected.clone())
+            .verify_server_cert(&leaf, &[], &sni, &[], now)
+            .unwrap_err();
+        assert_eq!(spiffe::classify(&err), HandshakeResult::WrongIdentity);
+
+        // A certificate for another name altogether: webpki refuses it first.
+        let (root, leaf) = chain(
+            "db.shop.sa.cluster.local",
+            "spiffe://cluster.local/ns/shop/sa/db",
+        );
+        let err = verifier(root, expected)
+            .verify_server_cert(&leaf, &[], &sni, &[], now)
+            .unwrap_err();
+        assert_eq!(spiffe::classify(&err), HandshakeResult::WrongIdentity);
+    }
+}
