@@ -16,6 +16,7 @@ use super::Direction;
 
 /// How a mutual-TLS handshake ended (the `result` label).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[repr(usize)]
 pub enum HandshakeResult {
     /// Both sides were authenticated.
     Success,
@@ -58,12 +59,14 @@ impl HandshakeResult {
 
 /// Why the inbound listener closed a connection without serving it (the `reason` label).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[repr(usize)]
 pub enum InboundRefusal {
     /// Plaintext to a `strict` workload.
     Plaintext,
     /// TLS that is not Tandem's (another SNI, or no Tandem ALPN) to a `strict` workload.
     ForeignTls,
-    /// Tandem's mutual TLS, but this proxy has no certificate (or no trust anchors) yet.
+    /// Tandem's mutual TLS for our certificate, but no trust anchors are loaded to check the
+    /// client's.
     NoIdentity,
 }
 
@@ -160,23 +163,15 @@ impl TlsMetrics {
 
     /// Counts a handshake that ended with `result`.
     pub fn handshake(&self, direction: Direction, result: HandshakeResult) {
-        let row = &self.handshakes[direction_index(direction)];
-        if let Some(counter) = HandshakeResult::ALL
-            .iter()
-            .position(|r| *r == result)
-            .and_then(|i| row.get(i))
-        {
+        // `ALL` lists the variants in declaration order, so the discriminant is the index.
+        if let Some(counter) = self.handshakes[direction_index(direction)].get(result as usize) {
             counter.inc();
         }
     }
 
     /// Counts an inbound connection refused for `reason`.
     pub fn refused(&self, reason: InboundRefusal) {
-        if let Some(counter) = InboundRefusal::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .and_then(|i| self.refused.get(i))
-        {
+        if let Some(counter) = self.refused.get(reason as usize) {
             counter.inc();
         }
     }
@@ -189,5 +184,48 @@ impl TlsMetrics {
                 peer_identity: peer.to_owned(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_result_and_reason_counts_in_its_own_series() {
+        let mut registry = Registry::default();
+        let tls = TlsMetrics::register(&mut registry);
+        for (i, result) in HandshakeResult::ALL.into_iter().enumerate() {
+            assert_eq!(result as usize, i);
+            tls.handshake(Direction::Inbound, result);
+        }
+        tls.handshake(Direction::Outbound, HandshakeResult::WrongIdentity);
+        for reason in InboundRefusal::ALL {
+            tls.refused(reason);
+        }
+        tls.peer(Direction::Inbound, "spiffe://cluster.local/ns/a/sa/b");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for result in HandshakeResult::ALL {
+            let line = format!(
+                "tandem_tls_handshakes_total{{direction=\"inbound\",result=\"{}\"}} 1",
+                result.as_str()
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        assert!(text.contains(
+            r#"tandem_tls_handshakes_total{direction="outbound",result="wrong-identity"} 1"#
+        ));
+        assert!(
+            text.contains(
+                r#"tandem_tls_handshakes_total{direction="outbound",result="success"} 0"#
+            )
+        );
+        assert!(
+            text.contains(r#"tandem_inbound_connections_refused_total{reason="foreign-tls"} 1"#)
+        );
+        assert!(text.contains(
+            r#"tandem_tls_peer_connections_total{direction="inbound",peer_identity="spiffe://cluster.local/ns/a/sa/b"} 1"#
+        ));
     }
 }

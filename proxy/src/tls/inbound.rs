@@ -75,22 +75,20 @@ pub fn admit(mode: MtlsMode, hello: Option<&Hello>, own: Option<&str>) -> Admiss
             MtlsMode::Strict => Admission::Refuse(InboundRefusal::Plaintext),
         };
     };
-    let ours = |sni: &str| match own {
-        Some(own) => sni.eq_ignore_ascii_case(own),
-        None => false,
-    };
+    // Without a certificate of our own nothing is ours: a peer's mTLS is then treated as any
+    // foreign TLS (the proxy is not ready then, so peers should not be sending yet).
+    let ours = hello
+        .sni
+        .as_deref()
+        .zip(own)
+        .is_some_and(|(sni, own)| sni.eq_ignore_ascii_case(own));
     let tandem_alpn = hello.alpn.iter().any(|p| ALPN.contains(&p.as_slice()));
-    match (hello.sni.as_deref(), own) {
-        (Some(sni), _) if ours(sni) && tandem_alpn => Admission::Terminate,
-        // A peer asks for a Tandem identity while we have none: it cannot be served in any
-        // mode, and passing it to the application would only fail later and more obscurely.
-        (Some(sni), None) if tandem_alpn && sni.contains(".sa.") => {
-            Admission::Refuse(InboundRefusal::NoIdentity)
-        }
-        _ => match mode {
-            MtlsMode::Permissive => Admission::Pass,
-            MtlsMode::Strict => Admission::Refuse(InboundRefusal::ForeignTls),
-        },
+    if ours && tandem_alpn {
+        return Admission::Terminate;
+    }
+    match mode {
+        MtlsMode::Permissive => Admission::Pass,
+        MtlsMode::Strict => Admission::Refuse(InboundRefusal::ForeignTls),
     }
 }
 
@@ -393,11 +391,12 @@ mod tests {
     }
 
     #[test]
-    fn a_tandem_hello_before_our_certificate_exists_is_refused() {
+    fn without_a_certificate_of_our_own_nothing_is_terminated() {
         let h = hello("server.test.sa.cluster.local", &[b"h2"]);
+        assert_eq!(admit(MtlsMode::Permissive, Some(&h), None), Admission::Pass);
         assert_eq!(
-            admit(MtlsMode::Permissive, Some(&h), None),
-            Admission::Refuse(InboundRefusal::NoIdentity)
+            admit(MtlsMode::Strict, Some(&h), None),
+            Admission::Refuse(InboundRefusal::ForeignTls)
         );
     }
 }
