@@ -244,6 +244,8 @@ async fn tap(listener: std::net::TcpListener, to: SocketAddr, recorded: Arc<Mute
             let Ok(upstream) = tokio::net::TcpStream::connect(to).await else {
                 return;
             };
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
             let (mut cr, mut cw) = client.into_split();
             let (mut ur, mut uw) = upstream.into_split();
             let up = async move {
