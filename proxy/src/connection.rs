@@ -41,7 +41,7 @@ use tandem_crds::contract::{MtlsMode, Protocol};
 use tandem_crds::identity::ALPN_TCP;
 use tokio::net::TcpStream;
 
-use crate::detect::{Detected, PROBE_LEN, classify};
+use crate::detect::{Detected, PROBE_LEN, classify, redirected_destination};
 use crate::http::MeshHttp;
 use crate::metrics::{
     ConnProtocol, ConnectionTelemetry, Direction, InboundRefusal, SecurityPolicy, ServiceTelemetry,
@@ -69,14 +69,6 @@ pub struct Listener {
     pub h2: Arc<HttpProxy<MeshHttp>>,
     /// Flips to `true` on shutdown: HTTP/1 stops keep-alive, HTTP/2 sends GOAWAY.
     pub shutdown: ShutdownWatch,
-}
-
-/// The original destination of a connection redirected by iptables, or `None` when it was not
-/// redirected (no `SO_ORIGINAL_DST`, or it is the listener's own address).
-pub fn redirected_destination(socket: &SocketDigest) -> Option<SocketAddr> {
-    let original = *socket.original_dst()?.as_inet()?;
-    let local = *socket.local_addr()?.as_inet()?;
-    (original != local).then_some(original)
 }
 
 /// What to do with a connection before reading anything from it.

@@ -32,7 +32,7 @@ use pingora::{Error as PingoraError, ErrorSource, Result as PingoraResult, Retry
 use tandem_crds::contract::Protocol;
 
 use crate::access_log;
-use crate::connection::redirected_destination;
+use crate::detect::redirected_destination;
 use crate::metrics::SecurityPolicy;
 use crate::metrics::{Classification, Direction, ServiceTelemetry};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
