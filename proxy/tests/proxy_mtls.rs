@@ -718,3 +718,77 @@ async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wr
         "the impostor completed a handshake"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_http_over_mutual_tls_reaches_the_original_destination() {
+    let pods = Pods::new();
+    let ca = TestCa::new("root");
+    let port = 7080;
+    upstream::http("app", pods.server.bind(&format!("0.0.0.0:{port}")));
+    let mut server_dir = ConfigDir::new();
+    server_dir.publish(&config("server", "server", "strict", vec![]));
+    let server = MeshProxy::start_in(
+        &pods.server,
+        &server_dir.path(),
+        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
+    );
+    redirect_inbound(&pods, port, server.inbound);
+    let endpoint: SocketAddr = format!("{SERVER_IP}:{port}").parse().unwrap();
+    let mut client_dir = ConfigDir::new();
+    client_dir.publish(&config(
+        "client",
+        "client",
+        "permissive",
+        vec![meshed_service(
+            "app",
+            CLUSTER_IP,
+            80,
+            "http",
+            &[(endpoint, SERVER)],
+        )],
+    ));
+    let client = MeshProxy::start_in(
+        &pods.client,
+        &client_dir.path(),
+        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
+    );
+    pods.client.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        CLUSTER_IP,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &client.outbound.port().to_string(),
+    ]);
+    let reply = pods.client.block_on(|| async {
+        get(
+            format!("{CLUSTER_IP}:80").parse().unwrap(),
+            "app.test",
+            "/orders",
+            &[],
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "app GET /orders");
+    eventually("server access log", Duration::from_secs(5), async || {
+        server.access_log().len() == 1
+    })
+    .await;
+    let line = &server.access_log()[0];
+    assert_eq!(
+        line["upstream"],
+        endpoint.to_string(),
+        "forwarded to the original destination"
+    );
+    assert_eq!(line["peer_identity"], CLIENT);
+    assert_eq!(handshakes(&client, "outbound", "success"), 1);
+}
