@@ -39,7 +39,15 @@ pub struct OutboundTls {
     identity: Arc<IdentityState>,
     metrics: Arc<Metrics>,
     provider: Arc<CryptoProvider>,
-    material: ArcSwapOption<Material>,
+    current: ArcSwapOption<Generation>,
+}
+
+/// The material built for one credentials and bundle pair, or `None` if they did not parse
+/// (kept too, so a bad pair is reported once, not rebuilt per request).
+struct Generation {
+    credentials: Arc<Credentials>,
+    bundle: Arc<TrustBundle>,
+    material: Option<Arc<Material>>,
 }
 
 impl std::fmt::Debug for OutboundTls {
@@ -51,7 +59,6 @@ impl std::fmt::Debug for OutboundTls {
 /// What one credentials and bundle generation gives every outbound connection.
 pub struct Material {
     credentials: Arc<Credentials>,
-    bundle: Arc<TrustBundle>,
     /// Our chain and key, as Pingora takes them (its pool key includes the leaf's serial, so a
     /// renewed certificate opens new connections and the old ones idle out).
     cert_key: Arc<CertKey>,
@@ -102,31 +109,32 @@ impl OutboundTls {
             identity,
             metrics,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
-            material: ArcSwapOption::empty(),
+            current: ArcSwapOption::empty(),
         }
     }
 
     /// The material of the current generation, built on first use after a change; `None`
-    /// while there are no credentials or no trust anchors (traffic stays plaintext).
+    /// while there are no credentials or no trust anchors, or they do not parse (traffic stays
+    /// plaintext).
     pub fn material(&self) -> Option<Arc<Material>> {
         let credentials = self.identity.credentials()?;
         let bundle = self.identity.trust()?;
-        if let Some(current) = self.material.load().as_ref()
+        if let Some(current) = self.current.load().as_ref()
             && Arc::ptr_eq(&current.credentials, &credentials)
             && Arc::ptr_eq(&current.bundle, &bundle)
         {
-            return Some(current.clone());
+            return current.material.clone();
         }
-        let built = self.build(credentials, bundle)?;
-        self.material.store(Some(built.clone()));
-        Some(built)
+        let material = self.build(&credentials, &bundle);
+        self.current.store(Some(Arc::new(Generation {
+            credentials,
+            bundle,
+            material: material.clone(),
+        })));
+        material
     }
 
-    fn build(
-        &self,
-        credentials: Arc<Credentials>,
-        bundle: Arc<TrustBundle>,
-    ) -> Option<Arc<Material>> {
+    fn build(&self, credentials: &Arc<Credentials>, bundle: &TrustBundle) -> Option<Arc<Material>> {
         if credentials.chain.is_empty()
             || !all_parse(&credentials.chain)
             || bundle.certificates.is_empty()
@@ -158,8 +166,7 @@ impl OutboundTls {
             }
         };
         Some(Arc::new(Material {
-            credentials,
-            bundle,
+            credentials: credentials.clone(),
             cert_key,
             ca,
             webpki,
