@@ -81,6 +81,18 @@ pub struct IdentityArgs {
     pub trust_roots: PathBuf,
 }
 
+impl Default for IdentityArgs {
+    /// Identity off, every path at its default (what an embedded proxy without a signer runs).
+    fn default() -> Self {
+        Self {
+            identity_addr: IdentityAddr(None),
+            identity_name: default_identity_name(),
+            identity_token: Path::new(identity::TOKEN_DIR).join(identity::TOKEN_FILE),
+            trust_roots: Path::new(identity::TRUST_ROOTS_DIR).join(identity::TRUST_ROOTS_KEY),
+        }
+    }
+}
+
 /// `--identity-addr`: the signer's address, or none (identity off).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityAddr(pub Option<SignerAddr>);
