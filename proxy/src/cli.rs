@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tandem_crds::{identity, names};
 
 use crate::identity::{SignerAddr, SignerName};
+use crate::tls::probes::AppProbes;
 
 /// Tandem's sidecar proxy.
 #[derive(Debug, Parser)]
@@ -58,6 +59,10 @@ pub struct RunArgs {
     /// Access log on stdout: one JSON line per HTTP request, or none.
     #[arg(long, env = "TANDEM_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Json)]
     pub access_log: AccessLogFormat,
+    /// The pod's HTTP probes (JSON `[{"port":8080,"path":"/healthz"}]`, written by the
+    /// webhook): served in plaintext even when the workload is strict.
+    #[arg(long, env = "TANDEM_APP_PROBES", default_value = "", value_parser = AppProbes::parse)]
+    pub app_probes: AppProbes,
     /// Workload identity (certificate and trust anchors for mutual TLS).
     #[command(flatten)]
     pub identity: IdentityArgs,

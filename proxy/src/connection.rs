@@ -199,8 +199,19 @@ impl Listener {
             First::Client(early) => early,
         };
         if self.direction == Direction::Inbound {
-            match self.admission(&client).await {
+            match self.admission(&client, destination).await {
                 Admission::Pass => {}
+                Admission::ProbesOnly => {
+                    // Only HTTP/1 can be a kubelet probe; each request is checked in
+                    // `MeshHttp::request_filter`.
+                    return match classify_client(&client).await {
+                        Ok(Some(Detected::Http1)) => {
+                            self.http(client, socket, ConnProtocol::Http1, label).await
+                        }
+                        Ok(Some(_)) => self.refuse(&client, InboundRefusal::Plaintext),
+                        Ok(None) | Err(_) => {}
+                    };
+                }
                 Admission::Refuse(reason) => return self.refuse(&client, reason),
                 Admission::Terminate => {
                     drop(early);
@@ -289,8 +300,8 @@ impl Listener {
             .map_or(MtlsMode::default(), |a| a.config.workload.mtls)
     }
 
-    /// What to do with an inbound connection whose client has spoken.
-    async fn admission(&self, client: &TcpStream) -> Admission {
+    /// What to do with an inbound connection (to `destination`) whose client has spoken.
+    async fn admission(&self, client: &TcpStream, destination: Option<SocketAddr>) -> Admission {
         let mode = self.mode();
         let mut first = [0u8; 1];
         let hello = match client.peek(&mut first).await {
@@ -305,6 +316,7 @@ impl Listener {
             mode,
             hello.as_ref(),
             self.shared.tls.inbound.own_sni().as_deref(),
+            self.shared.tls.probes.covers(destination.map(|d| d.port())),
         )
     }
 

@@ -174,6 +174,40 @@ impl MeshHttp {
     }
 }
 
+impl MeshHttp {
+    /// Whether an inbound request arrived in plaintext at a strict workload and is not one of
+    /// the pod's kubelet probes ([`crate::tls::probes`]). Requests over mutual TLS return at
+    /// the first check.
+    fn plaintext_refused(&self, session: &Session) -> bool {
+        if crate::tls::inbound::peer_of(session.digest()).is_some() {
+            return false;
+        }
+        let strict = self
+            .shared
+            .config
+            .active()
+            .is_some_and(|a| a.config.workload.mtls == tandem_crds::contract::MtlsMode::Strict);
+        if !strict {
+            return false;
+        }
+        let redirected = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_deref())
+            .and_then(redirected_destination);
+        let port = redirected
+            .map(|d| d.port())
+            .or_else(|| authority_addr(session).map(|a| a.port()))
+            .or_else(|| authority_port(session));
+        let req = session.req_header();
+        !port.is_some_and(|port| {
+            self.shared
+                .tls
+                .probes
+                .allows(port, &req.method, req.uri.path())
+        })
+    }
+}
+
 /// Asks the service's policy where the request goes; keeps the decision in the context.
 fn select(
     policy: &Arc<crate::policy::Policy>,
@@ -455,6 +489,19 @@ impl ProxyHttp for MeshHttp {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> PingoraResult<bool> {
+        if self.direction == Direction::Inbound && self.plaintext_refused(session) {
+            self.shared
+                .metrics
+                .tls
+                .refused(crate::metrics::InboundRefusal::Plaintext);
+            tracing::info!(
+                path = session.req_header().uri.path(),
+                "Refused a plaintext request to a strict workload (not one of its probes)"
+            );
+            session.set_keepalive(None);
+            session.respond_error(403).await?;
+            return Ok(true);
+        }
         let headers = &session.req_header().headers;
         let refusal = if header_bytes(headers) > MAX_REQUEST_HEADER_BYTES {
             Some((431, "request headers too large"))

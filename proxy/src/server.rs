@@ -277,7 +277,9 @@ pub async fn serve(
         inbound: local(&inbound, args.inbound_addr),
         admin: local(&admin, args.admin_addr),
     };
-    let tls = MeshTls::new(identity.clone(), metrics.clone()).map_err(Error::Tls)?;
+    let tls = MeshTls::new(identity.clone(), metrics.clone())
+        .map_err(Error::Tls)?
+        .with_probes(args.app_probes.clone());
     let shared = Arc::new(Shared {
         config: store,
         metrics,

@@ -22,6 +22,7 @@ use support::netns::{Pods, SERVER_IP};
 use support::upstream::{self, bind_local};
 use support::{ConfigDir, H1Client, eventually, get, h2_client};
 use tandem_proxy::identity::IdentityState;
+use tandem_proxy::tls::probes::AppProbes;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/test/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/test/sa/server";
@@ -221,6 +222,35 @@ async fn a_strict_server_refuses_a_plaintext_client_and_accepts_a_meshed_one() {
         .await
         .unwrap();
     assert_eq!(live.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_server_lets_the_kubelets_plaintext_probes_through_and_nothing_else() {
+    let ca = TestCa::root("root");
+    let app = upstream::http("app", bind_local());
+    let mut dir = ConfigDir::new();
+    dir.publish(&config("server", "server", "strict", vec![]));
+    let probes =
+        AppProbes::parse(&format!(r#"[{{"port":{},"path":"/healthz"}}]"#, app.port())).unwrap();
+    let server = MeshProxy::start_with_probes(
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
+        probes,
+    );
+    let authority = format!("127.0.0.1:{}", app.port());
+    let probe = get(server.inbound, &authority, "/healthz", &[])
+        .await
+        .unwrap();
+    assert_eq!(probe.status, 200, "{probe:?}");
+    let other = get(server.inbound, &authority, "/secret", &[])
+        .await
+        .unwrap();
+    assert_eq!(other.status, 403, "{other:?}");
+    let wrong_port = get(server.inbound, "127.0.0.1:1", "/healthz", &[])
+        .await
+        .unwrap();
+    assert_eq!(wrong_port.status, 403, "{wrong_port:?}");
+    assert_eq!(refused(&server, "plaintext"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

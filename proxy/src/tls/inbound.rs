@@ -61,6 +61,9 @@ pub enum Admission {
     /// Plaintext or the application's own TLS, allowed by the mode: serve it as before
     /// (detection, HTTP or opaque relay), untouched.
     Pass,
+    /// Plaintext to a strict workload on a port the kubelet probes: serve it as HTTP/1 only,
+    /// each request checked against the pod's probes ([`super::probes`]).
+    ProbesOnly,
     /// Close it unserved.
     Refuse(InboundRefusal),
 }
@@ -68,10 +71,12 @@ pub enum Admission {
 /// The admission rule. `hello` is the client's ClientHello (`None`: not TLS); `own` is this
 /// proxy's DNS identity (`None`: no certificate yet). A hello is Tandem's when its SNI is our
 /// DNS identity and it offers one of our ALPN protocols; anything else is the application's.
-pub fn admit(mode: MtlsMode, hello: Option<&Hello>, own: Option<&str>) -> Admission {
+/// `probed` says whether the connection's port is one the kubelet probes.
+pub fn admit(mode: MtlsMode, hello: Option<&Hello>, own: Option<&str>, probed: bool) -> Admission {
     let Some(hello) = hello else {
         return match mode {
             MtlsMode::Permissive => Admission::Pass,
+            MtlsMode::Strict if probed => Admission::ProbesOnly,
             MtlsMode::Strict => Admission::Refuse(InboundRefusal::Plaintext),
         };
     };
@@ -367,7 +372,7 @@ mod tests {
         for mode in [MtlsMode::Permissive, MtlsMode::Strict] {
             for alpn in ALPN {
                 let h = hello("server.test.sa.cluster.local", &[alpn]);
-                assert_eq!(admit(mode, Some(&h), OWN), Admission::Terminate);
+                assert_eq!(admit(mode, Some(&h), OWN, false), Admission::Terminate);
             }
         }
     }
@@ -377,15 +382,21 @@ mod tests {
         let foreign = hello("api.example.com", &[b"h2"]);
         let no_alpn = hello("server.test.sa.cluster.local", &[]);
         for h in [&foreign, &no_alpn] {
-            assert_eq!(admit(MtlsMode::Permissive, Some(h), OWN), Admission::Pass);
             assert_eq!(
-                admit(MtlsMode::Strict, Some(h), OWN),
+                admit(MtlsMode::Permissive, Some(h), OWN, false),
+                Admission::Pass
+            );
+            assert_eq!(
+                admit(MtlsMode::Strict, Some(h), OWN, false),
                 Admission::Refuse(InboundRefusal::ForeignTls)
             );
         }
-        assert_eq!(admit(MtlsMode::Permissive, None, OWN), Admission::Pass);
         assert_eq!(
-            admit(MtlsMode::Strict, None, OWN),
+            admit(MtlsMode::Permissive, None, OWN, false),
+            Admission::Pass
+        );
+        assert_eq!(
+            admit(MtlsMode::Strict, None, OWN, false),
             Admission::Refuse(InboundRefusal::Plaintext)
         );
     }
@@ -393,9 +404,12 @@ mod tests {
     #[test]
     fn without_a_certificate_of_our_own_nothing_is_terminated() {
         let h = hello("server.test.sa.cluster.local", &[b"h2"]);
-        assert_eq!(admit(MtlsMode::Permissive, Some(&h), None), Admission::Pass);
         assert_eq!(
-            admit(MtlsMode::Strict, Some(&h), None),
+            admit(MtlsMode::Permissive, Some(&h), None, false),
+            Admission::Pass
+        );
+        assert_eq!(
+            admit(MtlsMode::Strict, Some(&h), None, false),
             Admission::Refuse(InboundRefusal::ForeignTls)
         );
     }

@@ -8,6 +8,7 @@
 //! - [`outbound`]: originates it, for HTTP through Pingora's own upstream TLS
 //!   (`HttpPeer::new_mtls`), for opaque TCP through tokio-rustls with a verifier that also
 //!   checks the SPIFFE URI SAN.
+//! - [`probes`]: the kubelet's plaintext probes a strict workload still lets through.
 //! - [`spiffe`]: the SPIFFE ID in a certificate, and why a handshake failed.
 //!
 //! Which endpoints are meshed comes from the config ([`PeerIdentities`]), never from probing.
@@ -19,6 +20,7 @@
 pub mod hello;
 pub mod inbound;
 pub mod outbound;
+pub mod probes;
 pub mod spiffe;
 
 use std::collections::HashMap;
@@ -40,6 +42,8 @@ pub struct MeshTls {
     pub inbound: InboundTls,
     /// Origination towards meshed endpoints.
     pub outbound: OutboundTls,
+    /// The pod's HTTP probes, served in plaintext even when strict.
+    pub probes: probes::AppProbes,
 }
 
 impl MeshTls {
@@ -51,7 +55,14 @@ impl MeshTls {
         Ok(Self {
             inbound: InboundTls::new(identity.clone(), metrics.clone())?,
             outbound: OutboundTls::new(identity, metrics),
+            probes: probes::AppProbes::default(),
         })
+    }
+
+    /// The same, letting the pod's HTTP probes through in plaintext when strict.
+    pub fn with_probes(mut self, probes: probes::AppProbes) -> Self {
+        self.probes = probes;
+        self
     }
 }
 

@@ -14,6 +14,7 @@ use tandem_proxy::cli::{AccessLogFormat, LogFormat, RunArgs};
 use tandem_proxy::identity::IdentityState;
 use tandem_proxy::metrics::Metrics;
 use tandem_proxy::server::{OwnAddrs, Parts};
+use tandem_proxy::tls::probes::AppProbes;
 
 use super::netns::Netns;
 
@@ -45,12 +46,27 @@ pub struct MeshProxy {
 impl MeshProxy {
     /// On loopback ports chosen by the kernel.
     pub fn start(config: &Path, identity: Arc<IdentityState>) -> Self {
-        Self::start_at(config, identity, "127.0.0.1:0", None)
+        Self::start_at(config, identity, "127.0.0.1:0", None, AppProbes::default())
+    }
+
+    /// On loopback, letting the pod's HTTP `probes` through in plaintext when strict.
+    pub fn start_with_probes(
+        config: &Path,
+        identity: Arc<IdentityState>,
+        probes: AppProbes,
+    ) -> Self {
+        Self::start_at(config, identity, "127.0.0.1:0", None, probes)
     }
 
     /// Inside `ns`, listening on `bind` (e.g. `0.0.0.0:0`).
     pub fn start_in(ns: &Netns, config: &Path, identity: Arc<IdentityState>) -> Self {
-        Self::start_at(config, identity, "0.0.0.0:0", Some(ns.path()))
+        Self::start_at(
+            config,
+            identity,
+            "0.0.0.0:0",
+            Some(ns.path()),
+            AppProbes::default(),
+        )
     }
 
     fn start_at(
@@ -58,6 +74,7 @@ impl MeshProxy {
         identity: Arc<IdentityState>,
         bind: &str,
         netns: Option<String>,
+        probes: AppProbes,
     ) -> Self {
         let addr: SocketAddr = bind.parse().unwrap();
         let args = RunArgs {
@@ -71,6 +88,7 @@ impl MeshProxy {
             log_format: LogFormat::Json,
             access_log: AccessLogFormat::Json,
             identity: Default::default(),
+            app_probes: probes,
         };
         let metrics = Arc::new(Metrics::new());
         let log = Captured::default();
