@@ -1,7 +1,9 @@
 //! `tandem-webhook`: the mutating admission webhook that injects the `tandem-proxy` sidecar.
 //!
 //! - [`inject`]: the decision and the JSON patch, `inject(&Pod, namespace, &InjectConfig)`;
-//!   who is injected and why a pod is skipped is documented there.
+//!   who is injected, why a pod is skipped and what identity bootstrap mounts is documented
+//!   there.
+//! - [`config`]: the defaults every injected pod gets ([`InjectConfig`]).
 //! - [`overrides`]: the per-pod `tandem.dev/<knob>` annotations.
 //! - [`admission`]: AdmissionReview `admission.k8s.io/v1` in and out.
 //! - [`server`]: axum over rustls; [`tls`]: the serving certificate, reloaded from files.
@@ -13,6 +15,7 @@
 pub mod admission;
 pub mod bootstrap;
 pub mod certs;
+pub mod config;
 pub mod inject;
 pub mod metrics;
 pub mod overrides;

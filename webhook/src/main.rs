@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use tandem_crds::names;
+use tandem_crds::{identity, names};
 use tandem_webhook::bootstrap::BootstrapConfig;
-use tandem_webhook::inject::ProxyResources;
+use tandem_webhook::config::{IdentityConfig, ProxyResources};
 use tandem_webhook::overrides::{is_image_reference, is_quantity};
 use tandem_webhook::tls::{CertPaths, error_chain};
 use tandem_webhook::{CertSource, InjectConfig, Settings};
@@ -122,6 +122,16 @@ struct Args {
         default_value = "256Mi"
     )]
     proxy_memory_limit: String,
+    /// The signer injected proxies get their workload certificates from, as host:port; an
+    /// empty value turns identity off (no token, trust roots or signer address is injected).
+    #[arg(long, env = "TANDEM_WEBHOOK_IDENTITY_ADDR",
+          default_value_t = IdentityConfig::default_addr())]
+    identity_addr: String,
+    /// The name the signer's serving certificate carries, which proxies verify (so
+    /// --identity-addr may be an IP address).
+    #[arg(long, env = "TANDEM_WEBHOOK_IDENTITY_NAME",
+          default_value_t = identity::signer_dns_name())]
+    identity_name: String,
     /// Log as JSON lines (in the cluster) instead of text.
     #[arg(long, env = "TANDEM_WEBHOOK_LOG_JSON")]
     log_json: bool,
@@ -144,6 +154,7 @@ impl Args {
                 "--proxy-image {proxy_image:?} is not an image reference"
             ));
         }
+        let identity = identity_config(&self.identity_addr, &self.identity_name)?;
         let certificates = if self.self_signed {
             CertSource::SelfSigned(BootstrapConfig {
                 namespace: self.namespace,
@@ -180,9 +191,42 @@ impl Args {
                     memory_request: quantity("proxy-memory-request", &self.proxy_memory_request)?,
                     memory_limit: quantity("proxy-memory-limit", &self.proxy_memory_limit)?,
                 },
+                identity,
             },
         })
     }
+}
+
+/// Identity bootstrap from `--identity-addr` and `--identity-name`: off when the address is
+/// empty; otherwise a `host:port` and a DNS name, or a message naming the flag at fault.
+fn identity_config(addr: &str, name: &str) -> Result<Option<IdentityConfig>, String> {
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let port_ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok || addr.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "--identity-addr {addr:?} is not host:port (or empty, for identity off)"
+        ));
+    }
+    let name = name.trim();
+    let dns = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.len() > 253 || !name.split('.').all(dns) {
+        return Err(format!("--identity-name {name:?} is not a DNS name"));
+    }
+    Ok(Some(IdentityConfig {
+        addr: addr.to_owned(),
+        name: name.to_owned(),
+    }))
 }
 
 fn main() -> ExitCode {
@@ -241,4 +285,38 @@ async fn shutdown_signal() {
         () = terminate => {}
     }
     tracing::info!("Shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_flags_default_to_the_signers_service() {
+        let args = Args::parse_from(["tandem-webhook"]);
+        let settings = args.settings().unwrap();
+        assert_eq!(
+            settings.inject.identity,
+            Some(IdentityConfig {
+                addr: "tandem-identity.tandem-system.svc:15030".into(),
+                name: "tandem-identity.tandem-system.svc".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn an_empty_identity_addr_turns_identity_off_and_a_bad_one_is_refused() {
+        let settings = Args::parse_from(["tandem-webhook", "--identity-addr="])
+            .settings()
+            .unwrap();
+        assert_eq!(settings.inject.identity, None);
+        let local = identity_config("169.254.1.1:15030", "tandem-identity.tandem-system.svc");
+        assert_eq!(local.unwrap().unwrap().addr, "169.254.1.1:15030");
+        for bad in ["tandem-identity", ":15030", "host:0", "host:port", "a b:1"] {
+            let error = identity_config(bad, "x").unwrap_err();
+            assert!(error.contains("--identity-addr"), "{bad}: {error}");
+        }
+        assert!(identity_config("h:1", "not a name").is_err());
+        assert!(identity_config("h:1", "").is_err());
+    }
 }
