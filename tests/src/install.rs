@@ -20,9 +20,11 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
 use serde_json::{Value, json};
-use tandem_crds::names;
+use tandem_crds::{identity, names};
 
 use crate::cluster::ControlPlane;
+use crate::node::forward::HostForward;
+use crate::node::net;
 use crate::process::{Supervised, free_port};
 use crate::{Error, Result};
 
@@ -369,6 +371,70 @@ fn target_dir() -> Result<PathBuf> {
         .ok_or_else(|| Error::Unexpected(format!("no target directory above {}", exe.display())))
 }
 
+/// Where the local cluster's processes listen, and so the flags they get: one place, so that
+/// the webhook, the operator and the node's forwarders agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Addresses {
+    /// The webhook's HTTPS, on loopback.
+    webhook: SocketAddr,
+    /// The operator's `/healthz`, `/readyz` and `/metrics`, on loopback.
+    operator_http: SocketAddr,
+    /// The operator's signer, on loopback; `None` runs the cluster with identity off.
+    identity: Option<SocketAddr>,
+}
+
+impl Addresses {
+    /// The operator's flags: the Deployment's (manifests/operator/deployment.yaml), on
+    /// loopback.
+    fn operator_args(&self) -> Vec<String> {
+        let mut args = vec![format!("--http-addr={}", self.operator_http)];
+        if let Some(identity) = self.identity {
+            args.push(format!("--identity-listen={identity}"));
+        }
+        args
+    }
+
+    /// The webhook's flags. Pods reach the signer through the node's forwarder on the gateway
+    /// address ([`Tandem::node_forwards`]) and verify it by its Service name (the webhook's
+    /// default `--identity-name`), so an IP address is the right `--identity-addr`.
+    fn webhook_args(&self, cert: &Path, key: &Path) -> Vec<String> {
+        let identity_addr = match self.identity {
+            Some(_) => SocketAddr::from((net::GATEWAY, identity::SIGNER_PORT)).to_string(),
+            None => String::new(),
+        };
+        vec![
+            format!("--listen={}", self.webhook),
+            format!("--tls-cert={}", cert.display()),
+            format!("--tls-key={}", key.display()),
+            format!("--proxy-image={PROXY_IMAGE}"),
+            "--image-pull-policy=IfNotPresent".to_owned(),
+            format!("--identity-addr={identity_addr}"),
+        ]
+    }
+
+    /// What the node must carry from pods to the machine: the signer's port.
+    fn node_forwards(&self) -> Vec<HostForward> {
+        self.identity
+            .map(|target| HostForward {
+                port: identity::SIGNER_PORT,
+                target,
+            })
+            .into_iter()
+            .collect()
+    }
+}
+
+/// Whether `binary --help` lists `flag`. The operator's signer (`--identity-listen`) is built in
+/// a branch of its own; until it has landed, the local cluster runs with identity off rather
+/// than start an operator that refuses its flags. Once every operator has the flag, this check
+/// and its `None` branch in [`Tandem::install`] go.
+fn has_flag(binary: &Path, flag: &str) -> bool {
+    Command::new(binary)
+        .arg("--help")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(flag))
+}
+
 /// Tandem installed into a control plane, its processes running. Dropping it stops them.
 #[derive(Debug)]
 pub struct Tandem {
@@ -376,6 +442,7 @@ pub struct Tandem {
     webhook_addr: SocketAddr,
     operator: Component,
     operator_addr: SocketAddr,
+    addresses: Addresses,
     crds: Vec<InstalledCrd>,
     dir: tempfile::TempDir,
 }
@@ -444,9 +511,23 @@ impl Tandem {
         ensure_namespace(&client, names::SYSTEM_NAMESPACE, &[]).await?;
         install_rbac(&client).await?;
 
-        let port = free_port()?;
-        let webhook_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let config = local_webhook_configuration(port, &cluster.ca_pem())?;
+        let operator_binary = workspace_binary("tandem-operator", "tandem-operator")?;
+        let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let identity = if has_flag(&operator_binary, "--identity-listen") {
+            Some(loopback(free_port()?))
+        } else {
+            tracing::warn!(
+                "tandem-operator has no --identity-listen: identity is off in this cluster"
+            );
+            None
+        };
+        let addresses = Addresses {
+            webhook: loopback(free_port()?),
+            operator_http: loopback(free_port()?),
+            identity,
+        };
+        let webhook_addr = addresses.webhook;
+        let config = local_webhook_configuration(webhook_addr.port(), &cluster.ca_pem())?;
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(
                 "admissionregistration.k8s.io",
@@ -465,13 +546,7 @@ impl Tandem {
         let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         write(&cert_path, &cert.cert_pem)?;
         write(&key_path, &cert.key_pem)?;
-        let webhook_args = vec![
-            format!("--listen={webhook_addr}"),
-            format!("--tls-cert={}", cert_path.display()),
-            format!("--tls-key={}", key_path.display()),
-            format!("--proxy-image={PROXY_IMAGE}"),
-            "--image-pull-policy=IfNotPresent".to_owned(),
-        ];
+        let webhook_args = addresses.webhook_args(&cert_path, &key_path);
         let mut webhook = Component::start(
             cluster,
             "tandem-webhook",
@@ -482,8 +557,7 @@ impl Tandem {
         )
         .await?;
 
-        // The Deployment's settings (manifests/operator/deployment.yaml), on loopback.
-        let operator_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let operator_addr = addresses.operator_http;
         let operator_env = [
             ("POD_NAME", "tandem-operator-local"),
             ("POD_NAMESPACE", names::SYSTEM_NAMESPACE),
@@ -496,8 +570,8 @@ impl Tandem {
         let mut operator = Component::start(
             cluster,
             "tandem-operator",
-            workspace_binary("tandem-operator", "tandem-operator")?,
-            vec![format!("--http-addr={operator_addr}")],
+            operator_binary,
+            addresses.operator_args(),
             operator_env,
             dir.path(),
         )
@@ -509,9 +583,21 @@ impl Tandem {
             webhook_addr,
             operator,
             operator_addr,
+            addresses,
             crds,
             dir,
         })
+    }
+
+    /// Where the operator's signer listens on the machine; `None` when identity is off.
+    pub fn identity_addr(&self) -> Option<SocketAddr> {
+        self.addresses.identity
+    }
+
+    /// The forwarders a node needs so its pods reach Tandem's processes on the machine (the
+    /// signer, when identity is on): pass them in [`crate::node::NodeOptions::forwards`].
+    pub fn node_forwards(&self) -> Vec<HostForward> {
+        self.addresses.node_forwards()
     }
 
     /// Where the webhook listens.
