@@ -379,7 +379,7 @@ struct Addresses {
     webhook: SocketAddr,
     /// The operator's `/healthz`, `/readyz` and `/metrics`, on loopback.
     operator_http: SocketAddr,
-    /// The operator's signer, on loopback; `None` runs the cluster with identity off.
+    /// The operator's signer, on loopback; `None` while the operator has none.
     identity: Option<SocketAddr>,
 }
 
@@ -396,19 +396,19 @@ impl Addresses {
 
     /// The webhook's flags. Pods reach the signer through the node's forwarder on the gateway
     /// address ([`Tandem::node_forwards`]) and verify it by its Service name (the webhook's
-    /// default `--identity-name`), so an IP address is the right `--identity-addr`.
+    /// default `--identity-name`), so an IP address is the right `--identity-addr`. Identity
+    /// bootstrap is injected even while the operator has no signer, so the node's part (tokens
+    /// bound to the pod, trust roots filled in later) is exercised by every scenario; a proxy
+    /// then finds nothing listening there and retries.
     fn webhook_args(&self, cert: &Path, key: &Path) -> Vec<String> {
-        let identity_addr = match self.identity {
-            Some(_) => SocketAddr::from((net::GATEWAY, identity::SIGNER_PORT)).to_string(),
-            None => String::new(),
-        };
+        let signer = SocketAddr::from((net::GATEWAY, identity::SIGNER_PORT));
         vec![
             format!("--listen={}", self.webhook),
             format!("--tls-cert={}", cert.display()),
             format!("--tls-key={}", key.display()),
             format!("--proxy-image={PROXY_IMAGE}"),
             "--image-pull-policy=IfNotPresent".to_owned(),
-            format!("--identity-addr={identity_addr}"),
+            format!("--identity-addr={signer}"),
         ]
     }
 
@@ -425,7 +425,7 @@ impl Addresses {
 }
 
 /// Whether `binary --help` lists `flag`. The operator's signer (`--identity-listen`) is built in
-/// a branch of its own; until it has landed, the local cluster runs with identity off rather
+/// a branch of its own; until it has landed, the local cluster runs without a signer rather
 /// than start an operator that refuses its flags. Once every operator has the flag, this check
 /// and its `None` branch in [`Tandem::install`] go.
 fn has_flag(binary: &Path, flag: &str) -> bool {

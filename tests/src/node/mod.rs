@@ -180,6 +180,17 @@ impl NodeAgent {
         net::http_get_in(&self.netns(), addr, path, Duration::from_secs(5)).await
     }
 
+    /// The directory the node wrote volume `volume` of the pod with UID `pod_uid` into (what
+    /// its containers see at their mount paths).
+    pub fn volume_path(&self, pod_uid: &str, volume: &str) -> PathBuf {
+        self.shared
+            .dir
+            .join("pods")
+            .join(pod_uid)
+            .join("volumes")
+            .join(volume)
+    }
+
     /// A container's log file.
     pub fn log_path(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
         self.shared
