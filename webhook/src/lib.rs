@@ -10,9 +10,11 @@
 //! - [`metrics`]: what `/metrics` shows.
 //! - [`certs`]: a CA and serving certificate for clusters without cert-manager.
 //!
-//! [`run`] ties them together; `main.rs` only parses flags and starts tracing.
+//! [`run`] ties them together; [`args`] turns flags into [`Settings`]; `main.rs` only parses
+//! them and starts tracing.
 
 pub mod admission;
+pub mod args;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;

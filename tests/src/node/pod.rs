@@ -15,6 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
+use tracing::Instrument as _;
 
 use super::container::{PodContext, shim_spec};
 use super::projected::Projected;
@@ -710,7 +711,10 @@ async fn prepare_volumes(
             let mut projected =
                 Projected::new(node.client.clone(), bound.clone(), path.clone(), source);
             let next = projected.sync(SystemTime::now()).await?;
-            keepers.0.push(tokio::spawn(projected.keep(next)));
+            let span = tracing::info_span!("projected", pod = %format!("{namespace}/{}", bound.name), volume = %volume.name);
+            keepers
+                .0
+                .push(tokio::spawn(projected.keep(next).instrument(span)));
         } else if volume.empty_dir.is_none() {
             tracing::warn!(volume = %volume.name, "Volume type not supported on this node; mounted empty");
         }
