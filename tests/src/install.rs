@@ -439,9 +439,7 @@ fn has_flag(binary: &Path, flag: &str) -> bool {
 #[derive(Debug)]
 pub struct Tandem {
     webhook: Component,
-    webhook_addr: SocketAddr,
     operator: Component,
-    operator_addr: SocketAddr,
     addresses: Addresses,
     crds: Vec<InstalledCrd>,
     dir: tempfile::TempDir,
@@ -517,7 +515,8 @@ impl Tandem {
             Some(loopback(free_port()?))
         } else {
             tracing::warn!(
-                "tandem-operator has no --identity-listen: identity is off in this cluster"
+                "tandem-operator has no --identity-listen: no signer in this cluster \
+                 (identity bootstrap is injected all the same)"
             );
             None
         };
@@ -526,8 +525,7 @@ impl Tandem {
             operator_http: loopback(free_port()?),
             identity,
         };
-        let webhook_addr = addresses.webhook;
-        let config = local_webhook_configuration(webhook_addr.port(), &cluster.ca_pem())?;
+        let config = local_webhook_configuration(addresses.webhook.port(), &cluster.ca_pem())?;
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(
                 "admissionregistration.k8s.io",
@@ -557,7 +555,6 @@ impl Tandem {
         )
         .await?;
 
-        let operator_addr = addresses.operator_http;
         let operator_env = [
             ("POD_NAME", "tandem-operator-local"),
             ("POD_NAMESPACE", names::SYSTEM_NAMESPACE),
@@ -576,13 +573,11 @@ impl Tandem {
             dir.path(),
         )
         .await?;
-        wait_listening(&mut webhook.process, webhook_addr).await?;
-        wait_ready(&mut operator.process, operator_addr).await?;
+        wait_listening(&mut webhook.process, addresses.webhook).await?;
+        wait_ready(&mut operator.process, addresses.operator_http).await?;
         Ok(Self {
             webhook,
-            webhook_addr,
             operator,
-            operator_addr,
             addresses,
             crds,
             dir,
@@ -602,12 +597,12 @@ impl Tandem {
 
     /// Where the webhook listens.
     pub fn webhook_addr(&self) -> SocketAddr {
-        self.webhook_addr
+        self.addresses.webhook
     }
 
     /// Where the operator serves `/healthz`, `/readyz` and `/metrics`.
     pub fn operator_addr(&self) -> SocketAddr {
-        self.operator_addr
+        self.addresses.operator_http
     }
 
     /// The policy CRDs, as served.
@@ -629,14 +624,14 @@ impl Tandem {
     /// Stops the webhook (SIGTERM) and starts it again; returns once it accepts connections.
     pub async fn restart_webhook(&mut self, cluster: &ControlPlane) -> Result<()> {
         self.webhook.restart(cluster, self.dir.path()).await?;
-        wait_listening(&mut self.webhook.process, self.webhook_addr).await
+        wait_listening(&mut self.webhook.process, self.addresses.webhook).await
     }
 
     /// Stops the operator (SIGTERM: it releases its Lease) and starts it again; returns once
     /// its caches are synced.
     pub async fn restart_operator(&mut self, cluster: &ControlPlane) -> Result<()> {
         self.operator.restart(cluster, self.dir.path()).await?;
-        wait_ready(&mut self.operator.process, self.operator_addr).await
+        wait_ready(&mut self.operator.process, self.addresses.operator_http).await
     }
 
     /// The end of the webhook's and the operator's logs, for failure messages.
