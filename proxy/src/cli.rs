@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sidecar: outbound, inbound and admin listeners.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Program the pod's iptables so its TCP flows through the sidecar (the tandem-init
     /// container).
     Init(tandem_init::InitArgs),
@@ -170,7 +170,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        Ok(args)
+        Ok(*args)
     }
 
     #[test]
