@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
@@ -24,16 +24,19 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use tandem_crds::identity::{TRUST_ROOTS_CONFIG_MAP, TRUST_ROOTS_KEY};
 use tandem_crds::names::{CONFIG_KEY, OPERATOR_FIELD_MANAGER, config_map_name};
 use tandem_crds::v1alpha1::{CircuitBreakerPolicy, PolicyStatus, TrafficPolicy};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::issuer::CurrentAuthority;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyKey, PolicyKind, Verdict};
 use crate::render::{
-    Inputs, MAX_CONFIG_MAP_BYTES, Rendered, WorkloadKey, is_injected, render, workloads,
+    BadAnnotation, Inputs, MAX_CONFIG_MAP_BYTES, Mesh, Rendered, WorkloadKey, is_injected, render,
+    trust_namespaces, workloads,
 };
 use crate::status::{Programming, Transition, next_status};
 use crate::{Error, Result};
@@ -43,11 +46,11 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Annotation naming the ServiceAccount a ConfigMap is for (names may exceed a label's 63).
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
 /// Local-only annotation the ConfigMap reflector stores in place of the (large) data: the hash
-/// of `config.json` as it is in the cluster.
+/// of `config.json` (or of `roots.pem`) as it is in the cluster.
 const DATA_HASH: &str = "tandem.dev/local-data-hash";
 
 /// The watches, by the names logs and `pending` use.
-pub const WATCHES: [&str; 7] = [
+pub const WATCHES: [&str; 8] = [
     "trafficpolicies",
     "circuitbreakerpolicies",
     "services",
@@ -55,6 +58,7 @@ pub const WATCHES: [&str; 7] = [
     "pods",
     "namespaces",
     "configmaps",
+    "serviceaccounts",
 ];
 
 /// In-memory views of the cluster, kept current by watches. Each store is empty until its
@@ -68,6 +72,7 @@ pub struct Stores {
     pods: Store<Pod>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     config_maps: Store<ConfigMap>,
+    service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
 }
 
 /// The write halves of [`Stores`], one per watch; [`start_watches`] feeds them.
@@ -79,6 +84,7 @@ pub struct Writers {
     pods: Writer<Pod>,
     namespaces: Writer<PartialObjectMeta<Namespace>>,
     config_maps: Writer<ConfigMap>,
+    service_accounts: Writer<PartialObjectMeta<ServiceAccount>>,
 }
 
 #[cfg(test)]
@@ -96,6 +102,7 @@ impl Writers {
             "pods" => self.pods.apply_watcher_event(&bare(done)),
             "namespaces" => self.namespaces.apply_watcher_event(&bare(done)),
             "configmaps" => self.config_maps.apply_watcher_event(&bare(done)),
+            "serviceaccounts" => self.service_accounts.apply_watcher_event(&bare(done)),
             other => panic!("no watch named {other}"),
         }
     }
@@ -111,6 +118,7 @@ impl Stores {
         let (pods, pods_w) = reflector::store();
         let (namespaces, namespaces_w) = reflector::store();
         let (config_maps, config_maps_w) = reflector::store();
+        let (service_accounts, service_accounts_w) = reflector::store();
         let stores = Self {
             traffic,
             breakers,
@@ -119,6 +127,7 @@ impl Stores {
             pods,
             namespaces,
             config_maps,
+            service_accounts,
         };
         let writers = Writers {
             traffic: traffic_w,
@@ -128,6 +137,7 @@ impl Stores {
             pods: pods_w,
             namespaces: namespaces_w,
             config_maps: config_maps_w,
+            service_accounts: service_accounts_w,
         };
         (stores, writers)
     }
@@ -143,6 +153,10 @@ impl Stores {
         self.pods.wait_until_ready().await.map_err(closed)?;
         self.namespaces.wait_until_ready().await.map_err(closed)?;
         self.config_maps.wait_until_ready().await.map_err(closed)?;
+        self.service_accounts
+            .wait_until_ready()
+            .await
+            .map_err(closed)?;
         Ok(())
     }
 
@@ -156,6 +170,7 @@ impl Stores {
             is_synced(&self.pods),
             is_synced(&self.namespaces),
             is_synced(&self.config_maps),
+            is_synced(&self.service_accounts),
         ];
         WATCHES
             .into_iter()
@@ -164,13 +179,16 @@ impl Stores {
             .collect()
     }
 
-    fn inputs(&self) -> Inputs {
+    fn inputs(&self, mesh: &Mesh) -> Inputs {
         Inputs {
             traffic_policies: self.traffic.state(),
             circuit_breaker_policies: self.breakers.state(),
             services: self.services.state(),
             endpoint_slices: self.slices.state(),
             pods: self.pods.state(),
+            service_accounts: self.service_accounts.state(),
+            namespaces: self.namespaces.state(),
+            mesh: mesh.clone(),
         }
     }
 }
@@ -206,6 +224,7 @@ pub fn start_watches(
         pods,
         namespaces,
         config_maps,
+        service_accounts,
     ] = WATCHES;
     let config = watcher::Config::default();
     vec![
@@ -270,6 +289,18 @@ pub fn start_watches(
             )
             .modify(hash_config_map)
             .reflect(writers.config_maps),
+            trigger,
+            metrics,
+        ),
+        // For their `tandem.dev/mtls` annotation only.
+        spawn_watch(
+            service_accounts,
+            watcher(
+                Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
+                config.clone(),
+            )
+            .modify(|sa| sa.metadata.managed_fields = None)
+            .reflect(writers.service_accounts),
             trigger,
             metrics,
         ),
@@ -352,12 +383,13 @@ fn strip_pod(pod: &mut Pod) {
 }
 
 /// Replaces a ConfigMap's data by the hash of its `config.json` (up to 1 MiB per ConfigMap
-/// would otherwise sit in memory once per ServiceAccount).
+/// would otherwise sit in memory once per ServiceAccount), or of its `roots.pem` for the trust
+/// roots.
 fn hash_config_map(config_map: &mut ConfigMap) {
     let hash = config_map
         .data
         .as_ref()
-        .and_then(|d| d.get(CONFIG_KEY))
+        .and_then(|d| d.get(CONFIG_KEY).or_else(|| d.get(TRUST_ROOTS_KEY)))
         .map(|json| hex_sha256(json.as_bytes()))
         .unwrap_or_default();
     config_map.data = None;
@@ -386,11 +418,24 @@ pub struct Reconciler {
     recorder: Recorder,
     /// Parallel writes per pass.
     concurrency: usize,
+    /// Trust domain and default mTLS mode.
+    mesh: Mesh,
+    /// The issuer, whose trust anchors go to every namespace with injected pods.
+    authority: CurrentAuthority,
+    /// Ignored annotations already reported by an Event (each is reported once per value).
+    reported: Mutex<BTreeSet<BadAnnotation>>,
 }
 
 impl Reconciler {
     /// A reconciler writing through `client`; `identity` names this replica in Events.
-    pub fn new(client: Client, stores: Stores, metrics: Metrics, identity: &str) -> Self {
+    pub fn new(
+        client: Client,
+        stores: Stores,
+        metrics: Metrics,
+        identity: &str,
+        mesh: Mesh,
+        authority: CurrentAuthority,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -404,6 +449,9 @@ impl Reconciler {
             metrics,
             recorder,
             concurrency: 16,
+            mesh,
+            authority,
+            reported: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -461,7 +509,7 @@ impl Reconciler {
     async fn pass(&self, leader: &watch::Receiver<bool>) -> Result<()> {
         let started = Instant::now();
         self.metrics.reconciles.inc();
-        let inputs = self.stores.inputs();
+        let inputs = self.stores.inputs(&self.mesh);
         let rendered = render(&inputs);
         let terminating: BTreeSet<String> = self
             .stores
@@ -477,7 +525,15 @@ impl Reconciler {
             .collect();
 
         let outcome = self.write_config_maps(&rendered, &wanted, leader).await;
-        let deleted = self.delete_orphans(&wanted, leader).await;
+        let trust: BTreeSet<String> = trust_namespaces(&inputs.pods)
+            .into_iter()
+            .filter(|ns| !terminating.contains(ns))
+            .collect();
+        let roots_failed = self.write_trust_roots(&trust, leader).await;
+        let deleted = self.delete_orphans(&wanted, &trust, leader).await;
+        if *leader.borrow() {
+            self.report_annotations(&rendered.bad_annotations).await;
+        }
         let programming = match &outcome {
             WriteOutcome::TooLarge { bytes } => Programming::TooLarge(format!(
                 "the proxy config would be {bytes} bytes, over the ConfigMap limit of \
@@ -501,14 +557,15 @@ impl Reconciler {
             elapsed_ms = started.elapsed().as_millis(),
             "Reconciled"
         );
-        match (outcome, deleted, status_failures) {
-            (WriteOutcome::Written { failed: 0 }, Ok(()), 0) => Ok(()),
-            (WriteOutcome::TooLarge { .. }, Ok(()), 0) => Ok(()),
-            (outcome, deleted, status_failures) => Err(Error::Incomplete {
-                config_maps: match outcome {
-                    WriteOutcome::Written { failed, .. } => failed,
-                    WriteOutcome::TooLarge { .. } => 0,
-                },
+        match (outcome, roots_failed, deleted, status_failures) {
+            (WriteOutcome::Written { failed: 0 }, 0, Ok(()), 0) => Ok(()),
+            (WriteOutcome::TooLarge { .. }, 0, Ok(()), 0) => Ok(()),
+            (outcome, roots_failed, deleted, status_failures) => Err(Error::Incomplete {
+                config_maps: roots_failed
+                    + match outcome {
+                        WriteOutcome::Written { failed, .. } => failed,
+                        WriteOutcome::TooLarge { .. } => 0,
+                    },
                 deletes: usize::from(deleted.is_err()),
                 statuses: status_failures,
             }),
@@ -599,16 +656,126 @@ impl Reconciler {
         }
     }
 
-    /// Deletes the ConfigMaps whose ServiceAccount has no injected pod any more.
+    /// Writes the trust roots ConfigMap into each of `namespaces` where it is missing or
+    /// differs from the issuer's `ca.crt`; returns how many writes failed. Nothing is written
+    /// before the issuer is loaded (proxies then keep whatever roots they have).
+    async fn write_trust_roots(
+        &self,
+        namespaces: &BTreeSet<String>,
+        leader: &watch::Receiver<bool>,
+    ) -> usize {
+        let Some(authority) = self.authority.borrow().clone() else {
+            return 0;
+        };
+        let hash = hex_sha256(authority.roots_pem.as_bytes());
+        let changed: Vec<&String> = namespaces
+            .iter()
+            .filter(|ns| {
+                let current = self
+                    .stores
+                    .config_maps
+                    .get(&reflector::ObjectRef::new(TRUST_ROOTS_CONFIG_MAP).within(ns));
+                current
+                    .as_ref()
+                    .and_then(|cm| cm.annotations().get(DATA_HASH).cloned())
+                    .as_deref()
+                    != Some(hash.as_str())
+            })
+            .collect();
+        if !*leader.borrow() {
+            return changed.len();
+        }
+        stream::iter(changed)
+            .map(|ns| self.apply_trust_roots(ns, &authority.roots_pem))
+            .buffer_unordered(self.concurrency)
+            .filter(|r| futures::future::ready(r.is_err()))
+            .count()
+            .await
+    }
+
+    async fn apply_trust_roots(&self, namespace: &str, roots_pem: &str) -> Result<()> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": TRUST_ROOTS_CONFIG_MAP,
+                "namespace": namespace,
+                "labels": { MANAGED_BY_LABEL: OPERATOR_FIELD_MANAGER },
+            },
+            "data": { TRUST_ROOTS_KEY: roots_pem },
+        });
+        let params = PatchParams::apply(OPERATOR_FIELD_MANAGER).force();
+        match api
+            .patch(TRUST_ROOTS_CONFIG_MAP, &params, &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.config_map_applies.inc();
+                info!(%namespace, config_map = TRUST_ROOTS_CONFIG_MAP, "Applied the trust roots");
+                Ok(())
+            }
+            Err(source) => {
+                warn!(%namespace, config_map = TRUST_ROOTS_CONFIG_MAP, error = %source, "ConfigMap apply failed");
+                Err(Error::Kube {
+                    action: format!("apply ConfigMap {namespace}/{TRUST_ROOTS_CONFIG_MAP}"),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Publishes one Warning Event per ignored annotation value (on the Namespace or
+    /// ServiceAccount that carries it); a value seen before is not reported again.
+    async fn report_annotations(&self, bad: &[BadAnnotation]) {
+        let mut reported = self.reported.lock().await;
+        // Forget what was fixed, so the same mistake made again is reported again.
+        reported.retain(|b| bad.contains(b));
+        for annotation in bad {
+            if reported.contains(annotation) {
+                continue;
+            }
+            warn!(kind = annotation.kind, namespace = %annotation.namespace, name = %annotation.name, value = %annotation.value, "Ignored an invalid tandem.dev/mtls annotation");
+            let reference = ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some(annotation.kind.to_owned()),
+                name: Some(annotation.name.clone()),
+                namespace: (!annotation.namespace.is_empty()).then(|| annotation.namespace.clone()),
+                ..ObjectReference::default()
+            };
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "InvalidMtlsMode".to_owned(),
+                note: Some(truncate(&annotation.message(), 1000)),
+                action: "RenderProxyConfig".to_owned(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, &reference).await {
+                Ok(()) => {
+                    reported.insert(annotation.clone());
+                }
+                Err(error) => warn!(%error, "Could not publish an Event"),
+            }
+        }
+    }
+
+    /// Deletes the proxy ConfigMaps whose ServiceAccount has no injected pod any more, and the
+    /// trust roots of namespaces without injected pods.
     async fn delete_orphans(
         &self,
         wanted: &[WorkloadKey],
+        trust: &BTreeSet<String>,
         leader: &watch::Receiver<bool>,
     ) -> Result<()> {
-        let wanted: BTreeSet<(String, String)> = wanted
+        let mut wanted: BTreeSet<(String, String)> = wanted
             .iter()
             .map(|w| (w.namespace.clone(), config_map_name(&w.service_account)))
             .collect();
+        wanted.extend(
+            trust
+                .iter()
+                .map(|ns| (ns.clone(), TRUST_ROOTS_CONFIG_MAP.to_owned())),
+        );
         let mut result = Ok(());
         for config_map in self.stores.config_maps.state() {
             let key = (

@@ -9,15 +9,21 @@
 //! - [`sync`]: nothing is rendered, written or deleted before every watch has listed once.
 //! - [`leader`]: leader election on a Lease.
 //! - [`server`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`ca`]: the identity CA, pure (a root and an issuer; leaves from CSRs).
+//! - [`issuer`]: the issuer Secret, created once, watched, its expiry watched.
+//! - [`signer`]: the HTTPS certify call every replica serves (TokenReview, then a leaf).
 //! - [`run`]: wires it all together for the binary.
 
+pub mod ca;
 pub mod controller;
+pub mod issuer;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod render;
 pub mod run;
 pub mod server;
+pub mod signer;
 pub mod status;
 pub mod sync;
 
@@ -54,6 +60,24 @@ pub enum Error {
     /// No kube client could be configured (no kubeconfig, no in-cluster service account).
     #[error("cannot configure a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    /// A setting is invalid (the binary exits with code 64).
+    #[error("invalid setting: {0}")]
+    Settings(String),
+    /// rcgen could not make or sign a certificate.
+    #[error("could not {action}")]
+    Certificate {
+        /// What was being done.
+        action: &'static str,
+        /// rcgen's reason.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The issuer Secret's certificates or key cannot be used.
+    #[error("the identity issuer cannot be used: {0}")]
+    IssuerMaterial(String),
+    /// The signer's TLS configuration could not be built.
+    #[error("could not build the signer's TLS configuration")]
+    Tls(#[source] rustls::Error),
     /// The HTTP endpoint could not be served.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {

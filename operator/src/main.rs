@@ -31,6 +31,10 @@ async fn main() -> ExitCode {
     });
     match tandem_operator::run(settings, stop_rx).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error @ tandem_operator::Error::Settings(_)) => {
+            eprintln!("tandem-operator: {error}");
+            ExitCode::from(64)
+        }
         Err(error) => {
             tracing::error!(%error, "tandem-operator failed");
             ExitCode::FAILURE
