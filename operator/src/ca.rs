@@ -173,7 +173,7 @@ impl std::fmt::Debug for Authority {
 impl Authority {
     /// Reads and checks the material: `tls.crt` starts with a CA certificate whose public key
     /// is `tls.key`'s, `ca.crt` holds at least one certificate, and the top of `tls.crt` is
-    /// issued by (or is) one of those roots, so what is issued verifies under what is trusted.
+    /// signed by (or is) one of those roots, so what is issued verifies under what is trusted.
     pub fn load(material: &Material) -> Result<Self> {
         let chain = ders(&material.cert_pem, "tls.crt")?;
         let roots_der = ders(&material.roots_pem, "ca.crt")?;
@@ -204,20 +204,23 @@ impl Authority {
         let anchored = parsed_roots
             .iter()
             .zip(&roots_der)
-            .any(|(root, der)| root.subject() == top.issuer() || Some(der.as_ref()) == top_der);
+            .any(|(root, der)| Some(der.as_ref()) == top_der || signed_by(top, root));
         if !anchored {
             return Err(unusable(format!(
-                "tls.crt's top certificate is issued by {}, which is not among ca.crt's roots",
-                top.issuer()
+                "tls.crt's top certificate ({}) is not signed by any root in ca.crt",
+                top.subject()
             )));
         }
-        let issuer_summary = summary(issuer_cert, &chain[0]);
+        let issuer_der = chain
+            .first()
+            .ok_or_else(|| unusable("tls.crt holds no certificate"))?;
+        let issuer_summary = summary(issuer_cert, issuer_der);
         let roots = parsed_roots
             .iter()
             .zip(&roots_der)
             .map(|(cert, der)| summary(cert, der))
             .collect();
-        let signer = Issuer::from_ca_cert_der(&chain[0], key).map_err(rcgen("read tls.crt"))?;
+        let signer = Issuer::from_ca_cert_der(issuer_der, key).map_err(rcgen("read tls.crt"))?;
         Ok(Self {
             signer,
             chain_pem: normalized_pem(&material.cert_pem),
@@ -401,6 +404,21 @@ fn parse<'a>(der: &'a CertificateDer<'_>, key: &str) -> Result<X509Certificate<'
         .map_err(|error| unusable(format!("{key} holds an unreadable certificate: {error}")))
 }
 
+/// Whether `parent`'s key made `child`'s signature (any algorithm rustls verifies with).
+fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool {
+    if child.issuer() != parent.subject() {
+        return false;
+    }
+    let public_key = &parent.public_key().subject_public_key.data;
+    let message = child.tbs_certificate.as_ref();
+    let signature = &child.signature_value.data;
+    rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all
+        .iter()
+        .any(|alg| alg.verify_signature(public_key, message, signature).is_ok())
+}
+
 fn summary(cert: &X509Certificate<'_>, der: &[u8]) -> CertSummary {
     CertSummary {
         subject: cert.subject().to_string(),
@@ -433,4 +451,291 @@ fn pem_block(der: &[u8]) -> String {
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+    use x509_parser::extensions::GeneralName;
+
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    fn web() -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", "web")
+    }
+
+    /// A CSR for a new key that asks for every name and power it should not get.
+    fn greedy_csr() -> (KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["kubernetes.default.svc".to_owned()]).unwrap();
+        params.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin"
+                .try_into()
+                .unwrap(),
+        ));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, csr)
+    }
+
+    fn authority_at(now: OffsetDateTime) -> Authority {
+        Authority::load(&generate(now).unwrap()).unwrap()
+    }
+
+    fn parsed(chain_pem: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<std::result::Result<_, _>>()
+            .unwrap()
+    }
+
+    fn sans(der: &CertificateDer<'_>) -> Vec<String> {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .map(|name| match name {
+                GeneralName::URI(uri) => format!("uri:{uri}"),
+                GeneralName::DNSName(dns) => format!("dns:{dns}"),
+                other => format!("other:{other:?}"),
+            })
+            .collect()
+    }
+
+    /// rustls' own (webpki) verification of a chain against the authority's roots.
+    fn verifies(authority: &Authority, chain: &[CertificateDer<'static>], dns: &str) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        for root in parsed(&authority.roots_pem) {
+            roots.add(root).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+        verifier
+            .verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &ServerName::try_from(dns.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn a_leaf_names_the_identity_it_is_issued_for_and_nothing_the_csr_asked() {
+        let authority = authority_at(now());
+        let (key, csr) = greedy_csr();
+        let public_key = csr_public_key(&csr).unwrap();
+        let leaf = authority
+            .issue(&public_key, &web(), Duration::from_secs(3600), now())
+            .unwrap();
+        let chain = parsed(&leaf.chain_pem);
+        assert_eq!(chain.len(), 2, "leaf then issuer");
+        assert_eq!(
+            sans(&chain[0]),
+            [
+                "uri:spiffe://cluster.local/ns/shop/sa/web",
+                "dns:web.shop.sa.cluster.local"
+            ]
+        );
+        let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
+        assert!(!cert.is_ca(), "the CSR asked to be a CA");
+        assert_eq!(
+            cert.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth && !eku.any);
+        let usage = cert.key_usage().unwrap().unwrap().value;
+        assert!(usage.digital_signature() && !usage.key_cert_sign());
+        assert!(verifies(&authority, &chain, "web.shop.sa.cluster.local"));
+        assert!(!verifies(&authority, &chain, "kubernetes.default.svc"));
+    }
+
+    #[test]
+    fn the_same_key_gets_a_new_random_serial_every_time() {
+        let authority = authority_at(now());
+        let (_, csr) = greedy_csr();
+        let public_key = csr_public_key(&csr).unwrap();
+        let serials: std::collections::BTreeSet<String> = (0..5)
+            .map(|_| {
+                let leaf = authority
+                    .issue(&public_key, &web(), Duration::from_secs(3600), now())
+                    .unwrap();
+                assert_eq!(leaf.serial.len(), 32, "16 bytes");
+                leaf.serial
+            })
+            .collect();
+        assert_eq!(serials.len(), 5);
+    }
+
+    #[test]
+    fn a_leaf_starts_twenty_seconds_back_and_never_outlives_its_issuer() {
+        // An issuer made a year minus an hour ago has an hour left.
+        let made = now() - time::Duration::days(365) + time::Duration::hours(1);
+        let authority = authority_at(made);
+        let (_, csr) = greedy_csr();
+        let public_key = csr_public_key(&csr).unwrap();
+        let at = now();
+        let leaf = authority
+            .issue(&public_key, &web(), Duration::from_secs(86_400), at)
+            .unwrap();
+        assert_eq!(leaf.not_after, authority.issuer.not_after);
+        let chain = parsed(&leaf.chain_pem);
+        let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
+        let not_before = cert.validity().not_before.to_datetime();
+        assert_eq!(
+            not_before.unix_timestamp(),
+            (at - time::Duration::seconds(20)).unix_timestamp()
+        );
+
+        // A short lifetime is honoured as asked.
+        let short = authority
+            .issue(&public_key, &web(), Duration::from_secs(600), at)
+            .unwrap();
+        assert_eq!(
+            short.not_after.unix_timestamp(),
+            (at + time::Duration::minutes(10)).unix_timestamp()
+        );
+    }
+
+    #[test]
+    fn an_expired_issuer_signs_nothing() {
+        let authority = authority_at(now() - time::Duration::days(366));
+        let (_, csr) = greedy_csr();
+        let public_key = csr_public_key(&csr).unwrap();
+        let refused = authority.issue(&public_key, &web(), Duration::from_secs(3600), now());
+        assert!(matches!(refused, Err(Error::IssuerMaterial(m)) if m.contains("expired")));
+    }
+
+    #[test]
+    fn a_generated_authority_is_a_ten_year_root_over_a_one_year_issuer() {
+        let at = now();
+        let authority = authority_at(at);
+        assert_eq!(authority.roots.len(), 1);
+        // X.509 times have whole seconds.
+        let lasts = |cert: &CertSummary| (cert.not_after - at).whole_seconds() + 1;
+        assert_eq!(lasts(&authority.roots[0]), 10 * 365 * 86_400, "10 years");
+        assert_eq!(lasts(&authority.issuer), 365 * 86_400, "1 year");
+        assert_eq!(authority.issuer.fingerprint.len(), 64);
+        assert!(
+            authority
+                .expiring(at, Duration::from_secs(30 * 86_400))
+                .is_empty()
+        );
+        let in_a_year = at + time::Duration::days(340);
+        let soon: Vec<&str> = authority
+            .expiring(in_a_year, Duration::from_secs(30 * 86_400))
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .collect();
+        assert_eq!(soon, ["issuer"]);
+    }
+
+    #[test]
+    fn the_trust_bundle_is_every_root_in_ca_crt() {
+        let current = generate(now()).unwrap();
+        let next = generate(now()).unwrap();
+        let overlap = Material {
+            roots_pem: format!("{}{}", current.roots_pem, next.roots_pem),
+            ..current.clone()
+        };
+        let authority = Authority::load(&overlap).unwrap();
+        assert_eq!(authority.roots.len(), 2);
+        assert_eq!(authority.roots_pem, overlap.roots_pem);
+    }
+
+    #[test]
+    fn an_issuer_secret_that_does_not_hold_together_is_refused_with_the_reason() {
+        let one = generate(now()).unwrap();
+        let other = generate(now()).unwrap();
+        let wrong_key = Material {
+            key_pem: other.key_pem.clone(),
+            ..one.clone()
+        };
+        assert!(
+            matches!(Authority::load(&wrong_key), Err(Error::IssuerMaterial(m)) if m.contains("tls.key"))
+        );
+        let foreign_roots = Material {
+            roots_pem: other.roots_pem.clone(),
+            ..one.clone()
+        };
+        assert!(
+            matches!(Authority::load(&foreign_roots), Err(Error::IssuerMaterial(m)) if m.contains("ca.crt"))
+        );
+        let no_roots = Material {
+            roots_pem: String::new(),
+            ..one.clone()
+        };
+        assert!(Authority::load(&no_roots).is_err());
+        // A leaf is not an issuer.
+        let authority = Authority::load(&one).unwrap();
+        let serving = authority
+            .serving(
+                "tandem-identity.tandem-system.svc",
+                Duration::from_secs(3600),
+                now(),
+            )
+            .unwrap();
+        let leaf_as_issuer = Material {
+            cert_pem: serving.chain_pem,
+            key_pem: serving.key_pem,
+            roots_pem: one.roots_pem.clone(),
+        };
+        assert!(
+            matches!(Authority::load(&leaf_as_issuer), Err(Error::IssuerMaterial(m)) if m.contains("not a CA"))
+        );
+    }
+
+    #[test]
+    fn the_signers_serving_certificate_verifies_under_the_roots() {
+        let authority = authority_at(now());
+        let serving = authority
+            .serving(
+                "tandem-identity.tandem-system.svc",
+                Duration::from_secs(3600),
+                now(),
+            )
+            .unwrap();
+        let chain = parsed(&serving.chain_pem);
+        assert!(verifies(
+            &authority,
+            &chain,
+            "tandem-identity.tandem-system.svc"
+        ));
+    }
+
+    #[test]
+    fn csrs_that_are_not_signed_by_their_key_or_not_csrs_are_refused() {
+        assert!(csr_public_key("not a csr").is_err());
+        let (_, csr) = greedy_csr();
+        // Flip one character inside the base64 body: the signature no longer verifies (or
+        // the DER no longer parses).
+        let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
+        let middle = lines.len() / 2;
+        let flipped: String = lines[middle]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 10 {
+                    if c == 'A' { 'B' } else { 'A' }
+                } else {
+                    c
+                }
+            })
+            .collect();
+        lines[middle] = flipped;
+        assert!(csr_public_key(&lines.join("\n")).is_err());
+    }
 }

@@ -66,8 +66,10 @@ pub enum Refusal {
     Unauthenticated(String),
     /// 403: the token is valid but not for audience `tandem`.
     WrongAudience(String),
-    /// 403: the token is not a ServiceAccount's, or its pod is gone or finished.
+    /// 403: the token is bound to a pod that is gone, replaced or finished.
     PodNotFound(String),
+    /// 403: the token is valid but not a ServiceAccount's (a person, a node).
+    NotAServiceAccount(String),
     /// 400: the body is not a CertifyRequest, or the CSR is unusable.
     BadCsr(String),
     /// 503: no usable issuer is loaded (or it has expired).
@@ -83,6 +85,7 @@ impl Refusal {
             Self::Unauthenticated(_) => "Unauthenticated",
             Self::WrongAudience(_) => "WrongAudience",
             Self::PodNotFound(_) => "PodNotFound",
+            Self::NotAServiceAccount(_) => "NotAServiceAccount",
             Self::BadCsr(_) => "BadCsr",
             Self::IssuerUnavailable(_) => "IssuerUnavailable",
             Self::ReviewUnavailable(_) => "ReviewUnavailable",
@@ -93,7 +96,9 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Self::WrongAudience(_) | Self::PodNotFound(_) => StatusCode::FORBIDDEN,
+            Self::WrongAudience(_) | Self::PodNotFound(_) | Self::NotAServiceAccount(_) => {
+                StatusCode::FORBIDDEN
+            }
             Self::BadCsr(_) => StatusCode::BAD_REQUEST,
             Self::IssuerUnavailable(_) | Self::ReviewUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -107,6 +112,7 @@ impl Refusal {
             Self::Unauthenticated(m)
             | Self::WrongAudience(m)
             | Self::PodNotFound(m)
+            | Self::NotAServiceAccount(m)
             | Self::BadCsr(m)
             | Self::IssuerUnavailable(m)
             | Self::ReviewUnavailable(m) => m,
@@ -159,7 +165,7 @@ pub fn identity_of(
     let user = status.user.clone().unwrap_or_default();
     let username = user.username.unwrap_or_default();
     let Some((namespace, service_account)) = parse_service_account_username(&username) else {
-        return Err(Refusal::PodNotFound(format!(
+        return Err(Refusal::NotAServiceAccount(format!(
             "{username:?} is not a ServiceAccount: only workloads get certificates"
         )));
     };
@@ -469,5 +475,190 @@ pub async fn serve(
             ?grace,
             "Signer connections still open after the grace period; closing them"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use base64::Engine as _;
+    use k8s_openapi::api::authentication::v1::UserInfo;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+
+    use super::*;
+
+    fn review(username: &str, audiences: &[&str], extra: &[(&str, &str)]) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(audiences.iter().map(|a| (*a).to_owned()).collect()),
+            user: Some(UserInfo {
+                username: Some(username.to_owned()),
+                extra: Some(
+                    extra
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), vec![(*v).to_owned()]))
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                ..UserInfo::default()
+            }),
+            error: None,
+        }
+    }
+
+    fn refused(error: &str) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(error.to_owned()),
+            ..TokenReviewStatus::default()
+        }
+    }
+
+    /// An unsigned JWT-shaped token with these claims (its signature is never checked here).
+    fn jwt(claims: serde_json::Value) -> String {
+        let part = |v: &serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        format!(
+            "{}.{}.c2ln",
+            part(&serde_json::json!({"alg": "RS256"})),
+            part(&claims)
+        )
+    }
+
+    fn pod(uid: &str, service_account: &str, phase: &str) -> Pod {
+        let mut pod = Pod {
+            spec: Some(PodSpec {
+                service_account_name: Some(service_account.to_owned()),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.to_owned()),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        pod.metadata.uid = Some(uid.to_owned());
+        pod
+    }
+
+    #[test]
+    fn the_identity_is_the_reviewed_service_account_in_the_configured_trust_domain() {
+        let status = review("system:serviceaccount:shop:web", &["tandem"], &[]);
+        let (id, binding) = identity_of(&status, "opaque", "example.org").unwrap();
+        assert_eq!(id.uri(), "spiffe://example.org/ns/shop/sa/web");
+        assert_eq!(binding, None);
+    }
+
+    #[test]
+    fn a_pod_bound_token_names_its_pod() {
+        let status = review(
+            "system:serviceaccount:shop:web",
+            &["tandem"],
+            &[(POD_NAME_EXTRA, "web-1"), (POD_UID_EXTRA, "u-1")],
+        );
+        let (_, binding) = identity_of(&status, "opaque", "cluster.local").unwrap();
+        assert_eq!(
+            binding,
+            Some(PodBinding {
+                name: "web-1".into(),
+                uid: "u-1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn refusals_name_their_reason_and_status() {
+        let cases = [
+            (
+                refused("invalid bearer token"),
+                "garbage".to_owned(),
+                "Unauthenticated",
+                401,
+            ),
+            (
+                refused("token audiences [\"other\"] is invalid for the target audiences"),
+                jwt(serde_json::json!({"aud": ["other"], "sub": "x"})),
+                "WrongAudience",
+                403,
+            ),
+            (
+                refused("token has expired"),
+                jwt(serde_json::json!({"aud": ["tandem"]})),
+                "Unauthenticated",
+                401,
+            ),
+            (
+                review(
+                    "system:serviceaccount:shop:web",
+                    &["https://kubernetes.default.svc"],
+                    &[],
+                ),
+                "opaque".to_owned(),
+                "WrongAudience",
+                403,
+            ),
+            (
+                review("alice", &["tandem"], &[]),
+                "opaque".to_owned(),
+                "NotAServiceAccount",
+                403,
+            ),
+            (
+                review(
+                    "system:serviceaccount:shop:web",
+                    &["tandem"],
+                    &[(POD_NAME_EXTRA, "web-1")],
+                ),
+                "opaque".to_owned(),
+                "PodNotFound",
+                403,
+            ),
+        ];
+        for (status, token, reason, code) in cases {
+            let refusal = identity_of(&status, &token, "cluster.local").unwrap_err();
+            assert_eq!(refusal.reason(), reason, "{refusal:?}");
+            assert_eq!(refusal.status().as_u16(), code, "{refusal:?}");
+        }
+    }
+
+    #[test]
+    fn a_bound_token_counts_only_while_its_pod_lives_with_the_same_uid() {
+        let id = SpiffeId::new("cluster.local", "shop", "web");
+        let binding = PodBinding {
+            name: "web-1".into(),
+            uid: "u-1".into(),
+        };
+        assert_eq!(
+            check_pod(Some(&pod("u-1", "web", "Running")), &id, &binding),
+            Ok(())
+        );
+        assert_eq!(
+            check_pod(Some(&pod("u-1", "web", "Pending")), &id, &binding),
+            Ok(())
+        );
+        for (pod, why) in [
+            (None, "does not exist"),
+            (Some(pod("u-2", "web", "Running")), "UID differs"),
+            (Some(pod("u-1", "web", "Succeeded")), "terminated"),
+            (Some(pod("u-1", "web", "Failed")), "terminated"),
+            (Some(pod("u-1", "db", "Running")), "runs as db"),
+        ] {
+            let refusal = check_pod(pod.as_ref(), &id, &binding).unwrap_err();
+            assert_eq!(refusal.reason(), "PodNotFound");
+            assert!(refusal.message().contains(why), "{refusal:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_bearer_authorization_header_carries_a_token() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+        headers.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+        headers.insert(header::AUTHORIZATION, "bearer tok.en".parse().unwrap());
+        assert_eq!(bearer(&headers), Some("tok.en"));
     }
 }
