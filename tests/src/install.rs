@@ -484,11 +484,14 @@ impl Tandem {
 
         // The Deployment's settings (manifests/operator/deployment.yaml), on loopback.
         let operator_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        // The identity signer, on a port of its own (the Deployment's 15030 may be taken).
+        let identity_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)).to_string();
         let operator_env = [
             ("POD_NAME", "tandem-operator-local"),
             ("POD_NAMESPACE", names::SYSTEM_NAMESPACE),
             ("TANDEM_LOG_FORMAT", "text"),
             ("RUST_LOG", "info"),
+            ("TANDEM_IDENTITY_LISTEN", identity_addr.as_str()),
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

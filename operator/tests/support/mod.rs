@@ -120,6 +120,8 @@ pub struct Operator {
     pub identity: String,
     /// Its `/metrics` port.
     pub port: u16,
+    /// Its identity signer's port (HTTPS).
+    pub identity_port: u16,
 }
 
 impl Operator {
@@ -136,12 +138,17 @@ impl Operator {
             .await
             .expect("operator kubeconfig");
         let port = free_port().expect("free port");
+        let identity_port = free_port().expect("free port");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tandem-operator"));
         command
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAME", identity)
             .env("POD_NAMESPACE", "tandem-system")
             .env("TANDEM_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "TANDEM_IDENTITY_LISTEN",
+                format!("127.0.0.1:{identity_port}"),
+            )
             .env("RUST_LOG", "info,tandem_operator=debug");
         let log = cluster.dir().join("logs").join(format!("{identity}.log"));
         let process = Supervised::spawn(identity, command, &log).expect("start operator");
@@ -149,6 +156,7 @@ impl Operator {
             process,
             identity: identity.to_owned(),
             port,
+            identity_port,
         }
     }
 
