@@ -329,7 +329,8 @@ where
 {
     let trigger = trigger.clone();
     let errors = metrics.watch_errors.clone();
-    tokio::spawn(async move {
+    let span = tracing::info_span!("watch", watch = name);
+    let task = async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -344,7 +345,8 @@ where
             }
         }
         warn!(watch = name, "Watch ended");
-    })
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span))
 }
 
 /// Keeps deletions (harmless when the pod was never stored) and injected pods.

@@ -47,8 +47,8 @@ pub struct Settings {
     #[arg(long, env = "TANDEM_LEASE_SECONDS", default_value_t = 8)]
     pub lease_seconds: u64,
     /// Log format: `json` (default, for the cluster) or `text`.
-    #[arg(long, env = "TANDEM_LOG_FORMAT", default_value = "json")]
-    pub log_format: String,
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
     /// Address of the identity signer (HTTPS, `POST /v1/certify`), on every replica.
     #[arg(long, env = "TANDEM_IDENTITY_LISTEN", default_value = "0.0.0.0:15030")]
     pub identity_listen: SocketAddr,
@@ -62,6 +62,15 @@ pub struct Settings {
     /// annotation: `permissive` or `strict`.
     #[arg(long, env = "TANDEM_MTLS_MODE", default_value = "permissive", value_parser = parse_mode)]
     pub mtls_mode: MtlsMode,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line (for the cluster).
+    Json,
+    /// Human-readable lines.
+    Text,
 }
 
 fn parse_ttl(value: &str) -> std::result::Result<Duration, String> {
@@ -113,16 +122,19 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     info!(%http_addr, %identity, "Serving /healthz, /readyz, /metrics");
     let mut http_shutdown = shutdown.clone();
     let http_health = health.clone();
-    let http = tokio::spawn(async move {
-        let served = axum::serve(listener, server::router(http_health))
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(error) = served {
-            warn!(%error, "HTTP server failed");
+    let http = tokio::spawn(
+        async move {
+            let served = axum::serve(listener, server::router(http_health))
+                .with_graceful_shutdown(async move {
+                    let _ = http_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(error) = served {
+                warn!(%error, "HTTP server failed");
+            }
         }
-    });
+        .instrument(info_span!("http")),
+    );
 
     let trigger = Arc::new(Notify::new());
     let identity_listener = tokio::net::TcpListener::bind(settings.identity_listen)
@@ -144,13 +156,16 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     let watches = start_watches(&client, writers, &trigger, &metrics);
     // Nothing acts on a partial view of the cluster: see `sync`.
     let (synced_tx, synced_rx) = watch::channel(false);
-    let sync_task = tokio::spawn(sync::open_when_synced(
-        stores.clone(),
-        health,
-        synced_tx,
-        Duration::from_secs(10),
-        shutdown.clone(),
-    ));
+    let sync_task = tokio::spawn(
+        sync::open_when_synced(
+            stores.clone(),
+            health,
+            synced_tx,
+            Duration::from_secs(10),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("sync")),
+    );
 
     let (leader_tx, leader_rx) = watch::channel(false);
     let mut election =
@@ -170,11 +185,14 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     let mut election_gate = synced_rx.clone();
     let mut election_shutdown = shutdown.clone();
     let election_stop = shutdown.clone();
-    let election_task = tokio::spawn(async move {
-        if sync::wait_open(&mut election_gate, &mut election_shutdown).await {
-            leader::run(leases, election, leader_tx, election_stop).await;
+    let election_task = tokio::spawn(
+        async move {
+            if sync::wait_open(&mut election_gate, &mut election_shutdown).await {
+                leader::run(leases, election, leader_tx, election_stop).await;
+            }
         }
-    });
+        .instrument(info_span!("election")),
+    );
 
     let mesh = Mesh {
         trust_domain: settings.trust_domain.clone(),

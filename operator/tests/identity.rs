@@ -1,5 +1,7 @@
 //! Workload identity against a real apiserver: the issuer Secret, the signer over HTTPS with
 //! real projected tokens (TokenRequest, TokenReview), and the trust roots ConfigMap.
+// Helpers outside #[test] functions too: in a test, a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
@@ -182,22 +184,6 @@ fn sans(chain_pem: &str) -> Vec<String> {
         .collect()
 }
 
-async fn workload(client: &Client, ns: &str, sa: &str, pod_name: &str) -> Pod {
-    apply::<k8s_openapi::api::core::v1::Namespace>(
-        client,
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-    )
-    .await;
-    apply::<ServiceAccount>(
-        client,
-        Some(ns),
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}}),
-    )
-    .await;
-    injected_pod(client, ns, pod_name, sa).await
-}
-
 #[tokio::test]
 #[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn two_replicas_make_one_issuer_secret_which_survives_a_restart_and_both_sign() {
@@ -210,7 +196,7 @@ async fn two_replicas_make_one_issuer_secret_which_survives_a_restart_and_both_s
     let roots = roots_of(&secret);
     let created = secret.metadata.resource_version.clone();
 
-    let pod = workload(&client, "shop", "web", "web-1").await;
+    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
     let bearer = token(&client, "shop", "web", "tandem", Some(&pod)).await;
     for operator in [&a, &b] {
         let (status, body) =
@@ -258,7 +244,7 @@ async fn a_projected_token_gets_a_certificate_for_its_service_account_whatever_t
     let client = cluster.client();
     let operator = Operator::start(&cluster, "op").await;
     let roots = roots_of(&wait_for_issuer(&client).await);
-    let pod = workload(&client, "shop", "web", "web-1").await;
+    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
 
     let bearer = token(&client, "shop", "web", "tandem", Some(&pod)).await;
     let (status, body) =
@@ -300,7 +286,7 @@ async fn tokens_for_another_audience_garbage_and_a_deleted_pods_are_refused() {
     let client = cluster.client();
     let operator = Operator::start(&cluster, "op").await;
     let roots = roots_of(&wait_for_issuer(&client).await);
-    let pod = workload(&client, "shop", "web", "web-1").await;
+    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
 
     let refusal = |body: &str| -> String {
         serde_json::from_str::<CertifyError>(body)

@@ -257,6 +257,16 @@ fn dynamic_api<K: Resource<DynamicType = ()>>(
 
 /// A namespace with a ServiceAccount `client` whose pod `client-1` is injected.
 pub async fn namespace_with_injected_client(client: &Client, ns: &str) {
+    namespace_with_injected_pod(client, ns, "client", "client-1").await;
+}
+
+/// A namespace with ServiceAccount `service_account` and its injected pod `pod`.
+pub async fn namespace_with_injected_pod(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    pod: &str,
+) -> Pod {
     apply::<Namespace>(
         client,
         None,
@@ -266,10 +276,10 @@ pub async fn namespace_with_injected_client(client: &Client, ns: &str) {
     apply::<ServiceAccount>(
         client,
         Some(ns),
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "client", "namespace": ns}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account, "namespace": ns}}),
     )
     .await;
-    injected_pod(client, ns, "client-1", "client").await;
+    injected_pod(client, ns, pod, service_account).await
 }
 
 /// A pod with the proxy injected (as the webhook leaves it). Nothing runs it: the operator
