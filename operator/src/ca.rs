@@ -122,8 +122,9 @@ fn window(now: OffsetDateTime, validity: Duration) -> Result<(OffsetDateTime, Of
     Ok((not_before, not_after))
 }
 
-/// 16 random bytes from the operating system's CSPRNG, positive as a DER INTEGER and never
-/// zero-led (rcgen's default serial is a hash of the public key, which a reused key repeats).
+/// A 16-byte serial from the operating system's CSPRNG (126 random bits: the top bit is cleared
+/// so the DER INTEGER is positive, the next one set so it is never zero-led). rcgen's default
+/// serial is a hash of the public key, which a reused key would repeat.
 pub fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
     rustls::crypto::ring::default_provider()

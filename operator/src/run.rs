@@ -143,7 +143,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             addr: settings.identity_listen,
             source,
         })?;
-    let (authority, identity_tasks) = start_identity(
+    let (authority, signer_tasks) = start_identity(
         &settings,
         &client,
         &identity,
@@ -217,18 +217,28 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         Ok(synced) => synced,
         Err(_) => Err(Error::WatchEnded),
     };
-    for task in watches.into_iter().chain(identity_tasks) {
+    for task in watches.into_iter().chain(signer_tasks.background) {
         task.abort();
     }
     // The reconciler also stops when the caches can never sync (a watch task died): exit
     // with the error, so the pod restarts rather than sitting unready for ever.
     if let Err(error) = synced {
+        signer_tasks.server.abort();
         http.abort();
         return Err(error);
     }
+    // The signer drains its open connections (it has its own grace period).
+    let _ = signer_tasks.server.await;
     let _ = http.await;
     info!("Stopped");
     Ok(())
+}
+
+/// The identity side's tasks: those that run until aborted, and the server, which stops by
+/// itself on shutdown once its connections have drained.
+struct SignerTasks {
+    background: Vec<JoinHandle<()>>,
+    server: JoinHandle<()>,
 }
 
 /// Starts the identity side: the issuer Secret's watch, the signer's serving certificate and
@@ -242,7 +252,7 @@ fn start_identity(
     trigger: &Arc<Notify>,
     metrics: &Metrics,
     shutdown: watch::Receiver<bool>,
-) -> (CurrentAuthority, Vec<JoinHandle<()>>) {
+) -> (CurrentAuthority, SignerTasks) {
     let (authority_tx, authority) = watch::channel(None);
     let issuer_task = tokio::spawn(
         issuer::run(
@@ -282,7 +292,11 @@ fn start_identity(
         )
         .instrument(info_span!("signer")),
     );
-    (authority, vec![issuer_task, cert_task, serve_task])
+    let tasks = SignerTasks {
+        background: vec![issuer_task, cert_task],
+        server: serve_task,
+    };
+    (authority, tasks)
 }
 
 fn default_identity() -> String {
