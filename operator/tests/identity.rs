@@ -414,3 +414,104 @@ async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods(
     })
     .await;
 }
+
+#[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
+async fn a_rotated_issuer_secret_is_used_at_once_and_an_unusable_one_is_refused_with_an_event() {
+    let cluster = cluster().await;
+    let client = cluster.client();
+    let operator = Operator::start(&cluster, "op").await;
+    let old_roots = roots_of(&wait_for_issuer(&client).await);
+    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
+    let bearer = token(&client, "shop", "web", "tandem", Some(&pod)).await;
+    let (status, body) =
+        certify_when_up(operator.identity_port, &old_roots, &bearer, &greedy_csr()).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Steps 1 and 3 of the rotation at once: both roots trusted, the issuer under the new one.
+    let next = tandem_operator::ca::generate(time::OffsetDateTime::now_utc()).expect("new CA");
+    let overlap = format!("{old_roots}{}", next.roots_pem);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "tandem-system");
+    let data = |cert: &str, key: &str, roots: &str| json!({"stringData": {"tls.crt": cert, "tls.key": key, "ca.crt": roots}});
+    secrets
+        .patch(
+            ISSUER_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(data(&next.cert_pem, &next.key_pem, &overlap)),
+        )
+        .await
+        .expect("rotate the issuer");
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    eventually("both roots in tandem-trust-roots", || async {
+        config_maps
+            .get_opt(TRUST_ROOTS_CONFIG_MAP)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|cm| cm.data)
+            .is_some_and(|data| data.get(TRUST_ROOTS_KEY) == Some(&overlap))
+    })
+    .await;
+    // The signer now serves, and signs, under the new root alone, without a restart.
+    let mut answer = (0, String::new());
+    for _ in 0..50 {
+        answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            certify(
+                operator.identity_port,
+                &next.roots_pem,
+                &bearer,
+                &greedy_csr(),
+            ),
+        )
+        .await
+        .unwrap_or_default();
+        if answer.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    let response: CertifyResponse = serde_json::from_str(&answer.1).expect("CertifyResponse");
+    let issuer_in_chain = CertificateDer::pem_slice_iter(response.certificate_chain.as_bytes())
+        .nth(1)
+        .expect("issuer")
+        .expect("PEM");
+    let next_issuer = CertificateDer::from_pem_slice(next.cert_pem.as_bytes()).expect("PEM");
+    assert_eq!(issuer_in_chain, next_issuer, "signed by the new issuer");
+
+    // A key that is not the certificate's: refused, said in an Event, the last good one signs.
+    let other = tandem_operator::ca::generate(time::OffsetDateTime::now_utc()).expect("CA");
+    secrets
+        .patch(
+            ISSUER_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(data(&next.cert_pem, &other.key_pem, &overlap)),
+        )
+        .await
+        .expect("break the issuer");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "tandem-system");
+    eventually("an IssuerInvalid Event on the Secret", || async {
+        events
+            .list(&kube::api::ListParams::default())
+            .await
+            .is_ok_and(|list| {
+                list.items.iter().any(|e| {
+                    e.reason.as_deref() == Some("IssuerInvalid")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(ISSUER_SECRET)
+                })
+            })
+    })
+    .await;
+    let (status, body) = certify(
+        operator.identity_port,
+        &next.roots_pem,
+        &bearer,
+        &greedy_csr(),
+    )
+    .await;
+    assert_eq!(status, 200, "the last good issuer keeps signing: {body}");
+}
