@@ -69,7 +69,7 @@ pub fn secret_of(namespace: &str, material: &Material) -> Secret {
     secret.metadata.name = Some(ISSUER_SECRET.to_owned());
     secret.metadata.namespace = Some(namespace.to_owned());
     secret.metadata.labels = Some(BTreeMap::from([(
-        crate::controller::MANAGED_BY_LABEL.to_owned(),
+        crate::stores::MANAGED_BY_LABEL.to_owned(),
         OPERATOR_FIELD_MANAGER.to_owned(),
     )]));
     secret

@@ -5,7 +5,8 @@
 //! - [`render`]: the pure core, `render(&Inputs) -> Rendered` (services and verdicts).
 //! - [`policy`]: conflicts between policies and verdicts.
 //! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
-//! - [`controller`]: watches, and the reconcile pass that writes ConfigMaps and status.
+//! - [`stores`]: the watches and the in-memory stores they fill.
+//! - [`controller`]: the reconcile pass that writes ConfigMaps and status.
 //! - [`sync`]: nothing is rendered, written or deleted before every watch has listed once.
 //! - [`leader`]: leader election on a Lease.
 //! - [`server`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
@@ -25,6 +26,7 @@ pub mod run;
 pub mod server;
 pub mod signer;
 pub mod status;
+pub mod stores;
 pub mod sync;
 
 pub use render::{Inputs, Rendered, render};

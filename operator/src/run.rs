@@ -14,13 +14,14 @@ use tracing::{Instrument, info, info_span, warn};
 
 use tandem_crds::identity::{MtlsMode, SpiffeId};
 
-use crate::controller::{Reconciler, Stores, start_watches};
+use crate::controller::Reconciler;
 use crate::issuer::{self, CurrentAuthority};
 use crate::leader::{self, ElectionSettings};
 use crate::metrics::Metrics;
 use crate::render::Mesh;
 use crate::server::{self, Health};
 use crate::signer::{self, Signer};
+use crate::stores::{Stores, start_watches};
 use crate::sync;
 use crate::{Error, Result};
 
@@ -199,15 +200,20 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         default_mtls: settings.mtls_mode,
     };
     let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority);
-    reconciler
-        .run(
-            trigger,
-            Duration::from_millis(settings.debounce_ms),
-            leader_rx,
-            synced_rx,
-            shutdown,
-        )
-        .await;
+    // Nothing before every store has synced. (The gate's sender is gone once it has opened, so
+    // it is awaited once here, not watched by the reconciler: a closed channel would end it.)
+    let mut reconciler_gate = synced_rx;
+    let mut reconciler_shutdown = shutdown.clone();
+    if sync::wait_open(&mut reconciler_gate, &mut reconciler_shutdown).await {
+        reconciler
+            .run(
+                trigger,
+                Duration::from_millis(settings.debounce_ms),
+                leader_rx,
+                shutdown,
+            )
+            .await;
+    }
 
     // Shutting down: release the Lease first so the other replica takes over at once.
     if let Err(error) = election_task.await {

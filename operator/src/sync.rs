@@ -21,13 +21,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::Result;
-use crate::controller::Stores;
 use crate::server::Health;
-
-/// Whether a pass may run: only on the leader, and only once every store has synced.
-pub fn may_reconcile(leading: bool, synced: bool) -> bool {
-    leading && synced
-}
+use crate::stores::Stores;
 
 /// Waits until every store has synced, then marks `/readyz` ready and opens `gate`. Logs the
 /// watches still pending every `log_every`. Returns early, with the gate closed, when
@@ -82,21 +77,13 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::controller::WATCHES;
+    use crate::stores::WATCHES;
 
     fn health() -> Arc<Health> {
         Arc::new(Health {
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         })
-    }
-
-    #[test]
-    fn only_a_synced_leader_reconciles() {
-        assert!(may_reconcile(true, true));
-        assert!(!may_reconcile(true, false));
-        assert!(!may_reconcile(false, true));
-        assert!(!may_reconcile(false, false));
     }
 
     #[tokio::test]
