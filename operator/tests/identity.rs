@@ -184,6 +184,31 @@ fn sans(chain_pem: &str) -> Vec<String> {
         .collect()
 }
 
+/// What most scenarios start from: a control plane, one operator, its issuer's roots, and an
+/// injected pod `shop/web-1` running as ServiceAccount `web`.
+struct Scene {
+    cluster: tandem_tests::ControlPlane,
+    client: Client,
+    operator: Operator,
+    roots: String,
+    pod: Pod,
+}
+
+async fn scene() -> Scene {
+    let cluster = cluster().await;
+    let client = cluster.client();
+    let operator = Operator::start(&cluster, "op").await;
+    let roots = roots_of(&wait_for_issuer(&client).await);
+    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
+    Scene {
+        cluster,
+        client,
+        operator,
+        roots,
+        pod,
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn two_replicas_make_one_issuer_secret_which_survives_a_restart_and_both_sign() {
@@ -240,11 +265,14 @@ async fn two_replicas_make_one_issuer_secret_which_survives_a_restart_and_both_s
 #[tokio::test]
 #[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn a_projected_token_gets_a_certificate_for_its_service_account_whatever_the_csr_asks() {
-    let cluster = cluster().await;
-    let client = cluster.client();
-    let operator = Operator::start(&cluster, "op").await;
-    let roots = roots_of(&wait_for_issuer(&client).await);
-    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
+    // The cluster is bound first, so it is dropped last.
+    let Scene {
+        cluster: _cluster,
+        client,
+        operator,
+        roots,
+        pod,
+    } = scene().await;
 
     let bearer = token(&client, "shop", "web", "tandem", Some(&pod)).await;
     let (status, body) =
@@ -282,11 +310,14 @@ async fn a_projected_token_gets_a_certificate_for_its_service_account_whatever_t
 #[tokio::test]
 #[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn tokens_for_another_audience_garbage_and_a_deleted_pods_are_refused() {
-    let cluster = cluster().await;
-    let client = cluster.client();
-    let operator = Operator::start(&cluster, "op").await;
-    let roots = roots_of(&wait_for_issuer(&client).await);
-    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
+    // The cluster is bound first, so it is dropped last.
+    let Scene {
+        cluster: _cluster,
+        client,
+        operator,
+        roots,
+        pod,
+    } = scene().await;
 
     let refusal = |body: &str| -> String {
         serde_json::from_str::<CertifyError>(body)
@@ -418,11 +449,14 @@ async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods(
 #[tokio::test]
 #[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn a_rotated_issuer_secret_is_used_at_once_and_an_unusable_one_is_refused_with_an_event() {
-    let cluster = cluster().await;
-    let client = cluster.client();
-    let operator = Operator::start(&cluster, "op").await;
-    let old_roots = roots_of(&wait_for_issuer(&client).await);
-    let pod = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
+    // The cluster is bound first, so it is dropped last.
+    let Scene {
+        cluster: _cluster,
+        client,
+        operator,
+        roots: old_roots,
+        pod,
+    } = scene().await;
     let bearer = token(&client, "shop", "web", "tandem", Some(&pod)).await;
     let (status, body) =
         certify_when_up(operator.identity_port, &old_roots, &bearer, &greedy_csr()).await;
