@@ -41,6 +41,13 @@ async fn wait_for_issuer(client: &Client) -> Secret {
     issuer_secret(client).await.expect("issuer Secret")
 }
 
+/// `roots.pem` of the trust roots ConfigMap in `ns`, if there is one.
+async fn trust_roots_in(client: &Client, ns: &str) -> Option<String> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let config_map = api.get_opt(TRUST_ROOTS_CONFIG_MAP).await.ok()??;
+    config_map.data?.remove(TRUST_ROOTS_KEY)
+}
+
 fn roots_of(secret: &Secret) -> String {
     let bytes = &secret.data.as_ref().expect("data")[ISSUER_ROOTS_KEY].0;
     String::from_utf8(bytes.clone()).expect("PEM")
@@ -405,13 +412,7 @@ async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods(
 
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
     eventually("tandem-trust-roots in shop", || async {
-        config_maps
-            .get_opt(TRUST_ROOTS_CONFIG_MAP)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|cm| cm.data)
-            .is_some_and(|data| data.get(TRUST_ROOTS_KEY) == Some(&roots))
+        trust_roots_in(&client, "shop").await.as_ref() == Some(&roots)
     })
     .await;
 
@@ -476,15 +477,8 @@ async fn a_rotated_issuer_secret_is_used_at_once_and_an_unusable_one_is_refused_
         .await
         .expect("rotate the issuer");
 
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
     eventually("both roots in tandem-trust-roots", || async {
-        config_maps
-            .get_opt(TRUST_ROOTS_CONFIG_MAP)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|cm| cm.data)
-            .is_some_and(|data| data.get(TRUST_ROOTS_KEY) == Some(&overlap))
+        trust_roots_in(&client, "shop").await.as_ref() == Some(&overlap)
     })
     .await;
     // The signer now serves, and signs, under the new root alone, without a restart.
