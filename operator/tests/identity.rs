@@ -403,7 +403,8 @@ async fn tokens_for_another_audience_garbage_and_a_deleted_pods_are_refused() {
 
 #[tokio::test]
 #[ignore = "needs the control-plane binaries: run by make test-operator"]
-async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods() {
+async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods_and_a_bad_mode_is_reported()
+ {
     let cluster = cluster().await;
     let client = cluster.client();
     let _operator = Operator::start(&cluster, "op").await;
@@ -432,6 +433,35 @@ async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods(
             .is_some_and(|(config, _)| config.workload.mtls == MtlsMode::Strict)
     })
     .await;
+
+    // A value that is not a mode is ignored (the namespace's strict still holds) and an Event
+    // on the ServiceAccount says why.
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "shop");
+    accounts
+        .patch(
+            "client",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"tandem.dev/mtls": "bogus"}}})),
+        )
+        .await
+        .expect("annotate the ServiceAccount");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "shop");
+    eventually("an InvalidMtlsMode Event on the ServiceAccount", || async {
+        events
+            .list(&kube::api::ListParams::default())
+            .await
+            .is_ok_and(|list| {
+                list.items.iter().any(|e| {
+                    e.reason.as_deref() == Some("InvalidMtlsMode")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("client")
+                })
+            })
+    })
+    .await;
+    let (config, _) = proxy_config(&client, "shop", "client")
+        .await
+        .expect("the client's config");
+    assert_eq!(config.workload.mtls, MtlsMode::Strict);
 
     // With no injected pod left, the roots go as the proxy config does.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
