@@ -50,19 +50,7 @@ impl TwoHops {
         server_dir.publish(&config("server", "server", mode, vec![]));
         let server = MeshProxy::start(&server_dir.path(), server);
         let wiretap = Wiretap::start(bind_local(), server.inbound);
-        let mut client_dir = ConfigDir::new();
-        client_dir.publish(&config(
-            "client",
-            "client",
-            "permissive",
-            vec![meshed_service(
-                "app",
-                "127.0.0.1",
-                app.port(),
-                protocol,
-                &[(wiretap.addr, SERVER)],
-            )],
-        ));
+        let client_dir = client_config("app", "127.0.0.1", app.port(), protocol, wiretap.addr);
         let client = MeshProxy::start(&client_dir.path(), client);
         Self {
             app,
@@ -95,6 +83,31 @@ impl TwoHops {
         )
         .await
     }
+}
+
+/// A permissive `test/client` config whose one service, `test/<name>` on `cluster_ip:port`,
+/// has one meshed endpoint, `endpoint`, with the identity [`SERVER`].
+fn client_config(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    protocol: &str,
+    endpoint: SocketAddr,
+) -> ConfigDir {
+    let mut dir = ConfigDir::new();
+    dir.publish(&config(
+        "client",
+        "client",
+        "permissive",
+        vec![meshed_service(
+            name,
+            cluster_ip,
+            port,
+            protocol,
+            &[(endpoint, SERVER)],
+        )],
+    ));
+    dir
 }
 
 fn handshakes(proxy: &MeshProxy, direction: &str, result: &str) -> u64 {
@@ -357,19 +370,7 @@ async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as
     let ca = TestCa::root("root");
     let (impostor_addr, reached) = impostor(&ca, bind_local(), b"http/1.1");
     let client = identity(ca.issue(Leaf::new("test", "client")), &[&ca]);
-    let mut dir = ConfigDir::new();
-    dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "app",
-            "127.0.0.1",
-            18443,
-            "http",
-            &[(impostor_addr, SERVER)],
-        )],
-    ));
+    let dir = client_config("app", "127.0.0.1", 18443, "http", impostor_addr);
     let proxy = MeshProxy::start(&dir.path(), client);
     let r = get(proxy.outbound, "127.0.0.1:18443", "/", &[])
         .await
@@ -471,21 +472,17 @@ const CLUSTER_IP: &str = "10.96.0.50";
 
 /// Redirects TCP arriving at the server pod on `port` to `inbound`.
 fn redirect_inbound(pods: &Pods, port: u16, inbound: SocketAddr) {
-    pods.server.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
+    pods.server.redirect_tcp(
         "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        &port.to_string(),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &inbound.port().to_string(),
-    ]);
+        &["--dport", &port.to_string()],
+        inbound.port(),
+    );
+}
+
+/// Redirects the client pod's TCP to [`CLUSTER_IP`] to `client`'s outbound listener.
+fn redirect_outbound(pods: &Pods, client: &MeshProxy) {
+    pods.client
+        .redirect_tcp("OUTPUT", &["-d", CLUSTER_IP], client.outbound.port());
 }
 
 /// A TLS server with its own certificate for `app.example` (the application's TLS, not
@@ -567,39 +564,13 @@ async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destina
     redirect_inbound(&pods, echo.port(), server.inbound);
     let app: SocketAddr = format!("{SERVER_IP}:{APP_PORT}").parse().unwrap();
     let wiretap = Wiretap::start_in(&pods.client, pods.client.bind("127.0.0.1:0"), app);
-    let mut client_dir = ConfigDir::new();
-    client_dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "echo",
-            CLUSTER_IP,
-            APP_PORT,
-            "tcp",
-            &[(wiretap.addr, SERVER)],
-        )],
-    ));
+    let client_dir = client_config("echo", CLUSTER_IP, APP_PORT, "tcp", wiretap.addr);
     let client = MeshProxy::start_in(
         &pods.client,
         &client_dir.path(),
         identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
     );
-    pods.client.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        CLUSTER_IP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &client.outbound.port().to_string(),
-    ]);
+    redirect_outbound(&pods, &client);
 
     let echoed = pods.client.block_on(|| async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -690,39 +661,13 @@ async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wr
     let ca = TestCa::root("root");
     let listener = pods.client.bind("127.0.0.1:0");
     let (impostor_addr, reached) = impostor(&ca, listener, b"tandem/1");
-    let mut dir = ConfigDir::new();
-    dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "db",
-            CLUSTER_IP,
-            APP_PORT,
-            "tcp",
-            &[(impostor_addr, SERVER)],
-        )],
-    ));
+    let dir = client_config("db", CLUSTER_IP, APP_PORT, "tcp", impostor_addr);
     let client = MeshProxy::start_in(
         &pods.client,
         &dir.path(),
         identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
     );
-    pods.client.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        CLUSTER_IP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &client.outbound.port().to_string(),
-    ]);
+    redirect_outbound(&pods, &client);
     let answer = pods.client.block_on(|| async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(format!("{CLUSTER_IP}:{APP_PORT}"))
@@ -764,39 +709,13 @@ async fn redirected_http_over_mutual_tls_reaches_the_original_destination() {
     );
     redirect_inbound(&pods, port, server.inbound);
     let endpoint: SocketAddr = format!("{SERVER_IP}:{port}").parse().unwrap();
-    let mut client_dir = ConfigDir::new();
-    client_dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "app",
-            CLUSTER_IP,
-            80,
-            "http",
-            &[(endpoint, SERVER)],
-        )],
-    ));
+    let client_dir = client_config("app", CLUSTER_IP, 80, "http", endpoint);
     let client = MeshProxy::start_in(
         &pods.client,
         &client_dir.path(),
         identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
     );
-    pods.client.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        CLUSTER_IP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &client.outbound.port().to_string(),
-    ]);
+    redirect_outbound(&pods, &client);
     let reply = pods.client.block_on(|| async {
         get(
             format!("{CLUSTER_IP}:80").parse().unwrap(),
