@@ -222,34 +222,13 @@ impl PeerIdentities {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_crds::contract::{Endpoint, Protocol, Service, ServicePort, Workload};
+    use crate::routing::fixtures::{endpoint, web};
 
     fn config(identity: Option<&str>) -> ProxyConfig {
-        let mut c = ProxyConfig::new(Workload::default());
-        c.services.push(Service {
-            name: "web".into(),
-            namespace: "shop".into(),
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                port: 80,
-                protocol: Protocol::Http,
-                endpoints: vec![
-                    Endpoint {
-                        address: "10.0.0.1:8080".parse().unwrap(),
-                        meshed: true,
-                        identity: identity.map(str::to_owned),
-                    },
-                    Endpoint {
-                        address: "10.0.0.2:8080".parse().unwrap(),
-                        meshed: false,
-                        identity: None,
-                    },
-                ],
-            }],
-            ..Service::default()
-        });
-        c
+        web(vec![
+            endpoint("10.0.0.1:8080", true, identity),
+            endpoint("10.0.0.2:8080", false, None),
+        ])
     }
 
     #[test]
