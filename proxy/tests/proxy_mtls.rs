@@ -365,6 +365,15 @@ fn impostor(
     (addr, reached)
 }
 
+/// No outbound handshake of `proxy` succeeded, and the impostor never completed one.
+fn assert_impostor_never_served(proxy: &MeshProxy, reached: &AtomicBool) {
+    assert_eq!(handshakes(proxy, "outbound", "success"), 0);
+    assert!(
+        !reached.load(Ordering::Relaxed),
+        "the impostor completed a handshake"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as_wrong_identity() {
     let ca = TestCa::root("root");
@@ -381,11 +390,7 @@ async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as
         "{}",
         proxy.metrics()
     );
-    assert_eq!(handshakes(&proxy, "outbound", "success"), 0);
-    assert!(
-        !reached.load(Ordering::Relaxed),
-        "the impostor completed a handshake"
-    );
+    assert_impostor_never_served(&proxy, &reached);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,19 +475,33 @@ const APP_PORT: u16 = 7000;
 /// A cluster IP the client pod's outbound connections to which are redirected to its proxy.
 const CLUSTER_IP: &str = "10.96.0.50";
 
-/// Redirects TCP arriving at the server pod on `port` to `inbound`.
-fn redirect_inbound(pods: &Pods, port: u16, inbound: SocketAddr) {
+/// Starts the server pod's proxy on `dir` as `test/server` under `ca`, and redirects TCP
+/// arriving at the pod on `app_port` to its inbound listener.
+fn start_server_in_pod(pods: &Pods, dir: &ConfigDir, ca: &TestCa, app_port: u16) -> MeshProxy {
+    let server = MeshProxy::start_in(
+        &pods.server,
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "server")), &[ca]),
+    );
     pods.server.redirect_tcp(
         "PREROUTING",
-        &["--dport", &port.to_string()],
-        inbound.port(),
+        &["--dport", &app_port.to_string()],
+        server.inbound.port(),
     );
+    server
 }
 
-/// Redirects the client pod's TCP to [`CLUSTER_IP`] to `client`'s outbound listener.
-fn redirect_outbound(pods: &Pods, client: &MeshProxy) {
+/// Starts the client pod's proxy on `dir` as `test/client` under `ca`, and redirects the pod's
+/// TCP to [`CLUSTER_IP`] to its outbound listener.
+fn start_client_in_pod(pods: &Pods, dir: &ConfigDir, ca: &TestCa) -> MeshProxy {
+    let client = MeshProxy::start_in(
+        &pods.client,
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "client")), &[ca]),
+    );
     pods.client
         .redirect_tcp("OUTPUT", &["-d", CLUSTER_IP], client.outbound.port());
+    client
 }
 
 /// A TLS server with its own certificate for `app.example` (the application's TLS, not
@@ -556,21 +575,11 @@ async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destina
     let echo = upstream::tcp_echo(pods.server.bind(&format!("0.0.0.0:{APP_PORT}")));
     let mut server_dir = ConfigDir::new();
     server_dir.publish(&config("server", "server", "strict", vec![]));
-    let server = MeshProxy::start_in(
-        &pods.server,
-        &server_dir.path(),
-        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
-    );
-    redirect_inbound(&pods, echo.port(), server.inbound);
+    let server = start_server_in_pod(&pods, &server_dir, &ca, echo.port());
     let app: SocketAddr = format!("{SERVER_IP}:{APP_PORT}").parse().unwrap();
     let wiretap = Wiretap::start_in(&pods.client, pods.client.bind("127.0.0.1:0"), app);
     let client_dir = client_config("echo", CLUSTER_IP, APP_PORT, "tcp", wiretap.addr);
-    let client = MeshProxy::start_in(
-        &pods.client,
-        &client_dir.path(),
-        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
-    );
-    redirect_outbound(&pods, &client);
+    let client = start_client_in_pod(&pods, &client_dir, &ca);
 
     let echoed = pods.client.block_on(|| async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -619,12 +628,7 @@ async fn foreign_tls_passes_through_untouched_when_permissive_and_is_refused_whe
     let root = app_tls_server(pods.server.bind(&format!("0.0.0.0:{app_port}")));
     let mut dir = ConfigDir::new();
     dir.publish(&config("v1", "server", "permissive", vec![]));
-    let server = MeshProxy::start_in(
-        &pods.server,
-        &dir.path(),
-        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
-    );
-    redirect_inbound(&pods, app_port, server.inbound);
+    let server = start_server_in_pod(&pods, &dir, &ca, app_port);
     let app: SocketAddr = format!("{SERVER_IP}:{app_port}").parse().unwrap();
 
     // The application's own TLS reaches it end to end: the proxy neither terminates nor alters it.
@@ -662,12 +666,7 @@ async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wr
     let listener = pods.client.bind("127.0.0.1:0");
     let (impostor_addr, reached) = impostor(&ca, listener, b"tandem/1");
     let dir = client_config("db", CLUSTER_IP, APP_PORT, "tcp", impostor_addr);
-    let client = MeshProxy::start_in(
-        &pods.client,
-        &dir.path(),
-        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
-    );
-    redirect_outbound(&pods, &client);
+    let client = start_client_in_pod(&pods, &dir, &ca);
     let answer = pods.client.block_on(|| async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(format!("{CLUSTER_IP}:{APP_PORT}"))
@@ -687,11 +686,7 @@ async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wr
         "{}",
         client.metrics()
     );
-    assert_eq!(handshakes(&client, "outbound", "success"), 0);
-    assert!(
-        !reached.load(Ordering::Relaxed),
-        "the impostor completed a handshake"
-    );
+    assert_impostor_never_served(&client, &reached);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,20 +697,10 @@ async fn redirected_http_over_mutual_tls_reaches_the_original_destination() {
     upstream::http("app", pods.server.bind(&format!("0.0.0.0:{port}")));
     let mut server_dir = ConfigDir::new();
     server_dir.publish(&config("server", "server", "strict", vec![]));
-    let server = MeshProxy::start_in(
-        &pods.server,
-        &server_dir.path(),
-        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
-    );
-    redirect_inbound(&pods, port, server.inbound);
+    let server = start_server_in_pod(&pods, &server_dir, &ca, port);
     let endpoint: SocketAddr = format!("{SERVER_IP}:{port}").parse().unwrap();
     let client_dir = client_config("app", CLUSTER_IP, 80, "http", endpoint);
-    let client = MeshProxy::start_in(
-        &pods.client,
-        &client_dir.path(),
-        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
-    );
-    redirect_outbound(&pods, &client);
+    let client = start_client_in_pod(&pods, &client_dir, &ca);
     let reply = pods.client.block_on(|| async {
         get(
             format!("{CLUSTER_IP}:80").parse().unwrap(),
