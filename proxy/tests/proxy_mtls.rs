@@ -110,6 +110,20 @@ fn client_config(
     dir
 }
 
+/// What `wiretap` saw is TLS from its first byte, and [`MARKER`] never crossed in plaintext.
+fn assert_encrypted(wiretap: &Wiretap) {
+    let wire = wiretap.bytes();
+    assert_eq!(
+        wire.first(),
+        Some(&0x16),
+        "the hop starts with a TLS record"
+    );
+    assert!(
+        !contains(&wire, MARKER.as_bytes()),
+        "plaintext crossed the wire"
+    );
+}
+
 fn handshakes(proxy: &MeshProxy, direction: &str, result: &str) -> u64 {
     proxy.counter(&format!(
         r#"tandem_tls_handshakes_total{{direction="{direction}",result="{result}"}}"#
@@ -132,16 +146,7 @@ async fn http1_between_meshed_proxies_is_mutual_tls_and_the_server_logs_the_clie
         assert_eq!(r.body, format!("app GET /{MARKER}/{i}"));
     }
 
-    let wire = hops.wiretap.bytes();
-    assert_eq!(
-        wire.first(),
-        Some(&0x16),
-        "the hop starts with a TLS record"
-    );
-    assert!(
-        !contains(&wire, MARKER.as_bytes()),
-        "plaintext crossed the wire"
-    );
+    assert_encrypted(&hops.wiretap);
 
     eventually(
         "access logs on both hops",
@@ -200,12 +205,7 @@ async fn h2_between_meshed_proxies_is_mutual_tls_on_one_connection() {
     for c in calls {
         c.await.unwrap();
     }
-    let wire = hops.wiretap.bytes();
-    assert_eq!(wire.first(), Some(&0x16));
-    assert!(
-        !contains(&wire, MARKER.as_bytes()),
-        "plaintext crossed the wire"
-    );
+    assert_encrypted(&hops.wiretap);
     eventually("server access log", Duration::from_secs(5), async || {
         hops.server.access_log().len() == 11
     })
@@ -594,16 +594,7 @@ async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destina
     });
     assert_eq!(echoed, format!("{MARKER}\n"));
 
-    let wire = wiretap.bytes();
-    assert_eq!(
-        wire.first(),
-        Some(&0x16),
-        "the hop starts with a TLS record"
-    );
-    assert!(
-        !contains(&wire, MARKER.as_bytes()),
-        "plaintext crossed the wire"
-    );
+    assert_encrypted(&wiretap);
     assert_eq!(handshakes(&client, "outbound", "success"), 1);
     assert_eq!(handshakes(&server, "inbound", "success"), 1);
     eventually("the relayed connection counted", Duration::from_secs(5), async || {
