@@ -666,11 +666,23 @@ impl Capture {
             .tempdir()
             .unwrap();
         let path = dir.path().join("capture.pcap");
-        // -U: each packet written as it comes; -s 0: whole packets; -Z root: keep writing as
-        // root (tcpdump otherwise drops to its own user, which may not write here).
+        // --immediate-mode: packets handed over as they come, not when the kernel's buffer
+        // fills or times out (a short burst would otherwise still be there at SIGINT and never
+        // be written); -U: each packet written as it comes; -s 0: whole packets; -Z root: keep
+        // writing as root (tcpdump otherwise drops to its own user, which may not write here).
         let mut child = Command::new("ip")
             .args([
-                "netns", "exec", &node_ns, "tcpdump", "-i", &veth, "-n", "-U", "-s", "0",
+                "netns",
+                "exec",
+                &node_ns,
+                "tcpdump",
+                "-i",
+                &veth,
+                "-n",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
             ])
             .args(["-Z", "root", "-w"])
             .arg(&path)
@@ -713,6 +725,8 @@ impl Capture {
 
     /// Stops tcpdump (SIGINT, then waits for it to exit, at most 10 s) and reads the capture.
     fn finish(mut self) -> Wire {
+        // The last packets of the traffic may still be on their way to tcpdump.
+        std::thread::sleep(Duration::from_millis(500));
         let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         let _ = kill(pid, Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(10);
