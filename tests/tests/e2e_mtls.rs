@@ -85,8 +85,9 @@ async fn meshed_pods_talk_only_mutual_tls_on_the_wire_through_strict_mode_renewa
     scenario_b(&mesh, &pods).await;
     scenario_c(&mesh, &pods).await;
     scenario_d(&mut mesh, &pods).await;
+    scenario_e(&mesh, &pods).await;
     eprintln!(
-        "all scenarios a-d: {:.0} s from the apply",
+        "all scenarios a-e: {:.0} s from the apply",
         started.elapsed().as_secs_f64()
     );
     mesh.node.shutdown().await;
@@ -418,12 +419,12 @@ fn difference(
         .collect()
 }
 
-/// Runs bounded, paced bursts (100 requests at 20/s, 2 at once) from the meshed client until
+/// Runs bounded, paced bursts (`n` requests at 20/s, 2 at once) from the meshed client until
 /// `done` is set; returns what they observed, summed.
-async fn load_until(mesh: &Mesh, client: &Pod, target: &str, done: &AtomicBool) -> Load {
+async fn load_until(mesh: &Mesh, client: &Pod, target: &str, n: u64, done: &AtomicBool) -> Load {
     let mut load = Load::default();
     while !done.load(Ordering::Relaxed) {
-        let stats = mesh.burst(client, target, 100, 2, Some(20)).await.unwrap();
+        let stats = mesh.burst(client, target, n, 2, Some(20)).await.unwrap();
         load.add(&stats);
     }
     load
@@ -499,7 +500,7 @@ async fn scenario_c(mesh: &Mesh, pods: &Pods) {
         (result, seen)
     };
     let (load, (renewed, seen)) =
-        tokio::join!(load_until(mesh, &pods.client, &target, &done), watch);
+        tokio::join!(load_until(mesh, &pods.client, &target, 100, &done), watch);
     let renewed = renewed.unwrap_or_else(|e| panic!("{e}\n{}", mesh.logs()));
     assert!(load.total > 0);
     assert_eq!(
@@ -539,47 +540,88 @@ async fn scenario_c(mesh: &Mesh, pods: &Pods) {
     );
 }
 
-/// Scenario d: the operator down for a bounded time; traffic between the meshed pods goes on,
-/// and once the operator is back both proxies renew again.
+/// Scenario d: the operator (and its signer) down across a proxy's renewal: the renewal fails
+/// and is retried, traffic between the meshed pods goes on, and once the operator is back both
+/// proxies renew.
 async fn scenario_d(mesh: &mut Mesh, pods: &Pods) {
-    // Stopped 15 s: a proxy renews at 42 s of its 60 s certificate, so whatever the phase the
-    // certificate it holds outlives the outage (a longer one, with one-minute certificates,
-    // would let them expire: that is what the TTL is for).
-    const DOWN: Duration = Duration::from_secs(15);
+    // A one-minute certificate is renewed at 39-45 s, so 15-21 s of it remain when the renewal
+    // first fails; the outage ends 5 s after that failure, and the retries (1, 2, 4, 8 s apart)
+    // reach the restarted signer well before the certificate expires.
+    const AFTER_FAILURE: Duration = Duration::from_secs(5);
     let target = server_url(mesh, "operator-down").await;
-    let before: Vec<String> = {
-        let mut v = Vec::new();
-        for pod in [&pods.server, &pods.client] {
-            v.push(mesh.proxy_metrics(pod).await.unwrap());
-        }
-        v
-    };
+    let proxies = [&pods.server, &pods.client];
+    // Stop the operator a few seconds before the earlier of the two proxies' renewals.
+    let (lead, _) = eventually(
+        "a proxy's renewal due in 2-6 s",
+        Duration::from_secs(60),
+        || async {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs_f64();
+            let mut next = f64::MAX;
+            for pod in proxies {
+                let metrics = mesh.proxy_metrics(pod).await?;
+                next = next.min(counter(
+                    &metrics,
+                    "tandem_identity_next_renewal_timestamp_seconds",
+                    &[],
+                ));
+            }
+            Ok((2.0..=6.0).contains(&(next - now)).then_some(next - now))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut before = Vec::new();
+    for pod in proxies {
+        before.push(mesh.proxy_metrics(pod).await.unwrap());
+    }
     let stopping = Instant::now();
     mesh.tandem.stop_operator();
     let stopped_in = stopping.elapsed();
-    let down = mesh
-        .burst(
-            &pods.client,
-            &target,
-            u64::try_from(DOWN.as_secs()).unwrap() * 20,
-            2,
-            Some(20),
+
+    let done = AtomicBool::new(false);
+    let watch = async {
+        let (failed, after) = eventually(
+            "a renewal failed with the operator down",
+            Duration::from_secs(30),
+            || async {
+                for (i, pod) in proxies.into_iter().enumerate() {
+                    let now = mesh.proxy_metrics(pod).await?;
+                    if renewals(&now, "error") > renewals(&before[i], "error") {
+                        return Ok(Some(i));
+                    }
+                }
+                Ok(None)
+            },
         )
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        tokio::time::sleep(AFTER_FAILURE).await;
+        done.store(true, Ordering::Relaxed);
+        (failed, after)
+    };
+    let (down, (first_failed, failed_after)) = {
+        let mesh = &*mesh;
+        tokio::join!(load_until(mesh, &pods.client, &target, 40, &done), watch)
+    };
     let mut during = Vec::new();
-    for pod in [&pods.server, &pods.client] {
+    for pod in proxies {
         during.push(mesh.proxy_metrics(pod).await.unwrap());
     }
+    let down_for = stopping.elapsed();
     let restarting = Instant::now();
     let Mesh {
         tandem, cluster, ..
     } = &mut *mesh;
     tandem.start_operator(cluster).await.unwrap();
     let restarted_in = restarting.elapsed();
+    assert!(down.total > 0);
     assert_eq!(
-        down.ok, down.total,
-        "with the operator down, no request failed: {down:?}"
+        down.ok,
+        down.total,
+        "with the operator down, no request failed: {}",
+        down.describe()
     );
     let failed_renewals: Vec<f64> = during
         .iter()
@@ -589,7 +631,6 @@ async fn scenario_d(mesh: &mut Mesh, pods: &Pods) {
 
     // Both proxies renew with the operator back, while traffic goes on.
     let done = AtomicBool::new(false);
-    let back = Instant::now();
     let mesh = &*mesh;
     let watch = async {
         let result = eventually(
@@ -597,7 +638,7 @@ async fn scenario_d(mesh: &mut Mesh, pods: &Pods) {
             Duration::from_secs(120),
             || async {
                 let mut all = true;
-                for (i, pod) in [&pods.server, &pods.client].into_iter().enumerate() {
+                for (i, pod) in proxies.into_iter().enumerate() {
                     let now = mesh.proxy_metrics(pod).await?;
                     all &= renewals(&now, "ok") > renewals(&during[i], "ok");
                 }
@@ -608,29 +649,285 @@ async fn scenario_d(mesh: &mut Mesh, pods: &Pods) {
         done.store(true, Ordering::Relaxed);
         result
     };
-    let (load, renewed) = tokio::join!(load_until(mesh, &pods.client, &target, &done), watch);
-    renewed.unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
+    let (load, renewed) = tokio::join!(load_until(mesh, &pods.client, &target, 40, &done), watch);
+    let (_, renewed_after) = renewed.unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
     assert_eq!(
         load.ok,
         load.total,
         "no request failed after the restart: {}",
         load.describe()
     );
+    let name = pods.server.metadata.name.clone().unwrap();
+    let pod = Api::<Pod>::namespaced(mesh.client(), NS)
+        .get(&name)
+        .await
+        .unwrap();
+    assert!(
+        e2e_support::is_ready(&pod),
+        "the strict server stayed Ready: {:?}",
+        pod.status
+    );
     eprintln!(
-        "scenario d: operator stopped in {:.1} s, down {:.1} s (with its start); while down {} (renewals failed meanwhile: server {}, client {}); started again in {:.1} s; both proxies renewed {:.1} s after; meanwhile {}",
+        "scenario d: operator stopped {lead:.1} s before a renewal was due (stopping took {:.1} s); {}'s renewal failed {:.1} s later; down {:.1} s in all, renewals failed meanwhile: server {}, client {}; while down {}; started again in {:.1} s; both proxies renewed {:.1} s after that; meanwhile {}",
         stopped_in.as_secs_f64(),
-        (stopped_in + down_seconds(&down) + restarted_in).as_secs_f64(),
-        describe(&down),
+        ["server", "client"][first_failed],
+        failed_after.as_secs_f64(),
+        down_for.as_secs_f64(),
         failed_renewals[0],
         failed_renewals[1],
+        down.describe(),
         restarted_in.as_secs_f64(),
-        back.elapsed().as_secs_f64(),
+        renewed_after.as_secs_f64(),
         load.describe()
     );
 }
 
-fn down_seconds(stats: &ClientStats) -> Duration {
-    Duration::from_secs_f64(stats.seconds.max(0.0))
+/// A root and an issuer under it, as a user (or cert-manager) would supply them: ECDSA P-256
+/// CAs, the issuer constrained to sign leaves only.
+struct Authority {
+    root_pem: String,
+    issuer_pem: String,
+    key_pem: String,
+    /// The issuer's expiry (Unix seconds): the operator's `tandem_identity_issuer_expiry_
+    /// timestamp_seconds` shows it once the operator has loaded this issuer.
+    issuer_not_after: i64,
+}
+
+fn new_authority() -> Authority {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+        KeyPair, KeyUsagePurpose,
+    };
+    let params = |cn: &str, constraint| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "tandem-e2e");
+        name.push(DnType::CommonName, cn);
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(constraint);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params
+    };
+    let mut root_params = params("tandem-e2e-root-2", BasicConstraints::Unconstrained);
+    root_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let root = CertifiedIssuer::self_signed(root_params, KeyPair::generate().unwrap()).unwrap();
+    let mut issuer_params = params("tandem-e2e-issuer-2", BasicConstraints::Constrained(0));
+    let not_after = rcgen::date_time_ymd(2031, 6, 15);
+    issuer_params.not_after = not_after;
+    issuer_params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().unwrap();
+    let issuer = issuer_params.signed_by(&key, &root).unwrap();
+    Authority {
+        root_pem: root.pem(),
+        issuer_pem: issuer.pem(),
+        key_pem: key.serialize_pem(),
+        issuer_not_after: not_after.unix_timestamp(),
+    }
+}
+
+/// `GET path` on a process on the machine's loopback (the operator's `/metrics`).
+async fn host_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), exchange).await??;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// The trust roots' fingerprints a proxy has loaded.
+async fn trust_roots(mesh: &Mesh, pod: &Pod) -> anyhow::Result<Vec<String>> {
+    let identity = mesh.proxy_admin_config(pod).await?["identity"].clone();
+    Ok(serde_json::from_value(identity["trustRoots"].clone())?)
+}
+
+/// Scenario e: the trust anchor rotated with an overlap, under continuous load: a new root
+/// added beside the old one, then the issuer switched to one under the new root, then the old
+/// root dropped. No request fails, and both proxies renew under the new root alone.
+async fn scenario_e(mesh: &Mesh, pods: &Pods) {
+    use k8s_openapi::api::core::v1::Secret;
+    use tandem_crds::identity::{ISSUER_CERT_KEY, ISSUER_KEY_KEY, ISSUER_ROOTS_KEY, ISSUER_SECRET};
+    let target = server_url(mesh, "rotate-roots").await;
+    let proxies = [("server", &pods.server), ("client", &pods.client)];
+    let secrets: Api<Secret> = Api::namespaced(mesh.client(), tandem_crds::names::SYSTEM_NAMESPACE);
+    let secret = secrets.get(ISSUER_SECRET).await.unwrap();
+    let data = secret.data.unwrap_or_default();
+    let old_roots = String::from_utf8(data[ISSUER_ROOTS_KEY].0.clone()).unwrap();
+    let old_fingerprints = trust_roots(mesh, &pods.server).await.unwrap();
+    assert_eq!(old_fingerprints.len(), 1, "{old_fingerprints:?}");
+    let new = new_authority();
+    let both = format!("{}\n{}", old_roots.trim_end(), new.root_pem);
+    let mut metrics_before = Vec::new();
+    for (_, pod) in proxies {
+        metrics_before.push(mesh.proxy_metrics(pod).await.unwrap());
+    }
+    let patch = |string_data: serde_json::Value| {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .patch(
+                    ISSUER_SECRET,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "stringData": string_data })),
+                )
+                .await
+                .unwrap();
+        }
+    };
+
+    let done = AtomicBool::new(false);
+    let steps = async {
+        let began = Instant::now();
+        // 1. Both roots trusted.
+        patch(json!({ ISSUER_ROOTS_KEY: both })).await;
+        let (two, _) = eventually("both proxies trust two roots", PROPAGATION, || async {
+            let mut all = Vec::new();
+            for (_, pod) in proxies {
+                let roots = trust_roots(mesh, pod).await?;
+                if roots.len() != 2 || !roots.contains(&old_fingerprints[0]) {
+                    return Ok(None);
+                }
+                all = roots;
+            }
+            Ok(Some(all))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
+        let new_fingerprint = two
+            .iter()
+            .find(|f| **f != old_fingerprints[0])
+            .unwrap()
+            .clone();
+        let trusted_both = began.elapsed();
+
+        // 2. The issuer switched to the new root's; wait for the operator to load it, then for
+        // a renewal of each proxy after that.
+        patch(json!({ ISSUER_CERT_KEY: new.issuer_pem, ISSUER_KEY_KEY: new.key_pem })).await;
+        let operator = mesh.tandem.operator_addr();
+        eventually(
+            "the operator loaded the new issuer",
+            PROPAGATION,
+            || async {
+                let metrics = host_get(operator, "/metrics").await?;
+                let expiry = counter(
+                    &metrics,
+                    "tandem_identity_issuer_expiry_timestamp_seconds",
+                    &[],
+                );
+                Ok((expiry == new.issuer_not_after as f64).then_some(()))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
+        let switched = began.elapsed();
+        let mut at_switch = Vec::new();
+        for (_, pod) in proxies {
+            at_switch.push(renewals(&mesh.proxy_metrics(pod).await.unwrap(), "ok"));
+        }
+        let renewed_since = |marks: Vec<f64>, what: &'static str| async move {
+            eventually(what, Duration::from_secs(120), || {
+                let marks = marks.clone();
+                async move {
+                    for (i, (_, pod)) in proxies.iter().enumerate() {
+                        let now = renewals(&mesh.proxy_metrics(pod).await?, "ok");
+                        if now <= marks[i] {
+                            return Ok(None);
+                        }
+                    }
+                    Ok(Some(()))
+                }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
+        };
+        renewed_since(at_switch, "both proxies renewed under the new issuer").await;
+        let renewed_new_issuer = began.elapsed();
+
+        // 3. The old root dropped: only the new one is trusted, and both proxies renew again
+        // (their signer, too, is verified under the new root alone).
+        patch(json!({ ISSUER_ROOTS_KEY: new.root_pem })).await;
+        eventually(
+            "both proxies trust only the new root",
+            PROPAGATION,
+            || async {
+                for (_, pod) in proxies {
+                    if trust_roots(mesh, pod).await? != [new_fingerprint.clone()] {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()));
+        let dropped_old = began.elapsed();
+        let mut at_drop = Vec::new();
+        for (_, pod) in proxies {
+            at_drop.push(renewals(&mesh.proxy_metrics(pod).await.unwrap(), "ok"));
+        }
+        renewed_since(at_drop, "both proxies renewed under the new root alone").await;
+        let renewed_new_root = began.elapsed();
+        done.store(true, Ordering::Relaxed);
+        (
+            new_fingerprint,
+            [
+                trusted_both,
+                switched,
+                renewed_new_issuer,
+                dropped_old,
+                renewed_new_root,
+            ],
+        )
+    };
+    let (load, (new_fingerprint, times)) =
+        tokio::join!(load_until(mesh, &pods.client, &target, 100, &done), steps);
+    assert!(load.total > 0);
+    assert_eq!(
+        load.ok,
+        load.total,
+        "no request failed across the root rotation: {}",
+        load.describe()
+    );
+    let mut report = Vec::new();
+    for (i, (name, pod)) in proxies.iter().enumerate() {
+        let after = mesh.proxy_metrics(pod).await.unwrap();
+        let direction = if *name == "server" {
+            "inbound"
+        } else {
+            "outbound"
+        };
+        report.push(format!(
+            "{name}: {} renewals ok, {} errors, {direction} handshakes {:?}",
+            renewals(&after, "ok") - renewals(&metrics_before[i], "ok"),
+            renewals(&after, "error") - renewals(&metrics_before[i], "error"),
+            difference(
+                &handshake_results(&after, direction),
+                &handshake_results(&metrics_before[i], direction)
+            )
+        ));
+    }
+    let [both_at, switched_at, issuer_at, dropped_at, root_at] = times.map(|t| t.as_secs_f64());
+    eprintln!(
+        "scenario e: root {} added to {}: both proxies trusted both at {both_at:.1} s; issuer switched (loaded by the operator) at {switched_at:.1} s; both renewed under it at {issuer_at:.1} s; old root dropped, both proxies trusting only the new one at {dropped_at:.1} s; both renewed again at {root_at:.1} s; load: {}; {}",
+        &new_fingerprint[..16.min(new_fingerprint.len())],
+        &old_fingerprints[0][..16.min(old_fingerprints[0].len())],
+        load.describe(),
+        report.join("; ")
+    );
 }
 
 fn describe(stats: &ClientStats) -> String {
