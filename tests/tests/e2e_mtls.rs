@@ -10,8 +10,10 @@
 //!   plaintext readiness probe is let through);
 //! - c: both proxies renew their certificates at least twice while requests flow, and none
 //!   fails;
-//! - d: with the operator (and its signer) stopped, traffic between the meshed pods goes on;
-//!   once it is back, both proxies renew again.
+//! - d: with the operator (and its signer) stopped across a renewal, the renewal fails and
+//!   traffic between the meshed pods goes on; once it is back, both proxies renew again;
+//! - e: the trust anchor rotated with an overlap (new root beside the old, then the issuer
+//!   switched, then the old root dropped) under continuous load: nothing fails.
 //!
 //! Every burst of requests is bounded in count and sent from inside a pod
 //! (`tandem-testapp client`, `GET /burst?n=N`); every wait is bounded in time.
@@ -47,7 +49,7 @@ const NS: &str = "secure";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and the control-plane binaries: run by make e2e"]
-async fn meshed_pods_talk_only_mutual_tls_on_the_wire_through_strict_mode_renewals_and_an_operator_outage()
+async fn meshed_pods_talk_only_mutual_tls_on_the_wire_through_strict_mode_renewals_an_operator_outage_and_a_root_rotation()
  {
     let _serial = SERIAL.lock().await;
     let mut mesh = Mesh::start_with(InstallOptions {
