@@ -417,6 +417,13 @@ impl Addresses {
     }
 }
 
+/// What may differ from a user's default install.
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    /// Extra environment for the operator, after the Deployment's (e.g. `TANDEM_CERT_TTL`).
+    pub operator_env: Vec<(String, String)>,
+}
+
 /// Tandem installed into a control plane, its processes running. Dropping it stops them.
 #[derive(Debug)]
 pub struct Tandem {
@@ -486,6 +493,11 @@ impl Tandem {
     /// operator with its own; and waits until the webhook accepts connections and the
     /// operator's caches are synced (`/readyz`).
     pub async fn install(cluster: &ControlPlane) -> Result<Self> {
+        Self::install_with(cluster, InstallOptions::default()).await
+    }
+
+    /// [`Tandem::install`], with `options`.
+    pub async fn install_with(cluster: &ControlPlane, options: InstallOptions) -> Result<Self> {
         let client = cluster.client();
         let crds = install_crds(&client).await?;
         ensure_namespace(&client, names::SYSTEM_NAMESPACE, &[]).await?;
@@ -538,6 +550,7 @@ impl Tandem {
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .chain(options.operator_env)
         .collect();
         let mut operator = Component::start(
             cluster,
@@ -607,6 +620,17 @@ impl Tandem {
     pub async fn restart_operator(&mut self, cluster: &ControlPlane) -> Result<()> {
         self.operator.restart(cluster, self.dir.path()).await?;
         wait_ready(&mut self.operator.process, self.addresses.operator_http).await
+    }
+
+    /// Stops the operator (SIGTERM), and with it the signer, until [`Tandem::start_operator`].
+    pub fn stop_operator(&mut self) {
+        self.operator.process.stop();
+    }
+
+    /// Starts the operator again (after [`Tandem::stop_operator`]) with a fresh token;
+    /// returns once its caches are synced.
+    pub async fn start_operator(&mut self, cluster: &ControlPlane) -> Result<()> {
+        self.restart_operator(cluster).await
     }
 
     /// The end of the webhook's and the operator's logs, for failure messages.

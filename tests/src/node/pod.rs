@@ -128,7 +128,7 @@ impl RunningPod {
 async fn run(node: Arc<NodeShared>, pod: Pod, stopped: watch::Receiver<bool>) -> Result<()> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let netns_name = netns_name(&pod);
-    let veth = netns_name.replace("tandem-pod-", "tv");
+    let veth = host_veth(&pod);
     let ip = node
         .pool
         .lock()
@@ -623,6 +623,12 @@ fn netns_name(pod: &Pod) -> String {
         .take(10)
         .collect();
     format!("tandem-pod-{short}")
+}
+
+/// The node-side end of the pod's veth pair, in the node's namespace: where every packet to or
+/// from the pod crosses the node (what to capture to see the pod's traffic on the wire).
+pub fn host_veth(pod: &Pod) -> String {
+    netns_name(pod).replace("tandem-pod-", "tv")
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use tandem_crds::contract::ProxyConfig;
-use tandem_tests::install::Tandem;
+use tandem_tests::install::{InstallOptions, Tandem};
 use tandem_tests::node::{Image, Images, NodeAgent, NodeOptions};
 use tandem_tests::{ControlPlane, ControlPlaneOptions};
 
@@ -52,6 +52,11 @@ pub struct Mesh {
 impl Mesh {
     /// Starts everything. Needs root (fails, never skips, without it).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(InstallOptions::default()).await
+    }
+
+    /// [`Mesh::start`], with Tandem installed with `options` (e.g. the operator's env).
+    pub async fn start_with(options: InstallOptions) -> anyhow::Result<Self> {
         // The kube clients' connection errors while scenario f restarts the apiserver are
         // expected; RUST_LOG shows them when wanted.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -69,7 +74,7 @@ impl Mesh {
         let dir = tempfile::Builder::new().prefix("tandem-e2e-").tempdir()?;
         // Tandem as a user installs it: CRDs, RBAC, the webhook configuration from
         // manifests/, the webhook and the operator under their own ServiceAccounts.
-        let tandem = Tandem::install(&cluster).await?;
+        let tandem = Tandem::install_with(&cluster, options).await?;
 
         let mut images = BTreeMap::new();
         images.insert(
