@@ -47,8 +47,9 @@ pub struct ProxyConfig {
     /// Proxy-wide defaults.
     #[serde(default)]
     pub defaults: Defaults,
-    /// The destination services that policies govern, sorted by namespace then name. Traffic to
-    /// any other destination passes through to its original address unchanged.
+    /// The destination services that policies govern, and every other Service with a meshed
+    /// endpoint (so mutual TLS reaches it), sorted by namespace then name. Traffic to any other
+    /// destination passes through to its original address unchanged.
     #[serde(default)]
     pub services: Vec<Service>,
 }

@@ -255,7 +255,8 @@ fn modes(inputs: &Inputs) -> (BTreeMap<WorkloadKey, MtlsMode>, Vec<BadAnnotation
     (modes, bad.into_iter().collect())
 }
 
-/// Renders the governed services and judges every policy.
+/// Renders the governed services (and the meshed ones no policy governs) and judges every
+/// policy.
 pub fn render(inputs: &Inputs) -> Rendered {
     let index = Index::new(inputs);
     let mut verdicts = BTreeMap::new();
@@ -288,6 +289,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
         verdicts.insert(key, verdict);
     }
 
+    add_meshed(&index, &mut governed);
     let services: Vec<contract::Service> = governed.into_values().collect();
     let version = version_of(&services);
     let (modes, bad_annotations) = modes(inputs);
@@ -298,6 +300,31 @@ pub fn render(inputs: &Inputs) -> Rendered {
         modes,
         default_mtls: inputs.mesh.default_mtls,
         bad_annotations,
+    }
+}
+
+/// Adds every Service with a meshed endpoint that no policy governs, as it is (no routes).
+///
+/// Mutual TLS is on by default, and a client's proxy uses it only towards endpoints its config
+/// names an identity for: a Service left out would be passed through in plaintext — and
+/// refused by a strict workload. So the proxy gets these Services' endpoints and identities too,
+/// as Linkerd's proxies resolve every meshed destination. The cost is config size, which
+/// scoped configs (wave 2, config delivery) bound.
+fn add_meshed(index: &Index, services: &mut BTreeMap<ServiceRef, contract::Service>) {
+    for key in index.services.keys() {
+        if services.contains_key(key) {
+            continue;
+        }
+        let Some(base) = index.base(key) else {
+            continue;
+        };
+        let meshed = base
+            .ports
+            .iter()
+            .any(|p| p.endpoints.iter().any(|e| e.identity.is_some()));
+        if meshed {
+            services.insert(key.clone(), base);
+        }
     }
 }
 

@@ -366,7 +366,9 @@ fn retries_without_a_budget_get_the_default_budget() {
         }),
     )];
     let rendered = render(&inputs);
-    assert_eq!(rendered.services.len(), 1, "no backends: the target alone");
+    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    // No backends: the target alone, beside server-v1, rendered for its meshed endpoint.
+    assert_eq!(names, ["server", "server-v1"]);
     let server = &rendered.services[0];
     assert_eq!(server.load_balancer, LoadBalancer::RoundRobin);
     assert_eq!(
@@ -397,7 +399,11 @@ fn a_missing_target_is_reported_and_renders_nothing() {
         .services
         .retain(|s| s.metadata.name.as_deref() != Some("server"));
     let rendered = render(&inputs);
-    assert!(rendered.services.is_empty());
+    assert!(
+        rendered.services.iter().all(|s| s.routes.is_empty()),
+        "only the meshed services, unrouted: {:?}",
+        rendered.services
+    );
     match rendered
         .verdicts
         .get(&key(PolicyKind::Traffic, "shop", "canary"))
@@ -481,7 +487,11 @@ fn an_invalid_regex_is_invalid() {
         rendered.verdicts.get(&key(PolicyKind::Traffic, "shop", "regex")),
         Some(Verdict::Rejected { reason: r, .. }) if *r == reason::INVALID
     ));
-    assert!(rendered.services.is_empty());
+    assert!(
+        rendered.services.iter().all(|s| s.routes.is_empty()),
+        "only the meshed services, unrouted: {:?}",
+        rendered.services
+    );
 }
 
 #[test]
@@ -616,8 +626,10 @@ fn a_circuit_breaker_alone_governs_its_service() {
         ..inputs
     });
     let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["unrelated"]);
-    assert!(rendered.services[0].routes.is_empty());
+    // unrelated for its breaker, server-v1 for its meshed endpoint.
+    assert_eq!(names, ["server-v1", "unrelated"]);
+    assert!(rendered.services.iter().all(|s| s.routes.is_empty()));
+    assert!(rendered.services[1].circuit_breaker.is_some());
 }
 
 #[test]
@@ -933,6 +945,30 @@ fn a_meshed_endpoint_carries_its_pods_service_account_identity_and_others_none()
     let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(parsed, config);
+}
+
+#[test]
+fn a_service_with_meshed_endpoints_is_rendered_without_a_policy_and_an_unmeshed_one_is_not() {
+    let mut inputs = shop();
+    inputs.traffic_policies.clear();
+    inputs.endpoint_slices.push(slice(
+        "shop",
+        "unrelated",
+        "unrelated-abc",
+        &[("http", 8080)],
+        &[("10.244.0.9", Some(true), "stranger")],
+    ));
+    let rendered = render(&inputs);
+    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    // server-v1 has a meshed endpoint (pod v1-a is injected); server-v2's pods are not known
+    // as injected, unrelated's pod is not injected, and server has no endpoints at all.
+    assert_eq!(names, ["server-v1"]);
+    let v1 = &rendered.services[0];
+    assert!(v1.routes.is_empty(), "no policy, no routes: {v1:?}");
+    assert_eq!(
+        endpoints_of(&rendered, "server-v1")[1].2.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/server")
+    );
 }
 
 #[test]

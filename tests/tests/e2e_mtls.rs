@@ -329,6 +329,21 @@ async fn scenario_b(mesh: &Mesh, pods: &Pods) {
         .unwrap();
     assert_eq!(meshed.total, 500);
     assert_eq!(meshed.ok, meshed.total, "strict serves mTLS: {meshed:?}");
+    // Through a Service no policy governs: rendered for its meshed endpoints, so mTLS too.
+    let direct = format!(
+        "http://{}/{}",
+        mesh.cluster_ip(NS, "server-direct").await.unwrap(),
+        marker("direct")
+    );
+    let ungoverned = mesh
+        .burst(&pods.client, &direct, 100, 2, None)
+        .await
+        .unwrap();
+    assert_eq!(ungoverned.total, 100);
+    assert_eq!(
+        ungoverned.ok, ungoverned.total,
+        "an ungoverned Service of a strict workload is reached over mTLS: {ungoverned:?}"
+    );
 
     // The readiness probe (plaintext httpGet /healthz on 8080, from the node) still passes: the
     // pod stays Ready, and the node's own plaintext GET of that path is answered while another
