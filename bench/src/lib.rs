@@ -15,6 +15,7 @@ pub mod report;
 pub mod resilience;
 pub mod run;
 pub mod schedule;
+pub mod signer;
 pub mod stats;
 pub mod tandem;
 pub mod topology;
