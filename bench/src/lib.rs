@@ -8,6 +8,7 @@ pub mod admin;
 pub mod capture;
 pub mod chart;
 pub mod loadgen;
+pub mod mtls;
 pub mod netns;
 pub mod pingora_floor;
 pub mod procfs;

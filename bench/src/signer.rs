@@ -578,22 +578,6 @@ impl BenchIdentity {
             ("TANDEM_TRUST_ROOTS", self.roots.display().to_string()),
         ])
     }
-
-    /// Writes a key and chain for `service_account` to `<dir>/<sa>.key` and `<sa>.pem` (for
-    /// nginx) and returns the two paths (chain, key).
-    pub fn write_workload(
-        &self,
-        dir: &Path,
-        service_account: &str,
-    ) -> Result<(PathBuf, PathBuf), SignerError> {
-        let pair = self.ca.workload(&self.id(service_account))?;
-        let chain = dir.join(format!("{service_account}.pem"));
-        let key = dir.join(format!("{service_account}.key"));
-        std::fs::write(&chain, pair.chain_pem)
-            .map_err(io(format!("write {service_account}.pem")))?;
-        std::fs::write(&key, pair.key_pem).map_err(io(format!("write {service_account}.key")))?;
-        Ok((chain, key))
-    }
 }
 
 /// The environment variables of the identity client, which a plaintext proxy must not
@@ -808,20 +792,5 @@ mod tests {
         let refusal: CertifyError = serde_json::from_slice(&refusal).unwrap();
         assert_eq!(refusal.reason, "Unauthenticated");
         assert_eq!(identity.signer.issued(), 1);
-    }
-
-    #[test]
-    fn nginx_certificates_are_written_as_chain_and_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let identity = BenchIdentity::prepare(dir.path(), &[]).unwrap();
-        let (chain, key) = identity.write_workload(dir.path(), "server").unwrap();
-        let chain = std::fs::read_to_string(chain).unwrap();
-        assert_eq!(ders(&chain).len(), 2);
-        assert_eq!(sans(&ders(&chain)[0]).1, ["server.bench.sa.cluster.local"]);
-        assert!(
-            std::fs::read_to_string(key)
-                .unwrap()
-                .contains("PRIVATE KEY")
-        );
     }
 }
