@@ -983,6 +983,12 @@ fn method_section(out: &mut String) {
          HAProxy (`nbthread 1`, `http-reuse always`), nginx (`master_process off`, upstream \
          `keepalive 128`), tandem-proxy (`tandem-proxy run`, destination from the Host header, \
          no iptables).\n\
+         - Mutual TLS (bench/README.md, \"Mutual TLS\"): tandem 2 hops mTLS gets its \
+         certificates from the bench signer over the identity contract (the operator's needs a \
+         kube-apiserver for TokenReview; the data plane's cost is what is measured); the nginx \
+         pair (`nginx2`, `nginx2-mtls`) is one worker each, TLS 1.3, certificates from the same \
+         kind of test CA. Before an mTLS round is measured: both proxies ready, plaintext to \
+         the server side refused, a handshake counted.\n\
          - CPU: utime + stime of the proxy's processes from `/proc/<pid>/stat` over the run. \
          Memory: VmRSS (VmHWM for the peak) from `/proc/<pid>/status`.\n\
          - 10,000 connections: opened 256 at a time, then every connection sends one request at \
