@@ -37,6 +37,7 @@ impl Admin {
             "config": active.as_ref().and_then(|a| serde_json::to_value(&a.config).ok()),
             "policies": active.as_ref().and_then(|a| serde_json::to_value(a.policies.snapshot()).ok()),
             "lastError": error.map(|e| json!({"message": e.message, "at": rfc3339(e.at)})),
+            "identity": self.shared.identity.snapshot(),
         })
     }
 }

@@ -1,11 +1,13 @@
 //! Command-line flags, each with an environment fallback.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tandem_crds::names;
+use tandem_crds::{identity, names};
+
+use crate::identity::{SignerAddr, SignerName};
 
 /// Tandem's sidecar proxy.
 #[derive(Debug, Parser)]
@@ -56,6 +58,49 @@ pub struct RunArgs {
     /// Access log on stdout: one JSON line per HTTP request, or none.
     #[arg(long, env = "TANDEM_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Json)]
     pub access_log: AccessLogFormat,
+    /// Workload identity (certificate and trust anchors for mutual TLS).
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// Flags of the identity client.
+#[derive(Debug, Clone, Args)]
+pub struct IdentityArgs {
+    /// `host:port` of the identity signer; empty or absent turns identity off (the proxy runs
+    /// plaintext).
+    #[arg(long, env = "TANDEM_IDENTITY_ADDR", default_value = "", value_parser = IdentityAddr::parse)]
+    pub identity_addr: IdentityAddr,
+    /// The name the signer's certificate must carry.
+    #[arg(long, env = "TANDEM_IDENTITY_NAME", default_value_t = default_identity_name(), value_parser = SignerName::parse)]
+    pub identity_name: SignerName,
+    /// The projected ServiceAccount token presented to the signer (read afresh on each call).
+    #[arg(long, env = "TANDEM_IDENTITY_TOKEN", default_value_os_t = Path::new(identity::TOKEN_DIR).join(identity::TOKEN_FILE))]
+    pub identity_token: PathBuf,
+    /// The trust anchors (PEM, one or more roots), polled like the config file.
+    #[arg(long, env = "TANDEM_TRUST_ROOTS", default_value_os_t = Path::new(identity::TRUST_ROOTS_DIR).join(identity::TRUST_ROOTS_KEY))]
+    pub trust_roots: PathBuf,
+}
+
+/// `--identity-addr`: the signer's address, or none (identity off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityAddr(pub Option<SignerAddr>);
+
+impl IdentityAddr {
+    /// Parses `host:port`; an empty (or blank) value is identity off.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(Self(None));
+        }
+        SignerAddr::parse(s).map(|addr| Self(Some(addr)))
+    }
+}
+
+fn default_identity_name() -> SignerName {
+    // The fixed service name is a valid DNS name; fall back to the IP form only to avoid a panic.
+    SignerName::parse(&identity::signer_dns_name()).unwrap_or(SignerName(
+        rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    ))
 }
 
 /// Whether each HTTP request gets an access-log line.
@@ -101,5 +146,53 @@ mod tests {
             PathBuf::from(names::CONFIG_DIR).join(names::CONFIG_KEY)
         );
         assert_eq!(args.drain_grace, Duration::from_secs(20));
+    }
+
+    fn run(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["tandem-proxy", "run"].iter().chain(argv))?;
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        Ok(args)
+    }
+
+    #[test]
+    fn identity_is_off_by_default_and_defaults_to_the_fixed_paths_and_name() {
+        let args = run(&[]).unwrap();
+        assert_eq!(args.identity.identity_addr, IdentityAddr(None));
+        assert_eq!(
+            args.identity.identity_name.to_string(),
+            identity::signer_dns_name()
+        );
+        assert_eq!(
+            args.identity.identity_token,
+            PathBuf::from("/var/run/secrets/tandem.dev/identity/token")
+        );
+        assert_eq!(
+            args.identity.trust_roots,
+            PathBuf::from("/var/run/secrets/tandem.dev/trust/roots.pem")
+        );
+        let blank = run(&["--identity-addr", ""]).unwrap();
+        assert_eq!(blank.identity.identity_addr, IdentityAddr(None));
+    }
+
+    #[test]
+    fn identity_addresses_are_host_and_port() {
+        let args = run(&["--identity-addr", "tandem-identity.tandem-system.svc:15030"]).unwrap();
+        assert_eq!(
+            args.identity.identity_addr.0,
+            Some(SignerAddr {
+                host: "tandem-identity.tandem-system.svc".into(),
+                port: 15030
+            })
+        );
+        let v6 = run(&["--identity-addr", "[::1]:15030"]).unwrap();
+        let addr = v6.identity.identity_addr.0.unwrap();
+        assert_eq!(addr.host, "::1");
+        assert_eq!(addr.to_string(), "[::1]:15030");
+        for bad in ["tandem-identity", "host:port", ":15030", "host:0", "a b:1"] {
+            assert!(run(&["--identity-addr", bad]).is_err(), "{bad} accepted");
+        }
+        assert!(run(&["--identity-name", "not a name"]).is_err());
     }
 }

@@ -193,16 +193,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What identifies one version of the file on disk without reading it.
+/// What identifies one version of the file on disk without reading it (also used for the
+/// trust-roots file, which the kubelet swaps the same way).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct FileIdentity {
+pub(crate) struct FileIdentity {
     resolved: PathBuf,
     inode: u64,
     len: u64,
     modified: Option<SystemTime>,
 }
 
-fn identity(path: &Path) -> std::io::Result<FileIdentity> {
+pub(crate) fn file_identity(path: &Path) -> std::io::Result<FileIdentity> {
     use std::os::unix::fs::MetadataExt;
     let resolved = std::fs::canonicalize(path)?;
     let meta = std::fs::metadata(&resolved)?;
@@ -238,7 +239,7 @@ impl Watcher {
     /// Checks the file once and applies it if it changed.
     pub fn check(&mut self) {
         let path = self.store.path().to_path_buf();
-        let id = match identity(&path) {
+        let id = match file_identity(&path) {
             Ok(id) => id,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !self.missing_logged {

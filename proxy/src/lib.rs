@@ -13,7 +13,8 @@
 //! accepted connection: destination, protocol, hand-off), [`detect`] (the pure protocol
 //! classifier), [`relay`] (opaque TCP), [`http`] (the Pingora HTTP path), [`routing`] (services
 //! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
-//! balancers, circuit breaking), [`config`] (load, watch, swap), [`metrics`], [`admin`],
+//! balancers, circuit breaking), [`config`] (load, watch, swap), [`identity`] (the proxy's
+//! certificate and trust anchors: certify, renew, reload), [`metrics`], [`admin`],
 //! [`logging`], [`log_writer`] and [`access_log`].
 
 pub mod access_log;

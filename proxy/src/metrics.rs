@@ -7,7 +7,8 @@
 //! `tandem_ready`, and the resilience engine's (read from the active config at scrape time, see
 //! [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
 //! `tandem_ejections_total`, `tandem_active_ejections`, `tandem_panic_total`,
-//! `tandem_no_endpoints_total`, `tandem_overflows_total`.
+//! `tandem_no_endpoints_total`, `tandem_overflows_total`; and, when identity is on, the identity
+//! client's (see [`IdentityMetrics`]).
 //!
 //! The request path never looks a series up in a family: a family's map sits behind a lock and
 //! its key is an owned label set. Instead each destination gets a [`ServiceTelemetry`] when the
@@ -16,10 +17,12 @@
 //! histogram takes a write lock per observation).
 
 mod histogram;
+mod identity;
 mod policy;
 mod service;
 
 pub use histogram::AtomicHistogram;
+pub use identity::{IdentityMetrics, RenewalLabels};
 pub use policy::policy_metrics;
 pub use service::{ConnectionTelemetry, ServiceTelemetry};
 
@@ -209,6 +212,8 @@ pub struct Metrics {
     unresolved: [Arc<ServiceTelemetry>; 2],
     /// Reads how many log lines were dropped (the log writer counts them itself).
     log_lines_dropped: OnceLock<ReadCounter>,
+    /// The identity client's metrics (exported once identity is on).
+    pub identity: IdentityMetrics,
 }
 
 /// How a source of a counter read at scrape time is given to [`Metrics`].
@@ -262,6 +267,7 @@ impl Metrics {
             config_info,
             ready,
             log_lines_dropped: OnceLock::new(),
+            identity: IdentityMetrics::new(),
         }
     }
 
@@ -316,6 +322,7 @@ impl Metrics {
             );
             let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
         }
+        self.identity.encode(&mut out);
         let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }

@@ -27,6 +27,7 @@ use crate::config::{ConfigStore, Watcher};
 use crate::connection::Listener;
 use crate::error::{Error, Result};
 use crate::http::MeshHttp;
+use crate::identity::IdentityState;
 use crate::logging::Logs;
 use crate::metrics::{Direction, Metrics};
 
@@ -53,11 +54,14 @@ pub struct Shared {
     pub tracker: Arc<Tracker>,
     /// Where each HTTP request's line goes.
     pub access_log: AccessLog,
+    /// This proxy's certificate and trust anchors (empty, and not required, with identity off).
+    pub identity: Arc<IdentityState>,
     draining: AtomicBool,
 }
 
 impl Shared {
-    /// Ready: listeners bound (true once `Shared` exists), a valid config loaded, not draining.
+    /// Ready: listeners bound (true once `Shared` exists), a valid config loaded, not draining;
+    /// with identity on, also a current certificate and a trust bundle.
     pub fn ready(&self) -> Result<(), &'static str> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("draining");
@@ -65,7 +69,7 @@ impl Shared {
         if self.config.active().is_none() {
             return Err("no valid config loaded");
         }
-        Ok(())
+        self.identity.ready()
     }
 
     /// Whether shutdown has begun.
@@ -214,6 +218,7 @@ pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
     let store = Arc::new(ConfigStore::new(args.config.clone(), metrics.clone()));
     let mut watcher = Watcher::new(store.clone());
     watcher.check();
+    let identity = crate::identity::start(&args.identity, args.config_poll, metrics.clone());
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Signal {
         signal: "SIGTERM",
@@ -238,6 +243,7 @@ pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
         own,
         tracker: Arc::new(Tracker::default()),
         access_log: logs.access.clone(),
+        identity,
         draining: AtomicBool::new(false),
     });
 

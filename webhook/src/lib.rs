@@ -16,6 +16,7 @@ pub mod certs;
 pub mod inject;
 pub mod metrics;
 pub mod overrides;
+pub mod probes;
 pub mod server;
 pub mod tls;
 

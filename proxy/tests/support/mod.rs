@@ -2,6 +2,7 @@
 //! loopback port 0, small HTTP/1.1 and h2c clients, and the kubelet's atomic config swap.
 #![allow(dead_code, missing_docs)]
 
+pub mod ca;
 pub mod netns;
 pub mod upstream;
 
@@ -46,18 +47,25 @@ pub fn set_mode(path: &Path, mode: u32) {
 pub struct ConfigDir {
     pub dir: PathBuf,
     version: usize,
+    file: String,
 }
 
 impl ConfigDir {
     pub fn new() -> Self {
+        Self::with_file("config.json")
+    }
+
+    /// A volume holding one key named `file` (e.g. `roots.pem` of the trust-roots ConfigMap).
+    pub fn with_file(file: &str) -> Self {
         Self {
             dir: temp_dir("config"),
             version: 0,
+            file: file.to_owned(),
         }
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.join("config.json")
+        self.dir.join(&self.file)
     }
 
     /// Publishes `contents` the way the kubelet does.
@@ -66,15 +74,15 @@ impl ConfigDir {
         let versioned = self.dir.join(format!("..v{}", self.version));
         std::fs::create_dir_all(&versioned).unwrap();
         set_mode(&versioned, 0o755);
-        std::fs::write(versioned.join("config.json"), contents).unwrap();
-        set_mode(&versioned.join("config.json"), 0o644);
+        std::fs::write(versioned.join(&self.file), contents).unwrap();
+        set_mode(&versioned.join(&self.file), 0o644);
         let tmp = self.dir.join("..data_tmp");
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(format!("..v{}", self.version), &tmp).unwrap();
         std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
-        let link = self.dir.join("config.json");
+        let link = self.dir.join(&self.file);
         if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink("..data/config.json", &link).unwrap();
+            std::os::unix::fs::symlink(format!("..data/{}", self.file), &link).unwrap();
         }
     }
 }
@@ -128,6 +136,8 @@ pub struct ProxyOptions {
     pub drain_grace: &'static str,
     /// Prefix command (e.g. nsenter into a network namespace as UID 2102).
     pub wrapper: Vec<String>,
+    /// More flags for `tandem-proxy run` (e.g. the `--identity-*` ones).
+    pub extra: Vec<String>,
 }
 
 impl ProxyOptions {
@@ -139,6 +149,7 @@ impl ProxyOptions {
             admin: "127.0.0.1:0".into(),
             drain_grace: "5s",
             wrapper: Vec::new(),
+            extra: Vec::new(),
         }
     }
 }
@@ -167,6 +178,7 @@ impl Proxy {
             "--config-poll".into(),
             "50ms".into(),
         ]);
+        argv.extend(opts.extra.iter().cloned());
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
             .env("TANDEM_LOG", "info")
