@@ -107,6 +107,11 @@ pub struct Entry<'a> {
     pub duration_ms: f64,
     /// The request's `traceparent` header ("" when absent).
     pub traceparent: &'a str,
+    /// The SPIFFE ID of the proxy at the other end (inbound: the client's, outbound: the
+    /// server's) when the hop is mutual TLS, "" otherwise.
+    pub peer_identity: &'a str,
+    /// `mutual_tls` or `none` (Istio's name for it).
+    pub connection_security_policy: &'a str,
     /// What failed ("" when nothing did).
     pub error: Option<&'a dyn fmt::Display>,
 }
@@ -131,7 +136,7 @@ impl<'a> Line<'a> {
 impl Serialize for Line<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.entry;
-        let mut line = s.serialize_struct("Line", 20)?;
+        let mut line = s.serialize_struct("Line", 22)?;
         line.serialize_field("timestamp", &Rfc3339(self.timestamp))?;
         line.serialize_field("level", "INFO")?;
         line.serialize_field("target", TARGET)?;
@@ -151,6 +156,8 @@ impl Serialize for Line<'_> {
         line.serialize_field("bytes_out", &e.bytes_out)?;
         line.serialize_field("duration_ms", &e.duration_ms)?;
         line.serialize_field("traceparent", e.traceparent)?;
+        line.serialize_field("peer_identity", e.peer_identity)?;
+        line.serialize_field("connection_security_policy", e.connection_security_policy)?;
         line.serialize_field("error", &DisplayOrEmpty(e.error))?;
         line.end()
     }
@@ -197,6 +204,8 @@ mod tests {
             bytes_out: 15,
             duration_ms: 0.25,
             traceparent: "",
+            peer_identity: "",
+            connection_security_policy: "none",
             error: None,
         }
     }
@@ -215,7 +224,8 @@ mod tests {
         assert_eq!(json["bytes_out"], 15);
         let ts = json["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
-        assert_eq!(json.as_object().unwrap().len(), 20);
+        assert_eq!(json["connection_security_policy"], "none");
+        assert_eq!(json.as_object().unwrap().len(), 22);
     }
 
     #[test]

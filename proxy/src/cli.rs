@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tandem_crds::{identity, names};
 
 use crate::identity::{SignerAddr, SignerName};
+use crate::tls::probes::AppProbes;
 
 /// Tandem's sidecar proxy.
 #[derive(Debug, Parser)]
@@ -22,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sidecar: outbound, inbound and admin listeners.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Program the pod's iptables so its TCP flows through the sidecar (the tandem-init
     /// container).
     Init(tandem_init::InitArgs),
@@ -58,6 +59,10 @@ pub struct RunArgs {
     /// Access log on stdout: one JSON line per HTTP request, or none.
     #[arg(long, env = "TANDEM_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Json)]
     pub access_log: AccessLogFormat,
+    /// The pod's HTTP probes (JSON `[{"port":8080,"path":"/healthz"}]`, written by the
+    /// webhook): served in plaintext even when the workload is strict.
+    #[arg(long, env = "TANDEM_APP_PROBES", default_value = "", value_parser = AppProbes::parse)]
+    pub app_probes: AppProbes,
     /// Workload identity (certificate and trust anchors for mutual TLS).
     #[command(flatten)]
     pub identity: IdentityArgs,
@@ -79,6 +84,18 @@ pub struct IdentityArgs {
     /// The trust anchors (PEM, one or more roots), polled like the config file.
     #[arg(long, env = "TANDEM_TRUST_ROOTS", default_value_os_t = Path::new(identity::TRUST_ROOTS_DIR).join(identity::TRUST_ROOTS_KEY))]
     pub trust_roots: PathBuf,
+}
+
+impl Default for IdentityArgs {
+    /// Identity off, every path at its default (what an embedded proxy without a signer runs).
+    fn default() -> Self {
+        Self {
+            identity_addr: IdentityAddr(None),
+            identity_name: default_identity_name(),
+            identity_token: Path::new(identity::TOKEN_DIR).join(identity::TOKEN_FILE),
+            trust_roots: Path::new(identity::TRUST_ROOTS_DIR).join(identity::TRUST_ROOTS_KEY),
+        }
+    }
 }
 
 /// `--identity-addr`: the signer's address, or none (identity off).
@@ -153,7 +170,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        Ok(args)
+        Ok(*args)
     }
 
     #[test]

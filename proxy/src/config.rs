@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{ConfigInfoLabels, Metrics, ReloadLabels};
 use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
+use crate::tls::{BadEndpointIdentity, PeerIdentities};
 
 /// One loaded config version, compiled for the request path.
 #[derive(Debug)]
@@ -39,6 +40,15 @@ pub struct ActiveConfig {
     /// The resilience policies of HTTP requests (routes, retries, balancing, breakers), with
     /// the state of the previous version's carried over.
     pub policies: PolicySet,
+    /// The identity of each meshed endpoint, which outbound mutual TLS checks.
+    pub identities: PeerIdentities,
+}
+
+/// Why a valid config could not be compiled.
+#[derive(Debug)]
+enum CompileError {
+    Policy(crate::policy::PolicyError),
+    Identity(BadEndpointIdentity),
 }
 
 impl ActiveConfig {
@@ -47,16 +57,18 @@ impl ActiveConfig {
         hash: String,
         previous: Option<&ActiveConfig>,
         metrics: &Metrics,
-    ) -> std::result::Result<Self, crate::policy::PolicyError> {
+    ) -> std::result::Result<Self, CompileError> {
+        let identities = PeerIdentities::compile(&config).map_err(CompileError::Identity)?;
         let destinations = Destinations::compile(&config, metrics);
-        let policies =
-            PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())?;
+        let policies = PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())
+            .map_err(CompileError::Policy)?;
         Ok(Self {
             config,
             hash,
             loaded_at: SystemTime::now(),
             destinations,
             policies,
+            identities,
         })
     }
 }
@@ -114,9 +126,15 @@ impl ConfigStore {
             })
             .and_then(|config| {
                 ActiveConfig::new(config, hash, self.active().as_deref(), &self.metrics).map_err(
-                    |source| Error::CompilePolicy {
-                        path: self.path.clone(),
-                        source,
+                    |e| match e {
+                        CompileError::Policy(source) => Error::CompilePolicy {
+                            path: self.path.clone(),
+                            source,
+                        },
+                        CompileError::Identity(source) => Error::EndpointIdentity {
+                            path: self.path.clone(),
+                            source,
+                        },
                     },
                 )
             });

@@ -12,6 +12,18 @@
 //! server-first protocol, unlike Linkerd's 10-second detection timeout.
 //!
 //! A declared protocol (`http`, `http2`, `grpc`, `tcp`) skips detection entirely.
+//!
+//! # Mutual TLS
+//!
+//! Inbound, once the client has spoken, a TLS ClientHello is read from peeked bytes
+//! ([`crate::tls::hello`]) and the workload's mTLS mode decides ([`crate::tls::admit`]): Tandem's
+//! mutual TLS for this proxy is terminated, and the negotiated ALPN names the inner protocol
+//! (`h2`, `http/1.1`, `tandem/1` for opaque TCP); anything else passes untouched (permissive) or
+//! is closed (strict). A server that speaks first is plaintext by definition. Outbound, opaque
+//! TCP to an endpoint the config names an identity for is wrapped in mutual TLS once the
+//! destination is chosen; HTTP is secured by Pingora per upstream connection
+//! ([`crate::http`]). A server-first protocol on a `detect` port stays plaintext (declare it
+//! `tcp` to secure it): the peer proxy cannot see a ClientHello before the server has spoken.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -19,20 +31,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
-use pingora::protocols::GetSocketDigest;
 use pingora::protocols::SocketDigest;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as PingoraStream;
+use pingora::protocols::{ALPN, GetSocketDigest, Ssl};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tandem_crds::contract::Protocol;
+use tandem_crds::contract::{MtlsMode, Protocol};
+use tandem_crds::identity::ALPN_TCP;
 use tokio::net::TcpStream;
 
-use crate::detect::{Detected, PROBE_LEN, classify};
+use crate::detect::{Detected, PROBE_LEN, classify, redirected_destination};
 use crate::http::MeshHttp;
-use crate::metrics::{ConnProtocol, ConnectionTelemetry, Direction, ServiceTelemetry};
-use crate::relay::relay;
+use crate::metrics::{
+    ConnProtocol, ConnectionTelemetry, Direction, InboundRefusal, SecurityPolicy, ServiceTelemetry,
+};
+use crate::relay::{relay, relay_streams};
 use crate::server::Shared;
+use crate::tls::{Admission, admit, hello};
 
 /// How long a client that sent a prefix of an HTTP method may take to send the rest before
 /// its connection is relayed as opaque TCP. Only reached by a client that has already spoken.
@@ -53,14 +69,6 @@ pub struct Listener {
     pub h2: Arc<HttpProxy<MeshHttp>>,
     /// Flips to `true` on shutdown: HTTP/1 stops keep-alive, HTTP/2 sends GOAWAY.
     pub shutdown: ShutdownWatch,
-}
-
-/// The original destination of a connection redirected by iptables, or `None` when it was not
-/// redirected (no `SO_ORIGINAL_DST`, or it is the listener's own address).
-pub fn redirected_destination(socket: &SocketDigest) -> Option<SocketAddr> {
-    let original = *socket.original_dst()?.as_inet()?;
-    let local = *socket.local_addr()?.as_inet()?;
-    (original != local).then_some(original)
 }
 
 /// What to do with a connection before reading anything from it.
@@ -152,7 +160,7 @@ impl Listener {
             Plan::Relay { upstream, label } => {
                 let connect_timeout = self.shared.connect_timeout();
                 match connect(upstream, connect_timeout).await {
-                    Ok(up) => self.relay(client, up, label).await,
+                    Ok(up) => self.relay(client, up, upstream, label).await,
                     Err(e) => {
                         tracing::warn!(direction = self.direction.as_str(), ?peer, %upstream, error = %e, "Upstream connect failed")
                     }
@@ -182,9 +190,35 @@ impl Listener {
             }
         };
         let early = match first {
-            First::Server(up) => return self.relay(client, up, label).await,
+            First::Server(up) => {
+                if self.direction == Direction::Inbound && self.mode() == MtlsMode::Strict {
+                    return self.refuse(&client, InboundRefusal::Plaintext);
+                }
+                return self.relay_plain(client, up, label).await;
+            }
             First::Client(early) => early,
         };
+        if self.direction == Direction::Inbound {
+            match self.admission(&client, destination).await {
+                Admission::Pass => {}
+                Admission::ProbesOnly => {
+                    // Only HTTP/1 can be a kubelet probe; each request is checked in
+                    // `MeshHttp::request_filter`.
+                    return match classify_client(&client).await {
+                        Ok(Some(Detected::Http1)) => {
+                            self.http(client, socket, ConnProtocol::Http1, label).await
+                        }
+                        Ok(Some(_)) => self.refuse(&client, InboundRefusal::Plaintext),
+                        Ok(None) | Err(_) => {}
+                    };
+                }
+                Admission::Refuse(reason) => return self.refuse(&client, reason),
+                Admission::Terminate => {
+                    drop(early);
+                    return self.terminate(client, socket, destination).await;
+                }
+            }
+        }
         let detected = match classify_client(&client).await {
             Ok(Some(d)) => d,
             Ok(None) | Err(_) => return, // closed before saying anything
@@ -193,11 +227,11 @@ impl Listener {
             Detected::Http1 => self.http(client, socket, ConnProtocol::Http1, label).await,
             Detected::Http2 => self.http(client, socket, ConnProtocol::Http2, label).await,
             Detected::Opaque | Detected::NeedMore => {
-                let upstream = match (early, eager.or(destination)) {
-                    (Some(up), _) => up,
+                let (upstream, addr) = match (early, eager.or(destination)) {
+                    (Some(early), _) => early,
                     (None, Some(addr)) => {
                         match connect(addr, self.shared.connect_timeout()).await {
-                            Ok(up) => up,
+                            Ok(up) => (up, addr),
                             Err(e) => {
                                 tracing::warn!(direction = self.direction.as_str(), upstream = %addr, error = %e, "Upstream connect failed");
                                 return;
@@ -209,14 +243,156 @@ impl Listener {
                         return;
                     }
                 };
-                self.relay(client, upstream, label).await;
+                self.relay(client, upstream, addr, label).await;
             }
         }
     }
 
-    async fn relay(&self, client: TcpStream, upstream: TcpStream, label: Arc<ServiceTelemetry>) {
-        let telemetry = ConnectionTelemetry::open(&label, ConnProtocol::Tcp);
+    /// Relays to `upstream` (connected to `addr`): in mutual TLS when outbound to an endpoint
+    /// the config names an identity for and this proxy has one, else as plaintext.
+    async fn relay(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        addr: SocketAddr,
+        label: Arc<ServiceTelemetry>,
+    ) {
+        if self.direction == Direction::Outbound {
+            let active = self.shared.config.active();
+            let peer = active.as_ref().and_then(|a| a.identities.get(addr));
+            if let Some(peer) = peer
+                && self.shared.tls.outbound.material().is_some()
+            {
+                match self.shared.tls.outbound.connect_tcp(upstream, peer).await {
+                    Ok(tls) => {
+                        let telemetry = ConnectionTelemetry::open(
+                            &label,
+                            ConnProtocol::Tcp,
+                            SecurityPolicy::MutualTls,
+                        );
+                        relay_streams(client, tls, &telemetry).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %addr, peer = %peer.uri, error = %e, "Outbound mutual TLS failed; connection closed");
+                    }
+                }
+                return;
+            }
+        }
+        self.relay_plain(client, upstream, label).await;
+    }
+
+    async fn relay_plain(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        label: Arc<ServiceTelemetry>,
+    ) {
+        let telemetry = ConnectionTelemetry::open(&label, ConnProtocol::Tcp, SecurityPolicy::None);
         relay(client, upstream, &telemetry).await;
+    }
+
+    /// The inbound mTLS mode of the active config (permissive without one).
+    fn mode(&self) -> MtlsMode {
+        self.shared
+            .config
+            .active()
+            .map_or(MtlsMode::default(), |a| a.config.workload.mtls)
+    }
+
+    /// What to do with an inbound connection (to `destination`) whose client has spoken.
+    async fn admission(&self, client: &TcpStream, destination: Option<SocketAddr>) -> Admission {
+        let mode = self.mode();
+        let mut first = [0u8; 1];
+        let hello = match client.peek(&mut first).await {
+            Ok(1) if hello::starts_tls(&first) => match hello::peek(client).await {
+                Ok(Some(hello)) => Some(hello),
+                // TLS we cannot read a hello from is not Tandem's: foreign.
+                Ok(None) | Err(_) => Some(hello::Hello::default()),
+            },
+            _ => None,
+        };
+        admit(
+            mode,
+            hello.as_ref(),
+            self.shared.tls.inbound.own_sni().as_deref(),
+            self.shared.tls.probes.covers(destination.map(|d| d.port())),
+        )
+    }
+
+    /// Closes an inbound connection the mTLS mode does not allow, and counts it.
+    fn refuse(&self, client: &TcpStream, reason: InboundRefusal) {
+        self.shared.metrics.tls.refused(reason);
+        tracing::info!(
+            direction = self.direction.as_str(),
+            peer = ?client.peer_addr().ok(),
+            reason = reason.as_str(),
+            "Inbound connection refused by the mTLS mode"
+        );
+    }
+
+    /// Terminates Tandem's mutual TLS and serves what the negotiated ALPN names.
+    async fn terminate(
+        &self,
+        client: TcpStream,
+        socket: SocketDigest,
+        destination: Option<SocketAddr>,
+    ) {
+        if !self.shared.tls.inbound.ready() {
+            return self.refuse(&client, InboundRefusal::NoIdentity);
+        }
+        let peer = client.peer_addr().ok();
+        let mut stream = PingoraStream::from(client);
+        stream.set_socket_digest(socket);
+        let tls = match self.shared.tls.inbound.terminate(stream).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::info!(?peer, error = %e, "Inbound mutual TLS refused");
+                return;
+            }
+        };
+        let label = self.shared.metrics.inbound.clone();
+        match tls.selected_alpn_proto() {
+            Some(ALPN::H2) => {
+                let _telemetry = ConnectionTelemetry::open(
+                    &label,
+                    ConnProtocol::Http2,
+                    SecurityPolicy::MutualTls,
+                );
+                self.h2.process_new(Box::new(tls), &self.shutdown).await;
+            }
+            Some(ALPN::H1) => {
+                let _telemetry = ConnectionTelemetry::open(
+                    &label,
+                    ConnProtocol::Http1,
+                    SecurityPolicy::MutualTls,
+                );
+                self.http1(Box::new(tls), false).await;
+            }
+            Some(ALPN::Custom(custom)) if custom.protocol() == ALPN_TCP => {
+                let Some(dst) = destination else {
+                    tracing::warn!(
+                        ?peer,
+                        "Opaque mutual TLS on a connection that was not redirected: no destination; closed"
+                    );
+                    return;
+                };
+                let up = match connect(dst, self.shared.connect_timeout()).await {
+                    Ok(up) => up,
+                    Err(e) => {
+                        tracing::warn!(direction = self.direction.as_str(), upstream = %dst, error = %e, "Upstream connect failed");
+                        return;
+                    }
+                };
+                let _ = up.set_nodelay(true);
+                let telemetry =
+                    ConnectionTelemetry::open(&label, ConnProtocol::Tcp, SecurityPolicy::MutualTls);
+                relay_streams(tls, up, &telemetry).await;
+            }
+            other => {
+                tracing::warn!(?peer, alpn = ?other, "Mutual TLS without a Tandem ALPN; closed")
+            }
+        }
     }
 
     async fn http(
@@ -226,14 +402,14 @@ impl Listener {
         protocol: ConnProtocol,
         label: Arc<ServiceTelemetry>,
     ) {
-        let _telemetry = ConnectionTelemetry::open(&label, protocol);
+        let _telemetry = ConnectionTelemetry::open(&label, protocol, SecurityPolicy::None);
         let mut stream = PingoraStream::from(client);
         stream.set_socket_digest(socket);
         match protocol {
             ConnProtocol::Http2 => {
                 self.h2.process_new(Box::new(stream), &self.shutdown).await;
             }
-            _ => self.http1(Box::new(stream)).await,
+            _ => self.http1(Box::new(stream), true).await,
         }
     }
 
@@ -243,12 +419,15 @@ impl Listener {
     /// next request's first byte; only then is Pingora's request state (tens of KiB) created.
     /// Pingora's own loop keeps that state alive while a kept-alive connection idles, which is
     /// what makes 10,000 idle connections cost hundreds of MiB.
-    async fn http1(&self, mut stream: pingora::protocols::Stream) {
+    ///
+    /// A TLS stream cannot be peeked (`peekable` false): Pingora's session waits for the next
+    /// request itself, under the same keep-alive timeout.
+    async fn http1(&self, mut stream: pingora::protocols::Stream, peekable: bool) {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut shutdown = self.shutdown.clone();
         let mut first = true;
         loop {
-            if !first {
+            if !first && peekable {
                 let mut byte = [0u8; 1];
                 let next = tokio::select! {
                     r = tokio::time::timeout(KEEPALIVE_IDLE, stream.try_peek(&mut byte)) => r,
@@ -283,8 +462,9 @@ impl Listener {
 
 /// Who spoke first.
 enum First {
-    /// The client has bytes to read; the early upstream connection, if one was made.
-    Client(Option<TcpStream>),
+    /// The client has bytes to read; the early upstream connection and its address, if one
+    /// was made.
+    Client(Option<(TcpStream, SocketAddr)>),
     /// The server spoke (or closed) first: a server-first protocol.
     Server(TcpStream),
 }
@@ -322,7 +502,7 @@ async fn first_speaker(
             biased;
             r = client.readable() => {
                 r?;
-                Ok(First::Client(Some(up)))
+                Ok(First::Client(Some((up, addr))))
             }
             r = up.readable() => {
                 r?;

@@ -1,8 +1,21 @@
-//! Protocol detection: a pure classifier over the first bytes a client sends.
+//! Protocol detection: a pure classifier over the first bytes a client sends, and where a
+//! redirected connection was going.
 //!
 //! Detection only ever looks at bytes the client has already sent; it never waits for a client
 //! that stays silent. The waiting strategy (connect upstream at once and let whichever side
 //! speaks first decide) lives in [`crate::connection`].
+
+use std::net::SocketAddr;
+
+use pingora::protocols::SocketDigest;
+
+/// The original destination of a connection redirected by iptables, or `None` when it was not
+/// redirected (no `SO_ORIGINAL_DST`, or it is the listener's own address).
+pub fn redirected_destination(socket: &SocketDigest) -> Option<SocketAddr> {
+    let original = *socket.original_dst()?.as_inet()?;
+    let local = *socket.local_addr()?.as_inet()?;
+    (original != local).then_some(original)
+}
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), sent first by an h2c prior-knowledge client.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -48,6 +48,18 @@ pub enum Error {
         #[source]
         source: crate::policy::PolicyError,
     },
+    /// An endpoint's identity is not a workload SPIFFE ID.
+    #[error("config file {path} refused: an endpoint identity is malformed")]
+    EndpointIdentity {
+        /// The file.
+        path: PathBuf,
+        /// Which endpoint, and why.
+        #[source]
+        source: crate::tls::BadEndpointIdentity,
+    },
+    /// The inbound TLS acceptor could not be built.
+    #[error("cannot build the inbound TLS acceptor")]
+    Tls(#[source] rustls::Error),
     /// Installing a signal handler failed.
     #[error("cannot install the {signal} handler")]
     Signal {

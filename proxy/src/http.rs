@@ -12,6 +12,12 @@
 //! head), `fail_to_connect` and `error_while_proxy` (no response); a failure the policy retries
 //! turns into a retryable Pingora error, and the next `upstream_peer` waits out the backoff and
 //! sends to the endpoint the decision picked. Timeouts that end a request answer 504.
+//!
+//! Mutual TLS: an outbound attempt to an endpoint the config names an identity for gets a
+//! Pingora mTLS peer ([`crate::tls::OutboundTls::http_peer`]); Pingora pools those connections
+//! like any other (its pool key includes the SNI and our certificate's serial). Inbound, the
+//! peer's identity comes from the terminated connection's TLS digest. Both go into the access
+//! log (`peer_identity`, `connection_security_policy`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -26,17 +32,12 @@ use pingora::{Error as PingoraError, ErrorSource, Result as PingoraResult, Retry
 use tandem_crds::contract::Protocol;
 
 use crate::access_log;
-use crate::connection::redirected_destination;
+use crate::detect::redirected_destination;
+use crate::metrics::SecurityPolicy;
 use crate::metrics::{Classification, Direction, ServiceTelemetry};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
-
-/// `dst_service` of traffic to a destination the config does not know.
-pub const PASSTHROUGH: &str = "passthrough";
-/// `dst_service` of inbound traffic.
-pub const INBOUND: &str = "inbound";
-/// `dst_service` of an outbound request whose destination could not be resolved.
-pub const UNKNOWN: &str = "unknown";
+use crate::tls::PeerIdentity;
 
 /// How many requests one upstream h2c connection carries at once (also what `maxConnections`
 /// counts an HTTP/2 connection as).
@@ -73,6 +74,8 @@ pub struct RequestCtx {
     backoff: Option<Duration>,
     /// The error now unwinding Pingora's attempt was raised to retry a failed response.
     retrying_response: bool,
+    /// Outbound: who the current attempt's endpoint must be, when it goes over mutual TLS.
+    peer_tls: Option<Arc<PeerIdentity>>,
 }
 
 /// Where one request goes.
@@ -171,6 +174,40 @@ impl MeshHttp {
     }
 }
 
+impl MeshHttp {
+    /// Whether an inbound request arrived in plaintext at a strict workload and is not one of
+    /// the pod's kubelet probes ([`crate::tls::probes`]). Requests over mutual TLS return at
+    /// the first check.
+    fn plaintext_refused(&self, session: &Session) -> bool {
+        if crate::tls::inbound::peer_of(session.digest()).is_some() {
+            return false;
+        }
+        let strict = self
+            .shared
+            .config
+            .active()
+            .is_some_and(|a| a.config.workload.mtls == tandem_crds::contract::MtlsMode::Strict);
+        if !strict {
+            return false;
+        }
+        let redirected = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_deref())
+            .and_then(redirected_destination);
+        let port = redirected
+            .map(|d| d.port())
+            .or_else(|| authority_addr(session).map(|a| a.port()))
+            .or_else(|| authority_port(session));
+        let req = session.req_header();
+        !port.is_some_and(|port| {
+            self.shared
+                .tls
+                .probes
+                .allows(port, &req.method, req.uri.path())
+        })
+    }
+}
+
 /// Asks the service's policy where the request goes; keeps the decision in the context.
 fn select(
     policy: &Arc<crate::policy::Policy>,
@@ -244,8 +281,10 @@ fn retry_decided(
 }
 
 /// A peer for `upstream` with the request's timeouts.
-fn peer(upstream: SocketAddr, ctx: &RequestCtx) -> Box<HttpPeer> {
-    let mut peer = HttpPeer::new(upstream, false, String::new());
+/// The attempt's peer: `mtls` (an mTLS peer for a meshed endpoint) or plaintext, with the
+/// request's timeouts and HTTP version.
+fn peer(upstream: SocketAddr, ctx: &RequestCtx, mtls: Option<HttpPeer>) -> Box<HttpPeer> {
+    let mut peer = mtls.unwrap_or_else(|| HttpPeer::new(upstream, false, String::new()));
     peer.options.connection_timeout = Some(ctx.connect_timeout);
     peer.options.idle_timeout = Some(ctx.idle_timeout);
     if let Some(decision) = &ctx.decision {
@@ -279,7 +318,26 @@ impl MeshHttp {
             .endpoint()
             .ok_or_else(|| status(503, "no endpoint left to retry"))?;
         ctx.upstream = Some(upstream);
-        Ok(peer(upstream, ctx))
+        Ok(self.peer(upstream, ctx))
+    }
+
+    /// The attempt's peer, in mutual TLS when outbound to an endpoint with an identity (and
+    /// this proxy has one); records whom it must reach.
+    fn peer(&self, upstream: SocketAddr, ctx: &mut RequestCtx) -> Box<HttpPeer> {
+        ctx.peer_tls = None;
+        let mtls = match self.direction {
+            Direction::Outbound => self.mtls_peer(upstream, ctx),
+            Direction::Inbound => None,
+        };
+        peer(upstream, ctx, mtls)
+    }
+
+    fn mtls_peer(&self, upstream: SocketAddr, ctx: &mut RequestCtx) -> Option<HttpPeer> {
+        let active = self.shared.config.active()?;
+        let identity = active.identities.get(upstream)?;
+        let peer = self.shared.tls.outbound.http_peer(upstream, identity)?;
+        ctx.peer_tls = Some(identity.clone());
+        Some(peer)
     }
 }
 
@@ -422,6 +480,7 @@ impl ProxyHttp for MeshHttp {
             refusal: None,
             backoff: None,
             retrying_response: false,
+            peer_tls: None,
         }
     }
 
@@ -430,6 +489,19 @@ impl ProxyHttp for MeshHttp {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> PingoraResult<bool> {
+        if self.direction == Direction::Inbound && self.plaintext_refused(session) {
+            self.shared
+                .metrics
+                .tls
+                .refused(crate::metrics::InboundRefusal::Plaintext);
+            tracing::info!(
+                path = session.req_header().uri.path(),
+                "Refused a plaintext request to a strict workload (not one of its probes)"
+            );
+            session.set_keepalive(None);
+            session.respond_error(403).await?;
+            return Ok(true);
+        }
         let headers = &session.req_header().headers;
         let refusal = if header_bytes(headers) > MAX_REQUEST_HEADER_BYTES {
             Some((431, "request headers too large"))
@@ -472,18 +544,21 @@ impl ProxyHttp for MeshHttp {
         self.count_request(ctx);
         ctx.upstream = Some(resolved.upstream);
         ctx.upstream_h2 = resolved.h2;
-        Ok(peer(resolved.upstream, ctx))
+        Ok(self.peer(resolved.upstream, ctx))
     }
 
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
+        reused: bool,
         _peer: &HttpPeer,
         _fd: std::os::unix::io::RawFd,
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> PingoraResult<()> {
+        if !reused && let Some(peer) = &ctx.peer_tls {
+            self.shared.tls.outbound.http_connected(peer);
+        }
         if let Some(decision) = ctx.decision.as_mut() {
             decision.on_connected();
         }
@@ -497,6 +572,9 @@ impl ProxyHttp for MeshHttp {
         ctx: &mut RequestCtx,
         mut e: Box<PingoraError>,
     ) -> Box<PingoraError> {
+        if ctx.peer_tls.is_some() {
+            self.shared.tls.outbound.http_failed(&e);
+        }
         if ctx.decision.is_some() {
             // Nothing reached the endpoint, so the body is intact whatever its size.
             let retry = after_failure(ctx, Outcome::ConnectFailure, RequestBody::Replayable);
@@ -634,6 +712,15 @@ impl ProxyHttp for MeshHttp {
             return;
         }
         let req = session.req_header();
+        let peer = match self.direction {
+            Direction::Outbound => ctx.peer_tls.as_deref(),
+            Direction::Inbound => crate::tls::inbound::peer_of(session.digest()),
+        };
+        let security = if peer.is_some() {
+            SecurityPolicy::MutualTls
+        } else {
+            SecurityPolicy::None
+        };
         log.write(&access_log::Entry {
             direction: self.direction.as_str(),
             dst_service: telemetry.label(),
@@ -650,6 +737,8 @@ impl ProxyHttp for MeshHttp {
             bytes_out: session.body_bytes_sent(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             traceparent: header(session, "traceparent"),
+            peer_identity: peer.map_or("", |p| &p.uri),
+            connection_security_policy: security.as_str(),
             error: error.map(|e| e as &dyn std::fmt::Display),
         });
     }

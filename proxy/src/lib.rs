@@ -15,7 +15,8 @@
 //! and endpoint choice), [`policy`] (the resilience engine: routes, splits, retries, budgets,
 //! balancers, circuit breaking), [`config`] (load, watch, swap), [`identity`] (the proxy's
 //! certificate and trust anchors: certify, renew, reload), [`metrics`], [`admin`],
-//! [`logging`], [`log_writer`] and [`access_log`].
+//! [`logging`], [`log_writer`] and [`access_log`]; [`tls`] (mutual TLS between sidecars:
+//! inbound termination and the mTLS mode, outbound origination) reads [`identity`].
 
 pub mod access_log;
 pub mod admin;
@@ -33,6 +34,7 @@ pub mod policy;
 pub mod relay;
 pub mod routing;
 pub mod server;
+pub mod tls;
 
 pub use cli::{Cli, Command, RunArgs};
 pub use error::{Error, Result};

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tandem_proxy::run(args, &logs)) {
+            match runtime.block_on(tandem_proxy::run(*args, &logs)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %anyhow::Error::from(e), "tandem-proxy failed");

@@ -4,7 +4,8 @@
 //! `tandem_request_attempts`, `tandem_tcp_open_total`, `tandem_tcp_close_total`,
 //! `tandem_tcp_active`, `tandem_tcp_read_bytes_total`, `tandem_tcp_write_bytes_total`,
 //! `tandem_config_reloads_total`, `tandem_config_reload_errors_total`, `tandem_config_info`,
-//! `tandem_ready`, and the resilience engine's (read from the active config at scrape time, see
+//! `tandem_ready`, mutual TLS's (see [`TlsMetrics`]): `tandem_tls_handshakes_total`,
+//! `tandem_inbound_connections_refused_total`, `tandem_tls_peer_connections_total`, and the resilience engine's (read from the active config at scrape time, see
 //! [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
 //! `tandem_ejections_total`, `tandem_active_ejections`, `tandem_panic_total`,
 //! `tandem_no_endpoints_total`, `tandem_overflows_total`; and, when identity is on, the identity
@@ -28,7 +29,7 @@ pub use service::{ConnectionTelemetry, ServiceTelemetry};
 
 use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -73,9 +74,12 @@ macro_rules! lower_case_label {
                 match self { $(Self::$variant => $text),+ }
             }
         }
-        impl EncodeLabelValue for $ty {
-            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-                EncodeLabelValue::encode(&self.as_str(), encoder)
+        impl ::prometheus_client::encoding::EncodeLabelValue for $ty {
+            fn encode(
+                &self,
+                encoder: &mut ::prometheus_client::encoding::LabelValueEncoder,
+            ) -> Result<(), std::fmt::Error> {
+                ::prometheus_client::encoding::EncodeLabelValue::encode(&self.as_str(), encoder)
             }
         }
     };
@@ -84,6 +88,32 @@ macro_rules! lower_case_label {
 lower_case_label!(Direction, Outbound => "outbound", Inbound => "inbound");
 lower_case_label!(Classification, Success => "success", Failure => "failure");
 lower_case_label!(ConnProtocol, Http1 => "http1", Http2 => "http2", Tcp => "tcp");
+lower_case_label!(SecurityPolicy, MutualTls => "mutual_tls", None => "none");
+
+// After the macro, which it uses.
+mod tls;
+
+pub use tls::{HandshakeResult, InboundRefusal, TlsMetrics};
+
+/// Whether a connection was mutually authenticated (the `connection_security_policy` label, as
+/// Istio names it).
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+pub enum SecurityPolicy {
+    /// Both proxies presented certificates under the trust anchors.
+    MutualTls,
+    /// Plaintext, or TLS this proxy did not terminate.
+    #[default]
+    None,
+}
+
+impl SecurityPolicy {
+    fn index(self) -> usize {
+        match self {
+            Self::MutualTls => 0,
+            Self::None => 1,
+        }
+    }
+}
 
 impl ConnProtocol {
     /// Every protocol, in index order.
@@ -110,6 +140,12 @@ impl Classification {
 /// `dst_service` of a connection that was not redirected, before its first request named a
 /// destination.
 const UNRESOLVED: &str = "unresolved";
+/// `dst_service` of traffic to a destination the config does not know.
+pub const PASSTHROUGH: &str = "passthrough";
+/// `dst_service` of inbound traffic.
+pub const INBOUND: &str = "inbound";
+/// `dst_service` of an outbound request whose destination could not be resolved.
+pub const UNKNOWN: &str = "unknown";
 
 /// Labels of request counters and latency.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,6 +178,8 @@ pub struct TcpLabels {
     pub dst_service: String,
     /// How the bytes were carried.
     pub protocol: ConnProtocol,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: SecurityPolicy,
 }
 
 /// Labels of the reload counter.
@@ -214,6 +252,8 @@ pub struct Metrics {
     log_lines_dropped: OnceLock<ReadCounter>,
     /// The identity client's metrics (exported once identity is on).
     pub identity: IdentityMetrics,
+    /// Mutual TLS: handshakes, refusals, peers.
+    pub tls: TlsMetrics,
 }
 
 /// How a source of a counter read at scrape time is given to [`Metrics`].
@@ -245,6 +285,7 @@ impl Metrics {
             config_info.clone(),
         );
         registry.register("tandem_ready", "1 when the proxy is ready", ready.clone());
+        let tls = TlsMetrics::register(&mut registry);
         let fixed = |direction, label: &str| {
             Arc::new(ServiceTelemetry::new(
                 &families,
@@ -253,9 +294,9 @@ impl Metrics {
             ))
         };
         Self {
-            passthrough: fixed(Direction::Outbound, crate::http::PASSTHROUGH),
-            unknown: fixed(Direction::Outbound, crate::http::UNKNOWN),
-            inbound: fixed(Direction::Inbound, crate::http::INBOUND),
+            passthrough: fixed(Direction::Outbound, PASSTHROUGH),
+            unknown: fixed(Direction::Outbound, UNKNOWN),
+            inbound: fixed(Direction::Inbound, INBOUND),
             unresolved: [
                 fixed(Direction::Outbound, UNRESOLVED),
                 fixed(Direction::Inbound, UNRESOLVED),
@@ -268,6 +309,7 @@ impl Metrics {
             ready,
             log_lines_dropped: OnceLock::new(),
             identity: IdentityMetrics::new(),
+            tls,
         }
     }
 

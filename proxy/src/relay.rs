@@ -5,8 +5,11 @@
 //! 10,000 mostly idle connections this is the difference between a few and a few hundred MiB).
 
 use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::ConnectionTelemetry;
@@ -73,4 +76,69 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
 fn abort(a: &TcpStream, b: &TcpStream) {
     let _ = SockRef::from(a).shutdown(Shutdown::Both);
     let _ = SockRef::from(b).shutdown(Shutdown::Both);
+}
+
+/// Relays between two streams of any kind (a TLS session on either side) until both directions
+/// are finished, counting the client's bytes as they pass.
+///
+/// Used where one side is encrypted: a TLS stream cannot be waited on for readability without
+/// its buffers, so this path keeps tokio's copy buffers for the connection's life (an idle
+/// mutual-TLS connection already holds rustls's buffers; plaintext keeps the buffer-free
+/// [`relay`]). End of stream is passed on as a shutdown (a FIN, or TLS `close_notify`).
+pub async fn relay_streams<C, U>(client: C, mut upstream: U, telemetry: &ConnectionTelemetry)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Counted {
+        inner: client,
+        telemetry,
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "Relay ended with an error");
+    }
+}
+
+/// A stream that counts the bytes read from it and written to it.
+struct Counted<'t, S> {
+    inner: S,
+    telemetry: &'t ConnectionTelemetry,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.telemetry
+                .from_client((buf.filled().len() - before) as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.telemetry.to_client(n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -30,6 +30,7 @@ use crate::http::MeshHttp;
 use crate::identity::IdentityState;
 use crate::logging::Logs;
 use crate::metrics::{Direction, Metrics};
+use crate::tls::MeshTls;
 
 /// The addresses the proxy itself listens on.
 #[derive(Clone, Copy, Debug)]
@@ -54,8 +55,10 @@ pub struct Shared {
     pub tracker: Arc<Tracker>,
     /// Where each HTTP request's line goes.
     pub access_log: AccessLog,
-    /// This proxy's certificate and trust anchors (empty, and not required, with identity off).
+    /// This proxy's certificate and trust anchors.
     pub identity: Arc<IdentityState>,
+    /// Mutual TLS on both listeners, over `identity`.
+    pub tls: MeshTls,
     draining: AtomicBool,
 }
 
@@ -211,15 +214,6 @@ fn proxies(
 /// Runs the proxy until SIGTERM or SIGINT, then drains and returns. `logs` is the running log
 /// ([`crate::logging::init`]).
 pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
-    raise_fd_limit();
-    let metrics = Arc::new(Metrics::new());
-    let writer = logs.writer.clone();
-    metrics.count_dropped_log_lines(Box::new(move || writer.dropped()));
-    let store = Arc::new(ConfigStore::new(args.config.clone(), metrics.clone()));
-    let mut watcher = Watcher::new(store.clone());
-    watcher.check();
-    let identity = crate::identity::start(&args.identity, args.config_poll, metrics.clone());
-
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| Error::Signal {
         signal: "SIGTERM",
         source,
@@ -228,6 +222,52 @@ pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
         signal: "SIGINT",
         source,
     })?;
+    let metrics = Arc::new(Metrics::new());
+    let writer = logs.writer.clone();
+    metrics.count_dropped_log_lines(Box::new(move || writer.dropped()));
+    let identity = crate::identity::start(&args.identity, args.config_poll, metrics.clone());
+    let parts = Parts {
+        metrics,
+        access_log: logs.access.clone(),
+        identity,
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        }
+    };
+    serve(args, parts, |_| {}, stop).await
+}
+
+/// What a running proxy is given besides its flags.
+pub struct Parts {
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// Where request lines go.
+    pub access_log: AccessLog,
+    /// The certificate and trust anchors, filled (and renewed) by whoever owns them.
+    pub identity: Arc<IdentityState>,
+}
+
+/// Binds the listeners, tells `listening` where they are, serves until `stop` resolves (to the
+/// name of what stopped it), then drains and returns. [`run`] is this with the process's
+/// signals; tests embed proxies through it.
+pub async fn serve(
+    args: RunArgs,
+    parts: Parts,
+    listening: impl FnOnce(OwnAddrs),
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<()> {
+    raise_fd_limit();
+    let Parts {
+        metrics,
+        access_log,
+        identity,
+    } = parts;
+    let store = Arc::new(ConfigStore::new(args.config.clone(), metrics.clone()));
+    let mut watcher = Watcher::new(store.clone());
+    watcher.check();
 
     let outbound = bind(args.outbound_addr, "outbound").await?;
     let inbound = bind(args.inbound_addr, "inbound").await?;
@@ -237,13 +277,17 @@ pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
         inbound: local(&inbound, args.inbound_addr),
         admin: local(&admin, args.admin_addr),
     };
+    let tls = MeshTls::new(identity.clone(), metrics.clone())
+        .map_err(Error::Tls)?
+        .with_probes(args.app_probes.clone());
     let shared = Arc::new(Shared {
         config: store,
         metrics,
         own,
         tracker: Arc::new(Tracker::default()),
-        access_log: logs.access.clone(),
+        access_log,
         identity,
+        tls,
         draining: AtomicBool::new(false),
     });
 
@@ -279,11 +323,9 @@ pub async fn run(args: RunArgs, logs: &Logs) -> Result<()> {
         ready = shared.ready().is_ok(),
         "listening"
     );
+    listening(own);
 
-    let signal = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
-    };
+    let signal = stop.await;
     tracing::info!(signal, grace = ?args.drain_grace, in_flight = shared.tracker.active(), "Draining");
     shared.draining.store(true, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);

@@ -149,8 +149,8 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
 
     let metrics = admin(&pods.client, "/metrics");
     assert!(metrics.contains(r#"tandem_responses_total{direction="outbound",dst_service="test/app",status_code="200",classification="success"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"tandem_tcp_open_total{direction="outbound",dst_service="test/smtp",protocol="tcp"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"tandem_tcp_read_bytes_total{direction="outbound",dst_service="passthrough",protocol="tcp"}"#), "{metrics}");
+    assert!(metrics.contains(r#"tandem_tcp_open_total{direction="outbound",dst_service="test/smtp",protocol="tcp",connection_security_policy="none"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tandem_tcp_read_bytes_total{direction="outbound",dst_service="passthrough",protocol="tcp",connection_security_policy="none"}"#), "{metrics}");
     let metrics = admin(&pods.server, "/metrics");
     assert!(
         metrics.contains(r#"tandem_requests_total{direction="inbound",dst_service="inbound"} 2"#),

@@ -20,9 +20,11 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
 use serde_json::{Value, json};
-use tandem_crds::names;
+use tandem_crds::{identity, names};
 
 use crate::cluster::ControlPlane;
+use crate::node::forward::HostForward;
+use crate::node::net;
 use crate::process::{Supervised, free_port};
 use crate::{Error, Result};
 
@@ -369,13 +371,76 @@ fn target_dir() -> Result<PathBuf> {
         .ok_or_else(|| Error::Unexpected(format!("no target directory above {}", exe.display())))
 }
 
+/// Where the local cluster's processes listen, and so the flags they get: one place, so that
+/// the webhook, the operator and the node's forwarders agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Addresses {
+    /// The webhook's HTTPS, on loopback.
+    webhook: SocketAddr,
+    /// The operator's `/healthz`, `/readyz` and `/metrics`, on loopback.
+    operator_http: SocketAddr,
+    /// The operator's signer, on loopback; `None` while the operator has none.
+    identity: Option<SocketAddr>,
+}
+
+impl Addresses {
+    /// The operator's flags: the Deployment's (manifests/operator/deployment.yaml), on
+    /// loopback.
+    fn operator_args(&self) -> Vec<String> {
+        let mut args = vec![format!("--http-addr={}", self.operator_http)];
+        if let Some(identity) = self.identity {
+            args.push(format!("--identity-listen={identity}"));
+        }
+        args
+    }
+
+    /// The webhook's flags. Pods reach the signer through the node's forwarder on the gateway
+    /// address ([`Tandem::node_forwards`]) and verify it by its Service name (the webhook's
+    /// default `--identity-name`), so an IP address is the right `--identity-addr`. Identity
+    /// bootstrap is injected even while the operator has no signer, so the node's part (tokens
+    /// bound to the pod, trust roots filled in later) is exercised by every scenario; a proxy
+    /// then finds nothing listening there and retries.
+    fn webhook_args(&self, cert: &Path, key: &Path) -> Vec<String> {
+        let signer = SocketAddr::from((net::GATEWAY, identity::SIGNER_PORT));
+        vec![
+            format!("--listen={}", self.webhook),
+            format!("--tls-cert={}", cert.display()),
+            format!("--tls-key={}", key.display()),
+            format!("--proxy-image={PROXY_IMAGE}"),
+            "--image-pull-policy=IfNotPresent".to_owned(),
+            format!("--identity-addr={signer}"),
+        ]
+    }
+
+    /// What the node must carry from pods to the machine: the signer's port.
+    fn node_forwards(&self) -> Vec<HostForward> {
+        self.identity
+            .map(|target| HostForward {
+                port: identity::SIGNER_PORT,
+                target,
+            })
+            .into_iter()
+            .collect()
+    }
+}
+
+/// Whether `binary --help` lists `flag`. The operator's signer (`--identity-listen`) is built in
+/// a branch of its own; until it has landed, the local cluster runs without a signer rather
+/// than start an operator that refuses its flags. Once every operator has the flag, this check
+/// and its `None` branch in [`Tandem::install`] go.
+fn has_flag(binary: &Path, flag: &str) -> bool {
+    Command::new(binary)
+        .arg("--help")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(flag))
+}
+
 /// Tandem installed into a control plane, its processes running. Dropping it stops them.
 #[derive(Debug)]
 pub struct Tandem {
     webhook: Component,
-    webhook_addr: SocketAddr,
     operator: Component,
-    operator_addr: SocketAddr,
+    addresses: Addresses,
     crds: Vec<InstalledCrd>,
     dir: tempfile::TempDir,
 }
@@ -444,9 +509,23 @@ impl Tandem {
         ensure_namespace(&client, names::SYSTEM_NAMESPACE, &[]).await?;
         install_rbac(&client).await?;
 
-        let port = free_port()?;
-        let webhook_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let config = local_webhook_configuration(port, &cluster.ca_pem())?;
+        let operator_binary = workspace_binary("tandem-operator", "tandem-operator")?;
+        let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let identity = if has_flag(&operator_binary, "--identity-listen") {
+            Some(loopback(free_port()?))
+        } else {
+            tracing::warn!(
+                "tandem-operator has no --identity-listen: no signer in this cluster \
+                 (identity bootstrap is injected all the same)"
+            );
+            None
+        };
+        let addresses = Addresses {
+            webhook: loopback(free_port()?),
+            operator_http: loopback(free_port()?),
+            identity,
+        };
+        let config = local_webhook_configuration(addresses.webhook.port(), &cluster.ca_pem())?;
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(
                 "admissionregistration.k8s.io",
@@ -465,13 +544,7 @@ impl Tandem {
         let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         write(&cert_path, &cert.cert_pem)?;
         write(&key_path, &cert.key_pem)?;
-        let webhook_args = vec![
-            format!("--listen={webhook_addr}"),
-            format!("--tls-cert={}", cert_path.display()),
-            format!("--tls-key={}", key_path.display()),
-            format!("--proxy-image={PROXY_IMAGE}"),
-            "--image-pull-policy=IfNotPresent".to_owned(),
-        ];
+        let webhook_args = addresses.webhook_args(&cert_path, &key_path);
         let mut webhook = Component::start(
             cluster,
             "tandem-webhook",
@@ -482,8 +555,6 @@ impl Tandem {
         )
         .await?;
 
-        // The Deployment's settings (manifests/operator/deployment.yaml), on loopback.
-        let operator_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let operator_env = [
             ("POD_NAME", "tandem-operator-local"),
             ("POD_NAMESPACE", names::SYSTEM_NAMESPACE),
@@ -496,32 +567,42 @@ impl Tandem {
         let mut operator = Component::start(
             cluster,
             "tandem-operator",
-            workspace_binary("tandem-operator", "tandem-operator")?,
-            vec![format!("--http-addr={operator_addr}")],
+            operator_binary,
+            addresses.operator_args(),
             operator_env,
             dir.path(),
         )
         .await?;
-        wait_listening(&mut webhook.process, webhook_addr).await?;
-        wait_ready(&mut operator.process, operator_addr).await?;
+        wait_listening(&mut webhook.process, addresses.webhook).await?;
+        wait_ready(&mut operator.process, addresses.operator_http).await?;
         Ok(Self {
             webhook,
-            webhook_addr,
             operator,
-            operator_addr,
+            addresses,
             crds,
             dir,
         })
     }
 
+    /// Where the operator's signer listens on the machine; `None` when identity is off.
+    pub fn identity_addr(&self) -> Option<SocketAddr> {
+        self.addresses.identity
+    }
+
+    /// The forwarders a node needs so its pods reach Tandem's processes on the machine (the
+    /// signer, when identity is on): pass them in [`crate::node::NodeOptions::forwards`].
+    pub fn node_forwards(&self) -> Vec<HostForward> {
+        self.addresses.node_forwards()
+    }
+
     /// Where the webhook listens.
     pub fn webhook_addr(&self) -> SocketAddr {
-        self.webhook_addr
+        self.addresses.webhook
     }
 
     /// Where the operator serves `/healthz`, `/readyz` and `/metrics`.
     pub fn operator_addr(&self) -> SocketAddr {
-        self.operator_addr
+        self.addresses.operator_http
     }
 
     /// The policy CRDs, as served.
@@ -543,14 +624,14 @@ impl Tandem {
     /// Stops the webhook (SIGTERM) and starts it again; returns once it accepts connections.
     pub async fn restart_webhook(&mut self, cluster: &ControlPlane) -> Result<()> {
         self.webhook.restart(cluster, self.dir.path()).await?;
-        wait_listening(&mut self.webhook.process, self.webhook_addr).await
+        wait_listening(&mut self.webhook.process, self.addresses.webhook).await
     }
 
     /// Stops the operator (SIGTERM: it releases its Lease) and starts it again; returns once
     /// its caches are synced.
     pub async fn restart_operator(&mut self, cluster: &ControlPlane) -> Result<()> {
         self.operator.restart(cluster, self.dir.path()).await?;
-        wait_ready(&mut self.operator.process, self.operator_addr).await
+        wait_ready(&mut self.operator.process, self.addresses.operator_http).await
     }
 
     /// The end of the webhook's and the operator's logs, for failure messages.

@@ -21,6 +21,24 @@
 //! difference matters: the apiserver can only select webhook calls by labels, so a pod
 //! *annotated* `tandem.dev/inject: enabled` in an unlabelled namespace is never sent to the
 //! webhook and is not injected. Istio's users tripped on exactly this (istio/istio#39006).
+//!
+//! # Identity bootstrap
+//!
+//! With identity on (the webhook's `--identity-addr` is not empty) the proxy also gets what it
+//! needs to ask the signer for its workload certificate, and nothing more:
+//!
+//! - volume `tandem-identity-token`: a projected ServiceAccount token with audience `tandem`,
+//!   lifetime 3600 s (the kubelet binds it to the pod and rewrites it at 80 %), read-only at
+//!   `/var/run/secrets/tandem.dev/identity/token`;
+//! - volume `tandem-trust-roots`: ConfigMap `tandem-trust-roots` (written by the operator,
+//!   `optional`, so the pod starts before it exists), read-only at
+//!   `/var/run/secrets/tandem.dev/trust/`;
+//! - env `TANDEM_IDENTITY_ADDR` and `TANDEM_IDENTITY_NAME` (the signer and the name its
+//!   certificate carries), and `TANDEM_IDENTITY_TOKEN` and `TANDEM_TRUST_ROOTS` (the two files).
+//!
+//! The annotation `tandem.dev/identity: disabled` leaves all of it out for one pod (its proxy
+//! then neither originates nor terminates mutual TLS). The names and numbers are
+//! [`tandem_crds::identity`]'s.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,21 +47,36 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
-use tandem_crds::names;
+use tandem_crds::{identity, names};
 
-use crate::overrides::{self, Overrides};
+pub use crate::config::{IdentityConfig, InjectConfig, ProxyResources};
+use crate::overrides::{self, InvalidAnnotation, Overrides};
 
 /// Volume holding the proxy config (the ServiceAccount's ConfigMap).
 pub const CONFIG_VOLUME: &str = "tandem-config";
 /// Volume mounted at `/run` in the init container, where `iptables-legacy` takes its lock
 /// (the root filesystem is read-only).
 pub const XTABLES_LOCK_VOLUME: &str = "tandem-xtables-lock";
+/// Projected ServiceAccount token the proxy presents to the signer (audience
+/// [`identity::TOKEN_AUDIENCE`]), mounted at [`identity::TOKEN_DIR`].
+pub const IDENTITY_TOKEN_VOLUME: &str = "tandem-identity-token";
+/// The namespace's trust roots ([`identity::TRUST_ROOTS_CONFIG_MAP`]), mounted at
+/// [`identity::TRUST_ROOTS_DIR`].
+pub const TRUST_ROOTS_VOLUME: &str = "tandem-trust-roots";
+/// Every volume injection adds: a pod that already has one of these names is refused.
+const OUR_VOLUMES: [&str; 4] = [
+    CONFIG_VOLUME,
+    XTABLES_LOCK_VOLUME,
+    IDENTITY_TOKEN_VOLUME,
+    TRUST_ROOTS_VOLUME,
+];
 
 /// Environment variables the proxy reads, filled from the downward API.
 pub mod env {
@@ -59,59 +92,14 @@ pub mod env {
     pub const LOG: &str = "TANDEM_LOG";
     /// The proxy's access log (from `tandem.dev/access-log`; absent: the proxy's default).
     pub const ACCESS_LOG: &str = "TANDEM_ACCESS_LOG";
-}
-
-/// The webhook's defaults for every injected pod.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InjectConfig {
-    /// The proxy image, also used for the init container.
-    pub proxy_image: String,
-    /// Written to the `tandem.dev/proxy-version` annotation.
-    pub proxy_version: String,
-    /// `imagePullPolicy` of both containers; `None` leaves the Kubernetes default.
-    pub image_pull_policy: Option<String>,
-    /// The proxy's log filter.
-    pub log_level: String,
-    /// The proxy's requests and limits.
-    pub resources: ProxyResources,
-}
-
-impl Default for InjectConfig {
-    fn default() -> Self {
-        Self {
-            proxy_image: format!("tandem-proxy:{}", env!("CARGO_PKG_VERSION")),
-            proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
-            image_pull_policy: None,
-            log_level: "info".to_owned(),
-            resources: ProxyResources::default(),
-        }
-    }
-}
-
-/// Requests and limits of the proxy container; `None` leaves one unset.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProxyResources {
-    /// CPU request.
-    pub cpu_request: Option<Quantity>,
-    /// CPU limit.
-    pub cpu_limit: Option<Quantity>,
-    /// Memory request.
-    pub memory_request: Option<Quantity>,
-    /// Memory limit.
-    pub memory_limit: Option<Quantity>,
-}
-
-impl Default for ProxyResources {
-    /// A small request and a memory limit; no CPU limit, so the proxy is never throttled
-    /// below what the application it carries needs.
-    fn default() -> Self {
-        Self {
-            cpu_request: Some(Quantity("10m".into())),
-            cpu_limit: None,
-            memory_request: Some(Quantity("32Mi".into())),
-            memory_limit: Some(Quantity("256Mi".into())),
-        }
-    }
+    /// The signer's `host:port` (absent: identity off).
+    pub const IDENTITY_ADDR: &str = "TANDEM_IDENTITY_ADDR";
+    /// The name the signer's certificate carries.
+    pub const IDENTITY_NAME: &str = "TANDEM_IDENTITY_NAME";
+    /// The projected token file the proxy presents to the signer.
+    pub const IDENTITY_TOKEN: &str = "TANDEM_IDENTITY_TOKEN";
+    /// The PEM bundle of trust roots.
+    pub const TRUST_ROOTS: &str = "TANDEM_TRUST_ROOTS";
 }
 
 /// What to do with a pod.
@@ -158,15 +146,8 @@ impl fmt::Display for SkipReason {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum InjectError {
     /// A `tandem.dev/*` annotation could not be understood.
-    #[error("annotation {key}={value:?} is invalid: {reason}")]
-    InvalidAnnotation {
-        /// The annotation key.
-        key: String,
-        /// Its value.
-        value: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    #[error(transparent)]
+    InvalidAnnotation(#[from] InvalidAnnotation),
     /// The pod already uses a name the injection needs.
     #[error("the pod already has a volume named {name:?}, which tandem needs")]
     VolumeConflict {
@@ -185,7 +166,7 @@ pub fn inject(pod: &Pod, namespace: &str, config: &InjectConfig) -> Result<Decis
     }
     let spec = pod.spec.as_ref().ok_or(InjectError::NoSpec)?;
     for volume in spec.volumes.iter().flatten() {
-        if volume.name == CONFIG_VOLUME || volume.name == XTABLES_LOCK_VOLUME {
+        if OUR_VOLUMES.contains(&volume.name.as_str()) {
             return Err(InjectError::VolumeConflict {
                 name: volume.name.clone(),
             });
@@ -277,13 +258,17 @@ fn patch(pod: &Pod, service_account: &str, overrides: &Overrides, config: &Injec
         ));
     }
 
-    let volumes = [config_volume(service_account), xtables_lock_volume()].map(|v| to_value(&v));
+    let mut volumes = vec![config_volume(service_account), xtables_lock_volume()];
+    if overrides.identity.is_some() {
+        volumes.extend([identity_token_volume(), trust_roots_volume()]);
+    }
+    let volumes: Vec<Value> = volumes.iter().map(to_value).collect();
     if spec.and_then(|spec| spec.volumes.as_ref()).is_some() {
         for volume in volumes {
             ops.push(add(&["spec", "volumes", "-"], volume));
         }
     } else {
-        ops.push(add(&["spec", "volumes"], Value::Array(volumes.into())));
+        ops.push(add(&["spec", "volumes"], Value::Array(volumes)));
     }
 
     let annotations = added_annotations(pod, config);
@@ -441,7 +426,44 @@ fn proxy_env(overrides: &Overrides) -> Vec<EnvVar> {
     if let Some(access_log) = &overrides.access_log {
         env.push(value(env::ACCESS_LOG, access_log));
     }
+    // The paths are where this patch mounts the volumes, so the proxy is told rather than
+    // left to agree by coincidence.
+    if let Some(identity) = &overrides.identity {
+        env.extend([
+            value(env::IDENTITY_ADDR, &identity.addr),
+            value(env::IDENTITY_NAME, &identity.name),
+            value(
+                env::IDENTITY_TOKEN,
+                &format!("{}/{}", identity::TOKEN_DIR, identity::TOKEN_FILE),
+            ),
+            value(
+                env::TRUST_ROOTS,
+                &format!(
+                    "{}/{}",
+                    identity::TRUST_ROOTS_DIR,
+                    identity::TRUST_ROOTS_KEY
+                ),
+            ),
+        ]);
+    }
     env
+}
+
+/// The proxy's mounts: its config, and with identity on, the token and the trust roots. All
+/// read-only: the proxy writes nothing to disk (its key stays in memory).
+fn proxy_mounts(overrides: &Overrides) -> Vec<VolumeMount> {
+    let read_only = |name: &str, path: &str| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    let mut mounts = vec![read_only(CONFIG_VOLUME, names::CONFIG_DIR)];
+    if overrides.identity.is_some() {
+        mounts.push(read_only(IDENTITY_TOKEN_VOLUME, identity::TOKEN_DIR));
+        mounts.push(read_only(TRUST_ROOTS_VOLUME, identity::TRUST_ROOTS_DIR));
+    }
+    mounts
 }
 
 /// `tandem-proxy`: a native sidecar (an init container with `restartPolicy: Always`), so the
@@ -479,12 +501,7 @@ fn proxy_container(overrides: &Overrides, config: &InjectConfig) -> Container {
             ..SecurityContext::default()
         }),
         resources: Some(resources(&overrides.resources)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: CONFIG_VOLUME.to_owned(),
-            mount_path: names::CONFIG_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(proxy_mounts(overrides)),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     }
@@ -497,6 +514,41 @@ fn config_volume(service_account: &str) -> Volume {
         name: CONFIG_VOLUME.to_owned(),
         config_map: Some(ConfigMapVolumeSource {
             name: names::config_map_name(service_account),
+            optional: Some(true),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// A ServiceAccount token for the signer only: audience-bound, so it is worthless to the
+/// apiserver and to anyone else who accepts the default audience, and short-lived (the kubelet
+/// bounds it to the pod and rewrites it at 80 % of its lifetime).
+fn identity_token_volume() -> Volume {
+    Volume {
+        name: IDENTITY_TOKEN_VOLUME.to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(identity::TOKEN_AUDIENCE.to_owned()),
+                    expiration_seconds: Some(identity::TOKEN_EXPIRATION_SECONDS),
+                    path: identity::TOKEN_FILE.to_owned(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// The namespace's trust roots, optional so the pod starts before the operator has written
+/// them (the kubelet fills the volume in once the ConfigMap exists).
+fn trust_roots_volume() -> Volume {
+    Volume {
+        name: TRUST_ROOTS_VOLUME.to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: identity::TRUST_ROOTS_CONFIG_MAP.to_owned(),
             optional: Some(true),
             ..ConfigMapVolumeSource::default()
         }),

@@ -1,18 +1,23 @@
 //! `tandem-webhook`: the mutating admission webhook that injects the `tandem-proxy` sidecar.
 //!
 //! - [`inject`]: the decision and the JSON patch, `inject(&Pod, namespace, &InjectConfig)`;
-//!   who is injected and why a pod is skipped is documented there.
+//!   who is injected, why a pod is skipped and what identity bootstrap mounts is documented
+//!   there.
+//! - [`config`]: the defaults every injected pod gets ([`InjectConfig`]).
 //! - [`overrides`]: the per-pod `tandem.dev/<knob>` annotations.
 //! - [`admission`]: AdmissionReview `admission.k8s.io/v1` in and out.
 //! - [`server`]: axum over rustls; [`tls`]: the serving certificate, reloaded from files.
 //! - [`metrics`]: what `/metrics` shows.
 //! - [`certs`]: a CA and serving certificate for clusters without cert-manager.
 //!
-//! [`run`] ties them together; `main.rs` only parses flags and starts tracing.
+//! [`run`] ties them together; [`args`] turns flags into [`Settings`]; `main.rs` only parses
+//! them and starts tracing.
 
 pub mod admission;
+pub mod args;
 pub mod bootstrap;
 pub mod certs;
+pub mod config;
 pub mod inject;
 pub mod metrics;
 pub mod overrides;

@@ -12,7 +12,7 @@ use regex::Regex;
 use std::sync::LazyLock;
 use tandem_init::PortRange;
 
-use crate::inject::{InjectConfig, InjectError, ProxyResources};
+use crate::config::{IdentityConfig, InjectConfig, ProxyResources};
 
 /// Inbound ports (and ranges, `9000-9100`) that reach the application directly.
 pub const SKIP_INBOUND_PORTS: &str = "tandem.dev/skip-inbound-ports";
@@ -36,6 +36,21 @@ pub const PROXY_CPU_LIMIT: &str = "tandem.dev/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "tandem.dev/proxy-memory-request";
 /// The proxy's memory limit.
 pub const PROXY_MEMORY_LIMIT: &str = "tandem.dev/proxy-memory-limit";
+/// Workload identity for this pod: `enabled` (the default when the webhook has identity on)
+/// or `disabled` (no token, no trust roots, no signer address: the proxy speaks no mutual TLS).
+pub const IDENTITY: &str = "tandem.dev/identity";
+
+/// A `tandem.dev/*` annotation that could not be understood.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("annotation {key}={value:?} is invalid: {reason}")]
+pub struct InvalidAnnotation {
+    /// The annotation key.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
 
 /// The resolved per-pod settings: the webhook's defaults with the pod's annotations applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,17 +69,20 @@ pub struct Overrides {
     pub access_log: Option<String>,
     /// The proxy's requests and limits.
     pub resources: ProxyResources,
+    /// The signer to bootstrap identity from; `None` when the webhook has identity off or the
+    /// pod opted out.
+    pub identity: Option<IdentityConfig>,
 }
 
 /// Reads the pod's annotations over the defaults in `config`.
 pub fn resolve(
     annotations: Option<&BTreeMap<String, String>>,
     config: &InjectConfig,
-) -> Result<Overrides, InjectError> {
+) -> Result<Overrides, InvalidAnnotation> {
     let empty = BTreeMap::new();
     let annotations = annotations.unwrap_or(&empty);
     let get = |key: &'static str| annotations.get(key).map(|value| (key, value.trim()));
-    let invalid = |key: &str, value: &str, reason: String| InjectError::InvalidAnnotation {
+    let invalid = |key: &str, value: &str, reason: String| InvalidAnnotation {
         key: key.to_owned(),
         value: value.to_owned(),
         reason,
@@ -129,6 +147,13 @@ pub fn resolve(
         memory_request: quantity(PROXY_MEMORY_REQUEST, &defaults.memory_request)?,
         memory_limit: quantity(PROXY_MEMORY_LIMIT, &defaults.memory_limit)?,
     };
+    let identity = match get(IDENTITY) {
+        Some((_, "enabled")) | None => config.identity.clone(),
+        Some((_, "disabled")) => None,
+        Some((key, value)) => {
+            return Err(invalid(key, value, "expected enabled or disabled".into()));
+        }
+    };
 
     Ok(Overrides {
         skip_inbound_ports,
@@ -138,6 +163,7 @@ pub fn resolve(
         log_level,
         access_log,
         resources,
+        identity,
     })
 }
 
@@ -219,6 +245,7 @@ mod tests {
             (LOG_LEVEL, "info; rm -rf /"),
             (ACCESS_LOG, "apache"),
             (PROXY_MEMORY_LIMIT, "lots"),
+            (IDENTITY, "off"),
         ] {
             let error = resolve(
                 Some(&annotations(&[(key, value)])),
@@ -228,6 +255,30 @@ mod tests {
             .to_string();
             assert!(error.contains(key) && error.contains(value), "{error}");
         }
+    }
+
+    #[test]
+    fn identity_is_the_webhooks_unless_the_pod_opts_out() {
+        let config = InjectConfig::default();
+        let on = |pairs: &[(&str, &str)]| {
+            resolve(Some(&annotations(pairs)), &config)
+                .unwrap()
+                .identity
+                .is_some()
+        };
+        assert!(on(&[]));
+        assert!(on(&[(IDENTITY, "enabled")]));
+        assert!(!on(&[(IDENTITY, " disabled ")]));
+        let off = InjectConfig {
+            identity: None,
+            ..InjectConfig::default()
+        };
+        let enabled = annotations(&[(IDENTITY, "enabled")]);
+        assert_eq!(
+            resolve(Some(&enabled), &off).unwrap().identity,
+            None,
+            "a pod cannot turn on what the webhook has off"
+        );
     }
 
     #[test]

@@ -12,17 +12,28 @@
 
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Volume};
 use serde_json::Value;
+use tandem_crds::identity;
 use tandem_webhook::InjectConfig;
 use tandem_webhook::admission::{Outcome, review};
+use tandem_webhook::config::IdentityConfig;
 
 fn config() -> InjectConfig {
     InjectConfig {
         proxy_image: "registry.local/tandem-proxy:0.1.0".into(),
         proxy_version: "0.1.0".into(),
         image_pull_policy: Some("IfNotPresent".into()),
+        identity: Some(IdentityConfig::default()),
         ..InjectConfig::default()
+    }
+}
+
+/// [`config`] with identity turned off (`--identity-addr=`).
+fn identity_off() -> InjectConfig {
+    InjectConfig {
+        identity: None,
+        ..config()
     }
 }
 
@@ -41,8 +52,12 @@ struct Answer {
 
 impl Answer {
     fn for_fixture(case: &str) -> Self {
+        Self::for_fixture_with(case, &config())
+    }
+
+    fn for_fixture_with(case: &str, config: &InjectConfig) -> Self {
         let body = std::fs::read(fixture(&format!("{case}.json"))).unwrap();
-        let reviewed = review(&body, &config());
+        let reviewed = review(&body, config);
         let wire: Value = serde_json::to_value(&reviewed.review).unwrap();
         assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(wire["kind"], "AdmissionReview");
@@ -82,10 +97,11 @@ impl Answer {
     }
 }
 
-/// Compares the patch with the golden file, or writes it under `TANDEM_BLESS`.
-fn assert_golden_patch(case: &str, answer: &Answer) {
+/// Compares the patch with the golden file `<golden>.patch.json`, or writes it under
+/// `TANDEM_BLESS`.
+fn assert_golden_patch(golden: &str, answer: &Answer) {
     let patch = serde_json::to_string_pretty(&answer.patch().expect("a patch")).unwrap() + "\n";
-    let path = fixture(&format!("{case}.patch.json"));
+    let path = fixture(&format!("{golden}.patch.json"));
     if std::env::var_os("TANDEM_BLESS").is_some() {
         std::fs::write(&path, &patch).unwrap();
     }
@@ -94,7 +110,7 @@ fn assert_golden_patch(case: &str, answer: &Answer) {
     assert_eq!(
         patch,
         golden,
-        "the patch for {case} differs from {}",
+        "the patch for {golden} differs from {}",
         path.display()
     );
 }
@@ -126,10 +142,15 @@ fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
 
 /// What every injected pod has, whatever it started as.
 fn assert_injected(case: &str) -> (Pod, Pod) {
-    let answer = Answer::for_fixture(case);
+    assert_injected_with(case, case, &config())
+}
+
+/// [`assert_injected`] under `config`, against golden file `<golden>.patch.json`.
+fn assert_injected_with(case: &str, golden: &str, config: &InjectConfig) -> (Pod, Pod) {
+    let answer = Answer::for_fixture_with(case, config);
     assert_eq!(answer.outcome, Outcome::Injected, "{case}");
     assert!(answer.allowed());
-    assert_golden_patch(case, &answer);
+    assert_golden_patch(golden, &answer);
     let (before, after) = (answer.original(), answer.patched());
     let (spec_before, spec) = (before.spec.as_ref().unwrap(), after.spec.as_ref().unwrap());
 
@@ -236,9 +257,122 @@ fn assert_injected(case: &str) -> (Pod, Pod) {
     // Injection is idempotent: the injected pod, sent again, comes back unchanged.
     let mut again = answer.request.clone();
     again["request"]["object"] = serde_json::to_value(&after).unwrap();
-    let reviewed = review(&serde_json::to_vec(&again).unwrap(), &config());
+    let reviewed = review(&serde_json::to_vec(&again).unwrap(), config);
     assert_eq!(reviewed.outcome.reason(), "already-injected", "{case}");
     (before, after)
+}
+
+fn volume<'a>(pod: &'a Pod, name: &str) -> Option<&'a Volume> {
+    let volumes = pod.spec.as_ref()?.volumes.as_ref()?;
+    volumes.iter().find(|v| v.name == name)
+}
+
+fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+/// The proxy's mount of `volume`: (path, read-only).
+fn mount(container: &Container, volume: &str) -> Option<(String, Option<bool>)> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume)
+        .map(|m| (m.mount_path.clone(), m.read_only))
+}
+
+/// The identity bootstrap is in `pod`: the audience-bound token and the trust roots mounted
+/// read-only where the env says, and the signer named.
+fn assert_identity_bootstrap(pod: &Pod, expected: &IdentityConfig) {
+    let token = volume(pod, "tandem-identity-token").expect("the token volume");
+    let sources = token.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    assert_eq!(sources.len(), 1, "only the token is projected: {sources:?}");
+    let projection = sources[0].service_account_token.as_ref().unwrap();
+    assert_eq!(projection.audience.as_deref(), Some("tandem"));
+    assert_eq!(projection.expiration_seconds, Some(3600));
+    assert_eq!(projection.path, "token");
+
+    let roots = volume(pod, "tandem-trust-roots").expect("the trust-roots volume");
+    let config_map = roots.config_map.as_ref().unwrap();
+    assert_eq!(config_map.name, "tandem-trust-roots");
+    assert_eq!(
+        config_map.optional,
+        Some(true),
+        "the pod starts before the roots exist"
+    );
+
+    let proxy = init_container(pod, "tandem-proxy");
+    assert_eq!(
+        mount(proxy, "tandem-identity-token"),
+        Some((identity::TOKEN_DIR.to_owned(), Some(true)))
+    );
+    assert_eq!(
+        mount(proxy, "tandem-trust-roots"),
+        Some((identity::TRUST_ROOTS_DIR.to_owned(), Some(true)))
+    );
+    assert_eq!(
+        env_value(proxy, "TANDEM_IDENTITY_ADDR"),
+        Some(expected.addr.as_str())
+    );
+    assert_eq!(
+        env_value(proxy, "TANDEM_IDENTITY_NAME"),
+        Some(expected.name.as_str())
+    );
+    assert_eq!(
+        env_value(proxy, "TANDEM_IDENTITY_TOKEN"),
+        Some("/var/run/secrets/tandem.dev/identity/token")
+    );
+    assert_eq!(
+        env_value(proxy, "TANDEM_TRUST_ROOTS"),
+        Some("/var/run/secrets/tandem.dev/trust/roots.pem")
+    );
+    for name in ["tandem-init", "tandem-proxy"] {
+        let container = init_container(pod, name);
+        let mounted = mount(container, "tandem-identity-token").is_some();
+        assert_eq!(
+            mounted,
+            name == "tandem-proxy",
+            "{name}: only the proxy sees the token"
+        );
+    }
+    let spec = pod.spec.as_ref().unwrap();
+    for app in &spec.containers {
+        assert!(
+            mount(app, "tandem-identity-token").is_none(),
+            "{}: the application never sees the signer's token",
+            app.name
+        );
+    }
+}
+
+/// No trace of identity bootstrap in `pod`.
+fn assert_no_identity_bootstrap(pod: &Pod) {
+    assert!(volume(pod, "tandem-identity-token").is_none());
+    assert!(volume(pod, "tandem-trust-roots").is_none());
+    let proxy = init_container(pod, "tandem-proxy");
+    let env: Vec<&str> = proxy
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert!(
+        !env.iter()
+            .any(|name| name.starts_with("TANDEM_IDENTITY") || *name == "TANDEM_TRUST_ROOTS"),
+        "{env:?}"
+    );
+    let mounts: Vec<&str> = proxy
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(mounts, ["tandem-config"]);
 }
 
 fn config_map_name(pod: &Pod) -> String {
@@ -330,6 +464,60 @@ fn a_bare_pod_gets_volumes_and_keeps_its_own_prometheus_annotations() {
         .find(|e| e.name == "TANDEM_LOG")
         .unwrap();
     assert_eq!(log.value.as_deref(), Some("debug"));
+}
+
+#[test]
+fn every_injected_proxy_gets_an_audience_bound_token_and_the_trust_roots() {
+    for case in ["deployment-pod", "existing-init-containers", "bare-pod"] {
+        let (_, after) = assert_injected(case);
+        assert_identity_bootstrap(&after, &IdentityConfig::default());
+    }
+}
+
+#[test]
+fn the_signer_address_and_name_come_from_the_webhooks_config() {
+    let local = IdentityConfig {
+        addr: "169.254.1.1:15030".into(),
+        name: "tandem-identity.tandem-system.svc".into(),
+    };
+    let config = InjectConfig {
+        identity: Some(local.clone()),
+        ..config()
+    };
+    let answer = Answer::for_fixture_with("deployment-pod", &config);
+    assert_identity_bootstrap(&answer.patched(), &local);
+}
+
+#[test]
+fn identity_off_injects_neither_token_nor_trust_roots_nor_signer() {
+    let (_, after) = assert_injected_with("deployment-pod", "identity-off", &identity_off());
+    assert_no_identity_bootstrap(&after);
+}
+
+#[test]
+fn a_pod_annotated_identity_disabled_is_injected_without_identity() {
+    let (before, after) = assert_injected("identity-opted-out");
+    assert_no_identity_bootstrap(&after);
+    assert_eq!(
+        annotation(&before, "tandem.dev/identity"),
+        Some("disabled"),
+        "the fixture opts out"
+    );
+}
+
+#[test]
+fn a_pod_that_already_has_a_volume_named_like_the_token_is_refused() {
+    let mut document: Value =
+        serde_json::from_slice(&std::fs::read(fixture("deployment-pod.json")).unwrap()).unwrap();
+    document["request"]["object"]["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "tandem-identity-token", "emptyDir": {}}));
+    let reviewed = review(&serde_json::to_vec(&document).unwrap(), &config());
+    let Outcome::Denied(message) = &reviewed.outcome else {
+        panic!("{}", reviewed.outcome)
+    };
+    assert!(message.contains("tandem-identity-token"), "{message}");
 }
 
 #[test]

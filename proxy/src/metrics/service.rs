@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
     AtomicHistogram, Classification, ConnProtocol, Direction, Families, RequestLabels,
-    ResponseLabels, TcpLabels,
+    ResponseLabels, SecurityPolicy, TcpLabels,
 };
 
 /// Status codes are three digits (`http::StatusCode` allows 100–999); 0 means none was sent.
@@ -32,7 +32,8 @@ pub struct ServiceTelemetry {
     /// Response counters by status class (the hundreds digit), each row allocated on first use
     /// so a destination that only ever answers 200 costs one row.
     responses: [OnceLock<Box<StatusRow>>; STATUS_CLASSES],
-    connections: [OnceLock<ConnectionCounters>; 3],
+    /// By protocol, then security policy.
+    connections: [[OnceLock<ConnectionCounters>; 2]; 3],
 }
 
 impl std::fmt::Debug for ServiceTelemetry {
@@ -54,7 +55,7 @@ impl ServiceTelemetry {
             latency: OnceLock::new(),
             attempts: OnceLock::new(),
             responses: std::array::from_fn(|_| OnceLock::new()),
-            connections: std::array::from_fn(|_| OnceLock::new()),
+            connections: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
         }
     }
 
@@ -136,12 +137,17 @@ impl ServiceTelemetry {
             .inc();
     }
 
-    fn connection_counters(&self, protocol: ConnProtocol) -> &ConnectionCounters {
-        self.connections[protocol.index()].get_or_init(|| {
+    fn connection_counters(
+        &self,
+        protocol: ConnProtocol,
+        security: SecurityPolicy,
+    ) -> &ConnectionCounters {
+        self.connections[protocol.index()][security.index()].get_or_init(|| {
             let labels = TcpLabels {
                 direction: self.direction,
                 dst_service: self.label.to_string(),
                 protocol,
+                connection_security_policy: security,
             };
             ConnectionCounters {
                 open: self.families.tcp_open.get_or_create(&labels).clone(),
@@ -170,9 +176,14 @@ pub struct ConnectionTelemetry {
 }
 
 impl ConnectionTelemetry {
-    /// Counts a connection to `service` carried as `protocol` opened.
-    pub fn open(service: &ServiceTelemetry, protocol: ConnProtocol) -> Self {
-        let counters = service.connection_counters(protocol).clone();
+    /// Counts a connection to `service` carried as `protocol` (mutually authenticated or not)
+    /// opened.
+    pub fn open(
+        service: &ServiceTelemetry,
+        protocol: ConnProtocol,
+        security: SecurityPolicy,
+    ) -> Self {
+        let counters = service.connection_counters(protocol, security).clone();
         counters.open.inc();
         counters.active.inc();
         Self { counters }
@@ -257,12 +268,12 @@ mod tests {
     fn a_connection_is_active_until_its_telemetry_drops() {
         let metrics = Metrics::new();
         let svc = metrics.service(Direction::Outbound, Arc::from("ns/db"));
-        let conn = ConnectionTelemetry::open(&svc, ConnProtocol::Tcp);
+        let conn = ConnectionTelemetry::open(&svc, ConnProtocol::Tcp, SecurityPolicy::None);
         conn.from_client(10);
         let open = metrics.encode(None);
         assert!(
             open.contains(
-                r#"tandem_tcp_active{direction="outbound",dst_service="ns/db",protocol="tcp"} 1"#
+                r#"tandem_tcp_active{direction="outbound",dst_service="ns/db",protocol="tcp",connection_security_policy="none"} 1"#
             ),
             "{open}"
         );
@@ -270,10 +281,10 @@ mod tests {
         let closed = metrics.encode(None);
         assert!(
             closed.contains(
-                r#"tandem_tcp_active{direction="outbound",dst_service="ns/db",protocol="tcp"} 0"#
+                r#"tandem_tcp_active{direction="outbound",dst_service="ns/db",protocol="tcp",connection_security_policy="none"} 0"#
             ),
             "{closed}"
         );
-        assert!(closed.contains(r#"tandem_tcp_read_bytes_total{direction="outbound",dst_service="ns/db",protocol="tcp"} 10"#), "{closed}");
+        assert!(closed.contains(r#"tandem_tcp_read_bytes_total{direction="outbound",dst_service="ns/db",protocol="tcp",connection_security_policy="none"} 10"#), "{closed}");
     }
 }

@@ -6,8 +6,9 @@
 //! and client auth, random serial), either with a fresh key ([`TestCa::issue_spiffe`]) or for a
 //! public key taken from a CSR ([`TestCa::sign_spiffe`]). [`TestSigner`] serves
 //! `POST /v1/certify` over rustls: the bearer token picks the identity, the CSR contributes only
-//! its public key, as the real signer does. [`identity_state`] fills an `IdentityState`
-//! directly, for data-plane tests that need credentials but no signer.
+//! its public key, as the real signer does. [`identity_state`] and [`identity`] fill an
+//! `IdentityState` directly, for data-plane tests that need credentials but no signer; [`Leaf`]
+//! describes the odd leaves those tests need (another trust domain, expired).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -111,6 +112,44 @@ pub fn identity_state(
     state.set_credentials(Arc::new(issuer.issue_spiffe(id, ttl).credentials(id)));
     state.set_trust(Arc::new(trust_bundle(roots)));
     state
+}
+
+/// An [`IdentityState`] holding `credentials` and trusting `roots`.
+pub fn identity(credentials: Arc<Credentials>, roots: &[&TestCa]) -> Arc<IdentityState> {
+    let state = Arc::new(IdentityState::default());
+    state.set_credentials(credentials);
+    state.set_trust(Arc::new(trust_bundle(roots)));
+    state
+}
+
+/// What a workload leaf looks like, for [`TestCa::issue`]; [`Leaf::new`] is a good one.
+pub struct Leaf {
+    /// The URI SAN (and the derived DNS SAN).
+    pub id: SpiffeId,
+    /// Whether its validity ended a day ago.
+    pub expired: bool,
+}
+
+impl Leaf {
+    /// A leaf for `ns/sa` in `cluster.local`, valid for a day.
+    pub fn new(namespace: &str, service_account: &str) -> Self {
+        Self {
+            id: SpiffeId::new("cluster.local", namespace, service_account),
+            expired: false,
+        }
+    }
+
+    /// In another trust domain.
+    pub fn in_trust_domain(mut self, trust_domain: &str) -> Self {
+        self.id.trust_domain = trust_domain.to_owned();
+        self
+    }
+
+    /// Expired a day ago.
+    pub fn expired(mut self) -> Self {
+        self.expired = true;
+        self
+    }
 }
 
 /// A public key taken from a CSR (P-256, as the proxy makes them).
@@ -236,6 +275,26 @@ impl TestCa {
             key: Some(PrivatePkcs8KeyDer::from(key.serialize_der())),
             serial,
         }
+    }
+
+    /// The proxy's [`Credentials`] for a workload leaf described by `leaf`, with a fresh key.
+    pub fn issue(&self, leaf: Leaf) -> Arc<Credentials> {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (mut params, serial) = self.leaf_params(Self::spiffe_sans(&leaf.id), DAY);
+        if leaf.expired {
+            let now = SystemTime::now();
+            params.not_before = (now - 2 * DAY).into();
+            params.not_after = (now - DAY).into();
+        }
+        let (chain, chain_pem) = self.finish(&params, &key);
+        let issued = Issued {
+            chain,
+            chain_pem,
+            key: Some(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            serial,
+        };
+        Arc::new(issued.credentials(&leaf.id))
     }
 
     /// A workload leaf for `id` certifying `public_key` (a DER SubjectPublicKeyInfo's key bits,

@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod ca;
+pub mod mesh;
 pub mod netns;
 pub mod upstream;
 

@@ -225,6 +225,7 @@ async fn start(args: &Args) -> anyhow::Result<Demo> {
             dir: node_dir,
             images,
             shim,
+            forwards: tandem.node_forwards(),
         },
     )
     .await?;

@@ -5,15 +5,19 @@
 //! from the node's pod CIDR ([`net`]), the init containers in order, the native sidecars
 //! started and their startup probes awaited, the containers as processes of the binaries the
 //! image map names ([`container`], [`shim`]), ConfigMap volumes written atomically and kept
-//! current ([`volumes`]), probes honoured, and the pod status patched so the EndpointSlice
+//! current ([`volumes`]), projected volumes with ServiceAccount tokens bound to the pod and
+//! refreshed at 80 % of their lifetime ([`projected`], [`tokens`]), probes honoured, and the pod status patched so the EndpointSlice
 //! controller publishes its endpoints. Service ClusterIPs work as kube-proxy makes them work
 //! ([`services`]). Deleting a pod stops its processes and removes its namespace.
 
 pub mod container;
+pub mod forward;
 pub mod net;
 pub mod pod;
+pub mod projected;
 pub mod services;
 pub mod shim;
+pub mod tokens;
 pub mod volumes;
 
 use std::collections::BTreeMap;
@@ -43,6 +47,9 @@ pub struct NodeOptions {
     pub images: Images,
     /// The `tandem-container` binary.
     pub shim: PathBuf,
+    /// Ports of the gateway address pods reach that are carried to processes on the machine
+    /// (the operator's signer), as a host-network proxy would carry them.
+    pub forwards: Vec<forward::HostForward>,
 }
 
 /// ConfigMap (namespace, name) → the volume directories made from it, with their `items`.
@@ -100,26 +107,6 @@ impl NodeShared {
             }
         }
     }
-
-    async fn token(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        lifetime: Duration,
-    ) -> Result<String> {
-        let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": lifetime.as_secs().max(600)}});
-        let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            Api::namespaced(self.client.clone(), namespace);
-        let created: k8s_openapi::api::authentication::v1::TokenRequest = api
-            .create_subresource("token", service_account, &PostParams::default(), &request)
-            .await
-            .map_err(|e| Error::kube(format!("token for {namespace}/{service_account}"), e))?;
-        created
-            .status
-            .map(|s| s.token)
-            .ok_or_else(|| Error::Unexpected("token request returned no token".into()))
-    }
 }
 
 /// A running node agent; dropping it stops every pod and removes the node's namespaces.
@@ -152,6 +139,10 @@ impl NodeAgent {
         let ns_name = format!("tandem-node-{}", std::process::id());
         let network = net::NodeNetwork::create(&ns_name)?;
         services::install(&ns_name)?;
+        let mut tasks = Vec::new();
+        for host_forward in &options.forwards {
+            tasks.push(forward::start(&network.path(), *host_forward)?);
+        }
         let host_ip = net::GATEWAY;
         let shared = Arc::new(NodeShared {
             client: client.clone(),
@@ -166,12 +157,12 @@ impl NodeAgent {
             probes: Mutex::new(Vec::new()),
         });
         let pods = Arc::new(tokio::sync::Mutex::new(BTreeMap::new()));
-        let tasks = vec![
+        tasks.extend([
             tokio::spawn(services::sync(client.clone(), ns_name)),
             tokio::spawn(keep_config_maps(shared.clone())),
             tokio::spawn(run_pods(shared.clone(), pods.clone())),
-        ];
-        tracing::info!(node = %options.name, %pod_cidr, "Node agent running");
+        ]);
+        tracing::info!(node = %options.name, %pod_cidr, forwards = ?options.forwards, "Node agent running");
         Ok(Self {
             shared,
             pods,
@@ -187,6 +178,17 @@ impl NodeAgent {
     /// `GET path` on `addr` from the node namespace.
     pub async fn http_get(&self, addr: SocketAddr, path: &str) -> Result<net::HttpResponse> {
         net::http_get_in(&self.netns(), addr, path, Duration::from_secs(5)).await
+    }
+
+    /// The directory the node wrote volume `volume` of the pod with UID `pod_uid` into (what
+    /// its containers see at their mount paths).
+    pub fn volume_path(&self, pod_uid: &str, volume: &str) -> PathBuf {
+        self.shared
+            .dir
+            .join("pods")
+            .join(pod_uid)
+            .join("volumes")
+            .join(volume)
     }
 
     /// A container's log file.

@@ -7,10 +7,11 @@
 //! route per pod. All pod traffic therefore crosses the node namespace at layer 3, where the
 //! Service rules ([`super::services`]) translate ClusterIPs, and where conntrack sees the
 //! replies. The node namespace has no default route and no link to the machine: nothing is
-//! routed off it.
+//! routed off it. What pods must reach on the machine (the operator's signer) is carried by the
+//! node-local forwarders ([`super::forward`]), which listen on the gateway address.
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,6 +110,17 @@ impl NodeNetwork {
             name: name.to_owned(),
         };
         ip(&["-n", name, "link", "set", "lo", "up"])?;
+        // The gateway lives on every host-side veth, and on lo as well, so that the node-local
+        // forwarders ([`super::forward`]) can listen on it before the first pod exists.
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/32"),
+            "dev",
+            "lo",
+        ])?;
         run(
             "ip",
             &[
@@ -193,7 +205,7 @@ pub struct HttpResponse {
 
 /// `GET path` on `addr`, connecting from inside network namespace `netns` (the node's, as the
 /// kubelet probes pods; or a pod's). The socket is made on a thread of its own that joins the
-/// namespace, so no other thread's namespace changes.
+/// namespace ([`connect_in`]), so no other thread's namespace changes.
 pub async fn http_get_in(
     netns: &Path,
     addr: SocketAddr,
@@ -216,15 +228,11 @@ fn blocking_get(
     path: &str,
     timeout: Duration,
 ) -> Result<HttpResponse> {
-    let file = std::fs::File::open(netns)
-        .map_err(|source| Error::io(format!("open {}", netns.display()), source))?;
-    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-        .map_err(|e| Error::Unexpected(format!("join {}: {e}", netns.display())))?;
     let io = |what: &str| {
         let what = format!("{what} http://{addr}{path}");
         move |source| Error::io(what, source)
     };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io("connect to"))?;
+    let mut stream = connect_in(netns, addr, timeout)?;
     stream
         .set_read_timeout(Some(timeout))
         .map_err(io("set timeout on"))?;
@@ -261,6 +269,45 @@ fn blocking_get(
         status,
         body: body.to_owned(),
     })
+}
+
+/// A TCP listener bound to `addr` inside network namespace `netns`.
+pub fn listen_in(netns: &Path, addr: SocketAddr) -> Result<TcpListener> {
+    let netns: PathBuf = netns.to_owned();
+    let thread = std::thread::spawn(move || -> Result<TcpListener> {
+        join_netns(&netns)?;
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| Error::io(format!("listen on {addr} in {}", netns.display()), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io(format!("make {addr} non-blocking"), e))?;
+        Ok(listener)
+    });
+    thread
+        .join()
+        .map_err(|_| Error::Unexpected(format!("the thread listening on {addr} panicked")))?
+}
+
+/// A TCP connection to `addr` made from inside network namespace `netns` (a blocking socket,
+/// connected within `timeout`).
+pub fn connect_in(netns: &Path, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let netns: PathBuf = netns.to_owned();
+    let thread = std::thread::spawn(move || -> Result<TcpStream> {
+        join_netns(&netns)?;
+        TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| Error::io(format!("connect to {addr} from {}", netns.display()), e))
+    });
+    thread
+        .join()
+        .map_err(|_| Error::Unexpected(format!("the thread connecting to {addr} panicked")))?
+}
+
+/// Moves the calling thread into network namespace `netns`.
+fn join_netns(netns: &Path) -> Result<()> {
+    let file = std::fs::File::open(netns)
+        .map_err(|source| Error::io(format!("open {}", netns.display()), source))?;
+    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(|e| Error::Unexpected(format!("join {}: {e}", netns.display())))
 }
 
 /// Whether `raw` holds a whole response with a Content-Length body.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Probe, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -15,8 +15,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
+use tracing::Instrument as _;
 
 use super::container::{PodContext, shim_spec};
+use super::projected::Projected;
+use super::tokens::BoundPod;
 use super::{NodeShared, net, volumes};
 use crate::{Error, Result};
 
@@ -167,7 +170,8 @@ async fn run_with_network(
             .map_err(|e| Error::Unexpected(format!("network setup: {e}")))??;
     }
     let netns = net::netns_path(netns_name);
-    let volumes = prepare_volumes(node, pod, pod_dir).await?;
+    // The keepers live as long as this function: the pod's containers, then its volumes.
+    let (volumes, _keepers) = prepare_volumes(node, pod, pod_dir).await?;
     let spec = pod.spec.clone().unwrap_or_default();
     let init_containers = spec.init_containers.clone().unwrap_or_default();
     let containers = spec.containers.clone();
@@ -636,14 +640,39 @@ async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
     }
 }
 
+/// The tasks keeping a pod's projected volumes current; dropping them stops them.
+#[derive(Debug, Default)]
+struct Keepers(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Keepers {
+    fn drop(&mut self) {
+        for keeper in &self.0 {
+            keeper.abort();
+        }
+    }
+}
+
 /// Writes the pod's volumes under `dir/volumes/<name>`: ConfigMaps (registered so the node
-/// keeps them current), emptyDirs, and the projected ServiceAccount volume.
+/// keeps them current, and fills an optional one in once it exists), emptyDirs, and projected
+/// volumes (tokens bound to the pod, kept current by the returned tasks).
 async fn prepare_volumes(
     node: &Arc<NodeShared>,
     pod: &Pod,
     dir: &std::path::Path,
-) -> Result<BTreeMap<String, PathBuf>> {
+) -> Result<(BTreeMap<String, PathBuf>, Keepers)> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let bound = BoundPod {
+        namespace: namespace.clone(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "default".into()),
+    };
+    let mut keepers = Keepers::default();
     let mut out = BTreeMap::new();
     for volume in pod
         .spec
@@ -655,6 +684,8 @@ async fn prepare_volumes(
         std::fs::create_dir_all(&path)
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         if let Some(source) = &volume.config_map {
+            // Registered before the read, so a ConfigMap created in between is not missed.
+            node.watch_config_map(&namespace, &source.name, path.clone(), source.items.clone());
             let api: Api<ConfigMap> = Api::namespaced(node.client.clone(), &namespace);
             let cm = api.get_opt(&source.name).await.map_err(|e| {
                 Error::kube(format!("get ConfigMap {namespace}/{}", source.name), e)
@@ -676,52 +707,14 @@ async fn prepare_volumes(
                 })
                 .unwrap_or_default();
             volumes::write_atomic(&path, &files)?;
-            node.watch_config_map(&namespace, &source.name, path.clone(), source.items.clone());
-        } else if let Some(projected) = &volume.projected {
-            let mut files = BTreeMap::new();
-            for source in projected.sources.iter().flatten() {
-                if let Some(token) = &source.service_account_token {
-                    let sa = pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.service_account_name.clone())
-                        .unwrap_or_else(|| "default".into());
-                    let lifetime = Duration::from_secs(
-                        token
-                            .expiration_seconds
-                            .and_then(|s| u64::try_from(s).ok())
-                            .unwrap_or(3600),
-                    );
-                    let token_value = node.token(&namespace, &sa, lifetime).await?;
-                    files.insert(token.path.clone(), token_value.into_bytes());
-                }
-                if let Some(cm) = &source.config_map {
-                    let api: Api<ConfigMap> = Api::namespaced(node.client.clone(), &namespace);
-                    if let Some(found) = api
-                        .get_opt(&cm.name)
-                        .await
-                        .map_err(|e| Error::kube("get ConfigMap", e))?
-                    {
-                        files.extend(volumes::config_map_files(
-                            found.data.as_ref(),
-                            found.binary_data.as_ref(),
-                            cm.items.as_deref(),
-                        ));
-                    }
-                }
-                if let Some(downward) = &source.downward_api {
-                    for item in downward.items.iter().flatten() {
-                        if item
-                            .field_ref
-                            .as_ref()
-                            .is_some_and(|f| f.field_path == "metadata.namespace")
-                        {
-                            files.insert(item.path.clone(), namespace.clone().into_bytes());
-                        }
-                    }
-                }
-            }
-            volumes::write_atomic(&path, &files)?;
+        } else if let Some(source) = &volume.projected {
+            let mut projected =
+                Projected::new(node.client.clone(), bound.clone(), path.clone(), source);
+            let next = projected.sync(SystemTime::now()).await?;
+            let span = tracing::info_span!("projected", pod = %format!("{namespace}/{}", bound.name), volume = %volume.name);
+            keepers
+                .0
+                .push(tokio::spawn(projected.keep(next).instrument(span)));
         } else if volume.empty_dir.is_none() {
             tracing::warn!(volume = %volume.name, "Volume type not supported on this node; mounted empty");
         }
@@ -735,7 +728,7 @@ async fn prepare_volumes(
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
         out.insert(volume.name.clone(), path);
     }
-    Ok(out)
+    Ok((out, keepers))
 }
 
 /// Patches the pod's status whenever a container's state changes.

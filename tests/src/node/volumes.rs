@@ -43,7 +43,10 @@ pub fn write_atomic(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<boo
         let path = payload_dir.join(key);
         std::fs::write(&path, bytes).map_err(io(format!("write {}", path.display())))?;
     }
-    let tmp = dir.join(DATA_TMP_LINK);
+    // The temporary link is named after the payload, so two writers of one volume (the
+    // ConfigMap watch and a pod's first write) never trip over each other's; the last rename
+    // wins, as it would with one writer.
+    let tmp = dir.join(format!("{DATA_TMP_LINK}{stamp}"));
     let _ = std::fs::remove_file(&tmp);
     symlink(&stamp, &tmp).map_err(io(format!("link {}", tmp.display())))?;
     std::fs::rename(&tmp, dir.join(DATA_LINK))
@@ -51,8 +54,12 @@ pub fn write_atomic(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> Result<boo
     for key in files.keys() {
         let link = dir.join(key);
         if std::fs::symlink_metadata(&link).is_err() {
-            symlink(Path::new(DATA_LINK).join(key), &link)
-                .map_err(io(format!("link {}", link.display())))?;
+            match symlink(Path::new(DATA_LINK).join(key), &link) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(Error::io(format!("link {}", link.display()), e));
+                }
+                _ => {}
+            }
         }
     }
     remove_stale_keys(dir, files)?;
@@ -151,6 +158,32 @@ mod tests {
         assert!(!dir.path().join(&first).exists());
         assert!(std::fs::symlink_metadata(dir.path().join("b")).is_err());
         assert_eq!(std::fs::read_to_string(dir.path().join("a")).unwrap(), "3");
+    }
+
+    #[test]
+    fn two_writers_of_one_volume_leave_one_whole_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let writers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|value| {
+                let dir = dir.path().to_owned();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let payload = files(&[("k", &format!("{value}{i}")), ("v", value)]);
+                        write_atomic(&dir, &payload).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let k = std::fs::read_to_string(dir.path().join("k")).unwrap();
+        let v = std::fs::read_to_string(dir.path().join("v")).unwrap();
+        assert!(
+            k.starts_with(&v),
+            "k={k} v={v}: both files from one payload"
+        );
     }
 
     #[test]

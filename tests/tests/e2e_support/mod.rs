@@ -101,6 +101,7 @@ impl Mesh {
                 dir: dir.path().join("node"),
                 images: Images(images),
                 shim: PathBuf::from(env!("CARGO_BIN_EXE_tandem-container")),
+                forwards: tandem.node_forwards(),
             },
         )
         .await?;
