@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::admin;
-use crate::loadgen::{self, Target};
+use crate::loadgen::{self, LoadError, Target};
 
 /// The counter of mutual-TLS handshakes tandem-proxy exports (issue 13), by `direction` and
 /// `result`.
@@ -125,15 +125,36 @@ impl MtlsCheck {
         for &admin in &self.ready {
             wait_ready(admin, deadline).await?;
         }
-        if loadgen::wait_ready(&self.plaintext, Duration::ZERO)
-            .await
-            .is_ok()
-        {
-            return Err(format!(
-                "a plaintext request to the server side ({}) was answered: mutual TLS is not \
-                 in effect there",
-                self.plaintext.addr
-            ));
+        // nginx has no readiness endpoint: its status page answering says it is up.
+        loop {
+            match self.handshakes.read().await {
+                Ok(_) => break,
+                Err(e) if !self.ready.is_empty() || Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        // Refused means: connected, then no 2xx. A listener not yet bound proves nothing.
+        loop {
+            match loadgen::wait_ready(&self.plaintext, Duration::ZERO).await {
+                Ok(()) => {
+                    return Err(format!(
+                        "a plaintext request to the server side ({}) was answered 2xx: mutual \
+                         TLS is not in effect there (a tandem-proxy without mutual TLS ignores \
+                         `strict`)",
+                        self.plaintext.addr
+                    ));
+                }
+                Err(LoadError::Connect { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e @ LoadError::Connect { .. }) => {
+                    return Err(format!(
+                        "the server side's listener {} never accepted a connection: {e}",
+                        self.plaintext.addr
+                    ));
+                }
+                Err(_) => break,
+            }
         }
         self.handshakes.read().await
     }
