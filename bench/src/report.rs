@@ -1336,7 +1336,7 @@ mod tests {
         assert!(goal.ends_with("| not measured |"), "{goal}");
         // A run without any of the four topologies has no such section.
         let plain = render(&sample(), &Machine::default(), "latency.svg");
-        assert!(!plain.contains("Mutual TLS"), "{plain}");
+        assert!(!plain.contains("## Mutual TLS"), "{plain}");
     }
 
     #[test]
