@@ -5,20 +5,28 @@
 //! - [`render`]: the pure core, `render(&Inputs) -> Rendered` (services and verdicts).
 //! - [`policy`]: conflicts between policies and verdicts.
 //! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
-//! - [`controller`]: watches, and the reconcile pass that writes ConfigMaps and status.
+//! - [`stores`]: the watches and the in-memory stores they fill.
+//! - [`controller`]: the reconcile pass that writes ConfigMaps and status.
 //! - [`sync`]: nothing is rendered, written or deleted before every watch has listed once.
 //! - [`leader`]: leader election on a Lease.
 //! - [`server`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`ca`]: the identity CA, pure (a root and an issuer; leaves from CSRs).
+//! - [`issuer`]: the issuer Secret, created once, watched, its expiry watched.
+//! - [`signer`]: the HTTPS certify call every replica serves (TokenReview, then a leaf).
 //! - [`run`]: wires it all together for the binary.
 
+pub mod ca;
 pub mod controller;
+pub mod issuer;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod render;
 pub mod run;
 pub mod server;
+pub mod signer;
 pub mod status;
+pub mod stores;
 pub mod sync;
 
 pub use render::{Inputs, Rendered, render};
@@ -54,6 +62,24 @@ pub enum Error {
     /// No kube client could be configured (no kubeconfig, no in-cluster service account).
     #[error("cannot configure a Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    /// A setting is invalid (the binary exits with code 64).
+    #[error("invalid setting: {0}")]
+    Settings(String),
+    /// rcgen could not make or sign a certificate.
+    #[error("could not {action}")]
+    Certificate {
+        /// What was being done.
+        action: &'static str,
+        /// rcgen's reason.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The issuer Secret's certificates or key cannot be used.
+    #[error("the identity issuer cannot be used: {0}")]
+    IssuerMaterial(String),
+    /// The signer's TLS configuration could not be built.
+    #[error("could not build the signer's TLS configuration")]
+    Tls(#[source] rustls::Error),
     /// The HTTP endpoint could not be served.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {

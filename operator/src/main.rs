@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tandem_operator::Settings;
+use tandem_operator::run::LogFormat;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
@@ -12,16 +13,12 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> ExitCode {
     let settings = Settings::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match settings.log_format.as_str() {
-        "json" => tracing_subscriber::fmt()
+    match settings.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
             .init(),
-        "text" => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        other => {
-            eprintln!("tandem-operator: --log-format must be json or text, not {other:?}");
-            return ExitCode::from(64);
-        }
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -31,6 +28,10 @@ async fn main() -> ExitCode {
     });
     match tandem_operator::run(settings, stop_rx).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error @ tandem_operator::Error::Settings(_)) => {
+            eprintln!("tandem-operator: {error}");
+            ExitCode::from(64)
+        }
         Err(error) => {
             tracing::error!(%error, "tandem-operator failed");
             ExitCode::FAILURE

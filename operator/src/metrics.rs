@@ -1,6 +1,7 @@
 //! The operator's Prometheus metrics, served at `/metrics`.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -24,6 +25,44 @@ pub struct Metrics {
     pub watch_errors: Counter,
     /// 1 while this replica holds the Lease.
     pub leader: Gauge,
+    /// The identity metrics (`tandem_identity_*`).
+    pub identity: IdentityMetrics,
+}
+
+/// Labels of one series: name and value pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// The signer's and the CA's metrics, under `tandem_identity_`.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityMetrics {
+    /// When the issuer certificate expires (Unix seconds).
+    pub issuer_expiry: Gauge,
+    /// When each trust anchor expires (Unix seconds), by `fingerprint` (SHA-256 of the DER).
+    pub root_expiry: Family<Labels, Gauge>,
+    /// Workload certificates issued.
+    pub issued: Counter,
+    /// Certify calls refused, by `reason` (the `CertifyError` reason).
+    pub refused: Family<Labels, Counter>,
+}
+
+impl IdentityMetrics {
+    /// Counts a refused certify call.
+    pub fn refusal(&self, reason: &str) {
+        self.refused
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// Shows the expiry of the loaded issuer and of exactly the roots given.
+    pub fn expiries(&self, issuer: &crate::ca::CertSummary, roots: &[crate::ca::CertSummary]) {
+        self.issuer_expiry.set(issuer.not_after.unix_timestamp());
+        self.root_expiry.clear();
+        for root in roots {
+            self.root_expiry
+                .get_or_create(&vec![("fingerprint".to_owned(), root.fingerprint.clone())])
+                .set(root.not_after.unix_timestamp());
+        }
+    }
 }
 
 impl Metrics {
@@ -38,6 +77,7 @@ impl Metrics {
             status_writes: Counter::default(),
             watch_errors: Counter::default(),
             leader: Gauge::default(),
+            identity: IdentityMetrics::default(),
         };
         let prefixed = registry.sub_registry_with_prefix("tandem_operator");
         prefixed.register(
@@ -79,6 +119,27 @@ impl Metrics {
             "leader",
             "1 while this replica holds the Lease",
             metrics.leader.clone(),
+        );
+        let identity = registry.sub_registry_with_prefix("tandem_identity");
+        identity.register(
+            "issuer_expiry_timestamp_seconds",
+            "When the identity issuer certificate expires, in Unix seconds",
+            metrics.identity.issuer_expiry.clone(),
+        );
+        identity.register(
+            "root_expiry_timestamp_seconds",
+            "When each trust anchor expires, in Unix seconds, by SHA-256 fingerprint",
+            metrics.identity.root_expiry.clone(),
+        );
+        identity.register(
+            "certificates_issued",
+            "Workload certificates issued",
+            metrics.identity.issued.clone(),
+        );
+        identity.register(
+            "certify_refused",
+            "Certify calls refused, by reason",
+            metrics.identity.refused.clone(),
         );
         metrics
     }

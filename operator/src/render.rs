@@ -6,18 +6,22 @@
 //! stamped per ServiceAccount ([`Rendered::config_for`]). Everything is sorted, so unchanged
 //! inputs give byte-identical JSON and the operator writes nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service as KubeService, ServicePort as KubeServicePort};
+use k8s_openapi::api::core::v1::{
+    Namespace, Pod, Service as KubeService, ServiceAccount, ServicePort as KubeServicePort,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
+use kube::api::PartialObjectMeta;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::{
     self, Backend, Endpoint, HeaderMatch, LoadBalancer, PathMatch, Protocol, ProxyConfig,
     RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
 };
+use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
 use tandem_crds::names::PROXY_CONTAINER;
 use tandem_crds::v1alpha1::{
     CircuitBreakerPolicy, HeaderMatchKind, LoadBalancerKind, PathMatchKind, TrafficPolicy,
@@ -45,6 +49,59 @@ pub struct Inputs {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Pods with the proxy injected (others may be present; they are ignored).
     pub pods: Vec<Arc<Pod>>,
+    /// ServiceAccounts (metadata: their `tandem.dev/mtls` annotation).
+    pub service_accounts: Vec<Arc<PartialObjectMeta<ServiceAccount>>>,
+    /// Namespaces (metadata: their `tandem.dev/mtls` annotation).
+    pub namespaces: Vec<Arc<PartialObjectMeta<Namespace>>>,
+    /// Mesh-wide settings.
+    pub mesh: Mesh,
+}
+
+/// Mesh-wide settings rendering needs (operator flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mesh {
+    /// Trust domain of endpoint identities.
+    pub trust_domain: String,
+    /// mTLS mode where no annotation chooses one.
+    pub default_mtls: MtlsMode,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Self {
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            default_mtls: MtlsMode::default(),
+        }
+    }
+}
+
+/// An object whose `tandem.dev/mtls` annotation was ignored, and why (an Event says so).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BadAnnotation {
+    /// `Namespace` or `ServiceAccount`.
+    pub kind: &'static str,
+    /// The object's namespace (empty for a Namespace).
+    pub namespace: String,
+    /// The object's name.
+    pub name: String,
+    /// The value found.
+    pub value: String,
+}
+
+impl BadAnnotation {
+    /// The Event's note.
+    pub fn message(&self) -> String {
+        format!(
+            "{MTLS_MODE_ANNOTATION}: {:?} is neither \"permissive\" nor \"strict\"; ignored (the \
+             {} applies)",
+            self.value,
+            if self.kind == "ServiceAccount" {
+                "namespace's mode, else the mesh default,"
+            } else {
+                "mesh default"
+            }
+        )
+    }
 }
 
 /// What one rendering pass concluded.
@@ -56,15 +113,26 @@ pub struct Rendered {
     pub services: Vec<contract::Service>,
     /// A hash of `services`, the config's version stamp.
     pub version: String,
+    /// The mTLS mode of every workload with injected pods.
+    pub modes: BTreeMap<WorkloadKey, MtlsMode>,
+    /// The mode where no workload-specific one was resolved.
+    pub default_mtls: MtlsMode,
+    /// Annotations that were ignored.
+    pub bad_annotations: Vec<BadAnnotation>,
 }
 
 impl Rendered {
     /// The config for the pods of one ServiceAccount.
     pub fn config_for(&self, namespace: &str, service_account: &str) -> ProxyConfig {
-        let mut config = ProxyConfig::new(Workload {
+        let key = WorkloadKey {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-            mtls: Default::default(),
+        };
+        let mtls = self.modes.get(&key).copied().unwrap_or(self.default_mtls);
+        let mut config = ProxyConfig::new(Workload {
+            namespace: key.namespace,
+            service_account: key.service_account,
+            mtls,
         });
         config.version.clone_from(&self.version);
         config.services.clone_from(&self.services);
@@ -120,14 +188,71 @@ pub fn workloads(pods: &[Arc<Pod>]) -> BTreeSet<WorkloadKey> {
         .filter(|p| is_injected(p) && is_active(p))
         .map(|pod| WorkloadKey {
             namespace: pod.namespace().unwrap_or_default(),
-            service_account: pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .filter(|sa| !sa.is_empty())
-                .unwrap_or_else(|| "default".to_owned()),
+            service_account: service_account_of(pod),
         })
         .collect()
+}
+
+/// A pod's ServiceAccount (`default` when the spec names none).
+fn service_account_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+/// The namespaces that need the trust roots: those with injected, unfinished pods.
+pub fn trust_namespaces(pods: &[Arc<Pod>]) -> BTreeSet<String> {
+    workloads(pods).into_iter().map(|w| w.namespace).collect()
+}
+
+/// The mTLS mode of each workload: its ServiceAccount's annotation, else its namespace's, else
+/// the mesh default. Unparseable annotations are skipped and reported.
+fn modes(inputs: &Inputs) -> (BTreeMap<WorkloadKey, MtlsMode>, Vec<BadAnnotation>) {
+    let mut bad = BTreeSet::new();
+    let mut annotated = |kind: &'static str, namespace: String, meta: &kube::api::ObjectMeta| {
+        let value = meta.annotations.as_ref()?.get(MTLS_MODE_ANNOTATION)?;
+        let mode = MtlsMode::parse(value);
+        if mode.is_none() {
+            bad.insert(BadAnnotation {
+                kind,
+                namespace,
+                name: meta.name.clone().unwrap_or_default(),
+                value: value.clone(),
+            });
+        }
+        mode
+    };
+    let namespace_modes: BTreeMap<String, MtlsMode> = inputs
+        .namespaces
+        .iter()
+        .filter_map(|ns| {
+            let mode = annotated("Namespace", String::new(), &ns.metadata)?;
+            Some((ns.name_any(), mode))
+        })
+        .collect();
+    let account_modes: BTreeMap<(String, String), MtlsMode> = inputs
+        .service_accounts
+        .iter()
+        .filter_map(|sa| {
+            let namespace = sa.namespace().unwrap_or_default();
+            let mode = annotated("ServiceAccount", namespace.clone(), &sa.metadata)?;
+            Some(((namespace, sa.name_any()), mode))
+        })
+        .collect();
+    let modes = workloads(&inputs.pods)
+        .into_iter()
+        .map(|w| {
+            let mode = account_modes
+                .get(&(w.namespace.clone(), w.service_account.clone()))
+                .or_else(|| namespace_modes.get(&w.namespace))
+                .copied()
+                .unwrap_or(inputs.mesh.default_mtls);
+            (w, mode)
+        })
+        .collect();
+    (modes, bad.into_iter().collect())
 }
 
 /// Renders the governed services and judges every policy.
@@ -165,10 +290,14 @@ pub fn render(inputs: &Inputs) -> Rendered {
 
     let services: Vec<contract::Service> = governed.into_values().collect();
     let version = version_of(&services);
+    let (modes, bad_annotations) = modes(inputs);
     Rendered {
         verdicts,
         services,
         version,
+        modes,
+        default_mtls: inputs.mesh.default_mtls,
+        bad_annotations,
     }
 }
 
@@ -186,7 +315,8 @@ fn version_of(services: &[contract::Service]) -> String {
 struct Index<'a> {
     services: BTreeMap<ServiceRef, &'a KubeService>,
     slices: BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>,
-    injected_pods: HashSet<(String, String)>,
+    /// Injected pods by (namespace, name): their identity's URI.
+    injected_pods: HashMap<(String, String), String>,
 }
 
 impl<'a> Index<'a> {
@@ -208,11 +338,17 @@ impl<'a> Index<'a> {
                 slices.entry(key).or_default().push(slice.as_ref());
             }
         }
+        let trust_domain = &inputs.mesh.trust_domain;
         let injected_pods = inputs
             .pods
             .iter()
             .filter(|p| is_injected(p))
-            .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+            .map(|p| {
+                let namespace = p.namespace().unwrap_or_default();
+                let identity =
+                    SpiffeId::new(trust_domain, &namespace, &service_account_of(p)).uri();
+                ((namespace, p.name_any()), identity)
+            })
             .collect();
         Self {
             services,
@@ -287,19 +423,22 @@ impl<'a> Index<'a> {
                 if ready == Some(false) {
                     continue;
                 }
-                let meshed = endpoint.target_ref.as_ref().is_some_and(|r| {
-                    r.kind.as_deref() == Some("Pod")
-                        && r.name.as_ref().is_some_and(|name| {
-                            let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
-                            self.injected_pods.contains(&(ns, name.clone()))
-                        })
-                });
+                // Meshed means "its pod is injected"; the pod's ServiceAccount is the identity
+                // the client's proxy will demand of it.
+                let identity = endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
+                        self.injected_pods.get(&(ns, r.name.clone()?))
+                    });
                 for address in &endpoint.addresses {
                     if let Ok(ip) = address.parse::<IpAddr>() {
                         found.insert(Endpoint {
                             address: SocketAddr::new(ip, target),
-                            meshed,
-                            identity: None,
+                            meshed: identity.is_some(),
+                            identity: identity.cloned(),
                         });
                     }
                 }

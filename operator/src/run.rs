@@ -9,12 +9,19 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, info, info_span, warn};
 
-use crate::controller::{Reconciler, Stores, start_watches};
+use tandem_crds::identity::{MtlsMode, SpiffeId};
+
+use crate::controller::Reconciler;
+use crate::issuer::{self, CurrentAuthority};
 use crate::leader::{self, ElectionSettings};
 use crate::metrics::Metrics;
+use crate::render::Mesh;
 use crate::server::{self, Health};
+use crate::signer::{self, Signer};
+use crate::stores::{Stores, start_watches};
 use crate::sync;
 use crate::{Error, Result};
 
@@ -41,12 +48,62 @@ pub struct Settings {
     #[arg(long, env = "TANDEM_LEASE_SECONDS", default_value_t = 8)]
     pub lease_seconds: u64,
     /// Log format: `json` (default, for the cluster) or `text`.
-    #[arg(long, env = "TANDEM_LOG_FORMAT", default_value = "json")]
-    pub log_format: String,
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// Address of the identity signer (HTTPS, `POST /v1/certify`), on every replica.
+    #[arg(long, env = "TANDEM_IDENTITY_LISTEN", default_value = "0.0.0.0:15030")]
+    pub identity_listen: SocketAddr,
+    /// Trust domain of workload identities (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "TANDEM_TRUST_DOMAIN", default_value = tandem_crds::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates (`24h`, `90m`, …), cut at the issuer's expiry.
+    #[arg(long, env = "TANDEM_CERT_TTL", default_value = "24h", value_parser = parse_ttl)]
+    pub cert_ttl: Duration,
+    /// mTLS mode of workloads whose ServiceAccount and namespace carry no `tandem.dev/mtls`
+    /// annotation: `permissive` or `strict`.
+    #[arg(long, env = "TANDEM_MTLS_MODE", default_value = "permissive", value_parser = parse_mode)]
+    pub mtls_mode: MtlsMode,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object a line (for the cluster).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+fn parse_ttl(value: &str) -> std::result::Result<Duration, String> {
+    let ttl = tandem_crds::duration::parse_duration(value).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(60) {
+        return Err(format!("{value} is under a minute"));
+    }
+    Ok(ttl)
+}
+
+fn parse_mode(value: &str) -> std::result::Result<MtlsMode, String> {
+    MtlsMode::parse(value).ok_or_else(|| format!("{value:?} is neither permissive nor strict"))
+}
+
+impl Settings {
+    /// Checks what clap's parsers cannot: the trust domain must be a DNS name (it is part of
+    /// every SPIFFE ID and DNS SAN).
+    pub fn validate(&self) -> Result<()> {
+        let probe = SpiffeId::new(&self.trust_domain, "ns", "sa").uri();
+        SpiffeId::parse(&probe).map_err(|_| {
+            Error::Settings(format!(
+                "--trust-domain {:?} is not a DNS name (lower-case labels joined by dots)",
+                self.trust_domain
+            ))
+        })?;
+        Ok(())
+    }
 }
 
 /// Runs the operator until `shutdown` turns true (SIGTERM in the binary).
 pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<()> {
+    settings.validate()?;
     let client = Client::try_default().await.map_err(Error::Client)?;
     let identity = settings.identity.clone().unwrap_or_else(default_identity);
     let mut registry = Registry::default();
@@ -66,29 +123,50 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     info!(%http_addr, %identity, "Serving /healthz, /readyz, /metrics");
     let mut http_shutdown = shutdown.clone();
     let http_health = health.clone();
-    let http = tokio::spawn(async move {
-        let served = axum::serve(listener, server::router(http_health))
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(error) = served {
-            warn!(%error, "HTTP server failed");
+    let http = tokio::spawn(
+        async move {
+            let served = axum::serve(listener, server::router(http_health))
+                .with_graceful_shutdown(async move {
+                    let _ = http_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(error) = served {
+                warn!(%error, "HTTP server failed");
+            }
         }
-    });
+        .instrument(info_span!("http")),
+    );
 
     let trigger = Arc::new(Notify::new());
+    let identity_listener = tokio::net::TcpListener::bind(settings.identity_listen)
+        .await
+        .map_err(|source| Error::Http {
+            addr: settings.identity_listen,
+            source,
+        })?;
+    let (authority, signer_tasks) = start_identity(
+        &settings,
+        &client,
+        &identity,
+        identity_listener,
+        &trigger,
+        &metrics,
+        shutdown.clone(),
+    );
     let (stores, writers) = Stores::new();
     let watches = start_watches(&client, writers, &trigger, &metrics);
     // Nothing acts on a partial view of the cluster: see `sync`.
     let (synced_tx, synced_rx) = watch::channel(false);
-    let sync_task = tokio::spawn(sync::open_when_synced(
-        stores.clone(),
-        health,
-        synced_tx,
-        Duration::from_secs(10),
-        shutdown.clone(),
-    ));
+    let sync_task = tokio::spawn(
+        sync::open_when_synced(
+            stores.clone(),
+            health,
+            synced_tx,
+            Duration::from_secs(10),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("sync")),
+    );
 
     let (leader_tx, leader_rx) = watch::channel(false);
     let mut election =
@@ -108,22 +186,34 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     let mut election_gate = synced_rx.clone();
     let mut election_shutdown = shutdown.clone();
     let election_stop = shutdown.clone();
-    let election_task = tokio::spawn(async move {
-        if sync::wait_open(&mut election_gate, &mut election_shutdown).await {
-            leader::run(leases, election, leader_tx, election_stop).await;
+    let election_task = tokio::spawn(
+        async move {
+            if sync::wait_open(&mut election_gate, &mut election_shutdown).await {
+                leader::run(leases, election, leader_tx, election_stop).await;
+            }
         }
-    });
+        .instrument(info_span!("election")),
+    );
 
-    let reconciler = Reconciler::new(client, stores, metrics, &identity);
-    reconciler
-        .run(
-            trigger,
-            Duration::from_millis(settings.debounce_ms),
-            leader_rx,
-            synced_rx,
-            shutdown,
-        )
-        .await;
+    let mesh = Mesh {
+        trust_domain: settings.trust_domain.clone(),
+        default_mtls: settings.mtls_mode,
+    };
+    let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority);
+    // Nothing before every store has synced. (The gate's sender is gone once it has opened, so
+    // it is awaited once here, not watched by the reconciler: a closed channel would end it.)
+    let mut reconciler_gate = synced_rx;
+    let mut reconciler_shutdown = shutdown.clone();
+    if sync::wait_open(&mut reconciler_gate, &mut reconciler_shutdown).await {
+        reconciler
+            .run(
+                trigger,
+                Duration::from_millis(settings.debounce_ms),
+                leader_rx,
+                shutdown,
+            )
+            .await;
+    }
 
     // Shutting down: release the Lease first so the other replica takes over at once.
     if let Err(error) = election_task.await {
@@ -133,18 +223,86 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         Ok(synced) => synced,
         Err(_) => Err(Error::WatchEnded),
     };
-    for watch in watches {
-        watch.abort();
+    for task in watches.into_iter().chain(signer_tasks.background) {
+        task.abort();
     }
     // The reconciler also stops when the caches can never sync (a watch task died): exit
     // with the error, so the pod restarts rather than sitting unready for ever.
     if let Err(error) = synced {
+        signer_tasks.server.abort();
         http.abort();
         return Err(error);
     }
+    // The signer drains its open connections (it has its own grace period).
+    let _ = signer_tasks.server.await;
     let _ = http.await;
     info!("Stopped");
     Ok(())
+}
+
+/// The identity side's tasks: those that run until aborted, and the server, which stops by
+/// itself on shutdown once its connections have drained.
+struct SignerTasks {
+    background: Vec<JoinHandle<()>>,
+    server: JoinHandle<()>,
+}
+
+/// Starts the identity side: the issuer Secret's watch, the signer's serving certificate and
+/// the signer itself on `listener`. Returns the issuer as the reconciler sees it (for the trust
+/// roots it distributes) and the tasks.
+fn start_identity(
+    settings: &Settings,
+    client: &Client,
+    identity: &str,
+    listener: tokio::net::TcpListener,
+    trigger: &Arc<Notify>,
+    metrics: &Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> (CurrentAuthority, SignerTasks) {
+    let (authority_tx, authority) = watch::channel(None);
+    let issuer_task = tokio::spawn(
+        issuer::run(
+            client.clone(),
+            settings.lease_namespace.clone(),
+            identity.to_owned(),
+            authority_tx,
+            trigger.clone(),
+            metrics.identity.clone(),
+        )
+        .instrument(info_span!("issuer")),
+    );
+    let (configs_tx, configs) = watch::channel(None);
+    let cert_task = tokio::spawn(
+        signer::keep_serving_cert(authority.clone(), configs_tx)
+            .instrument(info_span!("signer_cert")),
+    );
+    let signer = Arc::new(Signer {
+        client: client.clone(),
+        authority: authority.clone(),
+        trust_domain: settings.trust_domain.clone(),
+        ttl: settings.cert_ttl,
+        metrics: metrics.identity.clone(),
+    });
+    let addr = listener.local_addr().unwrap_or(settings.identity_listen);
+    info!(%addr, dns_name = %tandem_crds::identity::signer_dns_name(), trust_domain = %settings.trust_domain, cert_ttl_s = settings.cert_ttl.as_secs(), "Serving the identity signer (HTTPS)");
+    let mut stop = shutdown;
+    let serve_task = tokio::spawn(
+        signer::serve(
+            listener,
+            configs,
+            signer::router(signer),
+            async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            },
+            Duration::from_secs(5),
+        )
+        .instrument(info_span!("signer")),
+    );
+    let tasks = SignerTasks {
+        background: vec![issuer_task, cert_task],
+        server: serve_task,
+    };
+    (authority, tasks)
 }
 
 fn default_identity() -> String {

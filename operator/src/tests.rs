@@ -15,7 +15,13 @@ use tandem_crds::v1alpha1::{
 };
 
 use crate::policy::{PolicyKey, PolicyKind, Verdict};
-use crate::render::{Inputs, MAX_CONFIG_MAP_BYTES, document, protocol_of, render, workloads};
+use kube::api::PartialObjectMeta;
+use tandem_crds::identity::{MTLS_MODE_ANNOTATION, MtlsMode};
+
+use crate::render::{
+    BadAnnotation, Inputs, MAX_CONFIG_MAP_BYTES, document, protocol_of, render, trust_namespaces,
+    workloads,
+};
 use crate::status::{Programming, next_status};
 
 // ---------------------------------------------------------------------------------------------
@@ -866,4 +872,134 @@ fn failed_writes_leave_the_policy_pending() {
         "2026-01-01T00:00:00Z",
     );
     assert_eq!(condition(&status, "Programmed").reason, reason::PENDING);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity and mTLS modes
+
+fn annotated<K>(
+    namespace: Option<&str>,
+    name: &str,
+    mode: Option<&str>,
+) -> Arc<PartialObjectMeta<K>> {
+    let mut metadata = ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(str::to_owned),
+        ..ObjectMeta::default()
+    };
+    if let Some(mode) = mode {
+        metadata.annotations = Some(
+            [(MTLS_MODE_ANNOTATION.to_owned(), mode.to_owned())]
+                .into_iter()
+                .collect(),
+        );
+    }
+    Arc::new(PartialObjectMeta {
+        types: None,
+        metadata,
+        _phantom: std::marker::PhantomData,
+    })
+}
+
+fn endpoints_of(rendered: &crate::Rendered, service: &str) -> Vec<(String, bool, Option<String>)> {
+    rendered
+        .services
+        .iter()
+        .filter(|s| s.name == service)
+        .flat_map(|s| &s.ports)
+        .flat_map(|p| &p.endpoints)
+        .map(|e| (e.address.to_string(), e.meshed, e.identity.clone()))
+        .collect()
+}
+
+#[test]
+fn a_meshed_endpoint_carries_its_pods_service_account_identity_and_others_none() {
+    let mut inputs = shop();
+    inputs.mesh.trust_domain = "example.org".into();
+    let rendered = render(&inputs);
+    assert_eq!(
+        endpoints_of(&rendered, "server-v1"),
+        [
+            ("10.244.0.4:8080".to_owned(), false, None),
+            (
+                "10.244.0.5:8080".to_owned(),
+                true,
+                Some("spiffe://example.org/ns/shop/sa/server".to_owned())
+            ),
+        ]
+    );
+    // The proxy accepts what the operator writes.
+    let config = rendered.config_for("shop", "client");
+    let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed, config);
+}
+
+#[test]
+fn the_mtls_mode_comes_from_the_service_account_then_the_namespace_then_the_flag() {
+    let mut inputs = shop();
+    inputs.pods.push(pod("shop", "db-1", "db", true));
+    inputs.pods.push(pod("other", "x-1", "x", true));
+    inputs.namespaces = vec![
+        annotated(None, "shop", Some("strict")),
+        annotated(None, "other", None),
+    ];
+    inputs.service_accounts = vec![
+        annotated(Some("shop"), "client", Some("Permissive")),
+        annotated(Some("shop"), "db", None),
+    ];
+    inputs.mesh.default_mtls = MtlsMode::Permissive;
+    let rendered = render(&inputs);
+    let mode = |ns: &str, sa: &str| rendered.config_for(ns, sa).workload.mtls;
+    assert_eq!(
+        mode("shop", "client"),
+        MtlsMode::Permissive,
+        "its own annotation"
+    );
+    assert_eq!(mode("shop", "db"), MtlsMode::Strict, "its namespace's");
+    assert_eq!(mode("other", "x"), MtlsMode::Permissive, "the flag");
+    assert!(rendered.bad_annotations.is_empty());
+
+    inputs.mesh.default_mtls = MtlsMode::Strict;
+    assert_eq!(
+        render(&inputs).config_for("other", "x").workload.mtls,
+        MtlsMode::Strict
+    );
+}
+
+#[test]
+fn an_invalid_mtls_annotation_is_ignored_for_the_next_level_and_reported() {
+    let mut inputs = shop();
+    inputs.namespaces = vec![annotated(None, "shop", Some("strict"))];
+    inputs.service_accounts = vec![annotated(Some("shop"), "client", Some("on"))];
+    let rendered = render(&inputs);
+    assert_eq!(
+        rendered.config_for("shop", "client").workload.mtls,
+        MtlsMode::Strict
+    );
+    assert_eq!(
+        rendered.bad_annotations,
+        [BadAnnotation {
+            kind: "ServiceAccount",
+            namespace: "shop".into(),
+            name: "client".into(),
+            value: "on".into(),
+        }]
+    );
+    assert!(rendered.bad_annotations[0].message().contains("\"on\""));
+}
+
+#[test]
+fn trust_roots_go_to_namespaces_with_running_injected_pods_only() {
+    let mut inputs = shop();
+    inputs.pods.push(pod("plain", "p-1", "p", false));
+    let mut finished = (*pod("done", "d-1", "d", true)).clone();
+    finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    inputs.pods.push(Arc::new(finished));
+    assert_eq!(
+        trust_namespaces(&inputs.pods)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["shop"]
+    );
 }

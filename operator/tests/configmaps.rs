@@ -485,8 +485,14 @@ async fn a_restarted_operator_deletes_nothing_before_every_watch_has_listed() {
         })
         .await;
     }
+    eventually("the trust roots in shop", || async {
+        config_map_versions(&client, "shop")
+            .await
+            .contains_key("tandem-trust-roots")
+    })
+    .await;
     let before = config_map_versions(&client, "shop").await;
-    assert_eq!(before.len(), 2);
+    assert_eq!(before.len(), 3, "two proxy configs and the trust roots");
     let deleted = record_deletions(&client, "shop");
     first.process.stop();
 

@@ -380,26 +380,22 @@ struct Addresses {
     /// The operator's `/healthz`, `/readyz` and `/metrics`, on loopback.
     operator_http: SocketAddr,
     /// The operator's signer, on loopback; `None` while the operator has none.
-    identity: Option<SocketAddr>,
+    identity: SocketAddr,
 }
 
 impl Addresses {
     /// The operator's flags: the Deployment's (manifests/operator/deployment.yaml), on
     /// loopback.
     fn operator_args(&self) -> Vec<String> {
-        let mut args = vec![format!("--http-addr={}", self.operator_http)];
-        if let Some(identity) = self.identity {
-            args.push(format!("--identity-listen={identity}"));
-        }
-        args
+        vec![
+            format!("--http-addr={}", self.operator_http),
+            format!("--identity-listen={}", self.identity),
+        ]
     }
 
     /// The webhook's flags. Pods reach the signer through the node's forwarder on the gateway
     /// address ([`Tandem::node_forwards`]) and verify it by its Service name (the webhook's
-    /// default `--identity-name`), so an IP address is the right `--identity-addr`. Identity
-    /// bootstrap is injected even while the operator has no signer, so the node's part (tokens
-    /// bound to the pod, trust roots filled in later) is exercised by every scenario; a proxy
-    /// then finds nothing listening there and retries.
+    /// default `--identity-name`), so an IP address is the right `--identity-addr`.
     fn webhook_args(&self, cert: &Path, key: &Path) -> Vec<String> {
         let signer = SocketAddr::from((net::GATEWAY, identity::SIGNER_PORT));
         vec![
@@ -414,25 +410,11 @@ impl Addresses {
 
     /// What the node must carry from pods to the machine: the signer's port.
     fn node_forwards(&self) -> Vec<HostForward> {
-        self.identity
-            .map(|target| HostForward {
-                port: identity::SIGNER_PORT,
-                target,
-            })
-            .into_iter()
-            .collect()
+        vec![HostForward {
+            port: identity::SIGNER_PORT,
+            target: self.identity,
+        }]
     }
-}
-
-/// Whether `binary --help` lists `flag`. The operator's signer (`--identity-listen`) is built in
-/// a branch of its own; until it has landed, the local cluster runs without a signer rather
-/// than start an operator that refuses its flags. Once every operator has the flag, this check
-/// and its `None` branch in [`Tandem::install`] go.
-fn has_flag(binary: &Path, flag: &str) -> bool {
-    Command::new(binary)
-        .arg("--help")
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(flag))
 }
 
 /// Tandem installed into a control plane, its processes running. Dropping it stops them.
@@ -511,15 +493,8 @@ impl Tandem {
 
         let operator_binary = workspace_binary("tandem-operator", "tandem-operator")?;
         let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let identity = if has_flag(&operator_binary, "--identity-listen") {
-            Some(loopback(free_port()?))
-        } else {
-            tracing::warn!(
-                "tandem-operator has no --identity-listen: no signer in this cluster \
-                 (identity bootstrap is injected all the same)"
-            );
-            None
-        };
+        // The signer on a port of its own (the Deployment's 15030 may be taken on the machine).
+        let identity = loopback(free_port()?);
         let addresses = Addresses {
             webhook: loopback(free_port()?),
             operator_http: loopback(free_port()?),
@@ -584,8 +559,8 @@ impl Tandem {
         })
     }
 
-    /// Where the operator's signer listens on the machine; `None` when identity is off.
-    pub fn identity_addr(&self) -> Option<SocketAddr> {
+    /// Where the operator's signer listens on the machine.
+    pub fn identity_addr(&self) -> SocketAddr {
         self.addresses.identity
     }
 

@@ -244,7 +244,8 @@ fn patch(pod: &Pod, service_account: &str, overrides: &Overrides, config: &Injec
     // The init container and the proxy go first, in that order: user init containers then
     // run with the mesh in place (their traffic is captured and the proxy is up).
     let init = to_value(&init_container(overrides, config));
-    let proxy = to_value(&proxy_container(overrides, config));
+    let probes = crate::probes::app_probes(pod);
+    let proxy = to_value(&proxy_container(overrides, config, &probes));
     if spec
         .and_then(|spec| spec.init_containers.as_ref())
         .is_some()
@@ -410,7 +411,7 @@ fn init_container(overrides: &Overrides, config: &InjectConfig) -> Container {
     }
 }
 
-fn proxy_env(overrides: &Overrides) -> Vec<EnvVar> {
+fn proxy_env(overrides: &Overrides, probes: &[crate::probes::AppProbe]) -> Vec<EnvVar> {
     let value = |name: &str, value: &str| EnvVar {
         name: name.to_owned(),
         value: Some(value.to_owned()),
@@ -425,6 +426,9 @@ fn proxy_env(overrides: &Overrides) -> Vec<EnvVar> {
     ];
     if let Some(access_log) = &overrides.access_log {
         env.push(value(env::ACCESS_LOG, access_log));
+    }
+    if let Some(probes) = crate::probes::probes_env_value(probes) {
+        env.push(value(crate::probes::PROBES_ENV, &probes));
     }
     // The paths are where this patch mounts the volumes, so the proxy is told rather than
     // left to agree by coincidence.
@@ -469,7 +473,11 @@ fn proxy_mounts(overrides: &Overrides) -> Vec<VolumeMount> {
 /// `tandem-proxy`: a native sidecar (an init container with `restartPolicy: Always`), so the
 /// application containers start only once its startup probe passes and Jobs complete when
 /// their own containers do. The image's entrypoint runs the proxy.
-fn proxy_container(overrides: &Overrides, config: &InjectConfig) -> Container {
+fn proxy_container(
+    overrides: &Overrides,
+    config: &InjectConfig,
+    probes: &[crate::probes::AppProbe],
+) -> Container {
     Container {
         name: names::PROXY_CONTAINER.to_owned(),
         image: Some(overrides.proxy_image.clone()),
@@ -481,7 +489,7 @@ fn proxy_container(overrides: &Overrides, config: &InjectConfig) -> Container {
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
-        env: Some(proxy_env(overrides)),
+        env: Some(proxy_env(overrides, probes)),
         // Up to two minutes to become ready (the config may still be on its way), checked
         // every second so the application starts as soon as the proxy can carry its traffic.
         startup_probe: Some(http_probe("/ready", 1, 120)),
@@ -684,7 +692,7 @@ mod tests {
     #[test]
     fn the_access_log_annotation_reaches_the_proxy_and_its_absence_leaves_the_default() {
         let env_of = |overrides: &Overrides| -> Vec<(String, Option<String>)> {
-            proxy_env(overrides)
+            proxy_env(overrides, &[])
                 .into_iter()
                 .map(|e| (e.name, e.value))
                 .collect()

@@ -120,6 +120,8 @@ pub struct Operator {
     pub identity: String,
     /// Its `/metrics` port.
     pub port: u16,
+    /// Its identity signer's port (HTTPS).
+    pub identity_port: u16,
 }
 
 impl Operator {
@@ -136,12 +138,17 @@ impl Operator {
             .await
             .expect("operator kubeconfig");
         let port = free_port().expect("free port");
+        let identity_port = free_port().expect("free port");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tandem-operator"));
         command
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAME", identity)
             .env("POD_NAMESPACE", "tandem-system")
             .env("TANDEM_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "TANDEM_IDENTITY_LISTEN",
+                format!("127.0.0.1:{identity_port}"),
+            )
             .env("RUST_LOG", "info,tandem_operator=debug");
         let log = cluster.dir().join("logs").join(format!("{identity}.log"));
         let process = Supervised::spawn(identity, command, &log).expect("start operator");
@@ -149,6 +156,7 @@ impl Operator {
             process,
             identity: identity.to_owned(),
             port,
+            identity_port,
         }
     }
 
@@ -249,6 +257,16 @@ fn dynamic_api<K: Resource<DynamicType = ()>>(
 
 /// A namespace with a ServiceAccount `client` whose pod `client-1` is injected.
 pub async fn namespace_with_injected_client(client: &Client, ns: &str) {
+    namespace_with_injected_pod(client, ns, "client", "client-1").await;
+}
+
+/// A namespace with ServiceAccount `service_account` and its injected pod `pod`.
+pub async fn namespace_with_injected_pod(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    pod: &str,
+) -> Pod {
     apply::<Namespace>(
         client,
         None,
@@ -258,10 +276,10 @@ pub async fn namespace_with_injected_client(client: &Client, ns: &str) {
     apply::<ServiceAccount>(
         client,
         Some(ns),
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "client", "namespace": ns}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account, "namespace": ns}}),
     )
     .await;
-    injected_pod(client, ns, "client-1", "client").await;
+    injected_pod(client, ns, pod, service_account).await
 }
 
 /// A pod with the proxy injected (as the webhook leaves it). Nothing runs it: the operator

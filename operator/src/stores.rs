@@ -1,0 +1,399 @@
+//! The operator's view of the cluster: one reflector store per input, kept current by watches,
+//! and the helpers that keep what they hold small (pods stripped to what rendering reads,
+//! ConfigMaps reduced to the hash of their data).
+//!
+//! Every replica watches (so a new leader starts with warm caches); any event wakes the
+//! reconciler ([`crate::controller`]). A store is empty until its watch has listed once:
+//! [`crate::sync`] keeps everything closed until all have.
+
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tandem_crds::identity::TRUST_ROOTS_KEY;
+use tandem_crds::names::{CONFIG_KEY, OPERATOR_FIELD_MANAGER};
+use tandem_crds::v1alpha1::{CircuitBreakerPolicy, TrafficPolicy};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::metrics::Metrics;
+use crate::render::{Inputs, Mesh, is_injected};
+use crate::{Error, Result};
+
+/// Label on every ConfigMap the operator owns; the ConfigMap watch selects on it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Annotation naming the ServiceAccount a ConfigMap is for (names may exceed a label's 63).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
+/// Local-only annotation the ConfigMap reflector stores in place of the (large) data: the hash
+/// of `config.json` (or of `roots.pem`) as it is in the cluster.
+pub(crate) const DATA_HASH: &str = "tandem.dev/local-data-hash";
+
+/// The watches, by the names logs and `pending` use.
+pub const WATCHES: [&str; 8] = [
+    "trafficpolicies",
+    "circuitbreakerpolicies",
+    "services",
+    "endpointslices",
+    "pods",
+    "namespaces",
+    "configmaps",
+    "serviceaccounts",
+];
+
+/// In-memory views of the cluster, kept current by watches. Each store is empty until its
+/// watch has listed once; [`Stores::wait_until_ready`] waits for all of them.
+#[derive(Clone)]
+pub struct Stores {
+    pub(crate) traffic: Store<TrafficPolicy>,
+    pub(crate) breakers: Store<CircuitBreakerPolicy>,
+    pub(crate) services: Store<k8s_openapi::api::core::v1::Service>,
+    pub(crate) slices: Store<EndpointSlice>,
+    pub(crate) pods: Store<Pod>,
+    pub(crate) namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub(crate) config_maps: Store<ConfigMap>,
+    pub(crate) service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+}
+
+/// The write halves of [`Stores`], one per watch; [`start_watches`] feeds them.
+pub struct Writers {
+    traffic: Writer<TrafficPolicy>,
+    breakers: Writer<CircuitBreakerPolicy>,
+    services: Writer<k8s_openapi::api::core::v1::Service>,
+    slices: Writer<EndpointSlice>,
+    pods: Writer<Pod>,
+    namespaces: Writer<PartialObjectMeta<Namespace>>,
+    config_maps: Writer<ConfigMap>,
+    service_accounts: Writer<PartialObjectMeta<ServiceAccount>>,
+}
+
+#[cfg(test)]
+impl Writers {
+    /// Feeds watch `name` the start (`done == false`) or the end of a list, as its watch does.
+    pub(crate) fn list_event(&mut self, name: &str, done: bool) {
+        fn bare<K>(done: bool) -> Event<K> {
+            if done { Event::InitDone } else { Event::Init }
+        }
+        match name {
+            "trafficpolicies" => self.traffic.apply_watcher_event(&bare(done)),
+            "circuitbreakerpolicies" => self.breakers.apply_watcher_event(&bare(done)),
+            "services" => self.services.apply_watcher_event(&bare(done)),
+            "endpointslices" => self.slices.apply_watcher_event(&bare(done)),
+            "pods" => self.pods.apply_watcher_event(&bare(done)),
+            "namespaces" => self.namespaces.apply_watcher_event(&bare(done)),
+            "configmaps" => self.config_maps.apply_watcher_event(&bare(done)),
+            "serviceaccounts" => self.service_accounts.apply_watcher_event(&bare(done)),
+            other => panic!("no watch named {other}"),
+        }
+    }
+}
+
+impl Stores {
+    /// Empty, unsynced stores and the writers that fill them.
+    pub fn new() -> (Self, Writers) {
+        let (traffic, traffic_w) = reflector::store();
+        let (breakers, breakers_w) = reflector::store();
+        let (services, services_w) = reflector::store();
+        let (slices, slices_w) = reflector::store();
+        let (pods, pods_w) = reflector::store();
+        let (namespaces, namespaces_w) = reflector::store();
+        let (config_maps, config_maps_w) = reflector::store();
+        let (service_accounts, service_accounts_w) = reflector::store();
+        let stores = Self {
+            traffic,
+            breakers,
+            services,
+            slices,
+            pods,
+            namespaces,
+            config_maps,
+            service_accounts,
+        };
+        let writers = Writers {
+            traffic: traffic_w,
+            breakers: breakers_w,
+            services: services_w,
+            slices: slices_w,
+            pods: pods_w,
+            namespaces: namespaces_w,
+            config_maps: config_maps_w,
+            service_accounts: service_accounts_w,
+        };
+        (stores, writers)
+    }
+
+    /// Waits until every watch has listed its objects once. Fails only if a watch task ended
+    /// before that (its writer was dropped), in which case the stores never sync.
+    pub async fn wait_until_ready(&self) -> Result<()> {
+        let closed = |_| Error::WatchEnded;
+        self.traffic.wait_until_ready().await.map_err(closed)?;
+        self.breakers.wait_until_ready().await.map_err(closed)?;
+        self.services.wait_until_ready().await.map_err(closed)?;
+        self.slices.wait_until_ready().await.map_err(closed)?;
+        self.pods.wait_until_ready().await.map_err(closed)?;
+        self.namespaces.wait_until_ready().await.map_err(closed)?;
+        self.config_maps.wait_until_ready().await.map_err(closed)?;
+        self.service_accounts
+            .wait_until_ready()
+            .await
+            .map_err(closed)?;
+        Ok(())
+    }
+
+    /// The watches (names from [`WATCHES`]) that have not listed once yet.
+    pub fn pending(&self) -> Vec<&'static str> {
+        let synced = [
+            is_synced(&self.traffic),
+            is_synced(&self.breakers),
+            is_synced(&self.services),
+            is_synced(&self.slices),
+            is_synced(&self.pods),
+            is_synced(&self.namespaces),
+            is_synced(&self.config_maps),
+            is_synced(&self.service_accounts),
+        ];
+        WATCHES
+            .into_iter()
+            .zip(synced)
+            .filter_map(|(name, synced)| (!synced).then_some(name))
+            .collect()
+    }
+
+    /// A snapshot of everything rendering reads.
+    pub fn inputs(&self, mesh: &Mesh) -> Inputs {
+        Inputs {
+            traffic_policies: self.traffic.state(),
+            circuit_breaker_policies: self.breakers.state(),
+            services: self.services.state(),
+            endpoint_slices: self.slices.state(),
+            pods: self.pods.state(),
+            service_accounts: self.service_accounts.state(),
+            namespaces: self.namespaces.state(),
+            mesh: mesh.clone(),
+        }
+    }
+}
+
+/// Whether a store has seen its watch's first complete list (it never becomes unsynced again:
+/// a later re-list swaps the new objects in whole, at its end).
+fn is_synced<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
+}
+
+/// Starts one watch per input, filling `writers`; each event wakes `trigger`. Watch errors (an
+/// unreachable apiserver, a missing right or resource) are logged, counted and retried with
+/// backoff for ever: until its first list succeeds, a store stays unsynced and the operator
+/// does nothing (see [`crate::sync`]).
+pub fn start_watches(
+    client: &Client,
+    writers: Writers,
+    trigger: &Arc<Notify>,
+    metrics: &Metrics,
+) -> Vec<JoinHandle<()>> {
+    let [
+        traffic,
+        breakers,
+        services,
+        slices,
+        pods,
+        namespaces,
+        config_maps,
+        service_accounts,
+    ] = WATCHES;
+    let config = watcher::Config::default();
+    vec![
+        spawn_watch(
+            traffic,
+            watcher(Api::all(client.clone()), config.clone()).reflect(writers.traffic),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            breakers,
+            watcher(Api::all(client.clone()), config.clone()).reflect(writers.breakers),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            services,
+            watcher(Api::all(client.clone()), config.clone())
+                .modify(|s: &mut k8s_openapi::api::core::v1::Service| {
+                    s.managed_fields_mut().clear();
+                })
+                .reflect(writers.services),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            slices,
+            watcher(Api::all(client.clone()), config.clone())
+                .modify(|s: &mut EndpointSlice| s.managed_fields_mut().clear())
+                .reflect(writers.slices),
+            trigger,
+            metrics,
+        ),
+        // Pods cannot be selected by injection on the server (namespace-wide injection leaves
+        // no pod label), so every pod is watched, only injected pods are kept, and those are
+        // stripped to what rendering reads.
+        spawn_watch(
+            pods,
+            watcher(Api::all(client.clone()), config.clone())
+                .try_filter(|event| futures::future::ready(keeps_pod(event)))
+                .modify(strip_pod)
+                .reflect(writers.pods),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            namespaces,
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+                config.clone(),
+            )
+            .reflect(writers.namespaces),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            config_maps,
+            watcher(
+                Api::all(client.clone()),
+                watcher::Config::default()
+                    .labels(&format!("{MANAGED_BY_LABEL}={OPERATOR_FIELD_MANAGER}")),
+            )
+            .modify(hash_config_map)
+            .reflect(writers.config_maps),
+            trigger,
+            metrics,
+        ),
+        // For their `tandem.dev/mtls` annotation only.
+        spawn_watch(
+            service_accounts,
+            watcher(
+                Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
+                config.clone(),
+            )
+            .modify(|sa| sa.metadata.managed_fields = None)
+            .reflect(writers.service_accounts),
+            trigger,
+            metrics,
+        ),
+    ]
+}
+
+fn watcher<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = std::result::Result<Event<K>, watcher::Error>> + Send
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config).default_backoff()
+}
+
+fn spawn_watch<S, K>(
+    name: &'static str,
+    stream: S,
+    trigger: &Arc<Notify>,
+    metrics: &Metrics,
+) -> JoinHandle<()>
+where
+    S: futures::Stream<Item = std::result::Result<Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+{
+    let trigger = trigger.clone();
+    let errors = metrics.watch_errors.clone();
+    let span = tracing::info_span!("watch", watch = name);
+    let task = async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                // Wake the reconciler only on complete information: individual init events
+                // are followed by InitDone.
+                Ok(Event::Init | Event::InitApply(_)) => {}
+                Ok(_) => trigger.notify_one(),
+                Err(error) => {
+                    errors.inc();
+                    warn!(watch = name, %error, "Watch failed; retrying with backoff");
+                }
+            }
+        }
+        warn!(watch = name, "Watch ended");
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span))
+}
+
+/// Keeps deletions (harmless when the pod was never stored) and injected pods.
+fn keeps_pod(event: &Event<Pod>) -> bool {
+    match event {
+        Event::Apply(pod) | Event::InitApply(pod) => is_injected(pod),
+        Event::Delete(_) | Event::Init | Event::InitDone => true,
+    }
+}
+
+/// Drops everything rendering does not read, so 10,000 pods cost little memory.
+fn strip_pod(pod: &mut Pod) {
+    let meta = pod.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers.clear();
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        for init in spec.init_containers.iter_mut().flatten() {
+            *init = k8s_openapi::api::core::v1::Container {
+                name: std::mem::take(&mut init.name),
+                ..Default::default()
+            };
+        }
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// Replaces a ConfigMap's data by the hash of its `config.json` (up to 1 MiB per ConfigMap
+/// would otherwise sit in memory once per ServiceAccount), or of its `roots.pem` for the trust
+/// roots.
+fn hash_config_map(config_map: &mut ConfigMap) {
+    let hash = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY).or_else(|| d.get(TRUST_ROOTS_KEY)))
+        .map(|json| hex_sha256(json.as_bytes()))
+        .unwrap_or_default();
+    config_map.data = None;
+    config_map.binary_data = None;
+    config_map.metadata.managed_fields = None;
+    config_map
+        .annotations_mut()
+        .insert(DATA_HASH.to_owned(), hash);
+}
+
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
