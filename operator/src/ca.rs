@@ -491,6 +491,16 @@ mod tests {
         Authority::load(&generate(now).unwrap()).unwrap()
     }
 
+    /// The signer's name in its Service.
+    const SIGNER_DNS: &str = "tandem-identity.tandem-system.svc";
+
+    /// A one-hour serving certificate for the signer from `authority`.
+    fn signer_serving(authority: &Authority) -> ServingCert {
+        authority
+            .serving(SIGNER_DNS, Duration::from_secs(3600), now())
+            .unwrap()
+    }
+
     fn parsed(chain_pem: &str) -> Vec<CertificateDer<'static>> {
         CertificateDer::pem_slice_iter(chain_pem.as_bytes())
             .collect::<std::result::Result<_, _>>()
@@ -682,13 +692,7 @@ mod tests {
         assert!(Authority::load(&no_roots).is_err());
         // A leaf is not an issuer.
         let authority = Authority::load(&one).unwrap();
-        let serving = authority
-            .serving(
-                "tandem-identity.tandem-system.svc",
-                Duration::from_secs(3600),
-                now(),
-            )
-            .unwrap();
+        let serving = signer_serving(&authority);
         let leaf_as_issuer = Material {
             cert_pem: serving.chain_pem,
             key_pem: serving.key_pem,
@@ -702,19 +706,8 @@ mod tests {
     #[test]
     fn the_signers_serving_certificate_verifies_under_the_roots() {
         let authority = authority_at(now());
-        let serving = authority
-            .serving(
-                "tandem-identity.tandem-system.svc",
-                Duration::from_secs(3600),
-                now(),
-            )
-            .unwrap();
-        let chain = parsed(&serving.chain_pem);
-        assert!(verifies(
-            &authority,
-            &chain,
-            "tandem-identity.tandem-system.svc"
-        ));
+        let chain = parsed(&signer_serving(&authority).chain_pem);
+        assert!(verifies(&authority, &chain, SIGNER_DNS));
     }
 
     #[test]

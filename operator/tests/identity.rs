@@ -53,6 +53,33 @@ fn roots_of(secret: &Secret) -> String {
     String::from_utf8(bytes.clone()).expect("PEM")
 }
 
+/// Merge-patches the object `name` through `api`; `what` says which step failed.
+async fn merge_patch<K>(api: &Api<K>, name: &str, patch: serde_json::Value, what: &str)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect(what);
+}
+
+/// Waits for an Event in `ns` with `reason` about the object `name`.
+async fn eventually_an_event(client: &Client, ns: &str, reason: &str, name: &str) {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("a {reason} Event on {ns}/{name}"), || async {
+        events
+            .list(&kube::api::ListParams::default())
+            .await
+            .is_ok_and(|list| {
+                list.items.iter().any(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+            })
+    })
+    .await;
+}
+
 /// A projected-style token for `namespace/service_account` with `audience`, bound to `pod`
 /// (name, uid) if given: what the kubelet would mount for the proxy.
 async fn token(
@@ -419,14 +446,13 @@ async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods_
 
     // strict on the namespace reaches the workload's config.
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    namespaces
-        .patch(
-            "shop",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"tandem.dev/mtls": "strict"}}})),
-        )
-        .await
-        .expect("annotate the namespace");
+    merge_patch(
+        &namespaces,
+        "shop",
+        json!({"metadata": {"annotations": {"tandem.dev/mtls": "strict"}}}),
+        "annotate the namespace",
+    )
+    .await;
     eventually("the client's config in strict mode", || async {
         proxy_config(&client, "shop", "client")
             .await
@@ -437,27 +463,14 @@ async fn the_trust_roots_and_the_mtls_mode_reach_a_namespace_with_injected_pods_
     // A value that is not a mode is ignored (the namespace's strict still holds) and an Event
     // on the ServiceAccount says why.
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "shop");
-    accounts
-        .patch(
-            "client",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"tandem.dev/mtls": "bogus"}}})),
-        )
-        .await
-        .expect("annotate the ServiceAccount");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "shop");
-    eventually("an InvalidMtlsMode Event on the ServiceAccount", || async {
-        events
-            .list(&kube::api::ListParams::default())
-            .await
-            .is_ok_and(|list| {
-                list.items.iter().any(|e| {
-                    e.reason.as_deref() == Some("InvalidMtlsMode")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("client")
-                })
-            })
-    })
+    merge_patch(
+        &accounts,
+        "client",
+        json!({"metadata": {"annotations": {"tandem.dev/mtls": "bogus"}}}),
+        "annotate the ServiceAccount",
+    )
     .await;
+    eventually_an_event(&client, "shop", "InvalidMtlsMode", "client").await;
     let (config, _) = proxy_config(&client, "shop", "client")
         .await
         .expect("the client's config");
@@ -498,14 +511,13 @@ async fn a_rotated_issuer_secret_is_used_at_once_and_an_unusable_one_is_refused_
     let overlap = format!("{old_roots}{}", next.roots_pem);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "tandem-system");
     let data = |cert: &str, key: &str, roots: &str| json!({"stringData": {"tls.crt": cert, "tls.key": key, "ca.crt": roots}});
-    secrets
-        .patch(
-            ISSUER_SECRET,
-            &PatchParams::default(),
-            &Patch::Merge(data(&next.cert_pem, &next.key_pem, &overlap)),
-        )
-        .await
-        .expect("rotate the issuer");
+    merge_patch(
+        &secrets,
+        ISSUER_SECRET,
+        data(&next.cert_pem, &next.key_pem, &overlap),
+        "rotate the issuer",
+    )
+    .await;
 
     eventually("both roots in tandem-trust-roots", || async {
         trust_roots_in(&client, "shop").await.as_ref() == Some(&overlap)
@@ -541,29 +553,14 @@ async fn a_rotated_issuer_secret_is_used_at_once_and_an_unusable_one_is_refused_
 
     // A key that is not the certificate's: refused, said in an Event, the last good one signs.
     let other = tandem_operator::ca::generate(time::OffsetDateTime::now_utc()).expect("CA");
-    secrets
-        .patch(
-            ISSUER_SECRET,
-            &PatchParams::default(),
-            &Patch::Merge(data(&next.cert_pem, &other.key_pem, &overlap)),
-        )
-        .await
-        .expect("break the issuer");
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(client.clone(), "tandem-system");
-    eventually("an IssuerInvalid Event on the Secret", || async {
-        events
-            .list(&kube::api::ListParams::default())
-            .await
-            .is_ok_and(|list| {
-                list.items.iter().any(|e| {
-                    e.reason.as_deref() == Some("IssuerInvalid")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                            == Some(ISSUER_SECRET)
-                })
-            })
-    })
+    merge_patch(
+        &secrets,
+        ISSUER_SECRET,
+        data(&next.cert_pem, &other.key_pem, &overlap),
+        "break the issuer",
+    )
     .await;
+    eventually_an_event(&client, "tandem-system", "IssuerInvalid", ISSUER_SECRET).await;
     let (status, body) = certify(
         operator.identity_port,
         &next.roots_pem,

@@ -1,12 +1,7 @@
 //! The proxy config: loaded at start, watched, swapped atomically.
 //!
-//! The kubelet updates a ConfigMap volume by writing a new timestamped directory and renaming
-//! the `..data` symlink onto it, so `config.json` (a symlink through `..data`) changes in one
-//! step. The watcher polls: every interval it resolves the path and compares the target's
-//! identity (resolved path, inode, length, modification time); only when that changes, or while
-//! the last attempt failed, does it read the file, and only when the bytes' SHA-256 differs from
-//! the last attempt does it parse them. Polling needs no inotify instance per pod, follows the
-//! symlink swap without special cases, and also catches editors that rewrite in place.
+//! The watcher polls the file with a [`FileWatch`], which follows the kubelet's `..data` symlink
+//! swap and hands over the bytes only when they changed.
 //!
 //! The active config is an [`ArcSwap`]: the request path does one atomic load, never a lock.
 //! A missing file means passthrough and not ready; a refused file keeps the last good config,
@@ -20,7 +15,8 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::ProxyConfig;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, chain};
+use crate::file_watch::{self, FileWatch, Poll};
 use crate::metrics::{ConfigInfoLabels, Metrics, ReloadLabels};
 use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
@@ -161,7 +157,7 @@ impl ConfigStore {
 
     /// Records a failure to read the file.
     pub fn record_error(&self, error: &Error) {
-        let message = format!("{:#}", anyhow_chain(error));
+        let message = chain(error);
         tracing::error!(error = %message, kept = self.active().is_some(), "Config refused; keeping the last good config");
         self.last_error.store(Arc::new(Some(ReloadError {
             message,
@@ -194,123 +190,43 @@ impl ConfigStore {
     }
 }
 
-fn anyhow_chain(error: &Error) -> String {
-    let mut out = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
 /// SHA-256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What identifies one version of the file on disk without reading it (also used for the
-/// trust-roots file, which the kubelet swaps the same way).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct FileIdentity {
-    resolved: PathBuf,
-    inode: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-pub(crate) fn file_identity(path: &Path) -> std::io::Result<FileIdentity> {
-    use std::os::unix::fs::MetadataExt;
-    let resolved = std::fs::canonicalize(path)?;
-    let meta = std::fs::metadata(&resolved)?;
-    Ok(FileIdentity {
-        resolved,
-        inode: meta.ino(),
-        len: meta.len(),
-        modified: meta.modified().ok(),
-    })
-}
-
 /// Polls the config file and applies new versions.
 pub struct Watcher {
     store: Arc<ConfigStore>,
-    seen: Option<FileIdentity>,
-    last_attempt_hash: Option<String>,
-    last_failed: bool,
-    missing_logged: bool,
+    file: FileWatch,
 }
 
 impl Watcher {
     /// A watcher for the store's file.
     pub fn new(store: Arc<ConfigStore>) -> Self {
-        Self {
-            store,
-            seen: None,
-            last_attempt_hash: None,
-            last_failed: false,
-            missing_logged: false,
-        }
+        let file = FileWatch::new(store.path().to_path_buf());
+        Self { store, file }
     }
 
     /// Checks the file once and applies it if it changed.
     pub fn check(&mut self) {
-        let path = self.store.path().to_path_buf();
-        let id = match file_identity(&path) {
-            Ok(id) => id,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !self.missing_logged {
-                    tracing::warn!(path = %path.display(), kept = self.store.active().is_some(), "Config file missing; passing traffic through until one appears");
-                    self.missing_logged = true;
-                }
-                self.seen = None;
-                return;
+        match self.file.poll() {
+            Poll::Unchanged => {}
+            Poll::Missing => {
+                tracing::warn!(path = %self.file.path().display(), kept = self.store.active().is_some(), "Config file missing; passing traffic through until one appears");
             }
-            Err(source) => {
-                self.fail_read(path, source);
-                return;
-            }
-        };
-        self.missing_logged = false;
-        if self.seen.as_ref() == Some(&id) && !self.last_failed {
-            return;
+            Poll::ReadFailed(source) => self.store.record_error(&Error::ReadConfig {
+                path: self.file.path().to_path_buf(),
+                source,
+            }),
+            Poll::Changed(bytes) => self.file.attempted(self.store.apply(&bytes).is_ok()),
         }
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(source) => {
-                self.fail_read(path, source);
-                return;
-            }
-        };
-        self.seen = Some(id);
-        let hash = sha256_hex(&bytes);
-        if self.last_attempt_hash.as_deref() == Some(hash.as_str()) {
-            return;
-        }
-        self.last_attempt_hash = Some(hash);
-        self.last_failed = self.store.apply(&bytes).is_err();
-    }
-
-    fn fail_read(&mut self, path: PathBuf, source: std::io::Error) {
-        let message = source.to_string();
-        if self.last_attempt_hash.as_deref() != Some(message.as_str()) {
-            self.store.record_error(&Error::ReadConfig { path, source });
-            // Remember the error text so the same failure is counted once.
-            self.last_attempt_hash = Some(message);
-        }
-        self.last_failed = true;
     }
 
     /// Checks the file every `interval`, forever.
     pub async fn run(mut self, interval: Duration) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            self.check();
-        }
+        file_watch::every(interval, || self.check()).await;
     }
 }
 

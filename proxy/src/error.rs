@@ -73,3 +73,15 @@ pub enum Error {
     #[error("cannot initialise logging: {0}")]
     Logging(String),
 }
+
+/// The error, with its cause chain, on one line.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

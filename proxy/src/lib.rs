@@ -25,6 +25,7 @@ pub mod config;
 pub mod connection;
 pub mod detect;
 pub mod error;
+mod file_watch;
 pub mod http;
 pub mod identity;
 pub mod log_writer;

@@ -2,8 +2,9 @@
 //!
 //! [`Destinations::compile`] turns a config into a lookup table once per config version, so the
 //! request path does one hash lookup and one atomic increment. Endpoint choice is round-robin
-//! over the ready endpoints ([`ServiceTarget::pick`]); this is the seam the resilience engine
-//! (`crate::policy`, routes, splits, retries, balancers, outlier detection) replaces.
+//! over the ready endpoints ([`ServiceTarget::pick`]), for the connections the resilience
+//! engine (`crate::policy`, routes, splits, retries, balancers, outlier detection) does not
+//! balance: opaque TCP, and the eager connect while a connection's protocol is detected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -88,12 +89,22 @@ impl Destinations {
     }
 }
 
+/// Configs the unit tests of the tables compiled from a config share.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tandem_crds::contract::{Endpoint, Service, ServicePort, Workload};
+pub(crate) mod fixtures {
+    use tandem_crds::contract::{Endpoint, Protocol, ProxyConfig, Service, ServicePort, Workload};
 
-    fn config() -> ProxyConfig {
+    /// One endpoint.
+    pub(crate) fn endpoint(address: &str, meshed: bool, identity: Option<&str>) -> Endpoint {
+        Endpoint {
+            address: address.parse().unwrap(),
+            meshed,
+            identity: identity.map(str::to_owned),
+        }
+    }
+
+    /// A config with one service, `shop/web` on 10.96.0.10:80 (HTTP), with these endpoints.
+    pub(crate) fn web(endpoints: Vec<Endpoint>) -> ProxyConfig {
         let mut c = ProxyConfig::new(Workload::default());
         c.services.push(Service {
             name: "web".into(),
@@ -103,22 +114,24 @@ mod tests {
                 name: "http".into(),
                 port: 80,
                 protocol: Protocol::Http,
-                endpoints: vec![
-                    Endpoint {
-                        address: "10.0.0.1:8080".parse().unwrap(),
-                        meshed: true,
-                        identity: None,
-                    },
-                    Endpoint {
-                        address: "10.0.0.2:8080".parse().unwrap(),
-                        meshed: true,
-                        identity: None,
-                    },
-                ],
+                endpoints,
             }],
             ..Service::default()
         });
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{endpoint, web};
+    use super::*;
+
+    fn config() -> ProxyConfig {
+        web(vec![
+            endpoint("10.0.0.1:8080", true, None),
+            endpoint("10.0.0.2:8080", true, None),
+        ])
     }
 
     #[test]

@@ -50,19 +50,7 @@ impl TwoHops {
         server_dir.publish(&config("server", "server", mode, vec![]));
         let server = MeshProxy::start(&server_dir.path(), server);
         let wiretap = Wiretap::start(bind_local(), server.inbound);
-        let mut client_dir = ConfigDir::new();
-        client_dir.publish(&config(
-            "client",
-            "client",
-            "permissive",
-            vec![meshed_service(
-                "app",
-                "127.0.0.1",
-                app.port(),
-                protocol,
-                &[(wiretap.addr, SERVER)],
-            )],
-        ));
+        let client_dir = client_config("app", "127.0.0.1", app.port(), protocol, wiretap.addr);
         let client = MeshProxy::start(&client_dir.path(), client);
         Self {
             app,
@@ -97,6 +85,45 @@ impl TwoHops {
     }
 }
 
+/// A permissive `test/client` config whose one service, `test/<name>` on `cluster_ip:port`,
+/// has one meshed endpoint, `endpoint`, with the identity [`SERVER`].
+fn client_config(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    protocol: &str,
+    endpoint: SocketAddr,
+) -> ConfigDir {
+    let mut dir = ConfigDir::new();
+    dir.publish(&config(
+        "client",
+        "client",
+        "permissive",
+        vec![meshed_service(
+            name,
+            cluster_ip,
+            port,
+            protocol,
+            &[(endpoint, SERVER)],
+        )],
+    ));
+    dir
+}
+
+/// What `wiretap` saw is TLS from its first byte, and [`MARKER`] never crossed in plaintext.
+fn assert_encrypted(wiretap: &Wiretap) {
+    let wire = wiretap.bytes();
+    assert_eq!(
+        wire.first(),
+        Some(&0x16),
+        "the hop starts with a TLS record"
+    );
+    assert!(
+        !contains(&wire, MARKER.as_bytes()),
+        "plaintext crossed the wire"
+    );
+}
+
 fn handshakes(proxy: &MeshProxy, direction: &str, result: &str) -> u64 {
     proxy.counter(&format!(
         r#"tandem_tls_handshakes_total{{direction="{direction}",result="{result}"}}"#
@@ -119,16 +146,7 @@ async fn http1_between_meshed_proxies_is_mutual_tls_and_the_server_logs_the_clie
         assert_eq!(r.body, format!("app GET /{MARKER}/{i}"));
     }
 
-    let wire = hops.wiretap.bytes();
-    assert_eq!(
-        wire.first(),
-        Some(&0x16),
-        "the hop starts with a TLS record"
-    );
-    assert!(
-        !contains(&wire, MARKER.as_bytes()),
-        "plaintext crossed the wire"
-    );
+    assert_encrypted(&hops.wiretap);
 
     eventually(
         "access logs on both hops",
@@ -187,12 +205,7 @@ async fn h2_between_meshed_proxies_is_mutual_tls_on_one_connection() {
     for c in calls {
         c.await.unwrap();
     }
-    let wire = hops.wiretap.bytes();
-    assert_eq!(wire.first(), Some(&0x16));
-    assert!(
-        !contains(&wire, MARKER.as_bytes()),
-        "plaintext crossed the wire"
-    );
+    assert_encrypted(&hops.wiretap);
     eventually("server access log", Duration::from_secs(5), async || {
         hops.server.access_log().len() == 11
     })
@@ -352,24 +365,21 @@ fn impostor(
     (addr, reached)
 }
 
+/// No outbound handshake of `proxy` succeeded, and the impostor never completed one.
+fn assert_impostor_never_served(proxy: &MeshProxy, reached: &AtomicBool) {
+    assert_eq!(handshakes(proxy, "outbound", "success"), 0);
+    assert!(
+        !reached.load(Ordering::Relaxed),
+        "the impostor completed a handshake"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as_wrong_identity() {
     let ca = TestCa::root("root");
     let (impostor_addr, reached) = impostor(&ca, bind_local(), b"http/1.1");
     let client = identity(ca.issue(Leaf::new("test", "client")), &[&ca]);
-    let mut dir = ConfigDir::new();
-    dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "app",
-            "127.0.0.1",
-            18443,
-            "http",
-            &[(impostor_addr, SERVER)],
-        )],
-    ));
+    let dir = client_config("app", "127.0.0.1", 18443, "http", impostor_addr);
     let proxy = MeshProxy::start(&dir.path(), client);
     let r = get(proxy.outbound, "127.0.0.1:18443", "/", &[])
         .await
@@ -380,11 +390,7 @@ async fn a_server_whose_certificate_is_for_another_service_account_is_refused_as
         "{}",
         proxy.metrics()
     );
-    assert_eq!(handshakes(&proxy, "outbound", "success"), 0);
-    assert!(
-        !reached.load(Ordering::Relaxed),
-        "the impostor completed a handshake"
-    );
+    assert_impostor_never_served(&proxy, &reached);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,23 +475,33 @@ const APP_PORT: u16 = 7000;
 /// A cluster IP the client pod's outbound connections to which are redirected to its proxy.
 const CLUSTER_IP: &str = "10.96.0.50";
 
-/// Redirects TCP arriving at the server pod on `port` to `inbound`.
-fn redirect_inbound(pods: &Pods, port: u16, inbound: SocketAddr) {
-    pods.server.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
+/// Starts the server pod's proxy on `dir` as `test/server` under `ca`, and redirects TCP
+/// arriving at the pod on `app_port` to its inbound listener.
+fn start_server_in_pod(pods: &Pods, dir: &ConfigDir, ca: &TestCa, app_port: u16) -> MeshProxy {
+    let server = MeshProxy::start_in(
+        &pods.server,
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "server")), &[ca]),
+    );
+    pods.server.redirect_tcp(
         "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        &port.to_string(),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &inbound.port().to_string(),
-    ]);
+        &["--dport", &app_port.to_string()],
+        server.inbound.port(),
+    );
+    server
+}
+
+/// Starts the client pod's proxy on `dir` as `test/client` under `ca`, and redirects the pod's
+/// TCP to [`CLUSTER_IP`] to its outbound listener.
+fn start_client_in_pod(pods: &Pods, dir: &ConfigDir, ca: &TestCa) -> MeshProxy {
+    let client = MeshProxy::start_in(
+        &pods.client,
+        &dir.path(),
+        identity(ca.issue(Leaf::new("test", "client")), &[ca]),
+    );
+    pods.client
+        .redirect_tcp("OUTPUT", &["-d", CLUSTER_IP], client.outbound.port());
+    client
 }
 
 /// A TLS server with its own certificate for `app.example` (the application's TLS, not
@@ -559,47 +575,11 @@ async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destina
     let echo = upstream::tcp_echo(pods.server.bind(&format!("0.0.0.0:{APP_PORT}")));
     let mut server_dir = ConfigDir::new();
     server_dir.publish(&config("server", "server", "strict", vec![]));
-    let server = MeshProxy::start_in(
-        &pods.server,
-        &server_dir.path(),
-        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
-    );
-    redirect_inbound(&pods, echo.port(), server.inbound);
+    let server = start_server_in_pod(&pods, &server_dir, &ca, echo.port());
     let app: SocketAddr = format!("{SERVER_IP}:{APP_PORT}").parse().unwrap();
     let wiretap = Wiretap::start_in(&pods.client, pods.client.bind("127.0.0.1:0"), app);
-    let mut client_dir = ConfigDir::new();
-    client_dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "echo",
-            CLUSTER_IP,
-            APP_PORT,
-            "tcp",
-            &[(wiretap.addr, SERVER)],
-        )],
-    ));
-    let client = MeshProxy::start_in(
-        &pods.client,
-        &client_dir.path(),
-        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
-    );
-    pods.client.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        CLUSTER_IP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &client.outbound.port().to_string(),
-    ]);
+    let client_dir = client_config("echo", CLUSTER_IP, APP_PORT, "tcp", wiretap.addr);
+    let client = start_client_in_pod(&pods, &client_dir, &ca);
 
     let echoed = pods.client.block_on(|| async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -614,16 +594,7 @@ async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destina
     });
     assert_eq!(echoed, format!("{MARKER}\n"));
 
-    let wire = wiretap.bytes();
-    assert_eq!(
-        wire.first(),
-        Some(&0x16),
-        "the hop starts with a TLS record"
-    );
-    assert!(
-        !contains(&wire, MARKER.as_bytes()),
-        "plaintext crossed the wire"
-    );
+    assert_encrypted(&wiretap);
     assert_eq!(handshakes(&client, "outbound", "success"), 1);
     assert_eq!(handshakes(&server, "inbound", "success"), 1);
     eventually("the relayed connection counted", Duration::from_secs(5), async || {
@@ -648,12 +619,7 @@ async fn foreign_tls_passes_through_untouched_when_permissive_and_is_refused_whe
     let root = app_tls_server(pods.server.bind(&format!("0.0.0.0:{app_port}")));
     let mut dir = ConfigDir::new();
     dir.publish(&config("v1", "server", "permissive", vec![]));
-    let server = MeshProxy::start_in(
-        &pods.server,
-        &dir.path(),
-        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
-    );
-    redirect_inbound(&pods, app_port, server.inbound);
+    let server = start_server_in_pod(&pods, &dir, &ca, app_port);
     let app: SocketAddr = format!("{SERVER_IP}:{app_port}").parse().unwrap();
 
     // The application's own TLS reaches it end to end: the proxy neither terminates nor alters it.
@@ -690,39 +656,8 @@ async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wr
     let ca = TestCa::root("root");
     let listener = pods.client.bind("127.0.0.1:0");
     let (impostor_addr, reached) = impostor(&ca, listener, b"tandem/1");
-    let mut dir = ConfigDir::new();
-    dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "db",
-            CLUSTER_IP,
-            APP_PORT,
-            "tcp",
-            &[(impostor_addr, SERVER)],
-        )],
-    ));
-    let client = MeshProxy::start_in(
-        &pods.client,
-        &dir.path(),
-        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
-    );
-    pods.client.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        CLUSTER_IP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &client.outbound.port().to_string(),
-    ]);
+    let dir = client_config("db", CLUSTER_IP, APP_PORT, "tcp", impostor_addr);
+    let client = start_client_in_pod(&pods, &dir, &ca);
     let answer = pods.client.block_on(|| async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(format!("{CLUSTER_IP}:{APP_PORT}"))
@@ -742,11 +677,7 @@ async fn an_opaque_connection_to_a_server_with_another_identity_is_refused_as_wr
         "{}",
         client.metrics()
     );
-    assert_eq!(handshakes(&client, "outbound", "success"), 0);
-    assert!(
-        !reached.load(Ordering::Relaxed),
-        "the impostor completed a handshake"
-    );
+    assert_impostor_never_served(&client, &reached);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,46 +688,10 @@ async fn redirected_http_over_mutual_tls_reaches_the_original_destination() {
     upstream::http("app", pods.server.bind(&format!("0.0.0.0:{port}")));
     let mut server_dir = ConfigDir::new();
     server_dir.publish(&config("server", "server", "strict", vec![]));
-    let server = MeshProxy::start_in(
-        &pods.server,
-        &server_dir.path(),
-        identity(ca.issue(Leaf::new("test", "server")), &[&ca]),
-    );
-    redirect_inbound(&pods, port, server.inbound);
+    let server = start_server_in_pod(&pods, &server_dir, &ca, port);
     let endpoint: SocketAddr = format!("{SERVER_IP}:{port}").parse().unwrap();
-    let mut client_dir = ConfigDir::new();
-    client_dir.publish(&config(
-        "client",
-        "client",
-        "permissive",
-        vec![meshed_service(
-            "app",
-            CLUSTER_IP,
-            80,
-            "http",
-            &[(endpoint, SERVER)],
-        )],
-    ));
-    let client = MeshProxy::start_in(
-        &pods.client,
-        &client_dir.path(),
-        identity(ca.issue(Leaf::new("test", "client")), &[&ca]),
-    );
-    pods.client.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        CLUSTER_IP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &client.outbound.port().to_string(),
-    ]);
+    let client_dir = client_config("app", CLUSTER_IP, 80, "http", endpoint);
+    let client = start_client_in_pod(&pods, &client_dir, &ca);
     let reply = pods.client.block_on(|| async {
         get(
             format!("{CLUSTER_IP}:80").parse().unwrap(),

@@ -207,12 +207,7 @@ fn assert_injected_with(case: &str, golden: &str, config: &InjectConfig) -> (Pod
         security.seccomp_profile.as_ref().unwrap().type_,
         "RuntimeDefault"
     );
-    let env: Vec<&str> = proxy
-        .env
-        .iter()
-        .flatten()
-        .map(|e| e.name.as_str())
-        .collect();
+    let env = env_names(proxy);
     for name in [
         "TANDEM_POD_NAME",
         "TANDEM_POD_NAMESPACE",
@@ -274,6 +269,26 @@ fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
         .flatten()
         .find(|e| e.name == name)
         .and_then(|e| e.value.as_deref())
+}
+
+/// The names of the container's environment variables, in order.
+fn env_names(container: &Container) -> Vec<&str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect()
+}
+
+/// The names of the volumes the container mounts, in order.
+fn mount_names(container: &Container) -> Vec<&str> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect()
 }
 
 /// The proxy's mount of `volume`: (path, read-only).
@@ -355,24 +370,13 @@ fn assert_no_identity_bootstrap(pod: &Pod) {
     assert!(volume(pod, "tandem-identity-token").is_none());
     assert!(volume(pod, "tandem-trust-roots").is_none());
     let proxy = init_container(pod, "tandem-proxy");
-    let env: Vec<&str> = proxy
-        .env
-        .iter()
-        .flatten()
-        .map(|e| e.name.as_str())
-        .collect();
+    let env = env_names(proxy);
     assert!(
         !env.iter()
             .any(|name| name.starts_with("TANDEM_IDENTITY") || *name == "TANDEM_TRUST_ROOTS"),
         "{env:?}"
     );
-    let mounts: Vec<&str> = proxy
-        .volume_mounts
-        .iter()
-        .flatten()
-        .map(|m| m.name.as_str())
-        .collect();
-    assert_eq!(mounts, ["tandem-config"]);
+    assert_eq!(mount_names(proxy), ["tandem-config"]);
 }
 
 fn config_map_name(pod: &Pod) -> String {
@@ -457,13 +461,7 @@ fn a_bare_pod_gets_volumes_and_keeps_its_own_prometheus_annotations() {
         proxy.image.as_deref(),
         Some("registry.local/tandem-proxy:canary")
     );
-    let log = proxy
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "TANDEM_LOG")
-        .unwrap();
-    assert_eq!(log.value.as_deref(), Some("debug"));
+    assert_eq!(env_value(proxy, "TANDEM_LOG"), Some("debug"));
 }
 
 #[test]

@@ -7,9 +7,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use super::certify::{Signer, certify};
-use super::error::{CertifyFailure, chain};
+use super::error::CertifyFailure;
 use super::schedule::{renewal_delay, renewal_time, retry_delay};
 use super::{CertifyStatus, Credentials, Failure, IdentityState};
+use crate::error::chain;
 use crate::metrics::Metrics;
 
 /// Time allowed for one certify attempt, from resolving the signer to the end of its answer.

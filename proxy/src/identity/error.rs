@@ -202,15 +202,3 @@ pub enum TrustError {
         source: rustls::Error,
     },
 }
-
-/// The error, with its cause chain, on one line.
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}

@@ -1,10 +1,8 @@
 //! The trust anchors: a PEM file (the `tandem-trust-roots` ConfigMap, mounted by the kubelet),
 //! polled like the config file and swapped atomically when it changes.
 //!
-//! The watcher follows the same rules as [`crate::config::Watcher`]: every interval it resolves
-//! the path (following the kubelet's `..data` symlink swap) and compares the target's identity;
-//! only when that changes, or while the last attempt failed, does it read the file, and only
-//! when the bytes' SHA-256 differs from the last attempt does it parse them. A refused file
+//! The watcher polls the file with the [`FileWatch`] the config watcher uses (following the
+//! kubelet's `..data` symlink swap, parsing only bytes that changed). A refused file
 //! (not PEM, no certificate, a certificate that cannot be an anchor) keeps the last good bundle;
 //! the error is logged, counted in `tandem_identity_trust_reload_errors_total` and shown at
 //! `/config`. A missing file is logged once and shown; until a bundle loads the proxy is not
@@ -19,9 +17,11 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::Notify;
 
-use super::error::{TrustError, chain};
+use super::error::TrustError;
 use super::{IdentityState, TrustBundle};
-use crate::config::{FileIdentity, file_identity, sha256_hex};
+use crate::config::sha256_hex;
+use crate::error::chain;
+use crate::file_watch::{self, FileWatch, Poll};
 use crate::metrics::Metrics;
 
 impl TrustBundle {
@@ -61,14 +61,10 @@ pub fn fingerprint(certificate: &CertificateDer<'_>) -> String {
 
 /// Polls the trust-roots file and installs new bundles.
 pub struct TrustWatcher {
-    path: PathBuf,
+    file: FileWatch,
     state: Arc<IdentityState>,
     metrics: Arc<Metrics>,
     changed: Arc<Notify>,
-    seen: Option<FileIdentity>,
-    last_attempt_hash: Option<String>,
-    last_failed: bool,
-    missing_logged: bool,
 }
 
 impl TrustWatcher {
@@ -81,109 +77,72 @@ impl TrustWatcher {
         changed: Arc<Notify>,
     ) -> Self {
         Self {
-            path,
+            file: FileWatch::new(path),
             state,
             metrics,
             changed,
-            seen: None,
-            last_attempt_hash: None,
-            last_failed: false,
-            missing_logged: false,
         }
     }
 
     /// The file watched.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Checks the file once and installs it if it changed.
     pub fn check(&mut self) {
-        let id = match file_identity(&self.path) {
-            Ok(id) => id,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !self.missing_logged {
-                    tracing::warn!(path = %self.path.display(), kept = self.state.trust().is_some(), "Trust roots file missing; keeping the last good bundle (not ready without one)");
-                    self.state.set_trust_error(format!(
-                        "trust roots file {} missing",
-                        self.path.display()
-                    ));
-                    self.missing_logged = true;
-                }
-                self.seen = None;
-                return;
+        match self.file.poll() {
+            Poll::Unchanged => {}
+            Poll::Missing => {
+                tracing::warn!(path = %self.path().display(), kept = self.state.trust().is_some(), "Trust roots file missing; keeping the last good bundle (not ready without one)");
+                self.state.set_trust_error(format!(
+                    "trust roots file {} missing",
+                    self.path().display()
+                ));
             }
-            Err(source) => {
-                self.fail_read(source);
-                return;
+            Poll::ReadFailed(source) => self.refuse(&TrustError::Read {
+                path: self.path().to_path_buf(),
+                source,
+            }),
+            Poll::Changed(bytes) => {
+                let installed = self.install(&bytes);
+                self.file.attempted(installed);
             }
-        };
-        self.missing_logged = false;
-        if self.seen.as_ref() == Some(&id) && !self.last_failed {
-            return;
         }
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(source) => {
-                self.fail_read(source);
-                return;
-            }
-        };
-        self.seen = Some(id);
-        let hash = sha256_hex(&bytes);
-        if self.last_attempt_hash.as_deref() == Some(hash.as_str()) {
-            return;
-        }
-        self.last_attempt_hash = Some(hash);
-        match TrustBundle::from_pem(&bytes) {
+    }
+
+    /// Parses and installs a bundle; false if it was refused.
+    fn install(&self, pem: &[u8]) -> bool {
+        match TrustBundle::from_pem(pem) {
             Ok(bundle) => {
                 tracing::info!(
-                    path = %self.path.display(),
+                    path = %self.path().display(),
                     roots = bundle.certificates.len(),
                     fingerprints = ?bundle.fingerprints,
                     "Trust roots loaded"
                 );
                 self.state.set_trust(Arc::new(bundle));
                 self.state.clear_trust_error();
-                self.last_failed = false;
                 self.changed.notify_one();
+                true
             }
             Err(error) => {
                 self.refuse(&error);
-                self.last_failed = true;
+                false
             }
         }
-    }
-
-    fn fail_read(&mut self, source: std::io::Error) {
-        let message = source.to_string();
-        if self.last_attempt_hash.as_deref() != Some(message.as_str()) {
-            self.refuse(&TrustError::Read {
-                path: self.path.clone(),
-                source,
-            });
-            // Remember the error text so the same failure is counted once.
-            self.last_attempt_hash = Some(message);
-        }
-        self.last_failed = true;
     }
 
     fn refuse(&self, error: &TrustError) {
         let message = chain(error);
-        tracing::error!(path = %self.path.display(), error = %message, kept = self.state.trust().is_some(), "Trust roots refused; keeping the last good bundle");
+        tracing::error!(path = %self.path().display(), error = %message, kept = self.state.trust().is_some(), "Trust roots refused; keeping the last good bundle");
         self.metrics.identity.trust_reload_errors.inc();
         self.state.set_trust_error(message);
     }
 
     /// Checks the file every `interval`, forever.
     pub async fn run(mut self, interval: Duration) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            self.check();
-        }
+        file_watch::every(interval, || self.check()).await;
     }
 }
 

@@ -22,19 +22,18 @@ use pingora::listeners::TlsAccept;
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as PingoraStream;
 use pingora::protocols::tls::{TlsRef, TlsStream};
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::{DistinguishedName, ServerConfig};
 use tandem_crds::contract::MtlsMode;
 use tandem_crds::identity::ALPN_TCP;
 
 use super::hello::Hello;
 use super::spiffe::{self, SanRefusal};
-use super::{HANDSHAKE_TIMEOUT, PeerIdentity};
+use super::{HandshakeFailed, PeerIdentity, handshake_within};
 use crate::identity::{IdentityState, TrustBundle};
 use crate::metrics::{Direction, HandshakeResult, InboundRefusal, TlsMetrics};
 
@@ -174,30 +173,26 @@ impl InboundTls {
             stream,
             &self.callbacks,
         );
-        let (outcome, refused) = REFUSED
-            .scope(Cell::new(None), async {
-                let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
-                (outcome, REFUSED.with(Cell::take))
+        // Pingora's error is text only: the typed cause is what the verifier noted in REFUSED.
+        let handshake = handshake_within(
+            &self.callbacks.metrics.tls,
+            Direction::Inbound,
+            handshake,
+            |_| {
+                REFUSED
+                    .with(Cell::take)
+                    .unwrap_or(HandshakeResult::Handshake)
+            },
+        );
+        REFUSED
+            .scope(Cell::new(None), handshake)
+            .await
+            .map_err(|failed| match failed {
+                HandshakeFailed::Error(result, source) => {
+                    TerminateError::Handshake { result, source }
+                }
+                HandshakeFailed::Timeout => TerminateError::Timeout,
             })
-            .await;
-        match outcome {
-            Ok(Ok(tls)) => Ok(tls),
-            Ok(Err(source)) => {
-                let result = refused.unwrap_or(HandshakeResult::Handshake);
-                self.callbacks
-                    .metrics
-                    .tls
-                    .handshake(Direction::Inbound, result);
-                Err(TerminateError::Handshake { result, source })
-            }
-            Err(_) => {
-                self.callbacks
-                    .metrics
-                    .tls
-                    .handshake(Direction::Inbound, HandshakeResult::Handshake);
-                Err(TerminateError::Timeout)
-            }
-        }
     }
 }
 
@@ -293,39 +288,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    provider_signature_checks!(provider.signature_verification_algorithms);
 }
 
 /// After a successful handshake: the peer's identity, counted and kept in the digest.

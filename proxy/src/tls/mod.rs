@@ -17,6 +17,36 @@
 //!
 //! [`IdentityState`]: crate::identity::IdentityState
 
+/// The signature half of rustls's certificate-verifier traits, the same for both our verifiers:
+/// handshake signatures are checked with the crypto provider's algorithms, as webpki's own
+/// verifiers do. `$algorithms` is the field of `self` (a path) holding the provider's
+/// `WebPkiSupportedAlgorithms`.
+macro_rules! provider_signature_checks {
+    ($($algorithms:ident).+) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.$($algorithms).+)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.$($algorithms).+)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$($algorithms).+.supported_schemes()
+        }
+    };
+}
+
 pub mod hello;
 pub mod inbound;
 pub mod outbound;
@@ -24,11 +54,14 @@ pub mod probes;
 pub mod spiffe;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tandem_crds::contract::ProxyConfig;
 use tandem_crds::identity::{SpiffeId, SpiffeIdError};
+
+use crate::metrics::{Direction, HandshakeResult, TlsMetrics};
 
 pub use inbound::{Admission, InboundTls, admit};
 pub use outbound::OutboundTls;
@@ -68,6 +101,37 @@ impl MeshTls {
 
 /// How long a TLS handshake (either side) may take.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a handshake run by [`handshake_within`] failed.
+#[derive(Debug)]
+enum HandshakeFailed<E> {
+    /// It failed, for the counted cause.
+    Error(HandshakeResult, E),
+    /// It did not finish within [`HANDSHAKE_TIMEOUT`].
+    Timeout,
+}
+
+/// Runs `handshake` for at most [`HANDSHAKE_TIMEOUT`]. A failure is counted in `direction`,
+/// with the cause `classify` finds in the error (a timeout counts as `handshake`); a success is
+/// left to the caller, who knows the peer.
+async fn handshake_within<T, E>(
+    metrics: &TlsMetrics,
+    direction: Direction,
+    handshake: impl Future<Output = Result<T, E>>,
+    classify: impl FnOnce(&E) -> HandshakeResult,
+) -> Result<T, HandshakeFailed<E>> {
+    let failed = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => return Ok(tls),
+        Ok(Err(error)) => HandshakeFailed::Error(classify(&error), error),
+        Err(_) => HandshakeFailed::Timeout,
+    };
+    let result = match &failed {
+        HandshakeFailed::Error(result, _) => *result,
+        HandshakeFailed::Timeout => HandshakeResult::Handshake,
+    };
+    metrics.handshake(direction, result);
+    Err(failed)
+}
 
 /// The identity of the proxy on the other end of a mutual-TLS connection.
 ///
@@ -158,34 +222,13 @@ impl PeerIdentities {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_crds::contract::{Endpoint, Protocol, Service, ServicePort, Workload};
+    use crate::routing::fixtures::{endpoint, web};
 
     fn config(identity: Option<&str>) -> ProxyConfig {
-        let mut c = ProxyConfig::new(Workload::default());
-        c.services.push(Service {
-            name: "web".into(),
-            namespace: "shop".into(),
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                port: 80,
-                protocol: Protocol::Http,
-                endpoints: vec![
-                    Endpoint {
-                        address: "10.0.0.1:8080".parse().unwrap(),
-                        meshed: true,
-                        identity: identity.map(str::to_owned),
-                    },
-                    Endpoint {
-                        address: "10.0.0.2:8080".parse().unwrap(),
-                        meshed: false,
-                        identity: None,
-                    },
-                ],
-            }],
-            ..Service::default()
-        });
-        c
+        web(vec![
+            endpoint("10.0.0.1:8080", true, identity),
+            endpoint("10.0.0.2:8080", false, None),
+        ])
     }
 
     #[test]

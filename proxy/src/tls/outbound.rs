@@ -18,19 +18,19 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use pingora::prelude::HttpPeer;
 use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::{ClientConfig, SignatureScheme};
 use tandem_crds::identity::ALPN_TCP;
 use tokio::net::TcpStream;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
 use super::spiffe::{self, SanRefusal};
-use super::{HANDSHAKE_TIMEOUT, PeerIdentity};
+use super::{HandshakeFailed, PeerIdentity, handshake_within};
 use crate::identity::{Credentials, IdentityState, TrustBundle};
 use crate::metrics::{Direction, HandshakeResult, Metrics};
 
@@ -221,6 +221,7 @@ impl OutboundTls {
         let material = self.material().ok_or(ConnectError::NoIdentity)?;
         let verifier = Arc::new(PeerVerifier {
             webpki: material.webpki.clone(),
+            algorithms: self.provider.signature_verification_algorithms,
             expected: peer.clone(),
         });
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
@@ -236,27 +237,21 @@ impl OutboundTls {
         let name = ServerName::try_from(peer.sni.to_string())
             .map_err(|e| ConnectError::Config(rustls::Error::General(e.to_string())))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
-            Ok(Ok(tls)) => {
-                self.http_connected(peer);
-                Ok(tls)
-            }
-            Ok(Err(source)) => {
-                let result = spiffe::classify(&source);
-                self.metrics.tls.handshake(Direction::Outbound, result);
-                Err(ConnectError::Handshake {
-                    peer: peer.uri.clone(),
-                    result,
-                    source,
-                })
-            }
-            Err(_) => {
-                self.metrics
-                    .tls
-                    .handshake(Direction::Outbound, HandshakeResult::Handshake);
-                Err(ConnectError::Timeout)
-            }
-        }
+        let handshake = connector.connect(name, tcp);
+        let tls = handshake_within(&self.metrics.tls, Direction::Outbound, handshake, |e| {
+            spiffe::classify(e)
+        })
+        .await
+        .map_err(|failed| match failed {
+            HandshakeFailed::Error(result, source) => ConnectError::Handshake {
+                peer: peer.uri.clone(),
+                result,
+                source,
+            },
+            HandshakeFailed::Timeout => ConnectError::Timeout,
+        })?;
+        self.http_connected(peer);
+        Ok(tls)
     }
 }
 
@@ -282,6 +277,8 @@ impl ResolvesClientCert for OurCert {
 #[derive(Debug)]
 struct PeerVerifier {
     webpki: Arc<WebPkiServerVerifier>,
+    /// The provider's signature algorithms (those `webpki` was built with).
+    algorithms: WebPkiSupportedAlgorithms,
     expected: Arc<PeerIdentity>,
 }
 
@@ -312,27 +309,7 @@ impl ServerCertVerifier for PeerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
+    provider_signature_checks!(algorithms);
 }
 
 #[cfg(test)]
@@ -360,14 +337,13 @@ mod tests {
     fn verifier(root: CertificateDer<'static>, expected: SpiffeId) -> PeerVerifier {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root).unwrap();
-        let webpki = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()
-        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
         PeerVerifier {
             webpki,
+            algorithms: provider.signature_verification_algorithms,
             expected: Arc::new(PeerIdentity::new(expected)),
         }
     }

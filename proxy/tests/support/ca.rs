@@ -264,11 +264,10 @@ impl TestCa {
         ]
     }
 
-    /// A workload leaf for `id`, valid `ttl` from now, with a fresh P-256 key.
-    pub fn issue_spiffe(&self, id: &SpiffeId, ttl: Duration) -> Issued {
+    /// Signs `params` (serial `serial`) for a fresh P-256 key, which the result keeps.
+    fn issue_with_new_key(&self, params: &CertificateParams, serial: String) -> Issued {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let (params, serial) = self.leaf_params(Self::spiffe_sans(id), ttl);
-        let (chain, chain_pem) = self.finish(&params, &key);
+        let (chain, chain_pem) = self.finish(params, &key);
         Issued {
             chain,
             chain_pem,
@@ -277,24 +276,25 @@ impl TestCa {
         }
     }
 
+    /// A workload leaf for `id`, valid `ttl` from now, with a fresh P-256 key.
+    pub fn issue_spiffe(&self, id: &SpiffeId, ttl: Duration) -> Issued {
+        let (params, serial) = self.leaf_params(Self::spiffe_sans(id), ttl);
+        self.issue_with_new_key(&params, serial)
+    }
+
     /// The proxy's [`Credentials`] for a workload leaf described by `leaf`, with a fresh key.
     pub fn issue(&self, leaf: Leaf) -> Arc<Credentials> {
         const DAY: Duration = Duration::from_secs(86_400);
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let (mut params, serial) = self.leaf_params(Self::spiffe_sans(&leaf.id), DAY);
         if leaf.expired {
             let now = SystemTime::now();
             params.not_before = (now - 2 * DAY).into();
             params.not_after = (now - DAY).into();
         }
-        let (chain, chain_pem) = self.finish(&params, &key);
-        let issued = Issued {
-            chain,
-            chain_pem,
-            key: Some(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            serial,
-        };
-        Arc::new(issued.credentials(&leaf.id))
+        Arc::new(
+            self.issue_with_new_key(&params, serial)
+                .credentials(&leaf.id),
+        )
     }
 
     /// A workload leaf for `id` certifying `public_key` (a DER SubjectPublicKeyInfo's key bits,
@@ -324,18 +324,11 @@ impl TestCa {
 
     /// A serving certificate for `dns`, valid ten days, with a fresh key.
     pub fn issue_server(&self, dns: &str) -> Issued {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let (params, serial) = self.leaf_params(
             vec![SanType::DnsName(dns.try_into().unwrap())],
             Duration::from_secs(10 * 86_400),
         );
-        let (chain, chain_pem) = self.finish(&params, &key);
-        Issued {
-            chain,
-            chain_pem,
-            key: Some(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            serial,
-        }
+        self.issue_with_new_key(&params, serial)
     }
 }
 

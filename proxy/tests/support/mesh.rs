@@ -180,21 +180,13 @@ pub fn meshed_service(
     protocol: &str,
     endpoints: &[(SocketAddr, &str)],
 ) -> serde_json::Value {
-    serde_json::json!({
-        "name": name,
-        "namespace": "test",
-        "clusterIps": [cluster_ip],
-        "ports": [{
-            "port": port,
-            "protocol": protocol,
-            "endpoints": endpoints.iter().map(|(address, identity)| serde_json::json!({
-                "address": address.to_string(),
-                "meshed": true,
-                "identity": identity,
-            })).collect::<Vec<_>>(),
-        }],
-        "loadBalancer": "roundRobin",
-    })
+    let endpoints = endpoints
+        .iter()
+        .map(|(address, identity)| {
+            serde_json::json!({"address": address.to_string(), "meshed": true, "identity": identity})
+        })
+        .collect();
+    super::service_with(name, cluster_ip, port, protocol, endpoints)
 }
 
 /// A config for workload `test/<service_account>` in this mTLS mode.

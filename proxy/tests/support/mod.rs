@@ -1,6 +1,10 @@
 //! Test harness: the real `tandem-proxy` binary as a child process, real upstream servers on
 //! loopback port 0, small HTTP/1.1 and h2c clients, and the kubelet's atomic config swap.
-#![allow(dead_code, missing_docs)]
+#![allow(
+    dead_code,
+    missing_docs,
+    reason = "a harness, not an API: each test binary compiles all of it and uses a part"
+)]
 
 pub mod ca;
 pub mod mesh;
@@ -96,6 +100,22 @@ pub fn service(
     protocol: &str,
     endpoints: &[SocketAddr],
 ) -> serde_json::Value {
+    let endpoints = endpoints
+        .iter()
+        .map(|e| serde_json::json!({"address": e.to_string(), "meshed": true}))
+        .collect();
+    service_with(name, cluster_ip, port, protocol, endpoints)
+}
+
+/// A service entry for a config, `test/<name>` on `cluster_ip:port`, with these endpoint
+/// entries.
+pub fn service_with(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    protocol: &str,
+    endpoints: Vec<serde_json::Value>,
+) -> serde_json::Value {
     serde_json::json!({
         "name": name,
         "namespace": "test",
@@ -103,7 +123,7 @@ pub fn service(
         "ports": [{
             "port": port,
             "protocol": protocol,
-            "endpoints": endpoints.iter().map(|e| serde_json::json!({"address": e.to_string(), "meshed": true})).collect::<Vec<_>>(),
+            "endpoints": endpoints,
         }],
         "loadBalancer": "roundRobin",
     })

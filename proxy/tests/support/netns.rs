@@ -66,6 +66,16 @@ impl Netns {
         sh(&argv);
     }
 
+    /// Appends a nat rule redirecting TCP in `chain` (`OUTPUT`: leaving the namespace,
+    /// `PREROUTING`: arriving), narrowed by the iptables matches in `only`, to local `port`.
+    pub fn redirect_tcp(&self, chain: &str, only: &[&str], port: u16) {
+        let port = port.to_string();
+        let mut argv = vec!["iptables", "-t", "nat", "-A", chain, "-p", "tcp"];
+        argv.extend_from_slice(only);
+        argv.extend_from_slice(&["-j", "REDIRECT", "--to-ports", &port]);
+        self.exec(&argv);
+    }
+
     /// `nsenter` prefix running a program inside the namespace as `uid`.
     pub fn as_uid(&self, uid: u32) -> Vec<String> {
         vec![
@@ -171,8 +181,6 @@ impl Pods {
     /// the server pod, every incoming TCP connection goes to :15006.
     pub fn capture(&self) {
         let uid = tandem_crds::names::PROXY_UID.to_string();
-        let out = tandem_crds::names::OUTBOUND_PORT.to_string();
-        let inb = tandem_crds::names::INBOUND_PORT.to_string();
         for ns in [&self.client, &self.server] {
             ns.exec(&[
                 "iptables",
@@ -192,32 +200,8 @@ impl Pods {
             ns.exec(&[
                 "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-o", "lo", "-j", "RETURN",
             ]);
-            ns.exec(&[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                &out,
-            ]);
-            ns.exec(&[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                &inb,
-            ]);
+            ns.redirect_tcp("OUTPUT", &[], tandem_crds::names::OUTBOUND_PORT);
+            ns.redirect_tcp("PREROUTING", &[], tandem_crds::names::INBOUND_PORT);
         }
     }
 }
