@@ -9,7 +9,8 @@
 # The side-by-side run measures every topology or refuses to run (exit 64, saying what is
 # missing): BENCH_SKIP leaves some out on purpose, and the report lists them as left out.
 # Names as `tandem-bench run --skip` takes them, space- or comma-separated:
-# direct pingora haproxy nginx tandem1 tandem2 (e.g. `make bench BENCH_SKIP=haproxy,nginx`).
+# direct pingora haproxy nginx nginx2 nginx2-mtls tandem1 tandem2 tandem2-mtls (e.g. `make bench
+# BENCH_SKIP=haproxy,nginx`).
 #
 # A recipe's lines are all expanded before its first one runs, so nothing here may ask make
 # ($(wildcard), $(shell)) about a file an earlier line of the same recipe builds (issue 21:

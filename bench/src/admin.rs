@@ -37,6 +37,12 @@ pub enum AdminError {
 
 /// GETs `path` from the admin listener at `addr` and returns the body (any status).
 pub async fn get(addr: SocketAddr, path: &str) -> Result<String, AdminError> {
+    Ok(fetch(addr, path).await?.1)
+}
+
+/// GETs `path` from the listener at `addr` (an admin port, nginx's status page) and returns
+/// the status and the body.
+pub async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminError> {
     let fail = |message: String| AdminError::Get {
         addr,
         path: path.to_owned(),
@@ -57,13 +63,14 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<String, AdminError> {
         .send_request(request)
         .await
         .map_err(|e| fail(e.to_string()))?;
+    let status = response.status().as_u16();
     let body = response
         .into_body()
         .collect()
         .await
         .map_err(|e| fail(e.to_string()))?
         .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Sums the counter `name` over its series whose labels include every `name="value"` pair of

@@ -215,6 +215,7 @@ pub fn render(result: &RunResult, machine: &Machine, chart: &str) -> String {
     many_section(&mut out, &view);
     memory_section(&mut out, &view);
     goals_section(&mut out, &view);
+    mtls_section(&mut out, &view);
     method_section(&mut out);
     out
 }
@@ -682,6 +683,289 @@ fn goals_section(out: &mut String, view: &View<'_>) {
     let _ = writeln!(out);
 }
 
+/// The bound of issue 13: what mutual TLS may add to the p50 of one hop at 1,000 req/s.
+pub const MTLS_P50_PER_HOP_BOUND_MS: f64 = 0.1;
+
+/// The rate the mutual-TLS goal is checked at.
+const MTLS_GOAL_RATE: u64 = 1_000;
+
+/// A mutual-TLS topology and its plaintext twin, both measured in this run.
+struct MtlsPair<'a> {
+    /// `tandem` or `nginx`.
+    label: &'static str,
+    mtls: &'a TopologyRun,
+    plain: &'a TopologyRun,
+}
+
+impl MtlsPair<'_> {
+    /// `figure` of the mTLS topology combined with the plaintext one's, round by round.
+    fn paired(
+        &self,
+        figure: &dyn Fn(&RoundResult) -> Option<f64>,
+        f: impl Fn(f64, f64) -> Option<f64>,
+    ) -> Option<Spread> {
+        Spread::of(&paired(
+            &series(self.mtls, figure),
+            &series(self.plain, figure),
+            f,
+        ))
+    }
+
+    /// What mutual TLS adds to `figure` per hop: half of the two hops' difference.
+    fn added_per_hop(&self, figure: &dyn Fn(&RoundResult) -> Option<f64>) -> Option<Spread> {
+        self.paired(figure, |m, p| Some((m - p) / 2.0))
+    }
+
+    fn ratio(&self, figure: &dyn Fn(&RoundResult) -> Option<f64>) -> Option<Spread> {
+        self.paired(figure, ratio)
+    }
+}
+
+fn fixed_cpu_micros(protocol: Protocol, rate: u64) -> impl Fn(&RoundResult) -> Option<f64> {
+    move |round: &RoundResult| {
+        round
+            .fixed
+            .iter()
+            .find(|f| f.protocol == protocol && f.rate == rate)
+            .and_then(|f| f.proxy_cores)
+            .map(|cores| cores * 1e6 / rate.max(1) as f64)
+    }
+}
+
+fn fixed_handshakes(protocol: Protocol, rate: u64) -> impl Fn(&RoundResult) -> Option<f64> {
+    move |round: &RoundResult| {
+        round
+            .fixed
+            .iter()
+            .find(|f| f.protocol == protocol && f.rate == rate)
+            .and_then(|f| f.handshakes_per_second)
+    }
+}
+
+fn max_handshakes(protocol: Protocol) -> impl Fn(&RoundResult) -> Option<f64> {
+    move |round: &RoundResult| {
+        round
+            .max
+            .iter()
+            .find(|m| m.protocol == protocol)
+            .and_then(|m| m.handshakes_per_second)
+    }
+}
+
+const MANY_HANDSHAKES: Figure = |r| r.many.as_ref().and_then(|m| m.handshakes).map(|h| h as f64);
+
+/// CPU seconds per 10,000 requests → µs per request.
+fn micros_per_request(round: &RoundResult, protocol: Protocol) -> Option<f64> {
+    max_figure(protocol, true)(round).map(|per_10k| per_10k * 100.0)
+}
+
+/// Mutual TLS (issue 13): each mTLS two hops against the same two hops in plaintext, paired
+/// by round, and the goal "mTLS adds ≤ 0.1 ms p50 per hop at 1k req/s".
+fn mtls_section(out: &mut String, view: &View<'_>) {
+    let asked = Topology::MTLS_PAIRS
+        .iter()
+        .any(|(m, p)| view.find(*m).is_some() || view.find(*p).is_some());
+    if !asked {
+        return;
+    }
+    let plan = &view.result.plan;
+    let _ = writeln!(
+        out,
+        "## Mutual TLS (issue 13): two hops with mTLS vs the same two hops in plaintext\n"
+    );
+    let _ = writeln!(
+        out,
+        "Each mTLS topology against its plaintext twin, round by round. \"Per hop\" is half \
+         of what mTLS adds to the two hops: one TLS connection between the two proxies, the \
+         client side originating it, the server side terminating it. CPU per request: both \
+         proxies' CPU time over the run ÷ its requests. Handshakes: TLS handshakes between \
+         the two proxies during the run (tandem: the server sidecar's \
+         `tandem_tls_handshakes_total{{direction=\"inbound\",result=\"success\"}}`; nginx: \
+         connections the server-side nginx accepted, from `stub_status`, each one handshake, \
+         full or resumed). The nginx pair is the anchor: the same mutual TLS \
+         (`proxy_ssl_certificate` upstream, `ssl_verify_client on` downstream, TLS 1.3, \
+         P-256 certificates from the same test CA, upstream keep-alive).\n"
+    );
+    let mut pairs = Vec::new();
+    for (label, (mtls, plain)) in ["tandem", "nginx"].into_iter().zip(Topology::MTLS_PAIRS) {
+        match (view.find(mtls), view.find(plain)) {
+            (Some(m), Some(p)) => pairs.push(MtlsPair {
+                label,
+                mtls: m,
+                plain: p,
+            }),
+            (m, p) => {
+                let missing: Vec<&str> = [(m.is_none(), mtls), (p.is_none(), plain)]
+                    .iter()
+                    .filter(|(gone, _)| *gone)
+                    .map(|(_, t)| t.name())
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "- {label}: not compared, {} not measured in this run.",
+                    missing.join(" and ")
+                );
+            }
+        }
+    }
+    for pair in &pairs {
+        if pair.mtls.rounds.iter().all(Option::is_none) {
+            let _ = writeln!(
+                out,
+                "- {}: every round failed (see \"Failed rounds\"), nothing measured.",
+                pair.mtls.topology.name()
+            );
+        }
+    }
+    let _ = writeln!(out);
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "### Constant rate (latency in ms from the intended send time)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| pair | scenario | p50 plaintext | p50 mTLS | added p50 per hop | p99 plaintext | p99 mTLS | added p99 per hop | CPU µs/request plaintext | CPU µs/request mTLS | CPU mTLS ÷ plaintext | handshakes/s |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for pair in &pairs {
+        for &rate in &plan.rates {
+            for &protocol in &plan.fixed_protocols {
+                let p50 = fixed_figure(protocol, rate, |l| l.p50);
+                let p99 = fixed_figure(protocol, rate, |l| l.p99);
+                let cpu = fixed_cpu_micros(protocol, rate);
+                let of = |run: &TopologyRun, g: &dyn Fn(&RoundResult) -> Option<f64>| {
+                    Spread::of(&flat(&series(run, g)))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {rate} req/s {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    pair.label,
+                    protocol.label(),
+                    cell(of(pair.plain, &p50), 2),
+                    cell(of(pair.mtls, &p50), 2),
+                    signed_cell(pair.added_per_hop(&p50), 3),
+                    cell(of(pair.plain, &p99), 2),
+                    cell(of(pair.mtls, &p99), 2),
+                    signed_cell(pair.added_per_hop(&p99), 2),
+                    cell(of(pair.plain, &cpu), 1),
+                    cell(of(pair.mtls, &cpu), 1),
+                    ratio_cell(pair.ratio(&cpu)),
+                    cell(of(pair.mtls, &fixed_handshakes(protocol, rate)), 1),
+                );
+            }
+        }
+    }
+    let _ = writeln!(out);
+    if !plan.max_protocols.is_empty() {
+        let _ = writeln!(
+            out,
+            "### Maximum throughput, {} requests in flight (closed loop)\n",
+            plan.max_in_flight
+        );
+        let _ = writeln!(
+            out,
+            "| pair | protocol | req/s plaintext | req/s mTLS | req/s mTLS ÷ plaintext | CPU µs/request plaintext | CPU µs/request mTLS | CPU mTLS ÷ plaintext | handshakes/s |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        for pair in &pairs {
+            for &protocol in &plan.max_protocols {
+                let rps = max_figure(protocol, false);
+                let cpu = move |r: &RoundResult| micros_per_request(r, protocol);
+                let of = |run: &TopologyRun, g: &dyn Fn(&RoundResult) -> Option<f64>| {
+                    Spread::of(&flat(&series(run, g)))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    pair.label,
+                    protocol.label(),
+                    cell(of(pair.plain, &rps), 0),
+                    cell(of(pair.mtls, &rps), 0),
+                    ratio_cell(pair.ratio(&rps)),
+                    cell(of(pair.plain, &cpu), 1),
+                    cell(of(pair.mtls, &cpu), 1),
+                    ratio_cell(pair.ratio(&cpu)),
+                    cell(of(pair.mtls, &max_handshakes(protocol)), 1),
+                );
+            }
+        }
+        let _ = writeln!(out);
+    }
+    if plan.many_rounds > 0 {
+        let _ = writeln!(
+            out,
+            "### {} connections, one request each at once (HTTP/1.1)\n",
+            plan.many_connections
+        );
+        let _ = writeln!(
+            out,
+            "| pair | errors plaintext | errors mTLS | p99 plaintext (ms) | p99 mTLS (ms) | handshakes (mTLS, whole run) |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for pair in &pairs {
+            let of = |run: &TopologyRun, g: Figure| Spread::of(&flat(&series(run, g)));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                pair.label,
+                cell(of(pair.plain, MANY_ERRORS), 0),
+                cell(of(pair.mtls, MANY_ERRORS), 0),
+                cell(of(pair.plain, MANY_P99), 1),
+                cell(of(pair.mtls, MANY_P99), 1),
+                cell(of(pair.mtls, MANY_HANDSHAKES), 0),
+            );
+        }
+        let _ = writeln!(out);
+    }
+    mtls_goal(out, &pairs, plan);
+}
+
+/// The goal of issue 13, checked on tandem's pair; nginx's figure beside it as the anchor.
+fn mtls_goal(out: &mut String, pairs: &[MtlsPair<'_>], plan: &crate::run::Plan) {
+    let _ = writeln!(
+        out,
+        "### Goal (issue 13): mTLS adds ≤ {MTLS_P50_PER_HOP_BOUND_MS} ms p50 per hop at \
+         {MTLS_GOAL_RATE} req/s\n"
+    );
+    if !plan.rates.contains(&MTLS_GOAL_RATE) {
+        let _ = writeln!(
+            out,
+            "Not evaluated: this run had no {MTLS_GOAL_RATE} req/s scenario.\n"
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| pair | protocol | added p50 per hop (median) | verdict |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|");
+    for pair in pairs {
+        for &protocol in &plan.fixed_protocols {
+            let p50 = fixed_figure(protocol, MTLS_GOAL_RATE, |l| l.p50);
+            let added = pair.added_per_hop(&p50).map(|s| s.median);
+            let verdict = match (pair.label, added) {
+                (_, None) => "not measured".to_string(),
+                ("tandem", Some(v)) if v <= MTLS_P50_PER_HOP_BOUND_MS => "met".to_string(),
+                ("tandem", Some(v)) => {
+                    format!("missed by {:.3} ms", v - MTLS_P50_PER_HOP_BOUND_MS)
+                }
+                (_, Some(_)) => "anchor (no bound)".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {verdict} |",
+                pair.label,
+                protocol.label(),
+                added.map_or_else(|| "–".into(), |v| format!("{v:+.3} ms")),
+            );
+        }
+    }
+    let _ = writeln!(out);
+}
+
 fn method_section(out: &mut String) {
     let _ = writeln!(
         out,
@@ -699,6 +983,12 @@ fn method_section(out: &mut String) {
          HAProxy (`nbthread 1`, `http-reuse always`), nginx (`master_process off`, upstream \
          `keepalive 128`), tandem-proxy (`tandem-proxy run`, destination from the Host header, \
          no iptables).\n\
+         - Mutual TLS (bench/README.md, \"Mutual TLS\"): tandem 2 hops mTLS gets its \
+         certificates from the bench signer over the identity contract (the operator's needs a \
+         kube-apiserver for TokenReview; the data plane's cost is what is measured); the nginx \
+         pair (`nginx2`, `nginx2-mtls`) is one worker each, TLS 1.3, certificates from the same \
+         kind of test CA. Before an mTLS round is measured: both proxies ready, plaintext to \
+         the server side refused, a handshake counted.\n\
          - CPU: utime + stime of the proxy's processes from `/proc/<pid>/stat` over the run. \
          Memory: VmRSS (VmHWM for the peak) from `/proc/<pid>/status`.\n\
          - 10,000 connections: opened 256 at a time, then every connection sends one request at \
@@ -736,18 +1026,21 @@ mod tests {
                 rate: 1_000,
                 latency: latency(p50, p50 * 4.0),
                 proxy_cores: Some(0.1),
+                handshakes_per_second: None,
             }],
             max: vec![MaxResult {
                 protocol: Protocol::Http1,
                 rps: 10_000.0,
                 errors: 0,
                 cpu_per_10k: Some(cpu),
+                handshakes_per_second: None,
             }],
             many: Some(ManyResult {
                 connections: 10_000,
                 connect_errors: 0,
                 latency: latency(p50 * 10.0, p50 * 40.0),
                 rss_kib: Some(rss),
+                handshakes: None,
             }),
             idle_rss_kib: Some(rss / 10),
             load_rss_kib: Some(rss / 5),
@@ -927,6 +1220,123 @@ mod tests {
         );
         let calm = render_capture(&capture_sample(), &Machine::default(), "c.svg", "make");
         assert!(!calm.contains("(saturated) |"));
+    }
+
+    /// A round of a two-hop topology: p50 at 1k req/s HTTP/1.1, proxy cores there, CPU s per
+    /// 10k at maximum throughput, handshakes per second (mTLS only).
+    fn two_hops(p50: f64, cores: f64, cpu: f64, handshakes: Option<f64>) -> Option<RoundResult> {
+        let mut r = round(p50, cpu, 40_960)?;
+        r.fixed[0].proxy_cores = Some(cores);
+        r.fixed[0].handshakes_per_second = handshakes;
+        r.max[0].handshakes_per_second = handshakes;
+        r.many.as_mut()?.handshakes = handshakes.map(|h| h as u64 * 100);
+        Some(r)
+    }
+
+    fn mtls_sample() -> RunResult {
+        let mut result = sample();
+        result.plan.excluded.clear();
+        result.topologies = vec![
+            run(
+                Topology::NginxTwoHops,
+                vec![
+                    two_hops(0.30, 0.10, 0.50, None),
+                    two_hops(0.40, 0.10, 0.50, None),
+                ],
+            ),
+            run(
+                Topology::NginxTwoHopsMtls,
+                vec![
+                    two_hops(0.36, 0.12, 0.60, Some(0.0)),
+                    two_hops(0.44, 0.12, 0.70, Some(2.0)),
+                ],
+            ),
+            run(
+                Topology::TandemTwoHops,
+                vec![
+                    two_hops(0.50, 0.20, 1.00, None),
+                    two_hops(0.60, 0.20, 1.00, None),
+                ],
+            ),
+            run(
+                Topology::TandemTwoHopsMtls,
+                vec![
+                    two_hops(0.90, 0.25, 1.20, Some(0.0)),
+                    two_hops(0.80, 0.30, 1.40, Some(0.0)),
+                ],
+            ),
+        ];
+        result.plan.topologies = result.topologies.iter().map(|r| r.topology).collect();
+        result
+    }
+
+    fn line<'a>(report: &'a str, prefix: &str) -> &'a str {
+        report
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in\n{report}"))
+    }
+
+    #[test]
+    fn mtls_adds_half_the_two_hops_difference_per_hop_paired_by_round() {
+        let report = render(&mtls_sample(), &Machine::default(), "latency.svg");
+        assert!(report.contains("## Mutual TLS (issue 13)"));
+        // tandem: rounds add 0.40 and 0.20 to two hops → 0.20 and 0.10 per hop, median 0.15.
+        let tandem = line(&report, "| tandem | 1000 req/s HTTP/1.1 |");
+        assert!(tandem.contains("| +0.150 [+0.100..+0.200] |"), "{tandem}");
+        // CPU per request at 1k req/s: 0.20 cores = 200 µs; mTLS 250 and 300 → 1.38×.
+        assert!(
+            tandem.contains("| 200.0 [200.0..200.0] | 275.0 [250.0..300.0] | 1.38× |"),
+            "{tandem}"
+        );
+        let nginx = line(&report, "| nginx | 1000 req/s HTTP/1.1 |");
+        assert!(nginx.contains("| +0.025 [+0.020..+0.030] |"), "{nginx}");
+        assert!(nginx.ends_with("| 1.0 [0.0..2.0] |"), "{nginx}");
+        // Maximum throughput: CPU 1.0 s per 10k = 100 µs per request; mTLS 1.2 and 1.4.
+        let max = line(
+            &report,
+            "| tandem | HTTP/1.1 | 10000 [10000..10000] | 10000 [10000..10000] | 1.00× |",
+        );
+        assert!(
+            max.contains("| 100.0 [100.0..100.0] | 130.0 [120.0..140.0] | 1.30× |"),
+            "{max}"
+        );
+    }
+
+    #[test]
+    fn the_mtls_goal_is_judged_on_tandem_with_nginx_as_the_anchor() {
+        let report = render(&mtls_sample(), &Machine::default(), "latency.svg");
+        let goal = line(&report, "| tandem | HTTP/1.1 | +0.150 ms |");
+        assert!(goal.ends_with("| missed by 0.050 ms |"), "{goal}");
+        let anchor = line(&report, "| nginx | HTTP/1.1 | +0.025 ms |");
+        assert!(anchor.ends_with("| anchor (no bound) |"), "{anchor}");
+        let mut fast = mtls_sample();
+        fast.topologies[3].rounds = vec![
+            two_hops(0.60, 0.25, 1.2, Some(0.0)),
+            two_hops(0.70, 0.25, 1.2, Some(0.0)),
+        ];
+        let report = render(&fast, &Machine::default(), "latency.svg");
+        assert!(line(&report, "| tandem | HTTP/1.1 | +0.050 ms |").ends_with("| met |"));
+    }
+
+    #[test]
+    fn an_mtls_pair_missing_a_side_or_every_round_is_said_so() {
+        let mut result = mtls_sample();
+        result.topologies.remove(0);
+        result.topologies[2].rounds = vec![None, None];
+        let report = render(&result, &Machine::default(), "latency.svg");
+        assert!(
+            report.contains("- nginx: not compared, nginx 2 hops not measured in this run."),
+            "{report}"
+        );
+        assert!(report.contains(
+            "- tandem 2 hops mTLS: every round failed (see \"Failed rounds\"), nothing measured."
+        ));
+        let goal = line(&report, "| tandem | HTTP/1.1 | – |");
+        assert!(goal.ends_with("| not measured |"), "{goal}");
+        // A run without any of the four topologies has no such section.
+        let plain = render(&sample(), &Machine::default(), "latency.svg");
+        assert!(!plain.contains("## Mutual TLS"), "{plain}");
     }
 
     #[test]

@@ -248,6 +248,9 @@ pub struct FixedResult {
     pub latency: LatencySummary,
     /// CPU cores the proxy used during the run.
     pub proxy_cores: Option<f64>,
+    /// TLS handshakes per second between the hops during the run (mutual-TLS topologies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes_per_second: Option<f64>,
 }
 
 /// One maximum-throughput run.
@@ -261,6 +264,9 @@ pub struct MaxResult {
     pub errors: u64,
     /// Proxy CPU seconds per 10,000 requests.
     pub cpu_per_10k: Option<f64>,
+    /// TLS handshakes per second between the hops during the run (mutual-TLS topologies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes_per_second: Option<f64>,
 }
 
 /// The many-connections run.
@@ -274,6 +280,10 @@ pub struct ManyResult {
     pub latency: LatencySummary,
     /// Proxy VmRSS with the connections open, after the first wave.
     pub rss_kib: Option<u64>,
+    /// TLS handshakes between the hops over the whole run, opening included (mutual-TLS
+    /// topologies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes: Option<u64>,
 }
 
 /// Everything measured of one topology in one round.
@@ -473,9 +483,25 @@ impl Scene<'_> {
 
     async fn measure(&self, topology: Topology, stage: &dyn Stage) -> Result<RoundResult, String> {
         let running = stage.start(topology).map_err(|e| e.to_string())?;
+        // A mutual-TLS topology proves it is one before anything is measured through it.
+        let baseline = match &running.mtls {
+            Some(check) => Some(
+                check
+                    .before(Duration::from_secs(20))
+                    .await
+                    .map_err(|e| format!("mutual TLS: {e}\n{}", running.logs()))?,
+            ),
+            None => None,
+        };
         let probe = running.target(Protocol::Http1);
         if let Err(e) = loadgen::wait_ready(&probe, Duration::from_secs(20)).await {
             return Err(format!("not ready: {e}\n{}", running.logs()));
+        }
+        if let (Some(check), Some(baseline)) = (&running.mtls, baseline) {
+            check
+                .handshaken(baseline)
+                .await
+                .map_err(|e| format!("mutual TLS: {e}\n{}", running.logs()))?;
         }
         let mut result = RoundResult {
             idle_rss_kib: Self::rss(&running.pids, procfs::rss_kib),
@@ -557,11 +583,13 @@ impl Scene<'_> {
             .map_err(|e| format!("warm-up: {e}"))?;
         params.length = self.plan.fixed_length;
         let counted = count(&running.probes).await?;
+        let handshakes = handshakes(running).await?;
         let before = self.cpu(&running.pids);
         let outcome = loadgen::open_loop(&target, &params)
             .await
             .map_err(|e| e.to_string())?;
         let after = self.cpu(&running.pids);
+        let handshakes = handshakes_since(running, handshakes).await?;
         // Proof that the requests took the topology's path: every proxy on it counted them.
         for (probe, before) in running.probes.iter().zip(counted) {
             let now = probe.read().await.map_err(|e| e.to_string())?;
@@ -578,6 +606,7 @@ impl Scene<'_> {
             rate,
             latency: outcome.summary,
             proxy_cores,
+            handshakes_per_second: per_second(handshakes, &outcome),
         })
     }
 
@@ -589,22 +618,26 @@ impl Scene<'_> {
             length: self.plan.max_length,
             timeout: self.plan.timeout,
         };
+        let handshakes = handshakes(running).await?;
         let before = self.cpu(&running.pids);
         let outcome: RunOutcome = loadgen::closed_loop(&target, &params)
             .await
             .map_err(|e| e.to_string())?;
         let after = self.cpu(&running.pids);
+        let handshakes = handshakes_since(running, handshakes).await?;
         Ok(MaxResult {
             protocol,
             rps: outcome.throughput(),
             errors: outcome.summary.errors,
             cpu_per_10k: cpu_delta(before, after)
                 .and_then(|s| cpu_seconds_per_10k(s, outcome.summary.ok)),
+            handshakes_per_second: per_second(handshakes, &outcome),
         })
     }
 
     async fn many(&self, running: &Running) -> Result<ManyResult, String> {
         let target = running.target(Protocol::Http1);
+        let handshakes_before = handshakes(running).await?;
         let mut conns = ManyConnections::open(&target, self.plan.many_connections, 256)
             .await
             .map_err(|e| e.to_string())?;
@@ -622,13 +655,41 @@ impl Scene<'_> {
                 rss_kib = Self::rss(&running.pids, procfs::rss_kib);
             }
         }
+        // Read with the connections still open: closing 10,000 of them first would only
+        // add teardown to the wait.
+        let handshakes = handshakes_since(running, handshakes_before).await?;
+        let connect_errors = conns.connect_errors;
+        drop(conns);
         Ok(ManyResult {
             connections: self.plan.many_connections,
-            connect_errors: conns.connect_errors,
+            connect_errors,
             latency: LatencySummary::from_micros(&histogram, errors),
             rss_kib,
+            handshakes,
         })
     }
+}
+
+/// The mutual-TLS topology's handshake counter now (`None`: not a mutual-TLS topology).
+async fn handshakes(running: &Running) -> Result<Option<u64>, String> {
+    match &running.mtls {
+        Some(check) => check.handshakes.read().await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Handshakes since the reading `before` (see [`handshakes`]).
+async fn handshakes_since(running: &Running, before: Option<u64>) -> Result<Option<u64>, String> {
+    let (Some(check), Some(before)) = (&running.mtls, before) else {
+        return Ok(None);
+    };
+    let now = check.handshakes.read().await?;
+    Ok(Some(check.handshakes.between(before, now)))
+}
+
+fn per_second(count: Option<u64>, outcome: &RunOutcome) -> Option<f64> {
+    let secs = outcome.elapsed.as_secs_f64();
+    count.filter(|_| secs > 0.0).map(|c| c as f64 / secs)
 }
 
 /// Every probe's counter now.
@@ -655,8 +716,11 @@ mod tests {
 
     /// Only the tandem topologies are missing, as on a clone where tandem-proxy is not built.
     fn no_tandem(topology: Topology) -> Option<String> {
-        matches!(topology, Topology::TandemOneHop | Topology::TandemTwoHops)
-            .then(|| "no tandem-proxy given".to_string())
+        matches!(
+            topology,
+            Topology::TandemOneHop | Topology::TandemTwoHops | Topology::TandemTwoHopsMtls
+        )
+        .then(|| "no tandem-proxy given".to_string())
     }
 
     #[test]
@@ -667,6 +731,7 @@ mod tests {
             SelectError::Unavailable(vec![
                 (Topology::TandemOneHop, "no tandem-proxy given".into()),
                 (Topology::TandemTwoHops, "no tandem-proxy given".into()),
+                (Topology::TandemTwoHopsMtls, "no tandem-proxy given".into()),
             ])
         );
         let message = refused.to_string();
@@ -676,7 +741,8 @@ mod tests {
         );
         assert!(
             message.contains(
-                "--skip tandem1 --skip tandem2 (make bench BENCH_SKIP=\"tandem1 tandem2\")"
+                "--skip tandem1 --skip tandem2 --skip tandem2-mtls \
+                 (make bench BENCH_SKIP=\"tandem1 tandem2 tandem2-mtls\")"
             ),
             "{message}"
         );
@@ -684,7 +750,11 @@ mod tests {
 
     #[test]
     fn a_missing_topology_left_out_is_recorded_with_why_it_could_not_run() {
-        let skip = [Topology::TandemOneHop, Topology::TandemTwoHops];
+        let skip = [
+            Topology::TandemOneHop,
+            Topology::TandemTwoHops,
+            Topology::TandemTwoHopsMtls,
+        ];
         let selection = select(&Topology::ALL, &[], &skip, no_tandem).unwrap();
         assert_eq!(
             selection.measure,
@@ -692,7 +762,9 @@ mod tests {
                 Topology::Direct,
                 Topology::BarePingora,
                 Topology::Haproxy,
-                Topology::Nginx
+                Topology::Nginx,
+                Topology::NginxTwoHops,
+                Topology::NginxTwoHopsMtls,
             ]
         );
         assert_eq!(
@@ -709,10 +781,10 @@ mod tests {
         let refused = select(&Topology::ALL, &[], &[Topology::TandemOneHop], no_tandem);
         assert_eq!(
             refused,
-            Err(SelectError::Unavailable(vec![(
-                Topology::TandemTwoHops,
-                "no tandem-proxy given".into()
-            )]))
+            Err(SelectError::Unavailable(vec![
+                (Topology::TandemTwoHops, "no tandem-proxy given".into()),
+                (Topology::TandemTwoHopsMtls, "no tandem-proxy given".into()),
+            ]))
         );
     }
 
@@ -727,8 +799,11 @@ mod tests {
             [
                 Topology::BarePingora,
                 Topology::Haproxy,
+                Topology::NginxTwoHops,
+                Topology::NginxTwoHopsMtls,
                 Topology::TandemOneHop,
-                Topology::TandemTwoHops
+                Topology::TandemTwoHops,
+                Topology::TandemTwoHopsMtls,
             ]
         );
         // Left out and available: nothing to explain.

@@ -14,8 +14,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use tandem_crds::contract::{
-    Endpoint, PROXY_CONFIG_API_VERSION, Protocol, ProxyConfig, Service, ServicePort, Workload,
+    Endpoint, MtlsMode, PROXY_CONFIG_API_VERSION, Protocol, ProxyConfig, Service, ServicePort,
+    Workload,
 };
+use tandem_crds::identity::SpiffeId;
 
 use crate::admin::Probe;
 use crate::topology::{TopologyError, free_port};
@@ -99,11 +101,11 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn workload(service_account: &str) -> Workload {
+fn workload(service_account: &str, mtls: MtlsMode) -> Workload {
     Workload {
-        namespace: "bench".into(),
+        namespace: crate::signer::NAMESPACE.into(),
         service_account: service_account.into(),
-        mtls: Default::default(),
+        mtls,
     }
 }
 
@@ -127,6 +129,25 @@ pub fn client_config(
     )
 }
 
+/// The client-side proxy's config for the mutual-TLS two hops: as [`client_config`] with a
+/// meshed endpoint, which also names the server sidecar's identity, so the client sidecar
+/// opens mutual TLS to it and accepts only a certificate for `server`.
+pub fn mtls_client_config(
+    cluster: SocketAddr,
+    endpoint: SocketAddr,
+    server: &SpiffeId,
+) -> Result<String, ConfigError> {
+    render(&client_proxy_config(
+        cluster.ip(),
+        &[("http", cluster.port(), Protocol::Http)],
+        Endpoint {
+            address: endpoint,
+            meshed: true,
+            identity: Some(server.uri()),
+        },
+    ))
+}
+
 /// The client-side proxy's config: one service at `cluster_ip` with `ports` (name, port,
 /// declared protocol), each sent to the one ready `endpoint`.
 pub fn service_config(
@@ -135,10 +156,26 @@ pub fn service_config(
     endpoint: SocketAddr,
     meshed: bool,
 ) -> Result<String, ConfigError> {
-    render(&ProxyConfig {
+    render(&client_proxy_config(
+        cluster_ip,
+        ports,
+        Endpoint {
+            address: endpoint,
+            meshed,
+            identity: None,
+        },
+    ))
+}
+
+fn client_proxy_config(
+    cluster_ip: IpAddr,
+    ports: &[(&str, u16, Protocol)],
+    endpoint: Endpoint,
+) -> ProxyConfig {
+    ProxyConfig {
         api_version: PROXY_CONFIG_API_VERSION.into(),
         version: "bench".into(),
-        workload: workload("client"),
+        workload: workload("client", MtlsMode::Permissive),
         services: vec![Service {
             name: "upstream".into(),
             namespace: "bench".into(),
@@ -149,27 +186,33 @@ pub fn service_config(
                     name: name.into(),
                     port,
                     protocol,
-                    endpoints: vec![Endpoint {
-                        address: endpoint,
-                        meshed,
-                        identity: None,
-                    }],
+                    endpoints: vec![endpoint.clone()],
                 })
                 .collect(),
             ..Service::default()
         }],
         ..ProxyConfig::default()
-    })
+    }
 }
 
 /// The server-side proxy's config: no services (its inbound side needs none).
 pub fn server_config() -> Result<String, ConfigError> {
-    render(&ProxyConfig {
+    render(&server_proxy_config(MtlsMode::Permissive))
+}
+
+/// The server-side proxy's config for the mutual-TLS two hops: `strict`, so plaintext to its
+/// inbound listener is refused (the benchmark checks that it is, to know the hop is TLS).
+pub fn mtls_server_config() -> Result<String, ConfigError> {
+    render(&server_proxy_config(MtlsMode::Strict))
+}
+
+fn server_proxy_config(mtls: MtlsMode) -> ProxyConfig {
+    ProxyConfig {
         api_version: PROXY_CONFIG_API_VERSION.into(),
         version: "bench".into(),
-        workload: workload("server"),
+        workload: workload("server", mtls),
         ..ProxyConfig::default()
-    })
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +231,33 @@ mod tests {
         assert!(port.endpoints[0].meshed);
         let server: ProxyConfig = serde_json::from_str(&server_config().unwrap()).unwrap();
         assert!(server.services.is_empty());
+    }
+
+    #[test]
+    fn the_mtls_configs_name_the_server_s_identity_and_make_the_server_strict() {
+        let upstream: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let inbound: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+        let server_id = SpiffeId::new("cluster.local", "bench", "server");
+        let client: ProxyConfig =
+            serde_json::from_str(&mtls_client_config(upstream, inbound, &server_id).unwrap())
+                .unwrap();
+        let endpoint = &client.services[0].ports[0].endpoints[0];
+        assert_eq!(endpoint.address, inbound);
+        assert!(endpoint.meshed);
+        assert_eq!(
+            endpoint.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/bench/sa/server")
+        );
+        assert_eq!(client.workload.service_account, "client");
+        let server: ProxyConfig = serde_json::from_str(&mtls_server_config().unwrap()).unwrap();
+        assert_eq!(server.workload.mtls, MtlsMode::Strict);
+        assert_eq!(server.workload.service_account, "server");
+        // The plaintext two hops stay as they were.
+        let plain: ProxyConfig =
+            serde_json::from_str(&client_config(upstream, inbound, true).unwrap()).unwrap();
+        assert_eq!(plain.services[0].ports[0].endpoints[0].identity, None);
+        let plain_server: ProxyConfig = serde_json::from_str(&server_config().unwrap()).unwrap();
+        assert_eq!(plain_server.workload.mtls, MtlsMode::Permissive);
     }
 
     #[test]

@@ -11,6 +11,8 @@ use tempfile::TempDir;
 
 use crate::admin::Probe;
 use crate::loadgen::{Protocol, Target};
+use crate::mtls::{Handshakes, MtlsCheck};
+use crate::signer::{self, BenchIdentity, PROXY_IDENTITY_ENV, SignerError, TestCa};
 use crate::tandem;
 
 /// Errors starting a topology.
@@ -31,6 +33,9 @@ pub enum TopologyError {
     /// The tandem-proxy config could not be written.
     #[error("tandem config: {0}")]
     Config(#[from] tandem::ConfigError),
+    /// The test CA or the bench signer failed.
+    #[error("identity: {0}")]
+    Identity(#[from] SignerError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TopologyError {
@@ -56,12 +61,26 @@ pub enum Topology {
     Haproxy,
     /// Debian's nginx, one worker process, `proxy_pass` with upstream keep-alive.
     Nginx,
+    /// Two nginx in a row, the anchor for the mesh path: a client-side nginx proxying to a
+    /// server-side nginx (upstream keep-alive on both), plaintext.
+    #[value(name = "nginx2")]
+    NginxTwoHops,
+    /// The same nginx pair over mutual TLS (TLS 1.3): the client side presents its
+    /// certificate (`proxy_ssl_certificate`) and verifies the server's name; the server side
+    /// requires a client certificate under the roots (`ssl_verify_client on`).
+    #[value(name = "nginx2-mtls")]
+    NginxTwoHopsMtls,
     /// One tandem-proxy: the client-side sidecar's outbound listener.
     #[value(name = "tandem1")]
     TandemOneHop,
     /// Two tandem-proxies, the mesh path: client sidecar outbound → server sidecar inbound.
     #[value(name = "tandem2")]
     TandemTwoHops,
+    /// The two tandem-proxies with mutual TLS between them (issue 13): both get certificates
+    /// from the bench signer; the client sidecar's config names the server endpoint's identity,
+    /// the server sidecar is `strict`.
+    #[value(name = "tandem2-mtls")]
+    TandemTwoHopsMtls,
     /// The capture run's baseline: the client pod talks to the server pod's IP over the veth.
     #[value(skip)]
     DirectNetns,
@@ -77,13 +96,16 @@ pub enum Topology {
 
 impl Topology {
     /// Every topology, in report order.
-    pub const ALL: [Topology; 6] = [
+    pub const ALL: [Topology; 9] = [
         Topology::Direct,
         Topology::BarePingora,
         Topology::Haproxy,
         Topology::Nginx,
+        Topology::NginxTwoHops,
+        Topology::NginxTwoHopsMtls,
         Topology::TandemOneHop,
         Topology::TandemTwoHops,
+        Topology::TandemTwoHopsMtls,
     ];
 
     /// The capture run's topologies, in report order.
@@ -100,8 +122,11 @@ impl Topology {
             Self::BarePingora => "bare Pingora",
             Self::Haproxy => "HAProxy",
             Self::Nginx => "nginx",
+            Self::NginxTwoHops => "nginx 2 hops",
+            Self::NginxTwoHopsMtls => "nginx 2 hops mTLS",
             Self::TandemOneHop => "tandem 1 hop",
             Self::TandemTwoHops => "tandem 2 hops",
+            Self::TandemTwoHopsMtls => "tandem 2 hops mTLS",
             Self::DirectNetns => "direct (netns)",
             Self::TandemCaptured => "tandem 2 hops, captured",
             Self::TandemNetns => "tandem 2 hops, no capture (netns)",
@@ -116,8 +141,11 @@ impl Topology {
             Self::BarePingora => "pingora",
             Self::Haproxy => "haproxy",
             Self::Nginx => "nginx",
+            Self::NginxTwoHops => "nginx2",
+            Self::NginxTwoHopsMtls => "nginx2-mtls",
             Self::TandemOneHop => "tandem1",
             Self::TandemTwoHops => "tandem2",
+            Self::TandemTwoHopsMtls => "tandem2-mtls",
             Self::DirectNetns | Self::TandemCaptured | Self::TandemNetns => self.name(),
         }
     }
@@ -131,6 +159,12 @@ impl Topology {
     pub fn has_proxy(self) -> bool {
         !self.is_direct()
     }
+
+    /// The mutual-TLS topologies, each with the same path in plaintext it is compared with.
+    pub const MTLS_PAIRS: [(Topology, Topology); 2] = [
+        (Topology::TandemTwoHopsMtls, Topology::TandemTwoHops),
+        (Topology::NginxTwoHopsMtls, Topology::NginxTwoHops),
+    ];
 }
 
 /// A program a topology needs: where it is, or why it is not there (said to the user when
@@ -206,9 +240,12 @@ impl Tools {
         match topology {
             Topology::Direct | Topology::BarePingora | Topology::DirectNetns => None,
             Topology::Haproxy => self.haproxy.missing(),
-            Topology::Nginx => self.nginx.missing(),
+            Topology::Nginx | Topology::NginxTwoHops | Topology::NginxTwoHopsMtls => {
+                self.nginx.missing()
+            }
             Topology::TandemOneHop
             | Topology::TandemTwoHops
+            | Topology::TandemTwoHopsMtls
             | Topology::TandemCaptured
             | Topology::TandemNetns => self.tandem.missing(),
         }
@@ -242,7 +279,12 @@ pub struct Running {
     pub pids: Vec<u32>,
     /// Request counters that must grow by what each measured run sent (empty: no proxy).
     pub probes: Vec<Probe>,
+    /// For a mutual-TLS topology: what it must show before it is measured, and its handshake
+    /// counter.
+    pub mtls: Option<MtlsCheck>,
     children: Vec<Child>,
+    /// The signer and CA of a mutual-TLS topology, stopped with it.
+    identity: Option<BenchIdentity>,
     dir: TempDir,
     /// Undone once the processes are gone (the capture run's iptables rules).
     cleanup: Option<Box<dyn FnOnce() + Send>>,
@@ -270,7 +312,9 @@ impl Running {
             authority,
             pids: Vec::new(),
             probes: Vec::new(),
+            mtls: None,
             children: Vec::new(),
+            identity: None,
             dir: TempDir::new().map_err(io("create a temp dir"))?,
             cleanup: None,
         })
@@ -328,6 +372,8 @@ impl Drop for Running {
         if let Some(cleanup) = self.cleanup.take() {
             cleanup();
         }
+        // The signer outlives the proxies that might still call it.
+        self.identity.take();
     }
 }
 
@@ -424,6 +470,46 @@ pub fn start(
             )?;
             running.add(child, http1, h2c);
         }
+        Topology::NginxTwoHops | Topology::NginxTwoHopsMtls => {
+            start_nginx_pair(
+                &mut running,
+                tools,
+                upstream,
+                topology == Topology::NginxTwoHopsMtls,
+            )?;
+        }
+        Topology::TandemTwoHopsMtls => {
+            let program = tools.tandem.path().unwrap_or(Path::new("tandem-proxy"));
+            let identity = BenchIdentity::prepare(&dir, &["client", "server"])?;
+            let env = |sa: &str| {
+                identity.proxy_env(sa).ok_or_else(|| {
+                    TopologyError::Unavailable(format!("no token was written for {sa}"))
+                })
+            };
+            let (a, b) = (tandem::Ports::free()?, tandem::Ports::free()?);
+            let server = tandem::mtls_server_config()?;
+            let child_b =
+                tandem_identity_child(&dir, program, "tandem-b", &b, &server, &env("server")?)?;
+            running.add(child_b, b.outbound, b.outbound);
+            let client = tandem::mtls_client_config(upstream, b.inbound, &identity.id("server"))?;
+            let child_a =
+                tandem_identity_child(&dir, program, "tandem-a", &a, &client, &env("client")?)?;
+            running.add(child_a, a.outbound, a.outbound);
+            running.probes = vec![
+                tandem::outbound_probe(None, a.admin),
+                tandem::inbound_probe(None, b.admin),
+            ];
+            running.mtls = Some(MtlsCheck {
+                ready: vec![b.admin, a.admin],
+                plaintext: Target {
+                    addr: b.inbound,
+                    authority: upstream.to_string(),
+                    protocol: Protocol::Http1,
+                },
+                handshakes: Handshakes::Tandem { admin: b.admin },
+            });
+            running.identity = Some(identity);
+        }
         Topology::TandemOneHop => {
             let program = tools.tandem.path().unwrap_or(Path::new("tandem-proxy"));
             let a = tandem::Ports::free()?;
@@ -459,6 +545,8 @@ impl Running {
     }
 }
 
+/// Starts a plaintext `tandem-proxy run` (identity off, whatever this process's environment
+/// says).
 pub(crate) fn tandem_child(
     dir: &Path,
     program: &Path,
@@ -466,7 +554,92 @@ pub(crate) fn tandem_child(
     ports: &tandem::Ports,
     config: &str,
 ) -> Result<Child, TopologyError> {
-    tandem_child_with(dir, Command::new(program), name, ports, config)
+    tandem_child_with(dir, without_identity(program), name, ports, config)
+}
+
+/// Starts `tandem-proxy run` with its identity client configured by `env` (the bench
+/// signer's address and name, its token file, the roots file).
+fn tandem_identity_child(
+    dir: &Path,
+    program: &Path,
+    name: &str,
+    ports: &tandem::Ports,
+    config: &str,
+    env: &[(&'static str, String)],
+) -> Result<Child, TopologyError> {
+    let mut command = without_identity(program);
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    tandem_child_with(dir, command, name, ports, config)
+}
+
+/// `program` without the identity client's environment variables.
+fn without_identity(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    for key in PROXY_IDENTITY_ENV {
+        command.env_remove(key);
+    }
+    command
+}
+
+/// The nginx pair: the server side (in front of the upstream) first, then the client side
+/// (where clients connect); with `mtls`, certificates from a fresh test CA, and the server
+/// side's status page counts the connections (handshakes) the client side opens.
+fn start_nginx_pair(
+    running: &mut Running,
+    tools: &Tools,
+    upstream: SocketAddr,
+    mtls: bool,
+) -> Result<(), TopologyError> {
+    let dir = running.dir().to_path_buf();
+    let program = tools.nginx.path().unwrap_or(Path::new("nginx"));
+    let (http1, h2c, hop, status) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    // nginx reads its certificates from files: the CA's, without the signer.
+    let tls = if mtls {
+        Some(NginxTls::write(&dir)?)
+    } else {
+        None
+    };
+    let server = NginxHop::Server {
+        listen: hop,
+        status,
+        upstream,
+    };
+    let client = NginxHop::Client { http1, h2c, hop };
+    for (name, hop) in [("nginx-b", &server), ("nginx-a", &client)] {
+        let prefix = dir.join(name);
+        fs::create_dir_all(&prefix).map_err(io(format!("create {}", prefix.display())))?;
+        let config = dir.join(format!("{name}.conf"));
+        let error_log = dir.join(format!("{name}-error.log"));
+        fs::write(
+            &config,
+            nginx_pair_config(&prefix, &error_log, hop, tls.as_ref()),
+        )
+        .map_err(io(format!("write {name}.conf")))?;
+        let child = spawn(
+            &dir,
+            &format!("{name}.log"),
+            Command::new(program)
+                .arg("-p")
+                .arg(&prefix)
+                .arg("-e")
+                .arg(&error_log)
+                .arg("-c")
+                .arg(&config),
+        )?;
+        running.add(child, http1, h2c);
+    }
+    if tls.is_some() {
+        running.mtls = Some(MtlsCheck {
+            ready: Vec::new(),
+            plaintext: Target {
+                addr: hop,
+                authority: upstream.to_string(),
+                protocol: Protocol::Http1,
+            },
+            handshakes: Handshakes::Nginx { status },
+        });
+    }
+    Ok(())
 }
 
 /// Starts `tandem-proxy run` as `command` (the program, or a wrapper such as nsenter that
@@ -502,6 +675,209 @@ pub(crate) fn tandem_child_with(
     )
 }
 
+/// The certificate files of the nginx pair, from a fresh test CA: the client side presents
+/// `client` (spiffe://cluster.local/ns/bench/sa/client), the server side `server`.
+#[derive(Debug, Clone)]
+pub struct NginxTls {
+    /// The roots (`proxy_ssl_trusted_certificate`, `ssl_client_certificate`).
+    pub roots: PathBuf,
+    /// The client side's chain (leaf, issuer) and key.
+    pub client_chain: PathBuf,
+    /// The client side's key.
+    pub client_key: PathBuf,
+    /// The server side's chain and key.
+    pub server_chain: PathBuf,
+    /// The server side's key.
+    pub server_key: PathBuf,
+    /// The name the client side checks the server's certificate for, and sends as SNI.
+    pub server_name: String,
+}
+
+impl NginxTls {
+    /// A fresh CA's roots and the two workloads' chains and keys, written to `dir`.
+    pub fn write(dir: &Path) -> Result<Self, TopologyError> {
+        use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
+        let ca = TestCa::new()?;
+        let write = |name: &str, text: &str| -> Result<PathBuf, TopologyError> {
+            let path = dir.join(name);
+            fs::write(&path, text).map_err(io(format!("write {name}")))?;
+            Ok(path)
+        };
+        let id = |sa: &str| SpiffeId::new(DEFAULT_TRUST_DOMAIN, signer::NAMESPACE, sa);
+        let client = ca.workload(&id("client"))?;
+        let server = ca.workload(&id("server"))?;
+        Ok(Self {
+            roots: write("roots.pem", ca.roots_pem())?,
+            client_chain: write("client.pem", &client.chain_pem)?,
+            client_key: write("client.key", &client.key_pem)?,
+            server_chain: write("server.pem", &server.chain_pem)?,
+            server_key: write("server.key", &server.key_pem)?,
+            server_name: id("server").dns_name(),
+        })
+    }
+}
+
+/// One nginx of the pair.
+#[derive(Debug, Clone, Copy)]
+pub enum NginxHop {
+    /// The client side: clients connect on `http1` and `h2c`; it proxies to `hop`.
+    Client {
+        /// HTTP/1.1 listener.
+        http1: SocketAddr,
+        /// h2c listener.
+        h2c: SocketAddr,
+        /// The server side's listener.
+        hop: SocketAddr,
+    },
+    /// The server side: listens on `listen` (TLS with the pair's `mtls`), proxies to
+    /// `upstream`; its `stub_status` page is on `status`.
+    Server {
+        /// The listener the client side connects to.
+        listen: SocketAddr,
+        /// The status page's (plaintext) listener.
+        status: SocketAddr,
+        /// The upstream.
+        upstream: SocketAddr,
+    },
+}
+
+/// What every nginx here shares: one process, no master, its files under `prefix`.
+fn nginx_head(prefix: &Path, error_log: &Path) -> String {
+    let (prefix, error_log) = (prefix.display(), error_log.display());
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {prefix}/nginx.pid;
+error_log {error_log} warn;
+events {{ worker_connections 19000; }}
+"
+    )
+}
+
+/// The `http` block's settings every nginx here shares: no access log, temp files under
+/// `prefix`, keep-alive without a request cap.
+fn nginx_http_common(prefix: &Path) -> String {
+    let prefix = prefix.display();
+    format!(
+        "    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+"
+    )
+}
+
+/// An upstream block named `name` with a keep-alive pool.
+fn nginx_upstream(name: &str, server: SocketAddr) -> String {
+    format!(
+        "    upstream {name} {{
+        server {server};
+        keepalive 128;
+        keepalive_requests 100000000;
+    }}
+"
+    )
+}
+
+/// The config of one nginx of the pair; `tls` makes the hop between them mutual TLS 1.3:
+/// the client side presents its certificate and checks the server's chain and name, the
+/// server side requires a client certificate under the roots (depth 2: leaf, issuer, root).
+pub fn nginx_pair_config(
+    prefix: &Path,
+    error_log: &Path,
+    hop: &NginxHop,
+    tls: Option<&NginxTls>,
+) -> String {
+    let mut out = nginx_head(prefix, error_log);
+    out.push_str("http {\n");
+    out.push_str(&nginx_http_common(prefix));
+    match *hop {
+        NginxHop::Client { http1, h2c, hop } => {
+            out.push_str(&nginx_upstream("hop", hop));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut tls_lines = String::new();
+            if let Some(tls) = tls {
+                tls_lines = format!(
+                    "            proxy_ssl_protocols TLSv1.3;
+            proxy_ssl_certificate {};
+            proxy_ssl_certificate_key {};
+            proxy_ssl_trusted_certificate {};
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_server_name on;
+            proxy_ssl_name {};
+            proxy_ssl_session_reuse on;
+",
+                    tls.client_chain.display(),
+                    tls.client_key.display(),
+                    tls.roots.display(),
+                    tls.server_name
+                );
+            }
+            out.push_str(&format!(
+                "    server {{
+        listen {http1};
+        listen {h2c} http2;
+        location / {{
+            proxy_pass {scheme}://hop;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+{tls_lines}        }}
+    }}
+"
+            ));
+        }
+        NginxHop::Server {
+            listen,
+            status,
+            upstream,
+        } => {
+            out.push_str(&nginx_upstream("up", upstream));
+            let (ssl, tls_lines) = match tls {
+                Some(tls) => (
+                    " ssl",
+                    format!(
+                        "        ssl_protocols TLSv1.3;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_client_certificate {};
+        ssl_verify_client on;
+        ssl_verify_depth 2;
+",
+                        tls.server_chain.display(),
+                        tls.server_key.display(),
+                        tls.roots.display()
+                    ),
+                ),
+                None => ("", String::new()),
+            };
+            out.push_str(&format!(
+                "    server {{
+        listen {listen}{ssl};
+{tls_lines}        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+    server {{
+        listen {status};
+        location / {{ stub_status; }}
+    }}
+"
+            ));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
 /// HAProxy: one thread, HTTP mode, upstream connections reused; h2c on its own bind.
 pub fn haproxy_config(http1: SocketAddr, h2c: SocketAddr, upstream: SocketAddr) -> String {
     format!(
@@ -535,30 +911,12 @@ pub fn nginx_config(
     h2c: SocketAddr,
     upstream: SocketAddr,
 ) -> String {
-    let dir = dir.display();
-    format!(
-        "daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 19000; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    upstream up {{
-        server {upstream};
-        keepalive 128;
-        keepalive_requests 100000000;
-    }}
-    server {{
+    let mut out = nginx_head(dir, &dir.join("error.log"));
+    out.push_str("http {\n");
+    out.push_str(&nginx_http_common(dir));
+    out.push_str(&nginx_upstream("up", upstream));
+    out.push_str(&format!(
+        "    server {{
         listen {http1};
         listen {h2c} http2;
         location / {{
@@ -569,7 +927,8 @@ http {{
     }}
 }}
 "
-    )
+    ));
+    out
 }
 
 #[cfg(test)]

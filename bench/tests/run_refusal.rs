@@ -20,7 +20,7 @@ fn run(out: &std::path::Path, args: &[&str]) -> Output {
 }
 
 #[test]
-fn run_without_tandem_proxy_and_without_skip_exits_64_naming_both_tandem_topologies() {
+fn run_without_tandem_proxy_and_without_skip_exits_64_naming_every_tandem_topology() {
     let out = tempfile::tempdir().unwrap();
     let output = run(out.path(), &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -33,7 +33,14 @@ fn run_without_tandem_proxy_and_without_skip_exits_64_naming_both_tandem_topolog
         stderr.contains("tandem 2 hops: no tandem-proxy given"),
         "{stderr}"
     );
-    assert!(stderr.contains("--skip tandem1 --skip tandem2"), "{stderr}");
+    assert!(
+        stderr.contains("tandem 2 hops mTLS: no tandem-proxy given"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--skip tandem1 --skip tandem2 --skip tandem2-mtls"),
+        "{stderr}"
+    );
     // Refused before anything ran: no descriptor limit raised, no report written.
     assert!(!stderr.contains("descriptor limit"), "{stderr}");
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
@@ -59,7 +66,9 @@ fn an_unknown_topology_name_is_a_usage_error_listing_the_names() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("direct, pingora, haproxy, nginx, tandem1, tandem2"),
+        stderr.contains(
+            "direct, pingora, haproxy, nginx, nginx2, nginx2-mtls, tandem1, tandem2, tandem2-mtls"
+        ),
         "{stderr}"
     );
 }
