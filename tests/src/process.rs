@@ -138,15 +138,36 @@ pub fn log_tail(path: &Path) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago. The kernel picks it; the small race
-/// until the child binds it is accepted for test infrastructure (envtest does the same).
+/// Ports [`free_port`] hands out: below Linux's default ephemeral range (32768–60999), so that
+/// no outgoing connection's source port can take one between the check and the child's bind.
+/// With the kernel's own pick (bind to port 0) the port came from that range, and under the
+/// e2e traffic a connection once took the apiserver's port first ("address already in use").
+const FREE_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range. The small
+/// race until the child binds it — against another test's listener only — is accepted for test
+/// infrastructure (envtest does the same).
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|source| Error::io("bind an ephemeral port", source))?;
-    listener
-        .local_addr()
-        .map(|addr| addr.port())
-        .map_err(|source| Error::io("read an ephemeral port", source))
+    let span = u32::from(FREE_PORTS.end - FREE_PORTS.start);
+    // A start that differs between processes and calls, so parallel test binaries rarely probe
+    // the same ports.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut last = None;
+    for i in 0..256u32 {
+        let offset = seed.wrapping_add(i.wrapping_mul(7_919)) % span;
+        let port = FREE_PORTS.start + u16::try_from(offset).unwrap_or(0);
+        match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            Ok(_) => return Ok(port),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::io(
+        "find a free port below the ephemeral range",
+        last.unwrap_or_else(|| std::io::Error::other("no port tried")),
+    ))
 }
 
 #[cfg(test)]

@@ -57,11 +57,15 @@ impl Answer {
 
     fn for_fixture_with(case: &str, config: &InjectConfig) -> Self {
         let body = std::fs::read(fixture(&format!("{case}.json"))).unwrap();
-        let reviewed = review(&body, config);
+        Self::for_body(&body, config)
+    }
+
+    fn for_body(body: &[u8], config: &InjectConfig) -> Self {
+        let reviewed = review(body, config);
         let wire: Value = serde_json::to_value(&reviewed.review).unwrap();
         assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(wire["kind"], "AdmissionReview");
-        let request: Value = serde_json::from_slice(&body).unwrap();
+        let request: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(
             wire["response"]["uid"], request["request"]["uid"],
             "the uid is echoed"
@@ -516,6 +520,32 @@ fn a_pod_that_already_has_a_volume_named_like_the_token_is_refused() {
         panic!("{}", reviewed.outcome)
     };
     assert!(message.contains("tandem-identity-token"), "{message}");
+}
+
+#[test]
+fn the_apps_http_probes_reach_the_proxy_so_a_strict_workload_lets_them_through() {
+    let mut document: Value =
+        serde_json::from_slice(&std::fs::read(fixture("deployment-pod.json")).unwrap()).unwrap();
+    let app = &mut document["request"]["object"]["spec"]["containers"][0];
+    app["ports"] = serde_json::json!([{"name": "http", "containerPort": 8080}]);
+    app["readinessProbe"] = serde_json::json!({"httpGet": {"path": "/healthz", "port": "http"}});
+    app["livenessProbe"] = serde_json::json!({"tcpSocket": {"port": 8080}});
+    let answer = Answer::for_body(&serde_json::to_vec(&document).unwrap(), &config());
+    assert_eq!(answer.outcome, Outcome::Injected);
+    let pod = answer.patched();
+    let proxy = init_container(&pod, "tandem-proxy");
+    assert_eq!(
+        env_value(proxy, "TANDEM_APP_PROBES"),
+        Some(r#"[{"port":8080,"path":"/healthz"}]"#),
+        "only the httpGet probe, its named port resolved"
+    );
+    let (_, without) = assert_injected("deployment-pod");
+    let proxy = init_container(&without, "tandem-proxy");
+    assert_eq!(
+        env_value(proxy, "TANDEM_APP_PROBES"),
+        None,
+        "no probes, no env"
+    );
 }
 
 #[test]
