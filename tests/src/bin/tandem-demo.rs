@@ -86,10 +86,10 @@ async fn main() -> anyhow::Result<()> {
     println!("\n{}", table(&routes));
     println!(
         "Sent by the sample client pod through its tandem-proxy sidecar, answered through the\n\
-         server pods' sidecars. Without a policy the client's proxy relays each connection as\n\
-         it is and the node's Service rules pick a pod per connection; with one, the proxy\n\
-         parses HTTP and picks a backend per request, which costs latency here: debug builds\n\
-         on a small shared machine, so compare before with after, not with other meshes.\n\
+         server pods' sidecars, over mutual TLS between the two. Without a policy the client's\n\
+         proxy balances over the Service's meshed endpoints; with one, it also applies the\n\
+         policy's routes, splits, retries and breaker per request. Debug builds on a small\n\
+         shared machine: compare before with after, not with other meshes.\n\
          server and breaker: 1,000 requests, 8 at a time, right after the policy loaded; the\n\
          breaker's balancer (peak EWMA) shuns an endpoint that fails, and ejects it after 5\n\
          consecutive 5xx. flaky: 100 GET /api/items paced at 10/s; every failure's retry takes the\n\
