@@ -19,8 +19,14 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::identity::MtlsMode;
 
+mod authz;
 mod validate;
 
+pub use authz::{
+    Authorization, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Authorizer, Caller,
+    CallerIdentity, Callers, CompileError, DecidedBy, Decision, DefaultPolicy, HttpFacts,
+    Operations, Request,
+};
 pub use validate::{ValidationError, ValidationErrors};
 
 /// The `apiVersion` every config file carries.
@@ -52,6 +58,10 @@ pub struct ProxyConfig {
     /// destination passes through to its original address unchanged.
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Who may call this workload: its default policy and the AuthorizationPolicies that target
+    /// it, enforced by its inbound proxy. Absent: everyone (`all-unauthenticated`, no policy).
+    #[serde(default)]
+    pub authorization: Authorization,
 }
 
 /// The workload identity the config was rendered for.
@@ -410,6 +420,7 @@ impl ProxyConfig {
             workload,
             defaults: Defaults::default(),
             services: Vec::new(),
+            authorization: Authorization::default(),
         }
     }
 
@@ -447,6 +458,11 @@ impl ProxyConfig {
     /// regular expressions. Reports every problem, each with its JSON path.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         validate::validate(self)
+    }
+
+    /// Compiles the authorization section for the inbound proxy (`trust_domain`: the mesh's).
+    pub fn authorizer(&self, trust_domain: &str) -> Result<Authorizer, CompileError> {
+        Authorizer::new(&self.authorization, trust_domain)
     }
 
     /// The set of services by key, for duplicate checks.

@@ -5,7 +5,8 @@
 //!   operator renders and the proxy loads. It compiles without kube, so the proxy can use it.
 //! - [`identity`]: workload identity (SPIFFE IDs), the signer's wire contract, mTLS modes.
 //! - [`duration`]: the duration strings the CRDs use (`"250ms"`).
-//! - [`v1alpha1`] (feature `kube`): the `TrafficPolicy` and `CircuitBreakerPolicy` CRDs.
+//! - [`v1alpha1`] (feature `kube`): the `TrafficPolicy`, `CircuitBreakerPolicy` and
+//!   `AuthorizationPolicy` CRDs.
 
 pub mod contract;
 pub mod duration;

@@ -31,6 +31,14 @@ pub const INBOUND_PORT: u16 = 15006;
 /// Admin port: `/live`, `/ready`, `/metrics`, `/config`. Never captured.
 pub const ADMIN_PORT: u16 = 15020;
 
+/// Namespace annotation choosing the default authorization policy of its workloads
+/// (`all-unauthenticated`, `all-authenticated`, `cluster-authenticated`, `deny`); without it the
+/// operator's `--default-policy` applies.
+pub const DEFAULT_POLICY_ANNOTATION: &str = "tandem.dev/default-policy";
+/// Response header on a request the inbound proxy refused: the denying AuthorizationPolicy
+/// (`<namespace>/<name>`), the Allow policies none of which matched, or `default:<policy>`.
+pub const DENIED_BY_HEADER: &str = "tandem-denied-by";
+
 /// Directory where the proxy's ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/tandem";
 /// Key of the proxy config inside the ConfigMap, and file name inside [`CONFIG_DIR`].

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use super::authz::{Authorization, AuthorizationPolicy, AuthorizationRule};
 use super::{
     Backend, CircuitBreaker, HeaderMatch, PROXY_CONFIG_API_VERSION, PathMatch, ProxyConfig,
     RequestMatch, Retries, RetryBudget, RetryOn, Route, Service, ValueMatch,
@@ -54,6 +55,14 @@ impl Report {
         });
     }
 
+    fn finish(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(self.0))
+        }
+    }
+
     fn check(&mut self, ok: bool, path: impl FnOnce() -> String, message: &str) {
         if !ok {
             self.error(path(), message);
@@ -97,11 +106,98 @@ pub(super) fn validate(config: &ProxyConfig) -> Result<(), ValidationErrors> {
         }
         service_problems(config, &keys, service, &path, &mut report);
     }
+    authorization_problems(&config.authorization, &mut report);
+    report.finish()
+}
 
-    if report.0.is_empty() {
-        Ok(())
-    } else {
-        Err(ValidationErrors(report.0))
+/// Validates the authorization section alone (as `tandemctl` and the operator's checks do).
+pub(super) fn validate_authorization(
+    authorization: &Authorization,
+) -> Result<(), ValidationErrors> {
+    let mut report = Report::default();
+    authorization_problems(authorization, &mut report);
+    report.finish()
+}
+
+fn authorization_problems(authorization: &Authorization, report: &mut Report) {
+    let mut names = BTreeSet::new();
+    for (i, policy) in authorization.policies.iter().enumerate() {
+        let path = format!("$.authorization.policies[{i}]");
+        if !policy.name.is_empty() && !names.insert(policy.name.as_str()) {
+            report.error(&path, format!("duplicate policy {}", policy.name));
+        }
+        policy_problems(policy, &path, report);
+    }
+}
+
+fn policy_problems(policy: &AuthorizationPolicy, path: &str, report: &mut Report) {
+    report.check(
+        !policy.name.is_empty(),
+        || format!("{path}.name"),
+        "must not be empty",
+    );
+    for (j, port) in policy.ports.iter().enumerate() {
+        report.check(*port != 0, || format!("{path}.ports[{j}]"), "must not be 0");
+    }
+    report.check(
+        !policy.rules.is_empty(),
+        || format!("{path}.rules"),
+        "a policy needs at least one rule",
+    );
+    for (j, rule) in policy.rules.iter().enumerate() {
+        rule_problems(rule, &format!("{path}.rules[{j}]"), report);
+    }
+}
+
+fn rule_problems(rule: &AuthorizationRule, path: &str, report: &mut Report) {
+    if let Some(from) = &rule.from {
+        for (k, principal) in from.principals.iter().enumerate() {
+            let ok = match principal.strip_suffix('*') {
+                Some(prefix) => prefix.starts_with("spiffe://"),
+                None => crate::identity::SpiffeId::parse(principal).is_ok(),
+            };
+            report.check(
+                ok,
+                || format!("{path}.from.principals[{k}]"),
+                "must be a SPIFFE ID spiffe://<td>/ns/<ns>/sa/<sa>, or a spiffe:// prefix ending in *",
+            );
+        }
+        for (k, namespace) in from.namespaces.iter().enumerate() {
+            report.check(
+                !namespace.is_empty(),
+                || format!("{path}.from.namespaces[{k}]"),
+                "must not be empty",
+            );
+        }
+        let any = !from.principals.is_empty()
+            || !from.namespaces.is_empty()
+            || from.authenticated
+            || from.unauthenticated;
+        report.check(
+            any,
+            || format!("{path}.from"),
+            "matches no caller: set principals, namespaces, authenticated or unauthenticated",
+        );
+    }
+    let Some(to) = &rule.to else {
+        return;
+    };
+    for (k, port) in to.ports.iter().enumerate() {
+        report.check(
+            *port != 0,
+            || format!("{path}.to.ports[{k}]"),
+            "must not be 0",
+        );
+    }
+    for (k, p) in to.paths.iter().enumerate() {
+        let at = format!("{path}.to.paths[{k}]");
+        path_problems(p, &at, report);
+    }
+    for (k, method) in to.methods.iter().enumerate() {
+        method_problems(method, &format!("{path}.to.methods[{k}]"), report);
+    }
+    for (k, header) in to.headers.iter().enumerate() {
+        header_problems(header, &format!("{path}.to.headers[{k}]"), report);
     }
 }
 
@@ -210,32 +306,44 @@ fn route_problems(
 }
 
 fn match_problems(m: &RequestMatch, path: &str, report: &mut Report) {
-    match &m.path {
-        Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) => report.check(
-            p.starts_with('/'),
-            || format!("{path}.path"),
-            "path must start with '/'",
-        ),
-        Some(PathMatch::Regex(re)) => regex_problems(re, &format!("{path}.path.regex"), report),
-        None => {}
+    if let Some(p) = &m.path {
+        path_problems(p, &format!("{path}.path"), report);
     }
     if let Some(method) = &m.method {
-        report.check(
-            !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase()),
-            || format!("{path}.method"),
-            "method must be an upper-case HTTP token such as GET",
-        );
+        method_problems(method, &format!("{path}.method"), report);
     }
-    for (i, HeaderMatch { name, value }) in m.headers.iter().enumerate() {
-        let header_path = format!("{path}.headers[{i}]");
-        report.check(
-            is_header_name(name),
-            || format!("{header_path}.name"),
-            "must be a lower-case HTTP header name",
-        );
-        if let ValueMatch::Regex(re) = value {
-            regex_problems(re, &format!("{header_path}.value.regex"), report);
-        }
+    for (i, header) in m.headers.iter().enumerate() {
+        header_problems(header, &format!("{path}.headers[{i}]"), report);
+    }
+}
+
+fn path_problems(m: &PathMatch, path: &str, report: &mut Report) {
+    match m {
+        PathMatch::Exact(p) | PathMatch::Prefix(p) => report.check(
+            p.starts_with('/'),
+            || path.to_owned(),
+            "path must start with '/'",
+        ),
+        PathMatch::Regex(re) => regex_problems(re, &format!("{path}.regex"), report),
+    }
+}
+
+fn method_problems(method: &str, path: &str, report: &mut Report) {
+    report.check(
+        !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase()),
+        || path.to_owned(),
+        "method must be an upper-case HTTP token such as GET",
+    );
+}
+
+fn header_problems(HeaderMatch { name, value }: &HeaderMatch, path: &str, report: &mut Report) {
+    report.check(
+        is_header_name(name),
+        || format!("{path}.name"),
+        "must be a lower-case HTTP header name",
+    );
+    if let ValueMatch::Regex(re) = value {
+        regex_problems(re, &format!("{path}.value.regex"), report);
     }
 }
 

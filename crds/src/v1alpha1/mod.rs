@@ -1,13 +1,20 @@
-//! The policy CRDs, `tandem.dev/v1alpha1`.
+//! The policy CRDs, `tandem.dev/v1alpha1`: TrafficPolicy, CircuitBreakerPolicy and
+//! AuthorizationPolicy.
 
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+mod authorization_policy;
 mod circuit_breaker_policy;
 mod convert;
 mod status;
 mod traffic_policy;
 
+pub use authorization_policy::{
+    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationPolicyStatus,
+    AuthorizationRule, AuthorizationTarget, AuthorizationTargetKind, Operation, ServiceAccountRef,
+    Source,
+};
 pub use circuit_breaker_policy::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, ConnectionPool, OutlierDetection,
 };
@@ -58,6 +65,10 @@ pub fn crd_yamls() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
         (
             "circuitbreakerpolicies.yaml",
             to_yaml(&CircuitBreakerPolicy::crd())?,
+        ),
+        (
+            "authorizationpolicies.yaml",
+            to_yaml(&AuthorizationPolicy::crd())?,
         ),
     ])
 }
