@@ -1,12 +1,19 @@
 //! `tandem-testapp`: the test application the node agent runs for the test images.
 //!
-//! - `server --listen ADDR --name NAME [--fail-every N]`: answers every request with its name
-//!   (so a client sees which version served it), failing every Nth request with 503.
+//! - `server --listen ADDR[,ADDR…] --name NAME [--fail-every N] [--tcp-listen ADDR]`: answers
+//!   every request, whatever its method, on every listen address with its name (so a client
+//!   sees which version served it), failing every Nth request with 503; `/healthz` answers
+//!   `ok`. With `--tcp-listen`, also echoes every byte of every TCP connection there back (an
+//!   opaque protocol whose client speaks first).
 //! - `client --target URL [--rps R] [--stats-listen ADDR]`: sends R requests per second to
 //!   URL (none with `--rps 0`) and serves what it observed at `/stats` (counts by status and
 //!   body, p50/p99 latency; `/stats?reset=1` starts a new window). `/burst?n=N` sends exactly N
-//!   more requests (`&concurrency=C` at once, `&rps=R` paced, `&target=URL` elsewhere) and
-//!   answers with what those N observed: a bounded measurement from inside the pod.
+//!   more requests (`&concurrency=C` at once, `&rps=R` paced, `&target=URL` elsewhere,
+//!   `&method=POST` another method, `&header=NAME` counting the values of that response header)
+//!   and answers with what those N observed: a bounded measurement from inside the pod.
+//!   `/tcp?n=N&target=HOST:PORT` opens N TCP connections (`&concurrency=C` at once), writes one
+//!   line on each and reads until the line comes back, the peer closes, or 5 s pass; it answers
+//!   with the outcomes and how many bytes came back in all.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,13 +43,22 @@ struct Cli {
 enum Command {
     /// Serve requests, answering with `--name`.
     Server {
-        #[arg(long, env = "LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        /// Where to serve HTTP (comma-separated for several ports).
+        #[arg(
+            long,
+            env = "LISTEN",
+            default_value = "0.0.0.0:8080",
+            value_delimiter = ','
+        )]
+        listen: Vec<SocketAddr>,
         #[arg(long, env = "NAME", default_value = "server")]
         name: String,
         /// Fail every Nth request with 503 (0: never).
         #[arg(long, env = "FAIL_EVERY", default_value_t = 0)]
         fail_every: u64,
+        /// Where to echo TCP, if anywhere.
+        #[arg(long, env = "TCP_LISTEN")]
+        tcp_listen: Option<SocketAddr>,
     },
     /// Send requests and report what came back.
     Client {
@@ -61,6 +77,8 @@ struct Window {
     started: Option<Instant>,
     by_status: BTreeMap<String, u64>,
     by_body: BTreeMap<String, u64>,
+    /// Values of the response header a burst asked for ("" when absent).
+    by_header: BTreeMap<String, u64>,
     latencies_us: Vec<u64>,
 }
 
@@ -71,6 +89,8 @@ struct Stats {
     ok: u64,
     by_status: BTreeMap<String, u64>,
     by_body: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    by_header: BTreeMap<String, u64>,
     p50_ms: f64,
     p99_ms: f64,
 }
@@ -93,6 +113,7 @@ impl Window {
             ok: self.by_status.get("200").copied().unwrap_or(0),
             by_status: self.by_status.clone(),
             by_body: self.by_body.clone(),
+            by_header: self.by_header.clone(),
             p50_ms: pick(0.5),
             p99_ms: pick(0.99),
         }
@@ -106,7 +127,15 @@ async fn main() -> anyhow::Result<()> {
             listen,
             name,
             fail_every,
-        } => server(listen, name, fail_every).await,
+            tcp_listen,
+        } => {
+            if let Some(addr) = tcp_listen {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                eprintln!("tandem-testapp TCP echo on {addr}");
+                tokio::spawn(echo(listener));
+            }
+            server(listen, name, fail_every).await
+        }
         Command::Client {
             target,
             rps,
@@ -115,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn server(listen: SocketAddr, name: String, fail_every: u64) -> anyhow::Result<()> {
+async fn server(listen: Vec<SocketAddr>, name: String, fail_every: u64) -> anyhow::Result<()> {
     let count = Arc::new(AtomicU64::new(0));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -131,12 +160,35 @@ async fn server(listen: SocketAddr, name: String, fail_every: u64) -> anyhow::Re
                 }
             }
         });
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    eprintln!("tandem-testapp server on {listen}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    let mut servers = tokio::task::JoinSet::new();
+    for addr in listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        eprintln!("tandem-testapp server on {addr}");
+        let app = app.clone();
+        servers.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown())
+                .await
+        });
+    }
+    // Every listener stops on SIGTERM; the first to end for another reason ends the server.
+    while let Some(done) = servers.join_next().await {
+        done??;
+    }
     Ok(())
+}
+
+/// Echoes every connection's bytes back until the client closes its side.
+async fn echo(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let (mut read, mut write) = stream.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        });
+    }
 }
 
 type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
@@ -166,7 +218,7 @@ async fn client(target: String, rps: u32, stats_listen: SocketAddr) -> anyhow::R
                 tick.tick().await;
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let outcome = send(&state.http, state.target.clone()).await;
+                    let outcome = send(&state.http, state.target.clone(), &Ask::default()).await;
                     if let Ok(mut w) = state.window.lock() {
                         w.record(outcome);
                     }
@@ -177,6 +229,7 @@ async fn client(target: String, rps: u32, stats_listen: SocketAddr) -> anyhow::R
     let app = Router::new()
         .route("/stats", get(stats))
         .route("/burst", get(burst))
+        .route("/tcp", get(tcp_burst))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(stats_listen).await?;
@@ -193,27 +246,54 @@ async fn client(target: String, rps: u32, stats_listen: SocketAddr) -> anyhow::R
 struct Outcome {
     status: String,
     body: String,
+    /// The asked-for response header's value ("" when absent); `None` when none was asked for.
+    header: Option<String>,
     latency: Duration,
 }
 
-/// One GET with a 5 s limit; transport errors and timeouts are outcomes, not failures.
-async fn send(http: &Http, uri: hyper::Uri) -> Outcome {
+/// What to send, beyond the URL.
+#[derive(Clone, Debug, Default)]
+struct Ask {
+    method: hyper::Method,
+    /// A response header whose value to record.
+    header: Option<hyper::header::HeaderName>,
+}
+
+/// One request with a 5 s limit; transport errors and timeouts are outcomes, not failures.
+async fn send(http: &Http, uri: hyper::Uri, ask: &Ask) -> Outcome {
     let started = Instant::now();
     let request = tokio::time::timeout(Duration::from_secs(5), async {
-        let response = http.get(uri).await?;
+        let request = hyper::Request::builder()
+            .method(ask.method.clone())
+            .uri(uri)
+            .body(Empty::<Bytes>::new())?;
+        let response = http.request(request).await?;
         let status = response.status().as_u16().to_string();
+        let header = ask.header.as_ref().map(|name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        });
         let body = response.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
+        anyhow::Ok((
+            status,
+            String::from_utf8_lossy(&body).trim().to_owned(),
+            header,
+        ))
     })
     .await;
-    let (status, body) = match request {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(_)) => ("error".to_owned(), String::new()),
-        Err(_) => ("timeout".to_owned(), String::new()),
+    let (status, body, header) = match request {
+        Ok(Ok(triple)) => triple,
+        Ok(Err(_)) => ("error".to_owned(), String::new(), None),
+        Err(_) => ("timeout".to_owned(), String::new(), None),
     };
     Outcome {
         status,
         body,
+        header: header.or_else(|| ask.header.as_ref().map(|_| String::new())),
         latency: started.elapsed(),
     }
 }
@@ -222,6 +302,9 @@ impl Window {
     fn record(&mut self, outcome: Outcome) {
         *self.by_status.entry(outcome.status).or_default() += 1;
         *self.by_body.entry(outcome.body).or_default() += 1;
+        if let Some(header) = outcome.header {
+            *self.by_header.entry(header).or_default() += 1;
+        }
         self.latencies_us
             .push(u64::try_from(outcome.latency.as_micros()).unwrap_or(u64::MAX));
     }
@@ -238,6 +321,10 @@ struct BurstQuery {
     concurrency: u64,
     rps: Option<u32>,
     target: Option<String>,
+    /// The method (default GET).
+    method: Option<String>,
+    /// A response header whose values to count.
+    header: Option<String>,
 }
 
 fn one() -> u64 {
@@ -258,6 +345,16 @@ async fn burst(
         Some(t) => t.parse().map_err(|e| bad(format!("target {t:?}: {e}")))?,
         None => state.target.clone(),
     };
+    let ask = Ask {
+        method: match &query.method {
+            Some(m) => m.parse().map_err(|e| bad(format!("method {m:?}: {e}")))?,
+            None => hyper::Method::GET,
+        },
+        header: match &query.header {
+            Some(h) => Some(h.parse().map_err(|e| bad(format!("header {h:?}: {e}")))?),
+            None => None,
+        },
+    };
     let window = Arc::new(Mutex::new(Window {
         started: Some(Instant::now()),
         ..Window::default()
@@ -273,8 +370,13 @@ async fn burst(
         .map(|r| Duration::from_secs(1) / r);
     let workers: Vec<_> = (0..query.concurrency)
         .map(|_| {
-            let (window, next, http, target) =
-                (window.clone(), next.clone(), http.clone(), target.clone());
+            let (window, next, http, target, ask) = (
+                window.clone(),
+                next.clone(),
+                http.clone(),
+                target.clone(),
+                ask.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -285,7 +387,7 @@ async fn burst(
                         let due = pace.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
                         tokio::time::sleep_until(started + due).await;
                     }
-                    let outcome = send(&http, target.clone()).await;
+                    let outcome = send(&http, target.clone(), &ask).await;
                     if let Ok(mut w) = window.lock() {
                         w.record(outcome);
                     }
@@ -302,6 +404,104 @@ async fn burst(
         .lock()
         .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "poisoned".to_owned()))?;
     Ok(axum::Json(w.stats()))
+}
+
+#[derive(Debug, Deserialize)]
+struct TcpQuery {
+    n: u64,
+    #[serde(default = "one")]
+    concurrency: u64,
+    /// `host:port`.
+    target: String,
+}
+
+/// What a TCP burst observed.
+#[derive(Debug, Default, Serialize)]
+struct TcpStats {
+    total: u64,
+    /// By outcome: `echoed` (the line came back whole), `closed` (the peer closed before any
+    /// byte came back), `reset` (the connection failed before any byte came back), `partial`,
+    /// `connect-error`, `timeout`.
+    by_outcome: BTreeMap<String, u64>,
+    /// Bytes that came back, over every connection.
+    bytes_back: u64,
+}
+
+async fn tcp_burst(
+    Query(query): Query<TcpQuery>,
+) -> Result<axum::Json<TcpStats>, (StatusCode, String)> {
+    if query.n > MAX_BURST || !(1..=MAX_CONCURRENCY).contains(&query.concurrency) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("n must be at most {MAX_BURST} and concurrency 1 to {MAX_CONCURRENCY}"),
+        ));
+    }
+    let stats = Arc::new(Mutex::new(TcpStats::default()));
+    let next = Arc::new(AtomicU64::new(0));
+    let target = Arc::new(query.target);
+    let workers: Vec<_> = (0..query.concurrency)
+        .map(|_| {
+            let (stats, next, target) = (stats.clone(), next.clone(), target.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= query.n {
+                        break;
+                    }
+                    let (outcome, bytes) = tcp_exchange(&target, i).await;
+                    if let Ok(mut s) = stats.lock() {
+                        s.total += 1;
+                        s.bytes_back += bytes;
+                        *s.by_outcome.entry(outcome.to_owned()).or_default() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    }
+    let mut s = stats
+        .lock()
+        .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "poisoned".to_owned()))?;
+    Ok(axum::Json(std::mem::take(&mut *s)))
+}
+
+/// One connection: writes a line, reads until it is back, the peer closes, or 5 s pass.
+async fn tcp_exchange(target: &str, i: u64) -> (&'static str, u64) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let line = format!("tandem-tcp-{i}\n");
+    let Ok(Ok(mut stream)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    else {
+        return ("connect-error", 0);
+    };
+    let mut back = Vec::new();
+    let exchange = async {
+        stream.write_all(line.as_bytes()).await?;
+        let mut chunk = [0_u8; 256];
+        while back.len() < line.len() {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&chunk[..n]);
+        }
+        std::io::Result::Ok(())
+    };
+    let outcome = match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Err(_) => "timeout",
+        Ok(Ok(())) if back == line.as_bytes() => "echoed",
+        Ok(Ok(())) if back.is_empty() => "closed",
+        Ok(Err(_)) if back.is_empty() => "reset",
+        Ok(_) => "partial",
+    };
+    (outcome, back.len() as u64)
 }
 
 async fn stats(
