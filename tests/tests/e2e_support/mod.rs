@@ -260,6 +260,22 @@ impl Mesh {
         Ok(Some(serde_json::from_str(&json)?))
     }
 
+    /// Asks a `tandem-testapp client` pod for the burst `ask`: see [`burst_with`].
+    pub async fn burst_with(&self, client: &Pod, ask: &Burst) -> anyhow::Result<ClientStats> {
+        burst_with(&self.node, client, ask).await
+    }
+
+    /// Asks a `tandem-testapp client` pod for TCP connections: see [`tcp_burst`].
+    pub async fn tcp_burst(
+        &self,
+        client: &Pod,
+        target: &str,
+        n: u64,
+        concurrency: u64,
+    ) -> anyhow::Result<TcpStats> {
+        tcp_burst(&self.node, client, target, n, concurrency).await
+    }
+
     /// Asks a `tandem-testapp client` pod for a burst: see [`burst`].
     pub async fn burst(
         &self,
@@ -288,8 +304,30 @@ impl Mesh {
             .context("Service without a cluster IP")
     }
 
-    /// A policy condition as (status, reason, message): `plural` is `trafficpolicies` or
-    /// `circuitbreakerpolicies`.
+    /// A policy object of any of Tandem's kinds (`plural`: `trafficpolicies`,
+    /// `circuitbreakerpolicies`, `authorizationpolicies`), if it exists.
+    pub async fn policy_object(
+        &self,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<Option<DynamicObject>> {
+        let kind = match plural {
+            "trafficpolicies" => "TrafficPolicy",
+            "authorizationpolicies" => "AuthorizationPolicy",
+            "circuitbreakerpolicies" => "CircuitBreakerPolicy",
+            other => bail!("not one of Tandem's policy kinds: {other}"),
+        };
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("tandem.dev", "v1alpha1", kind),
+            plural,
+        );
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client(), namespace, &resource);
+        Ok(api.get_opt(name).await?)
+    }
+
+    /// A policy condition as (status, reason, message): `plural` as for
+    /// [`Mesh::policy_object`].
     pub async fn policy_condition(
         &self,
         plural: &str,
@@ -297,16 +335,7 @@ impl Mesh {
         name: &str,
         type_: &str,
     ) -> anyhow::Result<Option<(String, String, String)>> {
-        let kind = match plural {
-            "trafficpolicies" => "TrafficPolicy",
-            _ => "CircuitBreakerPolicy",
-        };
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("tandem.dev", "v1alpha1", kind),
-            plural,
-        );
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client(), namespace, &resource);
-        let Some(object) = api.get_opt(name).await? else {
+        let Some(object) = self.policy_object(plural, namespace, name).await? else {
             return Ok(None);
         };
         let conditions = object.data["status"]["conditions"].clone();
@@ -329,15 +358,88 @@ pub async fn burst(
     concurrency: u64,
     rps: Option<u32>,
 ) -> anyhow::Result<ClientStats> {
-    let ip = pod_ip(client)?;
-    let mut path = format!("/burst?n={n}&concurrency={concurrency}&target={target}");
-    if let Some(rps) = rps {
-        path.push_str(&format!("&rps={rps}"));
+    let mut ask = Burst::new(target, n).concurrency(concurrency);
+    ask.rps = rps;
+    burst_with(node, client, &ask).await
+}
+
+/// One bounded burst a `tandem-testapp client` pod sends: `n` requests to `target`.
+#[derive(Clone, Debug)]
+pub struct Burst {
+    pub target: String,
+    pub n: u64,
+    pub concurrency: u64,
+    pub rps: Option<u32>,
+    /// The method (GET when `None`).
+    pub method: Option<String>,
+    /// A response header whose values the burst counts (`ClientStats::by_header`).
+    pub header: Option<String>,
+}
+
+impl Burst {
+    /// `n` GETs of `target`, one at a time.
+    pub fn new(target: &str, n: u64) -> Self {
+        Self {
+            target: target.to_owned(),
+            n,
+            concurrency: 1,
+            rps: None,
+            method: None,
+            header: None,
+        }
     }
+
+    pub fn concurrency(mut self, concurrency: u64) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    pub fn rps(mut self, rps: u32) -> Self {
+        self.rps = Some(rps);
+        self
+    }
+
+    pub fn method(mut self, method: &str) -> Self {
+        self.method = Some(method.to_owned());
+        self
+    }
+
+    /// Counts the values of response header `name`.
+    pub fn header(mut self, name: &str) -> Self {
+        self.header = Some(name.to_owned());
+        self
+    }
+
+    fn path(&self) -> String {
+        let mut path = format!(
+            "/burst?n={}&concurrency={}&target={}",
+            self.n, self.concurrency, self.target
+        );
+        if let Some(rps) = self.rps {
+            path.push_str(&format!("&rps={rps}"));
+        }
+        if let Some(method) = &self.method {
+            path.push_str(&format!("&method={method}"));
+        }
+        if let Some(header) = &self.header {
+            path.push_str(&format!("&header={header}"));
+        }
+        path
+    }
+}
+
+/// Asks a `tandem-testapp client` pod for the burst `ask` and returns what it observed.
+pub async fn burst_with(
+    node: &NodeAgent,
+    client: &Pod,
+    ask: &Burst,
+) -> anyhow::Result<ClientStats> {
+    let ip = pod_ip(client)?;
+    let path = ask.path();
     // The burst answers when its last request is done: the pacing, plus 5 ms a request (slow
     // debug builds on a shared machine), plus slack; each request is limited to 5 s anyway.
-    let paced = rps.map_or(0, |r| n / u64::from(r.max(1)));
-    let limit = Duration::from_secs(30 + paced + 5 * n / concurrency.max(1) / 1000);
+    let paced = ask.rps.map_or(0, |r| ask.n / u64::from(r.max(1)));
+    let limit = Duration::from_secs(30 + paced + 5 * ask.n / ask.concurrency.max(1) / 1000);
     let response = tandem_tests::node::net::http_get_in(
         &node.netns(),
         SocketAddr::from((ip, 9090)),
@@ -351,6 +453,48 @@ pub async fn burst(
     Ok(serde_json::from_str(&response.body)?)
 }
 
+/// Asks a `tandem-testapp client` pod to open `n` TCP connections to `target` (`host:port`),
+/// `concurrency` at once, each writing a line and reading it back; returns what they observed.
+pub async fn tcp_burst(
+    node: &NodeAgent,
+    client: &Pod,
+    target: &str,
+    n: u64,
+    concurrency: u64,
+) -> anyhow::Result<TcpStats> {
+    let ip = pod_ip(client)?;
+    let path = format!("/tcp?n={n}&concurrency={concurrency}&target={target}");
+    // Each connection is limited to 5 s to connect and 5 s to exchange.
+    let limit = Duration::from_secs(30 + 10 * n / concurrency.max(1));
+    let response = tandem_tests::node::net::http_get_in(
+        &node.netns(),
+        SocketAddr::from((ip, 9090)),
+        &path,
+        limit,
+    )
+    .await?;
+    if response.status != 200 {
+        bail!("tcp burst {path}: {} {}", response.status, response.body);
+    }
+    Ok(serde_json::from_str(&response.body)?)
+}
+
+/// What `tandem-testapp client` reports for a TCP burst (`/tcp`).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct TcpStats {
+    pub total: u64,
+    /// `echoed`, `closed`, `reset`, `partial`, `connect-error`, `timeout`.
+    pub by_outcome: BTreeMap<String, u64>,
+    pub bytes_back: u64,
+}
+
+impl TcpStats {
+    /// Connections with this outcome.
+    pub fn count(&self, outcome: &str) -> u64 {
+        self.by_outcome.get(outcome).copied().unwrap_or(0)
+    }
+}
+
 /// What `tandem-testapp client` reports (`/stats`, `/burst`).
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct ClientStats {
@@ -359,6 +503,9 @@ pub struct ClientStats {
     pub ok: u64,
     pub by_status: BTreeMap<String, u64>,
     pub by_body: BTreeMap<String, u64>,
+    /// Values of the response header the burst asked for ("" when absent).
+    #[serde(default)]
+    pub by_header: BTreeMap<String, u64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
 }

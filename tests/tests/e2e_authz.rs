@@ -1,0 +1,1077 @@
+//! Authorization by identity, end to end, on one local cluster with Tandem installed as a user
+//! installs it; the meshed pods talk over mutual TLS (the default), so the server's proxy knows
+//! each caller's ServiceAccount from its certificate:
+//!
+//! - a: an Allow policy on the Service `server` naming the ServiceAccount `web`: web's requests
+//!   get 200; batch's (another ServiceAccount) and the unmeshed outsider's get 403, with
+//!   `tandem-denied-by` and the body naming the policy; the policy lists the workload in its
+//!   status and is Accepted and Programmed; the server's proxy loaded it, resolved to the pod's
+//!   port, and logs the denials with the deciding policy;
+//! - b: the namespace `locked`, annotated `tandem.dev/default-policy: deny` from the start: the
+//!   unmeshed client and even a meshed one are refused, while the pod's kubelet readiness probe
+//!   keeps passing (the pod is Ready, the probe path is answered, another path is refused) and
+//!   the proxy's own `/ready` answers; an Allow policy then lets web in, and only web;
+//! - c: a Deny rule beats an Allow (web may call everything but `/admin`); path and method
+//!   rules (anyone may `GET /public`; `POST /public` or `GET /admin` are refused);
+//! - d: an opaque TCP port: a Deny policy closes batch's connections before any byte comes back
+//!   while web's are echoed; an Allow policy for web then closes the outsider's too;
+//! - e: an Allow policy naming web created and later deleted on a port web may call anyway,
+//!   while web sends steadily: every request is counted, none is denied, and the server's
+//!   proxy's metrics show requests allowed by the policy and by the default on either side;
+//! - f (throughout): `tandem_authz_decisions_total{decision,policy,protocol}` on the server's
+//!   proxy moves by exactly the requests and connections of each step, with the labels of what
+//!   decided them.
+//!
+//! Every burst is bounded in count and sent from inside a pod (`tandem-testapp client`, `GET
+//! /burst?n=N` or `/tcp?n=N`); every wait is for a state (a condition, the config a proxy has
+//! loaded, a counter), bounded in time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod e2e_support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+use tandem_crds::contract::{AuthorizationAction, DefaultPolicy, ProxyConfig};
+use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
+use tandem_crds::names::{ADMIN_PORT, DENIED_BY_HEADER};
+
+use e2e_support::{Burst, ClientStats, Mesh, SERIAL, TcpStats, counter, eventually, pod_ip, repo};
+
+/// How long the operator and the proxies may take to carry a change: generous, because the
+/// machine is shared; the time it took is reported, never asserted more tightly.
+const PROPAGATION: Duration = Duration::from_secs(60);
+
+/// The meshed namespace of the server and its two clients.
+const NS: &str = "authz";
+/// The meshed namespace whose default policy is `deny`.
+const LOCKED: &str = "locked";
+
+/// The metric every decision is counted in.
+const DECISIONS: &str = "tandem_authz_decisions_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control-plane binaries: run by make e2e"]
+async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_probes_kept_and_no_request_wrongly_denied_while_policies_change()
+ {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start().await.expect("cluster, Tandem and node start");
+    let started = Instant::now();
+    mesh.apply_file(&repo().join("tests/fixtures/e2e/authz.yaml"))
+        .await
+        .expect("the authorization workloads apply");
+    let ready = |ns: &'static str, selector: &'static str| {
+        let mesh = &mesh;
+        async move {
+            mesh.ready_pods(ns, selector, 1, Duration::from_secs(120))
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+    let pods = Pods {
+        server: ready(NS, "app=server").await,
+        web: ready(NS, "app=web").await,
+        batch: ready(NS, "app=batch").await,
+        vault: ready(LOCKED, "app=vault").await,
+        outsider: ready("outside", "app=outsider").await,
+    };
+    eprintln!(
+        "setup: 5 pods Ready {:.1} s after the apply",
+        started.elapsed().as_secs_f64()
+    );
+    meshed_paths_are_mutual_tls(&mesh, &pods).await;
+
+    scenario_a(&mesh, &pods).await;
+    scenario_b(&mesh, &pods).await;
+    scenario_c(&mesh, &pods).await;
+    scenario_d(&mesh, &pods).await;
+    scenario_e(&mesh, &pods).await;
+    eprintln!(
+        "all scenarios a-e: {:.0} s from the apply",
+        started.elapsed().as_secs_f64()
+    );
+    mesh.node.shutdown().await;
+}
+
+/// The pods every scenario uses.
+struct Pods {
+    server: Pod,
+    web: Pod,
+    batch: Pod,
+    vault: Pod,
+    outsider: Pod,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The SPIFFE ID of a ServiceAccount.
+fn spiffe_id(namespace: &str, service_account: &str) -> String {
+    SpiffeId::new(DEFAULT_TRUST_DOMAIN, namespace, service_account).uri()
+}
+
+/// Panics with `what`'s error and every log tail.
+fn or_logs<T>(mesh: &Mesh, what: anyhow::Result<T>) -> T {
+    what.unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.logs()))
+}
+
+/// `http://<cluster IP of ns/service>/<path>`.
+async fn url(mesh: &Mesh, namespace: &str, service: &str, path: &str) -> String {
+    let ip = mesh.cluster_ip(namespace, service).await.unwrap();
+    format!("http://{ip}{path}")
+}
+
+fn policies() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("tandem.dev", "v1alpha1", "AuthorizationPolicy"),
+        "authorizationpolicies",
+    )
+}
+
+/// Applies `AuthorizationPolicy` `namespace/name` with `spec`, then waits until the operator
+/// has accepted and programmed this generation; returns its status.
+async fn apply_policy(mesh: &Mesh, namespace: &str, name: &str, spec: Value) -> Value {
+    let object = json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    });
+    or_logs(
+        mesh,
+        e2e_support::apply_value(&mesh.client(), &object).await,
+    );
+    let (status, took) = or_logs(
+        mesh,
+        eventually(
+            &format!("AuthorizationPolicy {namespace}/{name} Accepted and Programmed"),
+            PROPAGATION,
+            || async {
+                let Some(object) = mesh
+                    .policy_object("authorizationpolicies", namespace, name)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                Ok(programmed(&object).then(|| object.data["status"].clone()))
+            },
+        )
+        .await,
+    );
+    eprintln!(
+        "  {namespace}/{name}: Accepted and Programmed {:.1} s after the apply, workloads {}",
+        took.as_secs_f64(),
+        status["workloads"]
+    );
+    status
+}
+
+/// Whether the operator's conditions describe this generation and are both True.
+fn programmed(object: &DynamicObject) -> bool {
+    let status = &object.data["status"];
+    let generation = object.metadata.generation;
+    let current = status["observedGeneration"].as_i64() == generation;
+    let condition = |type_: &str| {
+        status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == type_ && c["status"] == "True")
+    };
+    current && condition("Accepted") && condition("Programmed")
+}
+
+/// Deletes `AuthorizationPolicy` `namespace/name`.
+async fn delete_policy(mesh: &Mesh, namespace: &str, name: &str) {
+    let api: Api<DynamicObject> = Api::namespaced_with(mesh.client(), namespace, &policies());
+    or_logs(
+        mesh,
+        api.delete(name, &DeleteParams::default())
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+    );
+}
+
+/// Waits until `pod`'s proxy has loaded a config that holds (or, with `present` false, no
+/// longer holds) policy `name` (`<ns>/<name>`); returns that config.
+async fn await_loaded(mesh: &Mesh, pod: &Pod, name: &str, present: bool) -> ProxyConfig {
+    let (config, took) = or_logs(
+        mesh,
+        eventually(
+            &format!(
+                "{}'s proxy loaded a config {} {name}",
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                if present { "with" } else { "without" }
+            ),
+            PROPAGATION,
+            || async {
+                Ok(mesh
+                    .proxy_loaded(pod)
+                    .await?
+                    .filter(|c| c.authorization.policies.iter().any(|p| p.name == name) == present))
+            },
+        )
+        .await,
+    );
+    eprintln!(
+        "  {}'s proxy {} {name} (config {}) after {:.1} s more",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        if present { "loaded" } else { "dropped" },
+        config.version,
+        took.as_secs_f64()
+    );
+    config
+}
+
+/// One series of the decisions counter.
+fn decisions(metrics: &str, decision: &str, policy: &str, protocol: &str) -> f64 {
+    counter(
+        metrics,
+        DECISIONS,
+        &[
+            ("decision", decision),
+            ("policy", policy),
+            ("protocol", protocol),
+        ],
+    )
+}
+
+/// Every series of the decisions counter, by (decision, policy, protocol).
+fn all_decisions(metrics: &str) -> BTreeMap<(String, String, String), f64> {
+    let label = |line: &str, name: &str| {
+        line.split(&format!("{name}=\""))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{DECISIONS}{{")))
+        .filter_map(|l| {
+            let value: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((
+                (
+                    label(l, "decision"),
+                    label(l, "policy"),
+                    label(l, "protocol"),
+                ),
+                value,
+            ))
+        })
+        .collect()
+}
+
+/// The series that moved between two scrapes, and by how much (probes left out: the kubelet
+/// probes on its own schedule).
+fn moved(before: &str, after: &str) -> BTreeMap<(String, String, String), f64> {
+    let before = all_decisions(before);
+    all_decisions(after)
+        .into_iter()
+        .map(|(k, v)| {
+            let d = v - before.get(&k).copied().unwrap_or(0.0);
+            (k, d)
+        })
+        .filter(|((_, policy, _), d)| *d != 0.0 && policy != "probe")
+        .collect()
+}
+
+/// `(decision, policy, protocol) -> n` as [`moved`] returns it.
+fn expect(entries: &[(&str, &str, &str, u64)]) -> BTreeMap<(String, String, String), f64> {
+    entries
+        .iter()
+        .map(|(d, p, proto, n)| {
+            (
+                ((*d).to_owned(), (*p).to_owned(), (*proto).to_owned()),
+                *n as f64,
+            )
+        })
+        .collect()
+}
+
+fn describe(stats: &ClientStats) -> String {
+    format!(
+        "{} requests, by status {:?}, by {DENIED_BY_HEADER} {:?}",
+        stats.total, stats.by_status, stats.by_header
+    )
+}
+
+/// `n` requests (GET unless `method`) from `client` to `target`, counting the denied-by header.
+async fn send(mesh: &Mesh, client: &Pod, target: &str, method: &str, n: u64) -> ClientStats {
+    let ask = Burst::new(target, n)
+        .concurrency(2)
+        .method(method)
+        .header(DENIED_BY_HEADER);
+    or_logs(mesh, mesh.burst_with(client, &ask).await)
+}
+
+/// Asserts that every request of `stats` was answered 200 by `body`, with no denied-by header.
+fn assert_allowed(stats: &ClientStats, n: u64, body: &str, what: &str) {
+    assert_eq!(stats.total, n, "{what}: {}", describe(stats));
+    assert_eq!(
+        stats.ok,
+        n,
+        "{what}: every request allowed: {}",
+        describe(stats)
+    );
+    assert_eq!(
+        stats.by_body.get(body).copied(),
+        Some(n),
+        "{what}: answered by {body}: {:?}",
+        stats.by_body
+    );
+    assert_eq!(
+        stats.by_header.get("").copied(),
+        Some(n),
+        "{what}: no {DENIED_BY_HEADER} on an allowed response: {:?}",
+        stats.by_header
+    );
+}
+
+/// Asserts that every request of `stats` got 403 with `tandem-denied-by` naming exactly the
+/// policies `by` (several when no Allow rule matched: the covering Allow policies, any order)
+/// and a body that names them and `caller` (a SPIFFE ID, or `unauthenticated`).
+fn assert_denied(stats: &ClientStats, n: u64, by: &[&str], caller: &str, what: &str) {
+    assert_eq!(stats.total, n, "{what}: {}", describe(stats));
+    assert_eq!(
+        stats.by_status.get("403").copied(),
+        Some(n),
+        "{what}: every request denied with 403: {}",
+        describe(stats)
+    );
+    let mut named: Vec<Vec<&str>> = stats
+        .by_header
+        .keys()
+        .map(|h| {
+            let mut names: Vec<&str> = h.split(", ").collect();
+            names.sort_unstable();
+            names
+        })
+        .collect();
+    named.dedup();
+    let mut expected = by.to_vec();
+    expected.sort_unstable();
+    assert_eq!(
+        named,
+        vec![expected],
+        "{what}: {DENIED_BY_HEADER} names {by:?}: {:?}",
+        stats.by_header
+    );
+    let header = stats.by_header.keys().next().cloned().unwrap_or_default();
+    for body in stats.by_body.keys() {
+        assert!(
+            body.starts_with(&format!("denied by {header}:")) && body.contains(caller),
+            "{what}: the body names the policy ({header}) and the caller ({caller}): {body:?}"
+        );
+    }
+}
+
+/// The identity `config` names for the endpoint `address` of Service `authz/service`.
+fn endpoint_identity<'a>(
+    config: &'a ProxyConfig,
+    service: &str,
+    address: SocketAddr,
+) -> Option<&'a str> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.namespace == NS && s.name == service)
+        .flat_map(|s| &s.ports)
+        .flat_map(|p| &p.endpoints)
+        .find(|e| e.address == address)
+        .and_then(|e| e.identity.as_deref())
+}
+
+/// Before anything is decided by identity, both clients' proxies must reach the server's three
+/// ports over mutual TLS (their configs name the server's identity for each endpoint);
+/// otherwise a client would be "unauthenticated" for reasons that are not the scenario's.
+async fn meshed_paths_are_mutual_tls(mesh: &Mesh, pods: &Pods) {
+    let server_ip = pod_ip(&pods.server).unwrap();
+    let server_id = spiffe_id(NS, "server");
+    let ports = [("server", 8080), ("steady", 8081), ("echo", 7000)];
+    for client in [&pods.web, &pods.batch] {
+        let (_, took) = or_logs(
+            mesh,
+            eventually(
+                "the client's proxy names the server's identity on its three ports",
+                PROPAGATION,
+                || async {
+                    let Some(config) = mesh.proxy_loaded(client).await? else {
+                        return Ok(None);
+                    };
+                    let named = ports.iter().all(|(service, port)| {
+                        endpoint_identity(&config, service, SocketAddr::from((server_ip, *port)))
+                            == Some(server_id.as_str())
+                    });
+                    Ok(named.then_some(()))
+                },
+            )
+            .await,
+        );
+        eprintln!(
+            "setup: {}'s proxy names {server_id} for the server's ports {ports:?} ({:.1} s)",
+            client.metadata.name.as_deref().unwrap_or_default(),
+            took.as_secs_f64()
+        );
+    }
+    for (pod, sa) in [(&pods.web, "web"), (&pods.batch, "batch")] {
+        let (_, took) = or_logs(
+            mesh,
+            eventually(
+                "the client's proxy has its certificate",
+                PROPAGATION,
+                || async {
+                    let identity = mesh.proxy_admin_config(pod).await?["identity"].clone();
+                    Ok((identity["spiffeId"] == json!(spiffe_id(NS, sa))).then_some(()))
+                },
+            )
+            .await,
+        );
+        eprintln!(
+            "setup: {sa}'s proxy holds {} ({:.1} s)",
+            spiffe_id(NS, sa),
+            took.as_secs_f64()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// Scenario a: an Allow policy on a Service.
+async fn scenario_a(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario a: an Allow policy naming web on the Service server");
+    let target = url(mesh, NS, "server", "/").await;
+    // Before any policy, both clients are served (the default, all-unauthenticated).
+    let open = send(mesh, &pods.batch, &target, "GET", 10).await;
+    assert_allowed(&open, 10, "authz-server", "batch before any policy");
+
+    let status = apply_policy(
+        mesh,
+        NS,
+        "allow-web",
+        json!({
+            "targetRef": {"kind": "Service", "name": "server"},
+            "action": "Allow",
+            "rules": [{"from": {"serviceAccounts": [{"name": "web"}]}}],
+        }),
+    )
+    .await;
+    assert_eq!(
+        status["workloads"],
+        json!(["authz/server"]),
+        "the policy's status lists the server's workload: {status}"
+    );
+    let config = await_loaded(mesh, &pods.server, "authz/allow-web", true).await;
+    let rendered = config
+        .authorization
+        .policies
+        .iter()
+        .find(|p| p.name == "authz/allow-web")
+        .unwrap();
+    assert_eq!(rendered.action, AuthorizationAction::Allow, "{rendered:?}");
+    assert_eq!(
+        rendered.ports,
+        vec![8080],
+        "the Service's port 80 resolved to the pod's port: {rendered:?}"
+    );
+    let web_id = spiffe_id(NS, "web");
+    assert!(
+        rendered
+            .rules
+            .iter()
+            .filter_map(|r| r.from.as_ref())
+            .any(|f| f.principals == [web_id.clone()]),
+        "the ServiceAccount reference rendered as web's SPIFFE ID: {rendered:?}"
+    );
+
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let web = send(mesh, &pods.web, &target, "GET", 50).await;
+    assert_allowed(&web, 50, "authz-server", "web");
+    let batch = send(mesh, &pods.batch, &target, "GET", 30).await;
+    let batch_id = spiffe_id(NS, "batch");
+    assert_denied(&batch, 30, &["authz/allow-web"], &batch_id, "batch");
+    let outsider = send(mesh, &pods.outsider, &target, "GET", 10).await;
+    assert_denied(
+        &outsider,
+        10,
+        &["authz/allow-web"],
+        "unauthenticated",
+        "the unmeshed outsider",
+    );
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "authz/allow-web", "http", 50),
+            ("deny", "no-allow-match", "http", 40),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+
+    // The access log says the same, per request.
+    let log = mesh.node.log_path(
+        NS,
+        pods.server.metadata.name.as_deref().unwrap(),
+        tandem_crds::names::PROXY_CONTAINER,
+    );
+    let (entries, _) = or_logs(
+        mesh,
+        eventually(
+            "the server's proxy logged batch's denials",
+            Duration::from_secs(10),
+            || async {
+                let text = std::fs::read_to_string(&log)?;
+                let denied = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter(|e| {
+                        e["message"] == "request"
+                            && e["authz_decision"] == "deny"
+                            && e["authz_policy"] == "no-allow-match"
+                            && e["peer_identity"] == json!(batch_id)
+                    })
+                    .count();
+                Ok((denied >= 30).then_some(denied))
+            },
+        )
+        .await,
+    );
+    eprintln!(
+        "scenario a: web {}; batch {}; outsider {}; decisions {:?}; {entries} access-log entries of batch's denials",
+        describe(&web),
+        describe(&batch),
+        describe(&outsider),
+        moved(&before, &after)
+    );
+}
+
+/// Scenario b: a namespace whose default is `deny`; the kubelet's probes still pass.
+async fn scenario_b(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario b: the namespace locked, default-policy deny");
+    let (_, took) = or_logs(
+        mesh,
+        eventually(
+            "the vault's proxy loaded the namespace's default deny",
+            PROPAGATION,
+            || async {
+                Ok(mesh
+                    .proxy_loaded(&pods.vault)
+                    .await?
+                    .filter(|c| c.authorization.default_policy == DefaultPolicy::Deny)
+                    .map(|_| ()))
+            },
+        )
+        .await,
+    );
+    eprintln!(
+        "  the vault's proxy runs default deny ({:.1} s)",
+        took.as_secs_f64()
+    );
+    let target = url(mesh, LOCKED, "vault", "/").await;
+    let vault_ip = pod_ip(&pods.vault).unwrap();
+    let before = mesh.proxy_metrics(&pods.vault).await.unwrap();
+
+    let outsider = send(mesh, &pods.outsider, &target, "GET", 20).await;
+    assert_denied(
+        &outsider,
+        20,
+        &["default:deny"],
+        "unauthenticated",
+        "the unmeshed outsider, to the deny namespace",
+    );
+    let web_id = spiffe_id(NS, "web");
+    let web = send(mesh, &pods.web, &target, "GET", 20).await;
+    assert_denied(
+        &web,
+        20,
+        &["default:deny"],
+        &web_id,
+        "web, meshed, to the deny namespace",
+    );
+
+    // The kubelet's probe (plaintext GET /healthz from the node) is served, and counted as a
+    // probe; any other plaintext request from the node is refused like the outsider's.
+    let probe = or_logs(
+        mesh,
+        mesh.node
+            .http_get(SocketAddr::from((vault_ip, 8080)), "/healthz")
+            .await
+            .map_err(anyhow::Error::from),
+    );
+    assert_eq!(
+        (probe.status, probe.body.trim()),
+        (200, "ok"),
+        "the probe path is served under deny"
+    );
+    let other = or_logs(
+        mesh,
+        mesh.node
+            .http_get(SocketAddr::from((vault_ip, 8080)), "/not-a-probe")
+            .await
+            .map_err(anyhow::Error::from),
+    );
+    assert_eq!(
+        other.status, 403,
+        "another path from the node is refused: {}",
+        other.body
+    );
+    assert!(
+        other.body.starts_with("denied by default:deny:"),
+        "{}",
+        other.body
+    );
+    let probes = |m: &str| decisions(m, "allow", "probe", "http");
+    let (probed, _) = or_logs(
+        mesh,
+        eventually(
+            "the kubelet's probes of the vault are allowed and counted",
+            Duration::from_secs(30),
+            || async {
+                let now = probes(&mesh.proxy_metrics(&pods.vault).await?);
+                // The node's own GET, and at least two of the node agent's (1 s period).
+                Ok((now >= probes(&before) + 3.0).then_some(now - probes(&before)))
+            },
+        )
+        .await,
+    );
+    let pod = Api::<Pod>::namespaced(mesh.client(), LOCKED)
+        .get(pods.vault.metadata.name.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        e2e_support::is_ready(&pod),
+        "the vault stays Ready under deny: {:?}",
+        pod.status
+    );
+    for path in ["/ready", "/live"] {
+        let answer = or_logs(
+            mesh,
+            mesh.node
+                .http_get(SocketAddr::from((vault_ip, ADMIN_PORT)), path)
+                .await
+                .map_err(anyhow::Error::from),
+        );
+        assert_eq!(
+            answer.status, 200,
+            "the proxy's own {path} answers under deny: {}",
+            answer.body
+        );
+    }
+    let after = mesh.proxy_metrics(&pods.vault).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[("deny", "default:deny", "http", 41)]),
+        "the vault's decisions, by label:\n{after}"
+    );
+    eprintln!(
+        "scenario b: outsider {}; web {}; /healthz from the node {} {:?}, /not-a-probe {}; {probed} probes allowed meanwhile; the vault Ready, its proxy's /ready and /live 200",
+        describe(&outsider),
+        describe(&web),
+        probe.status,
+        probe.body.trim(),
+        other.status
+    );
+
+    // An Allow policy on the vault's ServiceAccount, naming web from the other namespace.
+    let status = apply_policy(
+        mesh,
+        LOCKED,
+        "allow-web",
+        json!({
+            "targetRef": {"kind": "ServiceAccount", "name": "vault"},
+            "action": "Allow",
+            "rules": [{"from": {"serviceAccounts": [{"namespace": NS, "name": "web"}]}}],
+        }),
+    )
+    .await;
+    assert_eq!(status["workloads"], json!(["locked/vault"]), "{status}");
+    await_loaded(mesh, &pods.vault, "locked/allow-web", true).await;
+    let before = mesh.proxy_metrics(&pods.vault).await.unwrap();
+    let web = send(mesh, &pods.web, &target, "GET", 20).await;
+    assert_allowed(
+        &web,
+        20,
+        "locked-vault",
+        "web, allowed into the deny namespace",
+    );
+    let outsider = send(mesh, &pods.outsider, &target, "GET", 20).await;
+    assert_denied(
+        &outsider,
+        20,
+        &["locked/allow-web"],
+        "unauthenticated",
+        "the outsider, still",
+    );
+    let after = mesh.proxy_metrics(&pods.vault).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "locked/allow-web", "http", 20),
+            ("deny", "no-allow-match", "http", 20),
+        ]),
+        "the vault's decisions, by label:\n{after}"
+    );
+    eprintln!(
+        "scenario b: with locked/allow-web, web {}; outsider {}",
+        describe(&web),
+        describe(&outsider)
+    );
+}
+
+/// Scenario c: a Deny rule beats an Allow; path and method rules.
+async fn scenario_c(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario c: deny beats allow; paths and methods");
+    apply_policy(
+        mesh,
+        NS,
+        "allow-public",
+        json!({
+            "targetRef": {"kind": "Service", "name": "server"},
+            "action": "Allow",
+            "rules": [{"to": {
+                "paths": [{"type": "Exact", "value": "/public"}],
+                "methods": ["GET"],
+            }}],
+        }),
+    )
+    .await;
+    apply_policy(
+        mesh,
+        NS,
+        "deny-admin",
+        json!({
+            "targetRef": {"kind": "Service", "name": "server"},
+            "action": "Deny",
+            "rules": [{
+                "from": {"serviceAccounts": [{"name": "web"}]},
+                "to": {"paths": [{"type": "PathPrefix", "value": "/admin"}]},
+            }],
+        }),
+    )
+    .await;
+    await_loaded(mesh, &pods.server, "authz/allow-public", true).await;
+    await_loaded(mesh, &pods.server, "authz/deny-admin", true).await;
+
+    let web_id = spiffe_id(NS, "web");
+    let batch_id = spiffe_id(NS, "batch");
+    let allows = ["authz/allow-public", "authz/allow-web"];
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let admin = url(mesh, NS, "server", "/admin/panel").await;
+    let web_admin = send(mesh, &pods.web, &admin, "GET", 20).await;
+    assert_denied(
+        &web_admin,
+        20,
+        &["authz/deny-admin"],
+        &web_id,
+        "web, GET /admin/panel: the Deny rule beats allow-web",
+    );
+    let elsewhere = url(mesh, NS, "server", "/orders").await;
+    let web_orders = send(mesh, &pods.web, &elsewhere, "POST", 20).await;
+    assert_allowed(&web_orders, 20, "authz-server", "web, POST /orders");
+    let public = url(mesh, NS, "server", "/public").await;
+    let get_public = send(mesh, &pods.batch, &public, "GET", 20).await;
+    assert_allowed(&get_public, 20, "authz-server", "batch, GET /public");
+    let post_public = send(mesh, &pods.batch, &public, "POST", 20).await;
+    assert_denied(&post_public, 20, &allows, &batch_id, "batch, POST /public");
+    let batch_admin = send(mesh, &pods.batch, &admin, "GET", 20).await;
+    assert_denied(
+        &batch_admin,
+        20,
+        &allows,
+        &batch_id,
+        "batch, GET /admin/panel",
+    );
+    // The exact path: /public/x is not /public.
+    let below = url(mesh, NS, "server", "/public/x").await;
+    let get_below = send(mesh, &pods.batch, &below, "GET", 10).await;
+    assert_denied(&get_below, 10, &allows, &batch_id, "batch, GET /public/x");
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "authz/allow-public", "http", 20),
+            ("allow", "authz/allow-web", "http", 20),
+            ("deny", "authz/deny-admin", "http", 20),
+            ("deny", "no-allow-match", "http", 50),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+    eprintln!(
+        "scenario c: web GET /admin/panel {}; web POST /orders {}; batch GET /public {}; batch POST /public {}; batch GET /admin/panel {}; batch GET /public/x {}",
+        describe(&web_admin),
+        describe(&web_orders),
+        describe(&get_public),
+        describe(&post_public),
+        describe(&batch_admin),
+        describe(&get_below)
+    );
+}
+
+/// Asserts that every connection of `stats` was echoed.
+fn assert_echoed(stats: &TcpStats, n: u64, line_bytes: u64, what: &str) {
+    assert_eq!(
+        (stats.total, stats.count("echoed")),
+        (n, n),
+        "{what}: every connection echoed: {stats:?}"
+    );
+    assert_eq!(stats.bytes_back, line_bytes, "{what}: {stats:?}");
+}
+
+/// Asserts that every connection of `stats` was closed with no byte back.
+fn assert_closed(stats: &TcpStats, n: u64, what: &str) {
+    assert_eq!(stats.total, n, "{what}: {stats:?}");
+    assert_eq!(
+        stats.count("closed") + stats.count("reset"),
+        n,
+        "{what}: every connection closed by the mesh, none left hanging: {stats:?}"
+    );
+    assert_eq!(stats.bytes_back, 0, "{what}: no byte came back: {stats:?}");
+}
+
+/// The bytes `n` echoed connections bring back: `tandem-tcp-<i>\n` for i in 0..n.
+fn echo_bytes(n: u64) -> u64 {
+    (0..n)
+        .map(|i| format!("tandem-tcp-{i}\n").len() as u64)
+        .sum()
+}
+
+/// Scenario d: an opaque TCP port, allowed and denied per connection.
+async fn scenario_d(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario d: opaque TCP on the Service echo");
+    const N: u64 = 10;
+    let ip = mesh.cluster_ip(NS, "echo").await.unwrap();
+    let target = format!("{ip}:7000");
+    let tcp = |client: &Pod| {
+        let target = target.clone();
+        let client = client.clone();
+        async move { or_logs(mesh, mesh.tcp_burst(&client, &target, N, 2).await) }
+    };
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_echoed(&tcp(&pods.web).await, N, echo_bytes(N), "web, no policy");
+    assert_echoed(
+        &tcp(&pods.batch).await,
+        N,
+        echo_bytes(N),
+        "batch, no policy",
+    );
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[("allow", "default:all-unauthenticated", "tcp", 2 * N)]),
+        "no policy covers port 7000 yet (those on the Service server cover 8080 only):\n{after}"
+    );
+
+    apply_policy(
+        mesh,
+        NS,
+        "echo-deny-batch",
+        json!({
+            "targetRef": {"kind": "Service", "name": "echo"},
+            "action": "Deny",
+            "rules": [{"from": {"serviceAccounts": [{"name": "batch"}]}}],
+        }),
+    )
+    .await;
+    await_loaded(mesh, &pods.server, "authz/echo-deny-batch", true).await;
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let web = tcp(&pods.web).await;
+    assert_echoed(&web, N, echo_bytes(N), "web, batch denied");
+    let batch = tcp(&pods.batch).await;
+    assert_closed(&batch, N, "batch, denied");
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "default:all-unauthenticated", "tcp", N),
+            ("deny", "authz/echo-deny-batch", "tcp", N),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+    eprintln!("scenario d: with echo-deny-batch, web {web:?}; batch {batch:?}");
+
+    apply_policy(
+        mesh,
+        NS,
+        "echo-allow-web",
+        json!({
+            "targetRef": {"kind": "Service", "name": "echo", "ports": [7000]},
+            "action": "Allow",
+            "rules": [{"from": {"serviceAccounts": [{"name": "web"}]}}],
+        }),
+    )
+    .await;
+    await_loaded(mesh, &pods.server, "authz/echo-allow-web", true).await;
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let web = tcp(&pods.web).await;
+    assert_echoed(&web, N, echo_bytes(N), "web, allowed");
+    let outsider = tcp(&pods.outsider).await;
+    assert_closed(&outsider, N, "the unmeshed outsider, no Allow rule matches");
+    let batch = tcp(&pods.batch).await;
+    assert_closed(&batch, N, "batch, the Deny policy first");
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "authz/echo-allow-web", "tcp", N),
+            ("deny", "authz/echo-deny-batch", "tcp", N),
+            ("deny", "no-allow-match", "tcp", N),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+    eprintln!(
+        "scenario d: with echo-allow-web too, web {web:?}; outsider {outsider:?}; batch {batch:?}"
+    );
+}
+
+/// Requests summed over bursts.
+#[derive(Debug, Default)]
+struct Load {
+    bursts: u64,
+    total: u64,
+    ok: u64,
+    by_status: BTreeMap<String, u64>,
+    by_header: BTreeMap<String, u64>,
+}
+
+impl Load {
+    fn add(&mut self, stats: &ClientStats) {
+        self.bursts += 1;
+        self.total += stats.total;
+        self.ok += stats.ok;
+        for (k, v) in &stats.by_status {
+            *self.by_status.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &stats.by_header {
+            *self.by_header.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// Scenario e: an Allow policy naming web created and deleted while web sends steadily.
+async fn scenario_e(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario e: steady-allow-web created and deleted under load");
+    const POLICY: &str = "authz/steady-allow-web";
+    let target = url(mesh, NS, "steady", "/").await;
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let by_policy = |m: &str| decisions(m, "allow", POLICY, "http");
+    let by_default = |m: &str| decisions(m, "allow", "default:all-unauthenticated", "http");
+    let done = AtomicBool::new(false);
+    let steps = async {
+        let began = Instant::now();
+        // Some requests under the default first.
+        or_logs(
+            mesh,
+            eventually("requests allowed by the default", PROPAGATION, || async {
+                let now = by_default(&mesh.proxy_metrics(&pods.server).await?);
+                Ok((now >= by_default(&before) + 20.0).then_some(()))
+            })
+            .await,
+        );
+        apply_policy(
+            mesh,
+            NS,
+            "steady-allow-web",
+            json!({
+                "targetRef": {"kind": "Service", "name": "steady"},
+                "action": "Allow",
+                "rules": [{"from": {"serviceAccounts": [{"name": "web"}]}}],
+            }),
+        )
+        .await;
+        let config = await_loaded(mesh, &pods.server, POLICY, true).await;
+        let ports = config
+            .authorization
+            .policies
+            .iter()
+            .find(|p| p.name == POLICY)
+            .map(|p| p.ports.clone());
+        assert_eq!(ports, Some(vec![8081]), "{:?}", config.authorization);
+        let created = began.elapsed();
+        let at_create = mesh.proxy_metrics(&pods.server).await.unwrap();
+        or_logs(
+            mesh,
+            eventually("requests allowed by the policy", PROPAGATION, || async {
+                let now = by_policy(&mesh.proxy_metrics(&pods.server).await?);
+                Ok((now >= by_policy(&at_create) + 20.0).then_some(()))
+            })
+            .await,
+        );
+        delete_policy(mesh, NS, "steady-allow-web").await;
+        await_loaded(mesh, &pods.server, POLICY, false).await;
+        let deleted = began.elapsed();
+        let at_delete = mesh.proxy_metrics(&pods.server).await.unwrap();
+        or_logs(
+            mesh,
+            eventually(
+                "requests allowed by the default again",
+                PROPAGATION,
+                || async {
+                    let now = by_default(&mesh.proxy_metrics(&pods.server).await?);
+                    Ok((now >= by_default(&at_delete) + 20.0).then_some(()))
+                },
+            )
+            .await,
+        );
+        done.store(true, Ordering::Relaxed);
+        (created, deleted)
+    };
+    let load = async {
+        let mut load = Load::default();
+        while !done.load(Ordering::Relaxed) {
+            let ask = Burst::new(&target, 20)
+                .concurrency(2)
+                .rps(20)
+                .header(DENIED_BY_HEADER);
+            let stats = or_logs(mesh, mesh.burst_with(&pods.web, &ask).await);
+            load.add(&stats);
+        }
+        load
+    };
+    let (load, (created, deleted)) = tokio::join!(load, steps);
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let decided = moved(&before, &after);
+    let denied: f64 = decided
+        .iter()
+        .filter(|((decision, _, _), _)| decision == "deny")
+        .map(|(_, n)| n)
+        .sum();
+    let under_policy = by_policy(&after) - by_policy(&before);
+    let under_default = by_default(&after) - by_default(&before);
+    assert!(load.total > 0);
+    assert_eq!(
+        (load.ok, load.by_status.get("403").copied().unwrap_or(0)),
+        (load.total, 0),
+        "no request wrongly denied (or failed) while the policy came and went: {load:?}"
+    );
+    assert_eq!(
+        denied, 0.0,
+        "the server's proxy denied nothing: {decided:?}"
+    );
+    assert_eq!(
+        under_policy + under_default,
+        load.total as f64,
+        "every request was decided once, by the policy or the default: {decided:?}"
+    );
+    assert!(
+        under_policy >= 20.0 && under_default >= 40.0,
+        "requests were allowed on both sides of each switch: {decided:?}"
+    );
+    eprintln!(
+        "scenario e: policy created (loaded by the server's proxy) at {:.1} s, deleted (dropped) at {:.1} s; web sent {} requests in {} bursts: {} ok, 0 denied; the server's proxy allowed {under_policy} by {POLICY} and {under_default} by the default, denied {denied}",
+        created.as_secs_f64(),
+        deleted.as_secs_f64(),
+        load.total,
+        load.bursts,
+        load.ok
+    );
+}
