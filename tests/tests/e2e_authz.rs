@@ -375,16 +375,16 @@ fn assert_denied(stats: &ClientStats, n: u64, by: &[&str], caller: &str, what: &
     }
 }
 
-/// The identity `config` names for the endpoint `address` of Service `authz/service`.
+/// The identity `config` names for the endpoint `address` of Service `namespace/service`.
 fn endpoint_identity<'a>(
     config: &'a ProxyConfig,
-    service: &str,
+    (namespace, service): (&str, &str),
     address: SocketAddr,
 ) -> Option<&'a str> {
     config
         .services
         .iter()
-        .filter(|s| s.namespace == NS && s.name == service)
+        .filter(|s| s.namespace == namespace && s.name == service)
         .flat_map(|s| &s.ports)
         .flat_map(|p| &p.endpoints)
         .find(|e| e.address == address)
@@ -392,25 +392,47 @@ fn endpoint_identity<'a>(
 }
 
 /// Before anything is decided by identity, both clients' proxies must reach the server's three
-/// ports over mutual TLS (their configs name the server's identity for each endpoint);
-/// otherwise a client would be "unauthenticated" for reasons that are not the scenario's.
+/// ports (and the vault) over mutual TLS: their configs name the server's identity for each
+/// endpoint. Otherwise a client would be "unauthenticated" for reasons not the scenario's.
 async fn meshed_paths_are_mutual_tls(mesh: &Mesh, pods: &Pods) {
     let server_ip = pod_ip(&pods.server).unwrap();
+    let vault_ip = pod_ip(&pods.vault).unwrap();
     let server_id = spiffe_id(NS, "server");
-    let ports = [("server", 8080), ("steady", 8081), ("echo", 7000)];
+    let vault_id = spiffe_id(LOCKED, "vault");
+    let endpoints = [
+        (
+            (NS, "server"),
+            SocketAddr::from((server_ip, 8080)),
+            &server_id,
+        ),
+        (
+            (NS, "steady"),
+            SocketAddr::from((server_ip, 8081)),
+            &server_id,
+        ),
+        (
+            (NS, "echo"),
+            SocketAddr::from((server_ip, 7000)),
+            &server_id,
+        ),
+        (
+            (LOCKED, "vault"),
+            SocketAddr::from((vault_ip, 8080)),
+            &vault_id,
+        ),
+    ];
     for client in [&pods.web, &pods.batch] {
         let (_, took) = or_logs(
             mesh,
             eventually(
-                "the client's proxy names the server's identity on its three ports",
+                "the client's proxy names the identity of every server endpoint",
                 PROPAGATION,
                 || async {
                     let Some(config) = mesh.proxy_loaded(client).await? else {
                         return Ok(None);
                     };
-                    let named = ports.iter().all(|(service, port)| {
-                        endpoint_identity(&config, service, SocketAddr::from((server_ip, *port)))
-                            == Some(server_id.as_str())
+                    let named = endpoints.iter().all(|(service, address, id)| {
+                        endpoint_identity(&config, *service, *address) == Some(id.as_str())
                     });
                     Ok(named.then_some(()))
                 },
@@ -418,8 +440,9 @@ async fn meshed_paths_are_mutual_tls(mesh: &Mesh, pods: &Pods) {
             .await,
         );
         eprintln!(
-            "setup: {}'s proxy names {server_id} for the server's ports {ports:?} ({:.1} s)",
+            "setup: {}'s proxy names the servers' identities for {:?} ({:.1} s)",
             client.metadata.name.as_deref().unwrap_or_default(),
+            endpoints.map(|(service, address, _)| format!("{}/{} {address}", service.0, service.1)),
             took.as_secs_f64()
         );
     }
