@@ -20,6 +20,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod connection;
