@@ -19,7 +19,7 @@
 //! peer's identity comes from the terminated connection's TLS digest. Both go into the access
 //! log (`peer_identity`, `connection_security_policy`).
 //!
-//! Inbound, `request_filter` is the gate ([`MeshHttp::admit_inbound`]): with one load of the
+//! Inbound, `request_filter` is the gate (`MeshHttp::admit_inbound`): with one load of the
 //! active config it applies the strict mode's plaintext refusal, lets the pod's kubelet probes
 //! through, and authorizes the request ([`crate::authz`]); a denial is answered there (403
 //! naming the policy, or gRPC's trailers-only `grpc-status: 7`), keeping the client connection

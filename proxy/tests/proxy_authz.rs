@@ -841,3 +841,43 @@ async fn opaque_tcp_is_relayed_for_the_allowed_identity_and_closed_before_any_by
     assert_eq!(decisions(&server, "deny", "default:deny", "tcp"), 1);
     drop(proxies);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_is_logged_at_info_with_the_policy_caller_port_method_and_path() {
+    let app = upstream::http("app", bind_local());
+    let mut dir = ConfigDir::new();
+    dir.publish(&server_config(
+        "v1",
+        authorization(DefaultPolicy::Deny, vec![]),
+    ));
+    // The real binary, whose log is its stdout.
+    let proxy = support::Proxy::start(&dir.path());
+    let authority = format!("127.0.0.1:{}", app.port());
+    let r = get(proxy.inbound, &authority, "/orders", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(denied_by(&r), "default:deny");
+    eventually("the denial logged", Duration::from_secs(5), async || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "Request denied")
+    })
+    .await;
+    let lines = proxy.log_lines();
+    let line = lines
+        .iter()
+        .find(|l| l["message"] == "Request denied")
+        .unwrap();
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["policy"], "default:deny");
+    assert_eq!(line["caller"], "unauthenticated");
+    assert_eq!(line["port"], app.port());
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/orders");
+    let access = proxy.access_log();
+    assert_eq!(access.len(), 1, "{access:?}");
+    assert_eq!(access[0]["authz_decision"], "deny");
+    assert_eq!(access[0]["authz_policy"], "default:deny");
+}
