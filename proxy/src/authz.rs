@@ -510,6 +510,20 @@ mod tests {
     }
 
     #[test]
+    fn an_unvalidated_bad_regex_does_not_compile_and_names_its_policy() {
+        let (_registry, metrics) = metrics();
+        let mut bad = allow("shop/broken", "spiffe://cluster.local/ns/shop/sa/a", vec![]);
+        bad.rules[0].to = Some(Operations {
+            paths: vec![PathMatch::Regex("(".into())],
+            ..Operations::default()
+        });
+        let mut config = ProxyConfig::new(Workload::default());
+        config.authorization.policies = vec![bad];
+        let err = Authz::compile(&config, "cluster.local", &metrics).unwrap_err();
+        assert_eq!(err.policy, "shop/broken");
+    }
+
+    #[test]
     fn denial_texts_name_the_policy_the_caller_and_the_request() {
         assert_eq!(
             denial_body("shop/allow-web", "unauthenticated", "GET", "/admin", 8080),

@@ -168,6 +168,8 @@ impl ConfigStore {
                     version = %active.config.version,
                     hash = %active.hash,
                     services = active.config.services.len(),
+                    default_policy = %active.authz.default_policy(),
+                    authorization_policies = active.config.authorization.policies.len(),
                     "Config applied"
                 );
                 Ok(active)

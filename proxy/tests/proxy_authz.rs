@@ -881,3 +881,51 @@ async fn a_denial_is_logged_at_info_with_the_policy_caller_port_method_and_path(
     assert_eq!(access[0]["authz_decision"], "deny");
     assert_eq!(access[0]["authz_policy"], "default:deny");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_connection_is_logged_at_info_with_the_policy_caller_client_and_port() {
+    let pods = Pods::new();
+    let seen = recording_echo(pods.server.bind(&format!("0.0.0.0:{APP_PORT}")));
+    let mut dir = ConfigDir::new();
+    dir.publish(&server_config(
+        "v1",
+        authorization(DefaultPolicy::AllAuthenticated, vec![]),
+    ));
+    // The real binary in the server pod, as the proxy's UID; its log is its stdout.
+    let mut opts = support::ProxyOptions::loopback(dir.path());
+    for addr in [&mut opts.outbound, &mut opts.inbound, &mut opts.admin] {
+        *addr = "0.0.0.0:0".into();
+    }
+    opts.wrapper = pods.server.as_uid(tandem_crds::names::PROXY_UID);
+    let proxy = support::Proxy::start_with(opts);
+    pods.server.redirect_tcp(
+        "PREROUTING",
+        &["--dport", &APP_PORT.to_string()],
+        proxy.inbound.port(),
+    );
+    let refused = call(&pods, format!("{SERVER_IP}:{APP_PORT}"), b"hello\n");
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(seen.lock().unwrap().is_empty());
+    eventually("the denial logged", Duration::from_secs(5), async || {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "Connection denied")
+    })
+    .await;
+    let lines = proxy.log_lines();
+    let line = lines
+        .iter()
+        .find(|l| l["message"] == "Connection denied")
+        .unwrap();
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["policy"], "default:all-authenticated");
+    assert_eq!(line["caller"], "unauthenticated");
+    assert_eq!(line["port"], APP_PORT);
+    assert!(
+        line["client"]
+            .as_str()
+            .is_some_and(|c| c.contains(support::netns::CLIENT_IP)),
+        "{line}"
+    );
+}
