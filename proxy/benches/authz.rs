@@ -160,6 +160,7 @@ fn main() {
             } else {
                 rules.to_string()
             };
+            let what = if rules == 0 { "any" } else { what };
             println!("| {label} | {what} | {cpu:.0} | {wall:.0} |");
         }
     }
