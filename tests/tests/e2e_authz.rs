@@ -18,9 +18,13 @@
 //! - e: an Allow policy naming web created and later deleted on a port web may call anyway,
 //!   while web sends steadily: every request is counted, none is denied, and the server's
 //!   proxy's metrics show requests allowed by the policy and by the default on either side;
-//! - f (throughout): `tandem_authz_decisions_total{decision,policy,protocol}` on the server's
-//!   proxy moves by exactly the requests and connections of each step, with the labels of what
-//!   decided them.
+//! - f: a policy whose HTTP rule can never apply to its opaque TCP port, and one whose target
+//!   Service does not exist, get `Accepted=False` with the reasons `Invalid` and
+//!   `TargetNotFound`; no proxy receives them, and the other policies keep working;
+//! - throughout: `tandem_authz_decisions_total{decision,policy,protocol}` on the server's proxy
+//!   moves by exactly the requests and connections of each step, with the labels of what decided
+//!   them (HTTP and TCP, allow and deny, by a policy, by no Allow match, by a default, and the
+//!   kubelet's probes as `probe`).
 //!
 //! Every burst is bounded in count and sent from inside a pod (`tandem-testapp client`, `GET
 //! /burst?n=N` or `/tcp?n=N`); every wait is for a state (a condition, the config a proxy has
@@ -94,8 +98,9 @@ async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_pr
     scenario_c(&mesh, &pods).await;
     scenario_d(&mesh, &pods).await;
     scenario_e(&mesh, &pods).await;
+    scenario_f(&mesh, &pods).await;
     eprintln!(
-        "all scenarios a-e: {:.0} s from the apply",
+        "all scenarios a-f: {:.0} s from the apply",
         started.elapsed().as_secs_f64()
     );
     mesh.node.shutdown().await;
@@ -980,94 +985,91 @@ impl Load {
     }
 }
 
-/// Scenario e: an Allow policy naming web created and deleted while web sends steadily.
+/// Scenario e: an Allow policy naming web created and deleted, three times, while web sends
+/// steadily (4 at once, 100/s) to a port it may call anyway (the default, all-unauthenticated).
 async fn scenario_e(mesh: &Mesh, pods: &Pods) {
-    eprintln!("scenario e: steady-allow-web created and deleted under load");
+    eprintln!("scenario e: steady-allow-web created and deleted under load, three times");
     const POLICY: &str = "authz/steady-allow-web";
+    /// Requests each side of every switch must see decided, at the least.
+    const EACH_SIDE: f64 = 50.0;
     let target = url(mesh, NS, "steady", "/").await;
     let before = mesh.proxy_metrics(&pods.server).await.unwrap();
     let by_policy = |m: &str| decisions(m, "allow", POLICY, "http");
     let by_default = |m: &str| decisions(m, "allow", "default:all-unauthenticated", "http");
+    // Waits until `series` has counted EACH_SIDE more requests than at `mark`.
+    let more = |what: &'static str, series: fn(&str) -> f64, mark: String| async move {
+        or_logs(
+            mesh,
+            eventually(what, PROPAGATION, || async {
+                let now = series(&mesh.proxy_metrics(&pods.server).await?);
+                Ok((now >= series(&mark) + EACH_SIDE).then_some(()))
+            })
+            .await,
+        );
+    };
     let done = AtomicBool::new(false);
     let steps = async {
         let began = Instant::now();
-        // Some requests under the default first.
-        or_logs(
-            mesh,
-            eventually("requests allowed by the default", PROPAGATION, || async {
-                let now = by_default(&mesh.proxy_metrics(&pods.server).await?);
-                Ok((now >= by_default(&before) + 20.0).then_some(()))
-            })
-            .await,
-        );
-        apply_policy(
-            mesh,
-            NS,
-            "steady-allow-web",
-            json!({
-                "targetRef": {"kind": "Service", "name": "steady"},
-                "action": "Allow",
-                "rules": [{"from": {"serviceAccounts": [{"name": "web"}]}}],
-            }),
+        let mut switches = Vec::new();
+        more(
+            "requests allowed by the default",
+            by_default,
+            before.clone(),
         )
         .await;
-        let config = await_loaded(mesh, &pods.server, POLICY, true).await;
-        let ports = config
-            .authorization
-            .policies
-            .iter()
-            .find(|p| p.name == POLICY)
-            .map(|p| p.ports.clone());
-        assert_eq!(ports, Some(vec![8081]), "{:?}", config.authorization);
-        let created = began.elapsed();
-        let at_create = mesh.proxy_metrics(&pods.server).await.unwrap();
-        or_logs(
-            mesh,
-            eventually("requests allowed by the policy", PROPAGATION, || async {
-                let now = by_policy(&mesh.proxy_metrics(&pods.server).await?);
-                Ok((now >= by_policy(&at_create) + 20.0).then_some(()))
-            })
-            .await,
-        );
-        delete_policy(mesh, NS, "steady-allow-web").await;
-        await_loaded(mesh, &pods.server, POLICY, false).await;
-        let deleted = began.elapsed();
-        let at_delete = mesh.proxy_metrics(&pods.server).await.unwrap();
-        or_logs(
-            mesh,
-            eventually(
-                "requests allowed by the default again",
-                PROPAGATION,
-                || async {
-                    let now = by_default(&mesh.proxy_metrics(&pods.server).await?);
-                    Ok((now >= by_default(&at_delete) + 20.0).then_some(()))
-                },
+        for _ in 0..3 {
+            apply_policy(
+                mesh,
+                NS,
+                "steady-allow-web",
+                json!({
+                    "targetRef": {"kind": "Service", "name": "steady"},
+                    "action": "Allow",
+                    "rules": [{"from": {"serviceAccounts": [{"name": "web"}]}}],
+                }),
             )
-            .await,
-        );
+            .await;
+            let config = await_loaded(mesh, &pods.server, POLICY, true).await;
+            let ports = config
+                .authorization
+                .policies
+                .iter()
+                .find(|p| p.name == POLICY)
+                .map(|p| p.ports.clone());
+            assert_eq!(ports, Some(vec![8081]), "{:?}", config.authorization);
+            switches.push(began.elapsed());
+            let mark = mesh.proxy_metrics(&pods.server).await.unwrap();
+            more("requests allowed by the policy", by_policy, mark).await;
+            delete_policy(mesh, NS, "steady-allow-web").await;
+            await_loaded(mesh, &pods.server, POLICY, false).await;
+            switches.push(began.elapsed());
+            let mark = mesh.proxy_metrics(&pods.server).await.unwrap();
+            more("requests allowed by the default again", by_default, mark).await;
+        }
         done.store(true, Ordering::Relaxed);
-        (created, deleted)
+        switches
     };
     let load = async {
         let mut load = Load::default();
         while !done.load(Ordering::Relaxed) {
-            let ask = Burst::new(&target, 20)
-                .concurrency(2)
-                .rps(20)
+            let ask = Burst::new(&target, 50)
+                .concurrency(4)
+                .rps(100)
                 .header(DENIED_BY_HEADER);
             let stats = or_logs(mesh, mesh.burst_with(&pods.web, &ask).await);
             load.add(&stats);
         }
         load
     };
-    let (load, (created, deleted)) = tokio::join!(load, steps);
+    let (load, switches) = tokio::join!(load, steps);
     let after = mesh.proxy_metrics(&pods.server).await.unwrap();
     let decided = moved(&before, &after);
     let denied: f64 = decided
         .iter()
         .filter(|((decision, _, _), _)| decision == "deny")
         .map(|(_, n)| n)
-        .sum();
+        .sum::<f64>()
+        + 0.0;
     let under_policy = by_policy(&after) - by_policy(&before);
     let under_default = by_default(&after) - by_default(&before);
     assert!(load.total > 0);
@@ -1086,15 +1088,129 @@ async fn scenario_e(mesh: &Mesh, pods: &Pods) {
         "every request was decided once, by the policy or the default: {decided:?}"
     );
     assert!(
-        under_policy >= 20.0 && under_default >= 40.0,
+        under_policy >= 3.0 * EACH_SIDE && under_default >= 4.0 * EACH_SIDE,
         "requests were allowed on both sides of each switch: {decided:?}"
     );
     eprintln!(
-        "scenario e: policy created (loaded by the server's proxy) at {:.1} s, deleted (dropped) at {:.1} s; web sent {} requests in {} bursts: {} ok, 0 denied; the server's proxy allowed {under_policy} by {POLICY} and {under_default} by the default, denied {denied}",
-        created.as_secs_f64(),
-        deleted.as_secs_f64(),
+        "scenario e: policy in force (loaded by the server's proxy) from/to {:?} s; web sent {} requests in {} bursts: {} ok, {} denied (403); the server's proxy allowed {under_policy} by {POLICY} and {under_default} by the default, denied {denied}",
+        switches
+            .iter()
+            .map(|t| format!("{:.1}", t.as_secs_f64()))
+            .collect::<Vec<_>>(),
         load.total,
         load.bursts,
-        load.ok
+        load.ok,
+        load.by_status.get("403").copied().unwrap_or(0)
+    );
+}
+
+/// Scenario f: policies the operator cannot apply get `Accepted=False` with a reason, reach no
+/// proxy, and leave the others working.
+async fn scenario_f(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario f: an invalid and a dangling policy beside the working ones");
+    let loaded_before = mesh.proxy_loaded(&pods.server).await.unwrap().unwrap();
+    let names = |c: &ProxyConfig| -> Vec<String> {
+        c.authorization
+            .policies
+            .iter()
+            .map(|p| p.name.clone())
+            .collect()
+    };
+    let bad = [
+        (
+            "echo-paths",
+            json!({
+                "targetRef": {"kind": "Service", "name": "echo"},
+                "action": "Allow",
+                "rules": [{"to": {"paths": [{"type": "Exact", "value": "/x"}]}}],
+            }),
+            "Invalid",
+            "HTTP",
+        ),
+        (
+            "ghost",
+            json!({
+                "targetRef": {"kind": "Service", "name": "ghost"},
+                "action": "Deny",
+                "rules": [{}],
+            }),
+            "TargetNotFound",
+            "ghost",
+        ),
+    ];
+    for (name, spec, reason, says) in &bad {
+        let object = json!({
+            "apiVersion": "tandem.dev/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": spec,
+        });
+        or_logs(
+            mesh,
+            e2e_support::apply_value(&mesh.client(), &object).await,
+        );
+        let ((status, got, message), took) = or_logs(
+            mesh,
+            eventually(
+                &format!("{NS}/{name} Accepted=False"),
+                PROPAGATION,
+                || async {
+                    Ok(mesh
+                        .policy_condition("authorizationpolicies", NS, name, "Accepted")
+                        .await?
+                        .filter(|(status, _, _)| status == "False"))
+                },
+            )
+            .await,
+        );
+        assert_eq!(
+            (status.as_str(), got.as_str()),
+            ("False", *reason),
+            "{name}: {message}"
+        );
+        assert!(
+            message.contains(says),
+            "{name}: the message says why: {message}"
+        );
+        eprintln!(
+            "  {NS}/{name}: Accepted=False {got} after {:.1} s: {message}",
+            took.as_secs_f64()
+        );
+    }
+    // The others still work, and the proxy runs the same policies.
+    let target = url(mesh, NS, "server", "/").await;
+    let web = send(mesh, &pods.web, &target, "GET", 20).await;
+    assert_allowed(&web, 20, "authz-server", "web, beside the refused policies");
+    let batch = send(mesh, &pods.batch, &target, "GET", 20).await;
+    assert_denied(
+        &batch,
+        20,
+        &["authz/allow-public", "authz/allow-web"],
+        &spiffe_id(NS, "batch"),
+        "batch, beside the refused policies",
+    );
+    let ip = mesh.cluster_ip(NS, "echo").await.unwrap();
+    let echo = or_logs(
+        mesh,
+        mesh.tcp_burst(&pods.web, &format!("{ip}:7000"), 10, 2)
+            .await,
+    );
+    assert_echoed(
+        &echo,
+        10,
+        echo_bytes(10),
+        "web's TCP, beside the refused policies",
+    );
+    let loaded = mesh.proxy_loaded(&pods.server).await.unwrap().unwrap();
+    assert_eq!(
+        names(&loaded),
+        names(&loaded_before),
+        "the refused policies reached no proxy"
+    );
+    eprintln!(
+        "scenario f: web {}; batch {}; web's TCP {echo:?}; the server's proxy runs {:?}",
+        describe(&web),
+        describe(&batch),
+        names(&loaded)
     );
 }
