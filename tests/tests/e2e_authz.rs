@@ -21,6 +21,10 @@
 //! - f: a policy whose HTTP rule can never apply to its opaque TCP port, and one whose target
 //!   Service does not exist, get `Accepted=False` with the reasons `Invalid` and
 //!   `TargetNotFound`; no proxy receives them, and the other policies keep working;
+//! - g: gRPC (HTTP/2, `application/grpc`) to a port declared grpc, with an Allow rule on web,
+//!   `POST` and a path prefix: web's calls reach the server; batch's, and web's to another
+//!   service path, end with `grpc-status: 7` (PERMISSION_DENIED), the policy named in
+//!   `tandem-denied-by` and in `grpc-message`;
 //! - throughout: `tandem_authz_decisions_total{decision,policy,protocol}` on the server's proxy
 //!   moves by exactly the requests and connections of each step, with the labels of what decided
 //!   them (HTTP and TCP, allow and deny, by a policy, by no Allow match, by a default, and the
@@ -99,8 +103,9 @@ async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_pr
     scenario_d(&mesh, &pods).await;
     scenario_e(&mesh, &pods).await;
     scenario_f(&mesh, &pods).await;
+    scenario_g(&mesh, &pods).await;
     eprintln!(
-        "all scenarios a-f: {:.0} s from the apply",
+        "all scenarios a-g: {:.0} s from the apply",
         started.elapsed().as_secs_f64()
     );
     mesh.node.shutdown().await;
@@ -305,7 +310,7 @@ fn expect(entries: &[(&str, &str, &str, u64)]) -> BTreeMap<(String, String, Stri
 
 fn describe(stats: &ClientStats) -> String {
     format!(
-        "{} requests, by status {:?}, by {DENIED_BY_HEADER} {:?}",
+        "{} requests, by status {:?}, by header {:?}",
         stats.total, stats.by_status, stats.by_header
     )
 }
@@ -418,6 +423,11 @@ async fn meshed_paths_are_mutual_tls(mesh: &Mesh, pods: &Pods) {
         (
             (NS, "echo"),
             SocketAddr::from((server_ip, 7000)),
+            &server_id,
+        ),
+        (
+            (NS, "grpc"),
+            SocketAddr::from((server_ip, 8082)),
             &server_id,
         ),
         (
@@ -1212,5 +1222,136 @@ async fn scenario_f(mesh: &Mesh, pods: &Pods) {
         describe(&web),
         describe(&batch),
         names(&loaded)
+    );
+}
+
+/// `%XX` escapes decoded (gRPC's `grpc-message` encoding).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Asserts that every call of `stats` ended in a trailers-only PERMISSION_DENIED naming
+/// `policy` (`by_header` holds `grpc-status|tandem-denied-by|grpc-message`).
+fn assert_permission_denied(stats: &ClientStats, n: u64, policy: &str, caller: &str, what: &str) {
+    assert_eq!(
+        (stats.total, stats.by_status.get("200").copied()),
+        (n, Some(n)),
+        "{what}: gRPC answers over HTTP 200: {}",
+        describe(stats)
+    );
+    assert_eq!(stats.by_header.len(), 1, "{what}: {:?}", stats.by_header);
+    let seen = stats.by_header.keys().next().unwrap();
+    let parts: Vec<&str> = seen.split('|').collect();
+    let message = percent_decoded(parts.get(2).copied().unwrap_or_default());
+    assert_eq!(
+        parts[..2],
+        ["7", policy],
+        "{what}: grpc-status 7 and {DENIED_BY_HEADER} {policy}: {seen}"
+    );
+    assert!(
+        message.starts_with(&format!("denied by {policy}:")) && message.contains(caller),
+        "{what}: grpc-message names the policy and the caller ({caller}): {message:?}"
+    );
+    assert_eq!(
+        stats.by_body.keys().collect::<Vec<_>>(),
+        [""],
+        "{what}: the app never answered: {:?}",
+        stats.by_body
+    );
+}
+
+/// Scenario g: gRPC calls allowed and refused with PERMISSION_DENIED.
+async fn scenario_g(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario g: gRPC on the Service grpc");
+    const POLICY: &str = "authz/grpc-allow-web";
+    apply_policy(
+        mesh,
+        NS,
+        "grpc-allow-web",
+        json!({
+            "targetRef": {"kind": "Service", "name": "grpc"},
+            "action": "Allow",
+            "rules": [{
+                "from": {"serviceAccounts": [{"name": "web"}]},
+                "to": {
+                    "methods": ["POST"],
+                    "paths": [{"type": "PathPrefix", "value": "/tandem.Echo"}],
+                },
+            }],
+        }),
+    )
+    .await;
+    await_loaded(mesh, &pods.server, POLICY, true).await;
+    let call = |client: &Pod, method: &str| {
+        let client = client.clone();
+        let method = method.to_owned();
+        async move {
+            let ip = mesh.cluster_ip(NS, "grpc").await.unwrap();
+            let target = format!("http://{ip}:9000{method}");
+            let ask = Burst::new(&target, 20)
+                .concurrency(2)
+                .grpc()
+                .header(&format!("grpc-status,{DENIED_BY_HEADER},grpc-message"));
+            or_logs(mesh, mesh.burst_with(&client, &ask).await)
+        }
+    };
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let web = call(&pods.web, "/tandem.Echo/Say").await;
+    assert_eq!(
+        (web.total, web.ok, web.by_body.get("authz-server").copied()),
+        (20, 20, Some(20)),
+        "web's calls reach the server: {}\n{}",
+        describe(&web),
+        mesh.logs()
+    );
+    assert_eq!(
+        web.by_header.keys().collect::<Vec<_>>(),
+        ["||"],
+        "no grpc-status or denial on web's calls: {:?}",
+        web.by_header
+    );
+    let batch = call(&pods.batch, "/tandem.Echo/Say").await;
+    assert_permission_denied(&batch, 20, POLICY, &spiffe_id(NS, "batch"), "batch");
+    let other = call(&pods.web, "/tandem.Admin/Drop").await;
+    assert_permission_denied(
+        &other,
+        20,
+        POLICY,
+        &spiffe_id(NS, "web"),
+        "web, another service path",
+    );
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", POLICY, "grpc", 20),
+            ("deny", "no-allow-match", "grpc", 40),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+    eprintln!(
+        "scenario g: web /tandem.Echo/Say {}; batch /tandem.Echo/Say {}; web /tandem.Admin/Drop {}",
+        describe(&web),
+        describe(&batch),
+        describe(&other)
     );
 }

@@ -9,8 +9,10 @@
 //!   URL (none with `--rps 0`) and serves what it observed at `/stats` (counts by status and
 //!   body, p50/p99 latency; `/stats?reset=1` starts a new window). `/burst?n=N` sends exactly N
 //!   more requests (`&concurrency=C` at once, `&rps=R` paced, `&target=URL` elsewhere,
-//!   `&method=POST` another method, `&header=NAME` counting the values of that response header)
-//!   and answers with what those N observed: a bounded measurement from inside the pod.
+//!   `&method=POST` another method, `&header=NAME[,NAME…]` counting the values of those response
+//!   headers, joined by `|`; `&content_type=…` sent as the request's content type, `&h2=true`
+//!   over HTTP/2 with prior knowledge, as a gRPC client speaks) and answers with what those N
+//!   observed: a bounded measurement from inside the pod.
 //!   `/tcp?n=N&target=HOST:PORT` opens N TCP connections (`&concurrency=C` at once), writes one
 //!   line on each and reads until the line comes back, the peer closes, or 5 s pass; it answers
 //!   with the outcomes and how many bytes came back in all.
@@ -77,7 +79,7 @@ struct Window {
     started: Option<Instant>,
     by_status: BTreeMap<String, u64>,
     by_body: BTreeMap<String, u64>,
-    /// Values of the response header a burst asked for ("" when absent).
+    /// Values of the response headers a burst asked for, joined by `|` ("" when absent).
     by_header: BTreeMap<String, u64>,
     latencies_us: Vec<u64>,
 }
@@ -246,7 +248,8 @@ async fn client(target: String, rps: u32, stats_listen: SocketAddr) -> anyhow::R
 struct Outcome {
     status: String,
     body: String,
-    /// The asked-for response header's value ("" when absent); `None` when none was asked for.
+    /// The asked-for response headers' values joined by `|` ("" when absent); `None` when none
+    /// was asked for.
     header: Option<String>,
     latency: Duration,
 }
@@ -255,27 +258,37 @@ struct Outcome {
 #[derive(Clone, Debug, Default)]
 struct Ask {
     method: hyper::Method,
-    /// A response header whose value to record.
-    header: Option<hyper::header::HeaderName>,
+    /// Response headers whose values to record.
+    headers: Vec<hyper::header::HeaderName>,
+    /// The request's content type, if any.
+    content_type: Option<hyper::header::HeaderValue>,
 }
 
 /// One request with a 5 s limit; transport errors and timeouts are outcomes, not failures.
 async fn send(http: &Http, uri: hyper::Uri, ask: &Ask) -> Outcome {
     let started = Instant::now();
     let request = tokio::time::timeout(Duration::from_secs(5), async {
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(ask.method.clone())
-            .uri(uri)
-            .body(Empty::<Bytes>::new())?;
+            .uri(uri);
+        if let Some(content_type) = &ask.content_type {
+            request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        let request = request.body(Empty::<Bytes>::new())?;
         let response = http.request(request).await?;
         let status = response.status().as_u16().to_string();
-        let header = ask.header.as_ref().map(|name| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
+        let header = (!ask.headers.is_empty()).then(|| {
+            ask.headers
+                .iter()
+                .map(|name| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+                .join("|")
         });
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((
@@ -293,7 +306,7 @@ async fn send(http: &Http, uri: hyper::Uri, ask: &Ask) -> Outcome {
     Outcome {
         status,
         body,
-        header: header.or_else(|| ask.header.as_ref().map(|_| String::new())),
+        header: header.or_else(|| (!ask.headers.is_empty()).then(String::new)),
         latency: started.elapsed(),
     }
 }
@@ -323,8 +336,13 @@ struct BurstQuery {
     target: Option<String>,
     /// The method (default GET).
     method: Option<String>,
-    /// A response header whose values to count.
+    /// Response headers whose values to count, comma-separated.
     header: Option<String>,
+    /// The request's content type.
+    content_type: Option<String>,
+    /// HTTP/2 with prior knowledge.
+    #[serde(default)]
+    h2: bool,
 }
 
 fn one() -> u64 {
@@ -350,8 +368,17 @@ async fn burst(
             Some(m) => m.parse().map_err(|e| bad(format!("method {m:?}: {e}")))?,
             None => hyper::Method::GET,
         },
-        header: match &query.header {
-            Some(h) => Some(h.parse().map_err(|e| bad(format!("header {h:?}: {e}")))?),
+        headers: query
+            .header
+            .iter()
+            .flat_map(|h| h.split(','))
+            .map(|h| h.parse().map_err(|e| bad(format!("header {h:?}: {e}"))))
+            .collect::<Result<_, _>>()?,
+        content_type: match &query.content_type {
+            Some(c) => Some(
+                c.parse()
+                    .map_err(|e| bad(format!("content type {c:?}: {e}")))?,
+            ),
             None => None,
         },
     };
@@ -361,7 +388,9 @@ async fn burst(
     }));
     // Connections of its own: a burst must not ride on connections opened before a policy
     // changed (a proxy decides how to carry a connection when it is opened).
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let http: Http = Client::builder(TokioExecutor::new())
+        .http2_only(query.h2)
+        .build_http();
     let next = Arc::new(AtomicU64::new(0));
     let started = tokio::time::Instant::now();
     let pace = query

@@ -372,8 +372,13 @@ pub struct Burst {
     pub rps: Option<u32>,
     /// The method (GET when `None`).
     pub method: Option<String>,
-    /// A response header whose values the burst counts (`ClientStats::by_header`).
+    /// Response headers whose values the burst counts (`ClientStats::by_header`: their values
+    /// joined by `|`), comma-separated.
     pub header: Option<String>,
+    /// The request's content type.
+    pub content_type: Option<String>,
+    /// HTTP/2 with prior knowledge (as gRPC clients speak).
+    pub h2: bool,
 }
 
 impl Burst {
@@ -386,7 +391,17 @@ impl Burst {
             rps: None,
             method: None,
             header: None,
+            content_type: None,
+            h2: false,
         }
+    }
+
+    /// As a gRPC client calls: `POST`, `content-type: application/grpc`, HTTP/2.
+    pub fn grpc(mut self) -> Self {
+        self.method = Some("POST".to_owned());
+        self.content_type = Some("application/grpc".to_owned());
+        self.h2 = true;
+        self
     }
 
     pub fn concurrency(mut self, concurrency: u64) -> Self {
@@ -404,7 +419,7 @@ impl Burst {
         self
     }
 
-    /// Counts the values of response header `name`.
+    /// Counts the values of response header `name` (several: comma-separated).
     pub fn header(mut self, name: &str) -> Self {
         self.header = Some(name.to_owned());
         self
@@ -423,6 +438,12 @@ impl Burst {
         }
         if let Some(header) = &self.header {
             path.push_str(&format!("&header={header}"));
+        }
+        if let Some(content_type) = &self.content_type {
+            path.push_str(&format!("&content_type={content_type}"));
+        }
+        if self.h2 {
+            path.push_str("&h2=true");
         }
         path
     }
