@@ -314,7 +314,7 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
     };
     let policies = config.map_or_else(Vec::new, |c| applied(c, inputs, &namespace));
     let in_config: BTreeSet<&str> = policies.iter().map(|p| p.name.as_str()).collect();
-    let not_applied = inputs
+    let mut not_applied: Vec<UnappliedPolicy> = inputs
         .policies
         .iter()
         .filter(|p| targets(p, &sa, &services))
@@ -322,6 +322,7 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
         .filter(|(name, _)| !in_config.contains(name.as_str()))
         .map(|(name, p)| unapplied(name, p, &workload))
         .collect();
+    not_applied.sort_by(|a, b| a.name.cmp(&b.name));
     for policy in &inputs.policies {
         stale_status_warning(policy, &namespace, &mut warnings);
     }
@@ -645,7 +646,7 @@ fn decide(
         request: request_facts(port, question.http.as_ref()),
         allowed: true,
         decided_by: DecidedByFacts::NotInjected,
-        response: "no proxy: the app itself answers".to_owned(),
+        response: "none: the app itself answers".to_owned(),
         denied_by_header: None,
         notes: Vec::new(),
     };
@@ -681,15 +682,14 @@ fn decide(
             port,
             path: probe.path.clone(),
         };
-        decision.response = "the proxy passes it to the app (a kubelet probe)".to_owned();
+        decision.response = "passes it to the app (a kubelet probe)".to_owned();
         return Ok(decision);
     }
     if identity.is_none() && config.workload.mtls == MtlsMode::Strict {
         decision.allowed = false;
         decision.decided_by = DecidedByFacts::StrictMtls;
         decision.response =
-            "the proxy closes the plaintext connection (strict mutual TLS), before any policy"
-                .to_owned();
+            "closes the plaintext connection (strict mutual TLS), before any policy".to_owned();
         return Ok(decision);
     }
     evaluate(
@@ -816,13 +816,13 @@ fn evaluate(
 
 fn response(allowed: bool, http: bool, denied_by: &str) -> String {
     match (allowed, http) {
-        (true, true) => "the proxy passes the request to the app".to_owned(),
-        (true, false) => "the proxy relays the connection to the app".to_owned(),
+        (true, true) => "passes the request to the app".to_owned(),
+        (true, false) => "relays the connection to the app".to_owned(),
         (false, true) => format!(
-            "HTTP 403 with {}: {denied_by} (gRPC: status 7, PERMISSION_DENIED)",
+            "answers HTTP 403 with {}: {denied_by} (gRPC: status 7, PERMISSION_DENIED)",
             names::DENIED_BY_HEADER
         ),
-        (false, false) => "the proxy closes the connection after accepting it".to_owned(),
+        (false, false) => "closes the connection after accepting it".to_owned(),
     }
 }
 
@@ -1097,7 +1097,7 @@ mod tests {
         assert_eq!(d.denied_by_header.as_deref(), Some("shop/allow-web"));
         assert!(
             d.response
-                .starts_with("HTTP 403 with tandem-denied-by: shop/allow-web"),
+                .starts_with("answers HTTP 403 with tandem-denied-by: shop/allow-web"),
             "{}",
             d.response
         );
@@ -1117,10 +1117,7 @@ mod tests {
         );
         assert_eq!(d.request.protocol, "tcp");
         assert_eq!(d.denied_by_header, None);
-        assert_eq!(
-            d.response,
-            "the proxy closes the connection after accepting it"
-        );
+        assert_eq!(d.response, "closes the connection after accepting it");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use super::report::{
-    AppliedPolicy, DecidedByFacts, DecisionFacts, Explanation, StatusFacts, UnappliedPolicy,
+    AppliedPolicy, ConditionFacts, DecidedByFacts, DecisionFacts, Explanation, StatusFacts,
+    UnappliedPolicy,
 };
 use super::summary;
 
@@ -125,17 +126,18 @@ fn policies(out: &mut String, policies: &[AppliedPolicy]) {
     if policies.is_empty() {
         out.push_str("  (none: the default policy decides on every port)\n");
     }
+    let width = policies.iter().map(|p| p.name.len()).max().unwrap_or(0);
     for p in policies {
         let status = p.status.as_ref().map_or(
             "(no such AuthorizationPolicy object any more)".to_owned(),
             status,
         );
+        let ports = format!("ports {}", summary::ports(&p.ports));
         let _ = writeln!(
             out,
-            "  {}  {}  ports {}  {status}",
+            "  {:<width$}  {:<5}  {ports:<12}  {status}",
             p.name,
             p.action.as_str(),
-            summary::ports(&p.ports)
         );
         for r in &p.rules {
             let _ = writeln!(out, "    rule {}: {}", r.index, r.summary);
@@ -144,8 +146,10 @@ fn policies(out: &mut String, policies: &[AppliedPolicy]) {
     out.push('\n');
 }
 
+/// `Accepted=True Programmed=True`; a condition that does not hold shows its reason.
 fn status(s: &StatusFacts) -> String {
-    let show = |kind: &str, c: &Option<super::report::ConditionFacts>| match c {
+    let show = |kind: &str, c: &Option<ConditionFacts>| match c {
+        Some(c) if c.status == "True" => format!("{kind}=True"),
         Some(c) => format!("{kind}={} ({})", c.status, c.reason),
         None => format!("{kind}=?"),
     };
@@ -205,7 +209,7 @@ fn decision(out: &mut String, d: &DecisionFacts) {
     sub(
         out,
         "Result",
-        &format!("{verdict} by {}", decided_by(&d.decided_by)),
+        &format!("{verdict} {}", decided_by(&d.decided_by, r.port)),
     );
     sub(out, "Proxy", &d.response);
     for note in &d.notes {
@@ -218,23 +222,28 @@ fn sub(out: &mut String, key: &str, value: &str) {
     let _ = writeln!(out, "  {:<10}{value}", format!("{key}:"));
 }
 
-fn decided_by(by: &DecidedByFacts) -> String {
+/// Follows ALLOWED or DENIED.
+fn decided_by(by: &DecidedByFacts, port: u16) -> String {
     match by {
         DecidedByFacts::Rule {
             policy,
             action,
             rule,
             summary,
-        } => format!("{policy} ({}) rule {rule}: {summary}", action.as_str()),
+        } => format!("by {policy} ({}) rule {rule}: {summary}", action.as_str()),
         DecidedByFacts::NoAllowMatched { policies } => format!(
-            "no rule of the Allow policies covering the port matched ({})",
+            "by {}: Allow policies cover port {port} and none of their rules matched",
             policies.join(", ")
         ),
-        DecidedByFacts::Default { policy } => format!("the default policy {policy}"),
+        DecidedByFacts::Default { policy } => format!("by the default policy {policy}"),
         DecidedByFacts::Probe { port, path } => {
-            format!("the kubelet probe {port} {path}, let through before any policy")
+            format!("as the kubelet probe {port} {path}, let through before any policy")
         }
-        DecidedByFacts::StrictMtls => "strict mutual TLS (plaintext is refused)".to_owned(),
-        DecidedByFacts::NotInjected => "nobody: the pod has no proxy".to_owned(),
+        DecidedByFacts::StrictMtls => {
+            "by strict mutual TLS: plaintext is refused before any policy".to_owned()
+        }
+        DecidedByFacts::NotInjected => {
+            "by nobody: the pod has no proxy, nothing enforces authorization".to_owned()
+        }
     }
 }
