@@ -48,6 +48,33 @@ fn tandemctl(kubeconfig: &Path, args: &[&str]) -> Run {
     }
 }
 
+/// `kubectl tandem <args>` with `kubectl-tandem` on PATH; its stdout.
+fn kubectl_plugin(kubeconfig: &Path, args: &[&str]) -> String {
+    let plugin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-tandem"))
+        .parent()
+        .expect("the plugin's directory")
+        .to_owned();
+    let path = std::env::join_paths(std::iter::once(plugin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    let output = Command::new(tandem_tests::cluster::kubectl_binary())
+        .arg("tandem")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .env("PATH", path)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run kubectl");
+    assert!(
+        output.status.success(),
+        "kubectl tandem: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 stdout")
+}
+
 fn golden_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -315,6 +342,10 @@ async fn explain_shows_the_chain_from_policy_to_config_and_decides_as_the_proxy_
     let table = explain(&[]);
     assert_eq!((table.code, table.stderr.as_str()), (0, ""));
     assert_golden("explain.txt", &table.stdout);
+    // The same program as a kubectl plugin, found on PATH as kubectl finds plugins.
+    let plugin = kubectl_plugin(&kubeconfig, &["explain", "web-0", "-n", NS]);
+    assert_eq!(plugin, table.stdout);
+
     let json = explain(&["-o", "json"]);
     assert_eq!((json.code, json.stderr.as_str()), (0, ""));
     assert_golden("explain.json", &json.stdout);
