@@ -82,8 +82,8 @@ pub struct PodFacts {
 pub struct ConfigFacts {
     /// The ConfigMap (`tandem-proxy-<serviceaccount>`).
     pub config_map: String,
-    /// `loaded`, `missing` or `invalid`.
-    pub state: &'static str,
+    /// Whether it is there and valid.
+    pub state: ConfigStateName,
     /// Why it is invalid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -95,8 +95,42 @@ pub struct ConfigFacts {
     pub mtls: Option<MtlsMode>,
     /// The mesh's trust domain, as the config's endpoint identities show it.
     pub trust_domain: String,
-    /// `endpoint-identities` or `default` (no endpoint identity in the config).
-    pub trust_domain_from: &'static str,
+    /// Where the trust domain came from.
+    pub trust_domain_from: TrustDomainSource,
+}
+
+/// The state of the pod's proxy config (`loaded`, `missing`, `invalid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfigStateName {
+    /// The ConfigMap holds a valid config.
+    Loaded,
+    /// There is no ConfigMap.
+    Missing,
+    /// The ConfigMap holds a config the proxy refuses.
+    Invalid,
+}
+
+/// Where the trust domain came from (`endpoint-identities`, `default`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrustDomainSource {
+    /// The SPIFFE IDs of the endpoints in the config.
+    EndpointIdentities,
+    /// No endpoint identity in the config: the mesh's default, `cluster.local`.
+    Default,
+}
+
+/// Where the default policy came from (`namespace-annotation`, `mesh-default`, `unknown`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultSource {
+    /// The Namespace annotation `tandem.dev/default-policy`.
+    NamespaceAnnotation,
+    /// The operator's `--default-policy`.
+    MeshDefault,
+    /// The Namespace could not be read.
+    Unknown,
 }
 
 /// The default policy.
@@ -106,8 +140,8 @@ pub struct DefaultFacts {
     /// The policy the config carries; absent when there is no valid config.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<contract::DefaultPolicy>,
-    /// `namespace-annotation`, `mesh-default` or `unknown`.
-    pub source: &'static str,
+    /// Where it came from.
+    pub source: DefaultSource,
     /// The source in words.
     pub detail: String,
 }
@@ -425,7 +459,7 @@ fn first_container_port(pod: &Pod) -> Option<u16> {
 // The config
 
 /// The trust domain of the first endpoint identity in the config, else the mesh default.
-fn trust_domain(config: Option<&ProxyConfig>) -> (String, &'static str) {
+fn trust_domain(config: Option<&ProxyConfig>) -> (String, TrustDomainSource) {
     let from_endpoints = config
         .into_iter()
         .flat_map(|c| &c.services)
@@ -437,20 +471,20 @@ fn trust_domain(config: Option<&ProxyConfig>) -> (String, &'static str) {
                 .find_map(|id| SpiffeId::parse(id).ok())
         });
     match from_endpoints {
-        Some(id) => (id.trust_domain, "endpoint-identities"),
-        None => (DEFAULT_TRUST_DOMAIN.to_owned(), "default"),
+        Some(id) => (id.trust_domain, TrustDomainSource::EndpointIdentities),
+        None => (DEFAULT_TRUST_DOMAIN.to_owned(), TrustDomainSource::Default),
     }
 }
 
 fn config_facts(
     state: &ConfigState,
     trust_domain: String,
-    trust_domain_from: &'static str,
+    trust_domain_from: TrustDomainSource,
 ) -> ConfigFacts {
     let (state_name, error, config) = match state {
-        ConfigState::Loaded { config, .. } => ("loaded", None, Some(config)),
-        ConfigState::Missing { .. } => ("missing", None, None),
-        ConfigState::Invalid { error, .. } => ("invalid", Some(error.clone()), None),
+        ConfigState::Loaded { config, .. } => (ConfigStateName::Loaded, None, Some(config)),
+        ConfigState::Missing { .. } => (ConfigStateName::Missing, None, None),
+        ConfigState::Invalid { error, .. } => (ConfigStateName::Invalid, Some(error.clone()), None),
     };
     ConfigFacts {
         config_map: state.name().to_owned(),
@@ -469,11 +503,11 @@ fn default_facts(config: Option<&ProxyConfig>, annotation: &NamespaceDefault) ->
     let (source, detail) = match annotation {
         NamespaceDefault::Set(value) => match contract::DefaultPolicy::parse(value) {
             Some(wanted) if policy.is_none_or(|p| p == wanted) => (
-                "namespace-annotation",
+                DefaultSource::NamespaceAnnotation,
                 format!("Namespace annotation {key}"),
             ),
             Some(wanted) => (
-                "namespace-annotation",
+                DefaultSource::NamespaceAnnotation,
                 format!(
                     "Namespace annotation {key} says {wanted}, but the config still carries \
                      {}: the operator has not rendered the change yet",
@@ -481,7 +515,7 @@ fn default_facts(config: Option<&ProxyConfig>, annotation: &NamespaceDefault) ->
                 ),
             ),
             None => (
-                "mesh-default",
+                DefaultSource::MeshDefault,
                 format!(
                     "the mesh default: the Namespace annotation {key}={value:?} is not one of {}",
                     contract::DefaultPolicy::ALL.map(|p| p.as_str()).join(", ")
@@ -489,12 +523,14 @@ fn default_facts(config: Option<&ProxyConfig>, annotation: &NamespaceDefault) ->
             ),
         },
         NamespaceDefault::Absent => (
-            "mesh-default",
+            DefaultSource::MeshDefault,
             format!(
                 "the mesh default (the operator's --default-policy); no Namespace annotation {key}"
             ),
         ),
-        NamespaceDefault::Unreadable(why) => ("unknown", format!("cannot tell: {why}")),
+        NamespaceDefault::Unreadable(why) => {
+            (DefaultSource::Unknown, format!("cannot tell: {why}"))
+        }
     };
     DefaultFacts {
         policy,
@@ -1007,9 +1043,12 @@ mod tests {
         let e = explain(&standard(), None).unwrap();
         assert_eq!(e.pod.services, ["web"]);
         assert_eq!(e.pod.identity, "spiffe://corp.example/ns/shop/sa/web");
-        assert_eq!(e.config.trust_domain_from, "endpoint-identities");
+        assert_eq!(
+            e.config.trust_domain_from,
+            TrustDomainSource::EndpointIdentities
+        );
         assert_eq!(e.default_policy.policy, Some(DefaultPolicy::Deny));
-        assert_eq!(e.default_policy.source, "namespace-annotation");
+        assert_eq!(e.default_policy.source, DefaultSource::NamespaceAnnotation);
         let names: Vec<&str> = e.policies.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["shop/allow-web", "shop/deny-batch"]);
         assert_eq!(
@@ -1079,6 +1118,18 @@ mod tests {
         );
         assert_eq!(d.request.port, 8080, "the pod's first container port");
         assert_eq!(d.denied_by_header, None);
+    }
+
+    #[test]
+    fn an_allowed_tcp_connection_is_relayed() {
+        let d = decided(&standard(), ask("shop/admin", Some(8080), None));
+        assert!(d.allowed);
+        assert!(matches!(
+            &d.decided_by,
+            DecidedByFacts::Rule { rule: 0, .. }
+        ));
+        assert_eq!(d.request.protocol, "tcp");
+        assert_eq!(d.response, "relays the connection to the app");
     }
 
     #[test]
@@ -1190,7 +1241,7 @@ mod tests {
             name: "tandem-proxy-web".into(),
         };
         let e = explain(&i, None).unwrap();
-        assert_eq!(e.config.state, "missing");
+        assert_eq!(e.config.state, ConfigStateName::Missing);
         assert_eq!(e.default_policy.policy, None);
         // Every policy targeting the pod is listed as not applied.
         assert_eq!(e.not_applied.len(), 3);
@@ -1219,16 +1270,16 @@ mod tests {
             (d.source, d.detail)
         };
         let (s, d) = source(NamespaceDefault::Absent);
-        assert_eq!(s, "mesh-default");
+        assert_eq!(s, DefaultSource::MeshDefault);
         assert!(d.contains("--default-policy"), "{d}");
         let (s, d) = source(NamespaceDefault::Set("deny".into()));
-        assert_eq!(s, "namespace-annotation");
+        assert_eq!(s, DefaultSource::NamespaceAnnotation);
         assert!(d.contains("has not rendered the change yet"), "{d}");
         let (s, d) = source(NamespaceDefault::Set("closed".into()));
-        assert_eq!(s, "mesh-default");
+        assert_eq!(s, DefaultSource::MeshDefault);
         assert!(d.contains("\"closed\" is not one of"), "{d}");
         let (s, _) = source(NamespaceDefault::Unreadable("forbidden".into()));
-        assert_eq!(s, "unknown");
+        assert_eq!(s, DefaultSource::Unknown);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use super::report::{
-    AppliedPolicy, ConditionFacts, DecidedByFacts, DecisionFacts, Explanation, StatusFacts,
-    UnappliedPolicy,
+    AppliedPolicy, ConditionFacts, ConfigStateName, DecidedByFacts, DecisionFacts, Explanation,
+    StatusFacts, TrustDomainSource, UnappliedPolicy,
 };
 use super::summary;
 
@@ -67,13 +67,13 @@ fn proxy(e: &Explanation) -> String {
 fn config(e: &Explanation) -> String {
     let c = &e.config;
     let domain = match c.trust_domain_from {
-        "endpoint-identities" => {
+        TrustDomainSource::EndpointIdentities => {
             format!("trust domain {} (from endpoint identities)", c.trust_domain)
         }
-        _ => format!("trust domain {} (default)", c.trust_domain),
+        TrustDomainSource::Default => format!("trust domain {} (default)", c.trust_domain),
     };
     match c.state {
-        "loaded" => {
+        ConfigStateName::Loaded => {
             let version = c
                 .version
                 .as_deref()
@@ -85,8 +85,8 @@ fn config(e: &Explanation) -> String {
                 c.config_map
             )
         }
-        "missing" => format!("ConfigMap {} does not exist", c.config_map),
-        _ => format!(
+        ConfigStateName::Missing => format!("ConfigMap {} does not exist", c.config_map),
+        ConfigStateName::Invalid => format!(
             "ConfigMap {} is invalid: {}",
             c.config_map,
             c.error.as_deref().unwrap_or("")
