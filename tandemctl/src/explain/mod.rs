@@ -4,10 +4,12 @@
 //! - [`gather`]: reads the pod, its Namespace, its ConfigMap, the Services and the
 //!   AuthorizationPolicies of its namespace (the only I/O).
 //! - [`question`]: the caller and request asked about (`--from`, `--port`, HTTP facts).
-//! - [`report`]: the pure core: what applies, what does not and why, and the decision, made by
-//!   the proxy's own evaluator ([`tandem_crds::contract::Authorizer`]).
+//! - [`report`]: the pure core: what applies, what does not and why.
+//! - [`decision`]: the decision for `--from`, made by the proxy's own evaluator
+//!   ([`tandem_crds::contract::Authorizer`]).
 //! - [`summary`]: one-line summaries of rules; [`table`]: the text rendering.
 
+pub mod decision;
 pub mod gather;
 pub mod question;
 pub mod report;

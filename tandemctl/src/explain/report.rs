@@ -1,27 +1,23 @@
-//! The pure core of `explain`: from what was read to the report, decision included.
-//!
-//! The decision is made by the proxy's own evaluator ([`Authorizer`], compiled from the config
-//! exactly as the proxy compiles it), wrapped in the two things the proxy does around it: the
-//! kubelet's probes get in whatever the policies say, and a strict workload refuses plaintext
-//! before any policy is asked.
+//! The pure core of `explain`: from what was read to the report, with the decision of
+//! [`super::decision`] when a caller was given.
 
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Container, Pod, Service};
 use serde::{Deserialize, Serialize};
-use tandem_crds::contract::{
-    self, AuthorizationAction, Caller, CallerIdentity, DecidedBy, MtlsMode, ProxyConfig, Request,
-};
+use tandem_crds::contract::{self, AuthorizationAction, MtlsMode, ProxyConfig};
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
 use tandem_crds::names;
 use tandem_crds::v1alpha1::{
     AuthorizationPolicy, AuthorizationTargetKind, Condition, ConditionStatus, condition,
 };
 
+use super::decision::decide;
+pub use super::decision::{CallerFacts, DecidedByFacts, DecisionFacts, RequestFacts};
 use super::gather::{ConfigState, Inputs, NamespaceDefault, service_account};
-use super::question::{CallerArg, HttpQuestion, Question};
+use super::question::Question;
 use super::summary;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The `apiVersion` of the JSON report; fields are only ever added under it.
 pub const API_VERSION: &str = "tandemctl.tandem.dev/explain/v1";
@@ -224,97 +220,6 @@ pub struct UnappliedPolicy {
     pub why: String,
 }
 
-/// The decision for one caller and request.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DecisionFacts {
-    /// Who.
-    pub caller: CallerFacts,
-    /// What.
-    pub request: RequestFacts,
-    /// Whether the proxy lets it through.
-    pub allowed: bool,
-    /// What decided.
-    pub decided_by: DecidedByFacts,
-    /// What the caller gets, in words.
-    pub response: String,
-    /// The `tandem-denied-by` header of a refused HTTP request.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub denied_by_header: Option<String>,
-    /// What the reader should know about this decision.
-    pub notes: Vec<String>,
-}
-
-/// The caller.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CallerFacts {
-    /// Its SPIFFE ID; absent: unauthenticated.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
-    /// Its address, if given.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub address: Option<std::net::IpAddr>,
-}
-
-/// The request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RequestFacts {
-    /// The workload port.
-    pub port: u16,
-    /// `http` or `tcp`.
-    pub protocol: &'static str,
-    /// HTTP method.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    /// HTTP path.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// HTTP headers, `[name, value]`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<(String, String)>,
-}
-
-/// What decided.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-pub enum DecidedByFacts {
-    /// A rule of a policy.
-    #[serde(rename_all = "camelCase")]
-    Rule {
-        /// `<namespace>/<name>`.
-        policy: String,
-        /// `Allow` or `Deny`.
-        action: AuthorizationAction,
-        /// The rule's index.
-        rule: usize,
-        /// The rule in one line.
-        summary: String,
-    },
-    /// Allow policies cover the port and none of their rules matched.
-    NoAllowMatched {
-        /// Those policies.
-        policies: Vec<String>,
-    },
-    /// No Allow policy covers the port: the default policy.
-    Default {
-        /// Which.
-        policy: contract::DefaultPolicy,
-    },
-    /// One of the pod's kubelet probes, let through before authorization.
-    Probe {
-        /// Its port.
-        port: u16,
-        /// Its path.
-        path: String,
-    },
-    /// A strict workload refuses a plaintext caller before authorization.
-    StrictMtls,
-    /// The pod has no proxy: nothing enforces anything.
-    NotInjected,
-}
-
 /// The report as the JSON document `-o json` prints (pretty, newline-terminated).
 pub fn to_json(explanation: &Explanation) -> String {
     // Plain structs with string keys: serializing cannot fail.
@@ -357,7 +262,11 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
         .map(|(name, p)| unapplied(name, p, &workload))
         .collect();
     not_applied.sort_by(|a, b| a.name.cmp(&b.name));
-    for policy in &inputs.policies {
+    // Only the policies this pod's story involves: in its config, or targeting it.
+    let involved = inputs.policies.iter().filter(|p| {
+        in_config.contains(qualified(p, &namespace).as_str()) || targets(p, &sa, &services)
+    });
+    for policy in involved {
         stale_status_warning(policy, &namespace, &mut warnings);
     }
     let decision = match question {
@@ -659,209 +568,6 @@ fn stale_status_warning(policy: &AuthorizationPolicy, namespace: &str, warnings:
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The decision
-
-fn decide(
-    question: &Question,
-    default_port: Option<u16>,
-    state: &ConfigState,
-    pod: &PodFacts,
-    trust_domain: &str,
-    probes: &[ProbeFacts],
-) -> Result<DecisionFacts> {
-    let port = question.port.or(default_port).ok_or_else(|| {
-        Error::Usage("the pod declares no container port: pass --port".to_owned())
-    })?;
-    let identity = question.caller.identity(trust_domain);
-    let mut decision = DecisionFacts {
-        caller: CallerFacts {
-            identity: identity.as_ref().map(SpiffeId::uri),
-            address: question.address,
-        },
-        request: request_facts(port, question.http.as_ref()),
-        allowed: true,
-        decided_by: DecidedByFacts::NotInjected,
-        response: "none: the app itself answers".to_owned(),
-        denied_by_header: None,
-        notes: Vec::new(),
-    };
-    if !pod.injected {
-        return Ok(decision);
-    }
-    let config = match state {
-        ConfigState::Loaded { config, .. } => config,
-        ConfigState::Missing { name } => {
-            return Err(Error::Undecidable(format!(
-                "ConfigMap {name} does not exist: the proxy serves whatever config it loaded \
-                 last, or none (passthrough, not ready)"
-            )));
-        }
-        ConfigState::Invalid { name, error } => {
-            return Err(Error::Undecidable(format!(
-                "ConfigMap {name} holds a config the proxy refuses ({error}): the proxy keeps \
-                 serving the last good one, which the apiserver cannot show"
-            )));
-        }
-    };
-    if let Some(id) = &identity
-        && id.trust_domain != trust_domain
-    {
-        decision.notes.push(format!(
-            "the caller's trust domain {} is not the mesh's ({trust_domain}): the proxy refuses \
-             its certificate in the handshake, so it could only come in unauthenticated",
-            id.trust_domain
-        ));
-    }
-    if let Some(probe) = probe_match(question, port, probes) {
-        decision.decided_by = DecidedByFacts::Probe {
-            port,
-            path: probe.path.clone(),
-        };
-        decision.response = "passes it to the app (a kubelet probe)".to_owned();
-        return Ok(decision);
-    }
-    if identity.is_none() && config.workload.mtls == MtlsMode::Strict {
-        decision.allowed = false;
-        decision.decided_by = DecidedByFacts::StrictMtls;
-        decision.response =
-            "closes the plaintext connection (strict mutual TLS), before any policy".to_owned();
-        return Ok(decision);
-    }
-    evaluate(
-        &mut decision,
-        config,
-        identity.as_ref(),
-        question,
-        port,
-        trust_domain,
-    )?;
-    Ok(decision)
-}
-
-fn request_facts(port: u16, http: Option<&HttpQuestion>) -> RequestFacts {
-    RequestFacts {
-        port,
-        protocol: if http.is_some() { "http" } else { "tcp" },
-        method: http.map(|h| h.method.clone()),
-        path: http.map(|h| h.path.clone()),
-        headers: http.map(|h| h.headers.clone()).unwrap_or_default(),
-    }
-}
-
-/// The proxy lets a plaintext `GET`/`HEAD` to a listed probe path through, as it must for the
-/// kubelet (which has no mesh identity) under any default policy.
-fn probe_match<'a>(
-    question: &Question,
-    port: u16,
-    probes: &'a [ProbeFacts],
-) -> Option<&'a ProbeFacts> {
-    if question.caller != CallerArg::Unauthenticated {
-        return None;
-    }
-    let http = question.http.as_ref()?;
-    if http.method != "GET" && http.method != "HEAD" {
-        return None;
-    }
-    probes
-        .iter()
-        .find(|p| p.port == port && p.path == http.path)
-}
-
-/// Asks the proxy's evaluator, compiled from the config as the proxy compiles it.
-fn evaluate(
-    decision: &mut DecisionFacts,
-    config: &ProxyConfig,
-    identity: Option<&SpiffeId>,
-    question: &Question,
-    port: u16,
-    trust_domain: &str,
-) -> Result<()> {
-    let authorizer = config
-        .authorizer(trust_domain)
-        .map_err(|e| Error::Undecidable(format!("the config's policies do not compile: {e}")))?;
-    let uri = identity.map(SpiffeId::uri);
-    let caller = Caller {
-        identity: identity
-            .zip(uri.as_deref())
-            .map(|(id, uri)| CallerIdentity {
-                uri,
-                trust_domain: &id.trust_domain,
-                namespace: &id.namespace,
-            }),
-        address: question.address,
-    };
-    let http = question
-        .http
-        .as_ref()
-        .map(|h| h as &dyn contract::HttpFacts);
-    let verdict = authorizer.decide(&Request { port, caller, http });
-    let policies = &config.authorization.policies;
-    decision.allowed = verdict.allowed;
-    let (by, header) = match verdict.by {
-        // The indices come from an evaluator compiled from these very policies.
-        DecidedBy::Rule { policy, rule } => match policies.get(policy) {
-            Some(p) => {
-                let by = DecidedByFacts::Rule {
-                    policy: p.name.clone(),
-                    action: p.action,
-                    rule,
-                    summary: p.rules.get(rule).map(summary::rule).unwrap_or_default(),
-                };
-                (by, p.name.clone())
-            }
-            None => {
-                return Err(Error::Undecidable(format!(
-                    "the evaluator named policy #{policy}, which the config does not have"
-                )));
-            }
-        },
-        DecidedBy::NoAllowMatched => {
-            let names: Vec<String> = authorizer
-                .allow_policies_for(port)
-                .filter_map(|i| policies.get(i).map(|p| p.name.clone()))
-                .collect();
-            let header = names.join(",");
-            (DecidedByFacts::NoAllowMatched { policies: names }, header)
-        }
-        DecidedBy::Default(policy) => {
-            if policy == contract::DefaultPolicy::ClusterAuthenticated
-                && identity.is_some()
-                && question.address.is_none()
-                && !config.authorization.cluster_networks.is_empty()
-            {
-                decision.notes.push(
-                    "cluster-authenticated needs the caller's address in the cluster networks; \
-                     none was given (--from-ip), so it counts as outside"
-                        .to_owned(),
-                );
-            }
-            (
-                DecidedByFacts::Default { policy },
-                policy.label().to_owned(),
-            )
-        }
-    };
-    decision.decided_by = by;
-    decision.response = response(decision.allowed, question.http.is_some(), &header);
-    if !decision.allowed && question.http.is_some() {
-        decision.denied_by_header = Some(header);
-    }
-    Ok(())
-}
-
-fn response(allowed: bool, http: bool, denied_by: &str) -> String {
-    match (allowed, http) {
-        (true, true) => "passes the request to the app".to_owned(),
-        (true, false) => "relays the connection to the app".to_owned(),
-        (false, true) => format!(
-            "answers HTTP 403 with {}: {denied_by} (gRPC: status 7, PERMISSION_DENIED)",
-            names::DENIED_BY_HEADER
-        ),
-        (false, false) => "closes the connection after accepting it".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -871,7 +577,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::explain::question::HttpQuestion;
+    use crate::explain::question::{CallerArg, HttpQuestion};
 
     fn pod(injected: bool) -> Pod {
         let mut pod = json!({
