@@ -105,19 +105,44 @@ pub enum DecidedByFacts {
     },
     /// A strict workload refuses a plaintext caller before authorization.
     StrictMtls,
+    /// The caller's identity is in another trust domain than the mesh's: the proxy refuses its
+    /// certificate in the handshake.
+    #[serde(rename_all = "camelCase")]
+    ForeignTrustDomain {
+        /// The caller's trust domain.
+        trust_domain: String,
+    },
     /// The pod has no proxy: nothing enforces anything.
     NotInjected,
 }
 
-/// Decides `question` for the pod; `default_port` is its first container port.
-pub fn decide(
-    question: &Question,
-    default_port: Option<u16>,
-    state: &ConfigState,
-    pod: &PodFacts,
-    trust_domain: &str,
-    probes: &[ProbeFacts],
-) -> Result<DecisionFacts> {
+/// What the decision needs to know about the pod.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// The pod.
+    pub pod: &'a PodFacts,
+    /// Its first container port (the default `--port`).
+    pub default_port: Option<u16>,
+    /// Its proxy config.
+    pub config: &'a ConfigState,
+    /// The mesh's trust domain.
+    pub trust_domain: &'a str,
+    /// Whether the config showed it (else it is the default, an assumption).
+    pub trust_domain_known: bool,
+    /// The kubelet's probes.
+    pub probes: &'a [ProbeFacts],
+}
+
+/// Decides `question` for the pod.
+pub fn decide(question: &Question, target: &Target<'_>) -> Result<DecisionFacts> {
+    let Target {
+        pod,
+        default_port,
+        config: state,
+        trust_domain,
+        trust_domain_known,
+        probes,
+    } = *target;
     let port = question.port.or(default_port).ok_or_else(|| {
         Error::Usage("the pod declares no container port: pass --port".to_owned())
     })?;
@@ -155,9 +180,21 @@ pub fn decide(
     if let Some(id) = &identity
         && id.trust_domain != trust_domain
     {
+        if trust_domain_known {
+            decision.allowed = false;
+            decision.decided_by = DecidedByFacts::ForeignTrustDomain {
+                trust_domain: id.trust_domain.clone(),
+            };
+            decision.response = format!(
+                "fails the TLS handshake: the proxy accepts only identities of trust domain \
+                 {trust_domain}"
+            );
+            return Ok(decision);
+        }
+        // The mesh's trust domain is only assumed: decide, and say what would change it.
         decision.notes.push(format!(
-            "the caller's trust domain {} is not the mesh's ({trust_domain}): the proxy refuses \
-             its certificate in the handshake, so it could only come in unauthenticated",
+            "the config shows no trust domain and {trust_domain} is assumed; if the mesh's is \
+             not {}, the proxy refuses this caller's certificate in the handshake",
             id.trust_domain
         ));
     }

@@ -12,8 +12,8 @@ use tandem_crds::v1alpha1::{
     AuthorizationPolicy, AuthorizationTargetKind, Condition, ConditionStatus, condition,
 };
 
-use super::decision::decide;
 pub use super::decision::{CallerFacts, DecidedByFacts, DecisionFacts, RequestFacts};
+use super::decision::{Target, decide};
 use super::gather::{ConfigState, Inputs, NamespaceDefault, service_account};
 use super::question::Question;
 use super::summary;
@@ -272,11 +272,14 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
     let decision = match question {
         Some(q) => Some(decide(
             q,
-            first_container_port(pod),
-            &inputs.config,
-            &pod_facts,
-            &trust_domain,
-            &probes,
+            &Target {
+                pod: &pod_facts,
+                default_port: first_container_port(pod),
+                config: &inputs.config,
+                trust_domain: &trust_domain,
+                trust_domain_known: trust_domain_from == TrustDomainSource::EndpointIdentities,
+                probes: &probes,
+            },
         )?),
         None => None,
     };
@@ -1014,6 +1017,29 @@ mod tests {
         let mut inside = ask("shop/frontend", Some(8080), None);
         inside.address = Some("10.244.1.5".parse().unwrap());
         assert!(decided(&i, inside).allowed);
+    }
+
+    #[test]
+    fn a_caller_from_another_trust_domain_fails_the_handshake_when_the_mesh_domain_is_known() {
+        let foreign = "spiffe://other.example/ns/shop/sa/admin";
+        let d = decided(&standard(), ask(foreign, Some(8080), None));
+        assert!(!d.allowed);
+        assert_eq!(
+            d.decided_by,
+            DecidedByFacts::ForeignTrustDomain {
+                trust_domain: "other.example".into()
+            }
+        );
+        // Without endpoint identities the mesh's domain is only assumed: decide, and say so.
+        let mut c = config(DefaultPolicy::AllUnauthenticated, vec![]);
+        c.services.clear();
+        let d = decided(&inputs(c), ask(foreign, Some(8080), None));
+        assert!(d.allowed);
+        assert!(
+            d.notes[0].contains("cluster.local is assumed"),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]

@@ -239,6 +239,9 @@ fn decided_by(by: &DecidedByFacts, port: u16) -> String {
         DecidedByFacts::Probe { port, path } => {
             format!("as the kubelet probe {port} {path}, let through before any policy")
         }
+        DecidedByFacts::ForeignTrustDomain { trust_domain } => {
+            format!("at the handshake: the caller's trust domain {trust_domain} is not the mesh's")
+        }
         DecidedByFacts::StrictMtls => {
             "by strict mutual TLS: plaintext is refused before any policy".to_owned()
         }
