@@ -11,8 +11,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tandem_crds::contract::{
@@ -317,6 +319,39 @@ async fn populate(client: &kube::Client) {
     .await;
 }
 
+/// A kubeconfig for a new ServiceAccount of `shop`; `reader`: with a Role granting what
+/// `explain` reads in the namespace (no Namespace access: that needs a ClusterRole).
+async fn service_account_kubeconfig(cluster: &ControlPlane, name: &str, reader: bool) -> PathBuf {
+    let client = cluster.client();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
+    create(&accounts, json!({"metadata": {"name": name}})).await;
+    if reader {
+        let roles: Api<Role> = Api::namespaced(client.clone(), NS);
+        create(
+            &roles,
+            json!({"metadata": {"name": name}, "rules": [
+                {"apiGroups": [""], "resources": ["pods", "configmaps"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["services"], "verbs": ["list"]},
+                {"apiGroups": ["tandem.dev"], "resources": ["authorizationpolicies"], "verbs": ["list"]}]}),
+        )
+        .await;
+        let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), NS);
+        create(
+            &bindings,
+            json!({"metadata": {"name": name},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                   "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NS}]}),
+        )
+        .await;
+    }
+    let path = cluster.dir().join(format!("{name}.kubeconfig"));
+    cluster
+        .service_account_kubeconfig(NS, name, Duration::from_secs(3600), &path)
+        .await
+        .unwrap();
+    path
+}
+
 async fn start() -> ControlPlane {
     let cluster = ControlPlane::start(ControlPlaneOptions::default())
         .await
@@ -417,6 +452,37 @@ async fn explain_shows_the_chain_from_policy_to_config_and_decides_as_the_proxy_
     assert_eq!(missing.code, 3);
     assert_eq!(missing.stdout, "");
     assert_eq!(missing.stderr, "tandemctl: pod shop/nope not found\n");
+
+    // Rights: with the namespaced reads the README lists, explain works and says it cannot
+    // tell where the default came from; with none, it is a cluster error, not a decision.
+    let viewer = service_account_kubeconfig(&cluster, "viewer", true).await;
+    let limited = tandemctl(
+        &viewer,
+        &["explain", "web-0", "-n", NS, "--from", "shop/frontend"],
+    );
+    assert_eq!(limited.code, 0, "{}", limited.stderr);
+    assert!(
+        limited.stdout.contains(
+            "Default policy: deny (cannot tell: read Namespace shop: the apiserver answered 403 \
+             Forbidden: namespaces \"shop\" is forbidden"
+        ),
+        "{}",
+        limited.stdout
+    );
+    let nobody = service_account_kubeconfig(&cluster, "nobody", false).await;
+    let refused = tandemctl(
+        &nobody,
+        &["explain", "web-0", "-n", NS, "--from", "shop/admin"],
+    );
+    assert_eq!(refused.code, 4, "{}", refused.stdout);
+    assert_eq!(refused.stdout, "");
+    assert!(
+        refused
+            .stderr
+            .starts_with("tandemctl: read pod shop/web-0: the apiserver answered 403 Forbidden: "),
+        "{}",
+        refused.stderr
+    );
 
     // The ConfigMap gone: the report still shows the policies; a decision cannot be given.
     let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client(), NS);
