@@ -250,3 +250,61 @@ fn decided_by(by: &DecidedByFacts, port: u16) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tandem_crds::contract::{AuthorizationAction, DefaultPolicy};
+
+    use super::*;
+
+    #[test]
+    fn every_decider_reads_as_a_sentence_after_allowed_or_denied() {
+        let cases = [
+            (
+                DecidedByFacts::Rule {
+                    policy: "shop/a".into(),
+                    action: AuthorizationAction::Deny,
+                    rule: 2,
+                    summary: "from any caller; to any request".into(),
+                },
+                "by shop/a (Deny) rule 2: from any caller; to any request",
+            ),
+            (
+                DecidedByFacts::NoAllowMatched {
+                    policies: vec!["shop/a".into(), "shop/b".into()],
+                },
+                "by shop/a, shop/b: Allow policies cover port 8080 and none of their rules matched",
+            ),
+            (
+                DecidedByFacts::Default {
+                    policy: DefaultPolicy::AllAuthenticated,
+                },
+                "by the default policy all-authenticated",
+            ),
+            (
+                DecidedByFacts::Probe {
+                    port: 8080,
+                    path: "/ready".into(),
+                },
+                "as the kubelet probe 8080 /ready, let through before any policy",
+            ),
+            (
+                DecidedByFacts::StrictMtls,
+                "by strict mutual TLS: plaintext is refused before any policy",
+            ),
+            (
+                DecidedByFacts::ForeignTrustDomain {
+                    trust_domain: "other.example".into(),
+                },
+                "at the handshake: the caller's trust domain other.example is not the mesh's",
+            ),
+            (
+                DecidedByFacts::NotInjected,
+                "by nobody: the pod has no proxy, nothing enforces authorization",
+            ),
+        ];
+        for (by, expected) in cases {
+            assert_eq!(decided_by(&by, 8080), expected);
+        }
+    }
+}
