@@ -112,6 +112,11 @@ pub struct Entry<'a> {
     pub peer_identity: &'a str,
     /// `mutual_tls` or `none` (Istio's name for it).
     pub connection_security_policy: &'a str,
+    /// Inbound: `allow` or `deny`, the authorization decision ("" outbound).
+    pub authz_decision: &'a str,
+    /// Inbound: what decided it, as the metric names it: `<namespace>/<name>` of a policy,
+    /// `default:<policy>`, `no-allow-match` or `probe` ("" outbound).
+    pub authz_policy: &'a str,
     /// What failed ("" when nothing did).
     pub error: Option<&'a dyn fmt::Display>,
 }
@@ -136,7 +141,7 @@ impl<'a> Line<'a> {
 impl Serialize for Line<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.entry;
-        let mut line = s.serialize_struct("Line", 22)?;
+        let mut line = s.serialize_struct("Line", 24)?;
         line.serialize_field("timestamp", &Rfc3339(self.timestamp))?;
         line.serialize_field("level", "INFO")?;
         line.serialize_field("target", TARGET)?;
@@ -158,6 +163,8 @@ impl Serialize for Line<'_> {
         line.serialize_field("traceparent", e.traceparent)?;
         line.serialize_field("peer_identity", e.peer_identity)?;
         line.serialize_field("connection_security_policy", e.connection_security_policy)?;
+        line.serialize_field("authz_decision", e.authz_decision)?;
+        line.serialize_field("authz_policy", e.authz_policy)?;
         line.serialize_field("error", &DisplayOrEmpty(e.error))?;
         line.end()
     }
@@ -206,6 +213,8 @@ mod tests {
             traceparent: "",
             peer_identity: "",
             connection_security_policy: "none",
+            authz_decision: "allow",
+            authz_policy: "shop/allow-web",
             error: None,
         }
     }
@@ -225,7 +234,9 @@ mod tests {
         let ts = json["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
         assert_eq!(json["connection_security_policy"], "none");
-        assert_eq!(json.as_object().unwrap().len(), 22);
+        assert_eq!(json["authz_decision"], "allow");
+        assert_eq!(json["authz_policy"], "shop/allow-web");
+        assert_eq!(json.as_object().unwrap().len(), 24);
     }
 
     #[test]

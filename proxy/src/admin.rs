@@ -36,6 +36,11 @@ impl Admin {
             "loadedAt": active.as_ref().map(|a| rfc3339(a.loaded_at)),
             "config": active.as_ref().and_then(|a| serde_json::to_value(&a.config).ok()),
             "policies": active.as_ref().and_then(|a| serde_json::to_value(a.policies.snapshot()).ok()),
+            "authorization": active.as_ref().map(|a| json!({
+                "defaultPolicy": a.authz.default_policy().as_str(),
+                "trustDomain": a.authz.trust_domain(),
+                "policies": a.config.authorization.policies.len(),
+            })),
             "lastError": error.map(|e| json!({"message": e.message, "at": rfc3339(e.at)})),
             "identity": self.shared.identity.snapshot(),
         })

@@ -6,6 +6,12 @@
 //! The active config is an [`ArcSwap`]: the request path does one atomic load, never a lock.
 //! A missing file means passthrough and not ready; a refused file keeps the last good config,
 //! and its error is logged, counted and shown at `/config`.
+//!
+//! Compiling a version builds everything the request path reads: destinations, resilience
+//! policies, endpoint identities and the inbound authorization ([`Authz`]). Authorization is
+//! compiled for the mesh's trust domain, the one in this proxy's own certificate
+//! (`cluster.local` until it has one); should a certificate arrive in another trust domain, the
+//! watcher recompiles the active version for it ([`ConfigStore::follow_trust_domain`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,9 +20,12 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::ProxyConfig;
+use tandem_crds::identity::DEFAULT_TRUST_DOMAIN;
 
+use crate::authz::Authz;
 use crate::error::{Error, Result, chain};
 use crate::file_watch::{self, FileWatch, Poll};
+use crate::identity::IdentityState;
 use crate::metrics::{ConfigInfoLabels, Metrics, ReloadLabels};
 use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
@@ -38,6 +47,8 @@ pub struct ActiveConfig {
     pub policies: PolicySet,
     /// The identity of each meshed endpoint, which outbound mutual TLS checks.
     pub identities: PeerIdentities,
+    /// Who may call this workload: the compiled policies, with their metric series.
+    pub authz: Authz,
 }
 
 /// Why a valid config could not be compiled.
@@ -45,6 +56,7 @@ pub struct ActiveConfig {
 enum CompileError {
     Policy(crate::policy::PolicyError),
     Identity(BadEndpointIdentity),
+    Authorization(tandem_crds::contract::CompileError),
 }
 
 impl ActiveConfig {
@@ -53,8 +65,11 @@ impl ActiveConfig {
         hash: String,
         previous: Option<&ActiveConfig>,
         metrics: &Metrics,
+        trust_domain: &str,
     ) -> std::result::Result<Self, CompileError> {
         let identities = PeerIdentities::compile(&config).map_err(CompileError::Identity)?;
+        let authz = Authz::compile(&config, trust_domain, &metrics.authz)
+            .map_err(CompileError::Authorization)?;
         let destinations = Destinations::compile(&config, metrics);
         let policies = PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())
             .map_err(CompileError::Policy)?;
@@ -65,6 +80,7 @@ impl ActiveConfig {
             destinations,
             policies,
             identities,
+            authz,
         })
     }
 }
@@ -84,6 +100,9 @@ pub struct ConfigStore {
     active: ArcSwap<Option<Arc<ActiveConfig>>>,
     last_error: ArcSwap<Option<ReloadError>>,
     metrics: Arc<Metrics>,
+    /// Where the mesh's trust domain comes from (this proxy's certificate), when identity is
+    /// known to the store.
+    identity: Option<Arc<IdentityState>>,
 }
 
 impl ConfigStore {
@@ -94,7 +113,25 @@ impl ConfigStore {
             active: ArcSwap::from_pointee(None),
             last_error: ArcSwap::from_pointee(None),
             metrics,
+            identity: None,
         }
+    }
+
+    /// The same, compiling authorization for the trust domain of `identity`'s certificate.
+    pub fn with_identity(mut self, identity: Arc<IdentityState>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The mesh's trust domain: our certificate's, `cluster.local` without one.
+    fn trust_domain(&self) -> String {
+        self.identity
+            .as_ref()
+            .and_then(|i| i.credentials())
+            .map_or_else(
+                || DEFAULT_TRUST_DOMAIN.to_owned(),
+                |c| c.id.trust_domain.clone(),
+            )
     }
 
     /// The file being watched.
@@ -120,20 +157,7 @@ impl ConfigStore {
                 path: self.path.clone(),
                 source,
             })
-            .and_then(|config| {
-                ActiveConfig::new(config, hash, self.active().as_deref(), &self.metrics).map_err(
-                    |e| match e {
-                        CompileError::Policy(source) => Error::CompilePolicy {
-                            path: self.path.clone(),
-                            source,
-                        },
-                        CompileError::Identity(source) => Error::EndpointIdentity {
-                            path: self.path.clone(),
-                            source,
-                        },
-                    },
-                )
-            });
+            .and_then(|config| self.compile(config, hash));
         match compiled {
             Ok(active) => {
                 let active = Arc::new(active);
@@ -144,6 +168,8 @@ impl ConfigStore {
                     version = %active.config.version,
                     hash = %active.hash,
                     services = active.config.services.len(),
+                    default_policy = %active.authz.default_policy(),
+                    authorization_policies = active.config.authorization.policies.len(),
                     "Config applied"
                 );
                 Ok(active)
@@ -152,6 +178,52 @@ impl ConfigStore {
                 self.record_error(&error);
                 Err(error)
             }
+        }
+    }
+
+    /// Compiles a parsed and validated config against the active one.
+    fn compile(&self, config: ProxyConfig, hash: String) -> Result<ActiveConfig> {
+        let trust_domain = self.trust_domain();
+        ActiveConfig::new(
+            config,
+            hash,
+            self.active().as_deref(),
+            &self.metrics,
+            &trust_domain,
+        )
+        .map_err(|e| match e {
+            CompileError::Policy(source) => Error::CompilePolicy {
+                path: self.path.clone(),
+                source,
+            },
+            CompileError::Identity(source) => Error::EndpointIdentity {
+                path: self.path.clone(),
+                source,
+            },
+            CompileError::Authorization(source) => Error::CompileAuthorization {
+                path: self.path.clone(),
+                source,
+            },
+        })
+    }
+
+    /// Recompiles the active config when our certificate's trust domain is not the one its
+    /// authorization was compiled for (the certificate arrived after the config, in a trust
+    /// domain other than `cluster.local`). Cheap when nothing changed: one comparison.
+    pub fn follow_trust_domain(&self) {
+        let Some(active) = self.active() else { return };
+        let trust_domain = self.trust_domain();
+        if active.authz.trust_domain() == trust_domain {
+            return;
+        }
+        match self.compile(active.config.clone(), active.hash.clone()) {
+            Ok(recompiled) => {
+                tracing::info!(%trust_domain, "Authorization recompiled for the trust domain of our certificate");
+                self.active.store(Arc::new(Some(Arc::new(recompiled))));
+            }
+            // Compiling depends on the trust domain only as a string to compare with, so this
+            // cannot fail where the first compilation succeeded; keep serving if it ever does.
+            Err(error) => self.record_error(&error),
         }
     }
 
@@ -209,8 +281,9 @@ impl Watcher {
         Self { store, file }
     }
 
-    /// Checks the file once and applies it if it changed.
+    /// Checks the file once and applies it if it changed (and follows our trust domain).
     pub fn check(&mut self) {
+        self.store.follow_trust_domain();
         match self.file.poll() {
             Poll::Unchanged => {}
             Poll::Missing => {

@@ -24,6 +24,13 @@
 //! destination is chosen; HTTP is secured by Pingora per upstream connection
 //! ([`crate::http`]). A server-first protocol on a `detect` port stays plaintext (declare it
 //! `tcp` to secure it): the peer proxy cannot see a ClientHello before the server has spoken.
+//!
+//! # Authorization
+//!
+//! An inbound connection relayed as opaque TCP (after detection, server-first, or Tandem's
+//! mutual TLS with ALPN `tandem/1`) is authorized once, before a byte is relayed
+//! ([`crate::authz`], no HTTP facts); a denied one is closed, and with it the early upstream
+//! connection, which carried nothing. HTTP is authorized per request ([`crate::http`]).
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -37,18 +44,20 @@ use pingora::protocols::l4::stream::Stream as PingoraStream;
 use pingora::protocols::{ALPN, GetSocketDigest, Ssl};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tandem_crds::contract::{MtlsMode, Protocol};
+use tandem_crds::contract::{MtlsMode, Protocol, Request};
 use tandem_crds::identity::ALPN_TCP;
 use tokio::net::TcpStream;
 
+use crate::authz;
 use crate::detect::{Detected, PROBE_LEN, classify, redirected_destination};
 use crate::http::MeshHttp;
 use crate::metrics::{
-    ConnProtocol, ConnectionTelemetry, Direction, InboundRefusal, SecurityPolicy, ServiceTelemetry,
+    AuthzProtocol, ConnProtocol, ConnectionTelemetry, Direction, InboundRefusal, SecurityPolicy,
+    ServiceTelemetry,
 };
 use crate::relay::{relay, relay_streams};
 use crate::server::Shared;
-use crate::tls::{Admission, admit, hello};
+use crate::tls::{Admission, PeerIdentity, admit, hello};
 
 /// How long a client that sent a prefix of an HTTP method may take to send the rest before
 /// its connection is relayed as opaque TCP. Only reached by a client that has already spoken.
@@ -194,6 +203,10 @@ impl Listener {
                 if self.direction == Direction::Inbound && self.mode() == MtlsMode::Strict {
                     return self.refuse(&client, InboundRefusal::Plaintext);
                 }
+                // The server has greeted, but nothing has been relayed yet.
+                if self.tcp_denied(&client, eager, None) {
+                    return;
+                }
                 return self.relay_plain(client, up, label).await;
             }
             First::Client(early) => early,
@@ -227,6 +240,14 @@ impl Listener {
             Detected::Http1 => self.http(client, socket, ConnProtocol::Http1, label).await,
             Detected::Http2 => self.http(client, socket, ConnProtocol::Http2, label).await,
             Detected::Opaque | Detected::NeedMore => {
+                let target = early
+                    .as_ref()
+                    .map(|(_, addr)| *addr)
+                    .or(eager)
+                    .or(destination);
+                if self.tcp_denied(&client, target, None) {
+                    return; // the early upstream connection, which carried nothing, closes too
+                }
                 let (upstream, addr) = match (early, eager.or(destination)) {
                     (Some(early), _) => early,
                     (None, Some(addr)) => {
@@ -320,6 +341,55 @@ impl Listener {
         )
     }
 
+    /// Whether authorization refuses an inbound plaintext opaque connection from `client` to
+    /// `target` (always `false` outbound). With no destination there is nothing to relay to,
+    /// and the caller closes the connection anyway.
+    fn tcp_denied(
+        &self,
+        client: &TcpStream,
+        target: Option<SocketAddr>,
+        peer: Option<&PeerIdentity>,
+    ) -> bool {
+        if self.direction != Direction::Inbound {
+            return false;
+        }
+        let Some(target) = target else { return false };
+        self.tcp_denied_from(client.peer_addr().ok(), target.port(), peer)
+    }
+
+    /// Decides an inbound opaque connection to workload `port` (`peer`: the caller's verified
+    /// identity, over Tandem's mutual TLS), counts it, and logs a denial. Runs before any byte
+    /// is relayed; the caller closes a denied connection.
+    fn tcp_denied_from(
+        &self,
+        client: Option<SocketAddr>,
+        port: u16,
+        peer: Option<&PeerIdentity>,
+    ) -> bool {
+        let Some(active) = self.shared.config.active() else {
+            // No config yet: passthrough, the open default.
+            self.shared.metrics.authz.open.inc(AuthzProtocol::Tcp);
+            return false;
+        };
+        let request = Request {
+            port,
+            caller: authz::caller(peer, client.map(|c| c.ip())),
+            http: None,
+        };
+        let (decision, _) = active.authz.authorize(&request, AuthzProtocol::Tcp);
+        if decision.allowed {
+            return false;
+        }
+        tracing::info!(
+            policy = %active.authz.denied_by(decision.by, port),
+            caller = authz::caller_name(peer),
+            ?client,
+            port,
+            "Connection denied"
+        );
+        true
+    }
+
     /// Closes an inbound connection the mTLS mode does not allow, and counts it.
     fn refuse(&self, client: &TcpStream, reason: InboundRefusal) {
         self.shared.metrics.tls.refused(reason);
@@ -377,6 +447,13 @@ impl Listener {
                     );
                     return;
                 };
+                let digest = tls.get_ssl_digest();
+                let identity = digest
+                    .as_deref()
+                    .and_then(|d| d.extension.get::<PeerIdentity>());
+                if self.tcp_denied_from(peer, dst.port(), identity) {
+                    return;
+                }
                 let up = match connect(dst, self.shared.connect_timeout()).await {
                     Ok(up) => up,
                     Err(e) => {

@@ -48,6 +48,16 @@ pub enum Error {
         #[source]
         source: crate::policy::PolicyError,
     },
+    /// The config's authorization section does not compile (a regular expression the
+    /// validation let through).
+    #[error("config file {path} refused: its authorization policies do not compile")]
+    CompileAuthorization {
+        /// The file.
+        path: PathBuf,
+        /// Which policy, and why.
+        #[source]
+        source: tandem_crds::contract::CompileError,
+    },
     /// An endpoint's identity is not a workload SPIFFE ID.
     #[error("config file {path} refused: an endpoint identity is malformed")]
     EndpointIdentity {

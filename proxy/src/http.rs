@@ -18,22 +18,32 @@
 //! like any other (its pool key includes the SNI and our certificate's serial). Inbound, the
 //! peer's identity comes from the terminated connection's TLS digest. Both go into the access
 //! log (`peer_identity`, `connection_security_policy`).
+//!
+//! Inbound, `request_filter` is the gate (`MeshHttp::admit_inbound`): with one load of the
+//! active config it applies the strict mode's plaintext refusal, lets the pod's kubelet probes
+//! through, and authorizes the request ([`crate::authz`]); a denial is answered there (403
+//! naming the policy, or gRPC's trailers-only `grpc-status: 7`), keeping the client connection
+//! when no request body is left unread. The decision goes into the access log (`authz_decision`,
+//! `authz_policy`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::ErrorType::{self, HTTPStatus};
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error as PingoraError, ErrorSource, Result as PingoraResult, RetryType};
-use tandem_crds::contract::Protocol;
+use tandem_crds::contract::{DefaultPolicy, Protocol, Request};
+use tandem_crds::names::DENIED_BY_HEADER;
 
 use crate::access_log;
+use crate::authz::{self, Verdict};
 use crate::detect::redirected_destination;
-use crate::metrics::SecurityPolicy;
+use crate::metrics::{AuthzProtocol, SecurityPolicy};
 use crate::metrics::{Classification, Direction, ServiceTelemetry};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
@@ -76,6 +86,8 @@ pub struct RequestCtx {
     retrying_response: bool,
     /// Outbound: who the current attempt's endpoint must be, when it goes over mutual TLS.
     peer_tls: Option<Arc<PeerIdentity>>,
+    /// Inbound: the authorization decision and what made it.
+    authz: Option<Verdict>,
 }
 
 /// Where one request goes.
@@ -175,38 +187,181 @@ impl MeshHttp {
 }
 
 impl MeshHttp {
-    /// Whether an inbound request arrived in plaintext at a strict workload and is not one of
-    /// the pod's kubelet probes ([`crate::tls::probes`]). Requests over mutual TLS return at
-    /// the first check.
-    fn plaintext_refused(&self, session: &Session) -> bool {
-        if crate::tls::inbound::peer_of(session.digest()).is_some() {
-            return false;
-        }
-        let strict = self
-            .shared
-            .config
-            .active()
-            .is_some_and(|a| a.config.workload.mtls == tandem_crds::contract::MtlsMode::Strict);
-        if !strict {
-            return false;
-        }
-        let redirected = session
-            .digest()
-            .and_then(|d| d.socket_digest.as_deref())
-            .and_then(redirected_destination);
-        let port = redirected
-            .map(|d| d.port())
-            .or_else(|| authority_addr(session).map(|a| a.port()))
-            .or_else(|| authority_port(session));
+    /// The inbound gate of one request, with one load of the active config: the mTLS mode
+    /// (plaintext to a strict workload gets 403 unless it is one of the pod's kubelet probes),
+    /// then authorization (the probes always pass; a denial is answered here). Returns whether
+    /// a response was sent, as `request_filter` does.
+    async fn admit_inbound(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> PingoraResult<bool> {
+        let active = self.shared.config.active();
+        let peer = crate::tls::inbound::peer_of(session.digest());
+        let port = inbound_port(session);
         let req = session.req_header();
-        !port.is_some_and(|port| {
+        let probe = port.is_some_and(|port| {
             self.shared
                 .tls
                 .probes
                 .allows(port, &req.method, req.uri.path())
-        })
+        });
+        let strict = active
+            .as_ref()
+            .is_some_and(|a| a.config.workload.mtls == tandem_crds::contract::MtlsMode::Strict);
+        if peer.is_none() && strict && !probe {
+            self.shared
+                .metrics
+                .tls
+                .refused(crate::metrics::InboundRefusal::Plaintext);
+            tracing::info!(
+                path = req.uri.path(),
+                "Refused a plaintext request to a strict workload (not one of its probes)"
+            );
+            session.set_keepalive(None);
+            session.respond_error(403).await?;
+            return Ok(true);
+        }
+        let grpc = authz::is_grpc(req);
+        let protocol = if grpc {
+            AuthzProtocol::Grpc
+        } else {
+            AuthzProtocol::Http
+        };
+        let Some(active) = active else {
+            // No config yet: passthrough, which is the open default.
+            self.shared.metrics.authz.open.inc(protocol);
+            ctx.authz = Some(Verdict {
+                allowed: true,
+                policy: authz::PolicyLabel::Fixed(DefaultPolicy::AllUnauthenticated.label()),
+            });
+            return Ok(false);
+        };
+        if probe {
+            ctx.authz = Some(active.authz.record_probe());
+            return Ok(false);
+        }
+        let Some(port) = port else {
+            // Nothing says where the request goes, so nothing can authorize it (and it could
+            // not be forwarded either).
+            session.set_keepalive(None);
+            session.respond_error(400).await?;
+            return Ok(true);
+        };
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        // Decided in a block of its own: the request's facts are borrowed, not `Send`, and
+        // must not live across an await.
+        let (decision, verdict) = {
+            let facts = authz::RequestFacts(req);
+            let request = Request {
+                port,
+                caller: authz::caller(peer, client),
+                http: Some(&facts),
+            };
+            active.authz.authorize(&request, protocol)
+        };
+        ctx.authz = Some(verdict);
+        if decision.allowed {
+            return Ok(false);
+        }
+        let denied_by = active.authz.denied_by(decision.by, port);
+        let caller = authz::caller_name(peer);
+        tracing::info!(
+            policy = %denied_by,
+            caller,
+            client = ?client,
+            port,
+            method = req.method.as_str(),
+            path = req.uri.path(),
+            "Request denied"
+        );
+        let denial = Denial {
+            denied_by: &denied_by,
+            caller,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            port,
+        };
+        let response = if grpc {
+            denial.grpc(session.is_http2())
+        } else {
+            denial.http()
+        };
+        // Linkerd's rule: the client's connection survives a denial when nothing of the request
+        // is left to read; an unread body would have to be drained first, so close instead.
+        if !session.is_body_empty() {
+            session.set_keepalive(None);
+        }
+        let (header, body) = response?;
+        let end = body.is_none();
+        session.write_response_header(Box::new(header), end).await?;
+        if let Some(body) = body {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(true)
     }
 }
+
+/// The workload port an inbound request is for: the connection's original destination port,
+/// else (not redirected) its authority's port, as `resolve` forwards it.
+fn inbound_port(session: &Session) -> Option<u16> {
+    session
+        .digest()
+        .and_then(|d| d.socket_digest.as_deref())
+        .and_then(redirected_destination)
+        .map(|d| d.port())
+        .or_else(|| authority_addr(session).map(|a| a.port()))
+        .or_else(|| authority_port(session))
+}
+
+/// An authorization denial, before it is written.
+struct Denial<'a> {
+    denied_by: &'a str,
+    caller: &'a str,
+    method: &'a str,
+    path: &'a str,
+    port: u16,
+}
+
+impl Denial<'_> {
+    /// HTTP 403 with `tandem-denied-by` and a text body saying who may not do what.
+    fn http(&self) -> PingoraResult<(ResponseHeader, Option<Bytes>)> {
+        let body = authz::denial_body(
+            self.denied_by,
+            self.caller,
+            self.method,
+            self.path,
+            self.port,
+        );
+        let mut response = ResponseHeader::build(403, Some(4))?;
+        response.insert_header(DENIED_BY_HEADER, self.denied_by)?;
+        response.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+        response.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        Ok((response, Some(Bytes::from(body))))
+    }
+
+    /// gRPC's trailers-only response: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED) and a
+    /// `grpc-message` naming the policy, in the one header block that ends the stream.
+    fn grpc(&self, h2: bool) -> PingoraResult<(ResponseHeader, Option<Bytes>)> {
+        let message = authz::grpc_message(self.denied_by, self.caller, self.path, self.port);
+        let mut response = ResponseHeader::build(200, Some(5))?;
+        response.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+        response.insert_header("grpc-status", GRPC_PERMISSION_DENIED)?;
+        response.insert_header("grpc-message", message)?;
+        response.insert_header(DENIED_BY_HEADER, self.denied_by)?;
+        if !h2 {
+            // HTTP/1 has no trailers-only form: an empty body, delimited.
+            response.insert_header(http::header::CONTENT_LENGTH, "0")?;
+        }
+        Ok((response, None))
+    }
+}
+
+/// gRPC's status code PERMISSION_DENIED.
+const GRPC_PERMISSION_DENIED: &str = "7";
 
 /// Asks the service's policy where the request goes; keeps the decision in the context.
 fn select(
@@ -481,25 +636,16 @@ impl ProxyHttp for MeshHttp {
             backoff: None,
             retrying_response: false,
             peer_tls: None,
+            authz: None,
         }
     }
 
     async fn request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> PingoraResult<bool> {
-        if self.direction == Direction::Inbound && self.plaintext_refused(session) {
-            self.shared
-                .metrics
-                .tls
-                .refused(crate::metrics::InboundRefusal::Plaintext);
-            tracing::info!(
-                path = session.req_header().uri.path(),
-                "Refused a plaintext request to a strict workload (not one of its probes)"
-            );
-            session.set_keepalive(None);
-            session.respond_error(403).await?;
+        if self.direction == Direction::Inbound && self.admit_inbound(session, ctx).await? {
             return Ok(true);
         }
         let headers = &session.req_header().headers;
@@ -739,6 +885,8 @@ impl ProxyHttp for MeshHttp {
             traceparent: header(session, "traceparent"),
             peer_identity: peer.map_or("", |p| &p.uri),
             connection_security_policy: security.as_str(),
+            authz_decision: ctx.authz.as_ref().map_or("", Verdict::decision),
+            authz_policy: ctx.authz.as_ref().map_or("", |v| v.policy.as_str()),
             error: error.map(|e| e as &dyn std::fmt::Display),
         });
     }

@@ -16,10 +16,13 @@
 //! balancers, circuit breaking), [`config`] (load, watch, swap), [`identity`] (the proxy's
 //! certificate and trust anchors: certify, renew, reload), [`metrics`], [`admin`],
 //! [`logging`], [`log_writer`] and [`access_log`]; [`tls`] (mutual TLS between sidecars:
-//! inbound termination and the mTLS mode, outbound origination) reads [`identity`].
+//! inbound termination and the mTLS mode, outbound origination) reads [`identity`];
+//! [`authz`] (inbound authorization: the config's policies compiled per version, enforced per
+//! HTTP request in [`http`] and per opaque TCP connection in [`connection`]).
 
 pub mod access_log;
 pub mod admin;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -5,8 +5,9 @@
 //! `tandem_tcp_active`, `tandem_tcp_read_bytes_total`, `tandem_tcp_write_bytes_total`,
 //! `tandem_config_reloads_total`, `tandem_config_reload_errors_total`, `tandem_config_info`,
 //! `tandem_ready`, mutual TLS's (see [`TlsMetrics`]): `tandem_tls_handshakes_total`,
-//! `tandem_inbound_connections_refused_total`, `tandem_tls_peer_connections_total`, and the resilience engine's (read from the active config at scrape time, see
-//! [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
+//! `tandem_inbound_connections_refused_total`, `tandem_tls_peer_connections_total`, inbound
+//! authorization's `tandem_authz_decisions_total` (see [`AuthzMetrics`]), and the resilience
+//! engine's (read from the active config at scrape time, see [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
 //! `tandem_ejections_total`, `tandem_active_ejections`, `tandem_panic_total`,
 //! `tandem_no_endpoints_total`, `tandem_overflows_total`; and, when identity is on, the identity
 //! client's (see [`IdentityMetrics`]).
@@ -90,9 +91,13 @@ lower_case_label!(Classification, Success => "success", Failure => "failure");
 lower_case_label!(ConnProtocol, Http1 => "http1", Http2 => "http2", Tcp => "tcp");
 lower_case_label!(SecurityPolicy, MutualTls => "mutual_tls", None => "none");
 
-// After the macro, which it uses.
+// After the macro, which they use.
+mod authz;
 mod tls;
 
+pub use authz::{
+    AuthzDecision, AuthzLabels, AuthzMetrics, AuthzProtocol, ByProtocol, NO_ALLOW_MATCH, PROBE,
+};
 pub use tls::{HandshakeResult, InboundRefusal, TlsMetrics};
 
 /// Whether a connection was mutually authenticated (the `connection_security_policy` label, as
@@ -254,6 +259,8 @@ pub struct Metrics {
     pub identity: IdentityMetrics,
     /// Mutual TLS: handshakes, refusals, peers.
     pub tls: TlsMetrics,
+    /// Inbound authorization decisions.
+    pub authz: AuthzMetrics,
 }
 
 /// How a source of a counter read at scrape time is given to [`Metrics`].
@@ -286,6 +293,7 @@ impl Metrics {
         );
         registry.register("tandem_ready", "1 when the proxy is ready", ready.clone());
         let tls = TlsMetrics::register(&mut registry);
+        let authz = AuthzMetrics::register(&mut registry);
         let fixed = |direction, label: &str| {
             Arc::new(ServiceTelemetry::new(
                 &families,
@@ -310,6 +318,7 @@ impl Metrics {
             log_lines_dropped: OnceLock::new(),
             identity: IdentityMetrics::new(),
             tls,
+            authz,
         }
     }
 

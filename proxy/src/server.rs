@@ -265,7 +265,9 @@ pub async fn serve(
         access_log,
         identity,
     } = parts;
-    let store = Arc::new(ConfigStore::new(args.config.clone(), metrics.clone()));
+    let store = Arc::new(
+        ConfigStore::new(args.config.clone(), metrics.clone()).with_identity(identity.clone()),
+    );
     let mut watcher = Watcher::new(store.clone());
     watcher.check();
 
