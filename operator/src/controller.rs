@@ -5,7 +5,8 @@
 //! watch event wakes the reconciler, which waits a short debounce so that a burst of events
 //! (a rollout, a Service with many slices) costs one pass. A pass renders once, then writes only
 //! the ConfigMaps and statuses whose content changed: the "exactly the ConfigMaps it affects"
-//! of the design falls out of the diff, because every workload carries the same services.
+//! of the design falls out of the diff (every workload carries the same services; an
+//! AuthorizationPolicy changes only the configs of the workloads it targets).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,7 +23,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tandem_crds::identity::{TRUST_ROOTS_CONFIG_MAP, TRUST_ROOTS_KEY};
 use tandem_crds::names::{CONFIG_KEY, OPERATOR_FIELD_MANAGER, config_map_name};
-use tandem_crds::v1alpha1::{CircuitBreakerPolicy, PolicyStatus, TrafficPolicy};
+use tandem_crds::v1alpha1::{
+    AuthorizationPolicy, AuthorizationPolicyStatus, CircuitBreakerPolicy, PolicyStatus,
+    TrafficPolicy,
+};
 use tokio::sync::{Mutex, Notify, watch};
 use tracing::{debug, info, warn};
 
@@ -33,7 +37,7 @@ use crate::render::{
     BadAnnotation, MAX_CONFIG_MAP_BYTES, Mesh, Rendered, WorkloadKey, render, trust_namespaces,
     workloads,
 };
-use crate::status::{Programming, Transition, next_status};
+use crate::status::{Programming, Transition, next_authorization_status, next_status};
 use crate::stores::{DATA_HASH, hex_sha256};
 pub use crate::stores::{
     MANAGED_BY_LABEL, SERVICE_ACCOUNT_ANNOTATION, Stores, WATCHES, Writers, start_watches,
@@ -51,7 +55,7 @@ pub struct Reconciler {
     recorder: Recorder,
     /// Parallel writes per pass.
     concurrency: usize,
-    /// Trust domain and default mTLS mode.
+    /// Trust domain, default mTLS mode, default authorization policy and cluster networks.
     mesh: Mesh,
     /// The issuer, whose trust anchors go to every namespace with injected pods.
     authority: CurrentAuthority,
@@ -361,7 +365,7 @@ impl Reconciler {
             if reported.contains(annotation) {
                 continue;
             }
-            warn!(kind = annotation.kind, namespace = %annotation.namespace, name = %annotation.name, value = %annotation.value, "Ignored an invalid tandem.dev/mtls annotation");
+            warn!(annotation = annotation.annotation, kind = annotation.kind, namespace = %annotation.namespace, name = %annotation.name, value = %annotation.value, "Ignored an invalid annotation");
             let reference = ObjectReference {
                 api_version: Some("v1".to_owned()),
                 kind: Some(annotation.kind.to_owned()),
@@ -371,7 +375,7 @@ impl Reconciler {
             };
             let event = KubeEvent {
                 type_: EventType::Warning,
-                reason: "InvalidMtlsMode".to_owned(),
+                reason: annotation.reason().to_owned(),
                 note: Some(truncate(&annotation.message(), 1000)),
                 action: "RenderProxyConfig".to_owned(),
                 secondary: None,
@@ -463,6 +467,21 @@ impl Reconciler {
                 .is_err(),
             );
         }
+        for policy in self.stores.authorizations.state() {
+            if !*leader.borrow() {
+                return failures;
+            }
+            failures += usize::from(
+                self.update_status(
+                    PolicyKind::Authorization,
+                    policy.as_ref(),
+                    rendered,
+                    programming,
+                )
+                .await
+                .is_err(),
+            );
+        }
         failures
     }
 
@@ -487,13 +506,8 @@ impl Reconciler {
         };
         let now = Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         let previous = policy.status();
-        let (status, transitions) = next_status(
-            previous,
-            policy.meta().generation,
-            verdict,
-            programming,
-            &now,
-        );
+        let (status, transitions) =
+            policy.next_status(verdict, programming, rendered.workloads_of(&key), &now);
         if previous == Some(&status) {
             return Ok(());
         }
@@ -563,20 +577,94 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}…", &text[..cut])
 }
 
-/// Access to a policy's status, for both kinds.
+/// A policy kind's status: where it is and what it should be now.
 pub trait HasStatus {
+    /// The kind's status type.
+    type Status: PartialEq + Serialize;
+
     /// The status, if any.
-    fn status(&self) -> Option<&PolicyStatus>;
+    fn status(&self) -> Option<&Self::Status>;
+
+    /// The status the policy should have now, and the condition changes; `workloads` are
+    /// those it applies to (AuthorizationPolicy only lists them).
+    fn next_status(
+        &self,
+        verdict: &Verdict,
+        programming: &Programming,
+        workloads: &[String],
+        now: &str,
+    ) -> (Self::Status, Vec<Transition>);
 }
 
 impl HasStatus for TrafficPolicy {
+    type Status = PolicyStatus;
+
     fn status(&self) -> Option<&PolicyStatus> {
         self.status.as_ref()
+    }
+
+    fn next_status(
+        &self,
+        verdict: &Verdict,
+        programming: &Programming,
+        _workloads: &[String],
+        now: &str,
+    ) -> (PolicyStatus, Vec<Transition>) {
+        next_status(
+            self.status.as_ref(),
+            self.metadata.generation,
+            verdict,
+            programming,
+            now,
+        )
     }
 }
 
 impl HasStatus for CircuitBreakerPolicy {
+    type Status = PolicyStatus;
+
     fn status(&self) -> Option<&PolicyStatus> {
         self.status.as_ref()
+    }
+
+    fn next_status(
+        &self,
+        verdict: &Verdict,
+        programming: &Programming,
+        _workloads: &[String],
+        now: &str,
+    ) -> (PolicyStatus, Vec<Transition>) {
+        next_status(
+            self.status.as_ref(),
+            self.metadata.generation,
+            verdict,
+            programming,
+            now,
+        )
+    }
+}
+
+impl HasStatus for AuthorizationPolicy {
+    type Status = AuthorizationPolicyStatus;
+
+    fn status(&self) -> Option<&AuthorizationPolicyStatus> {
+        self.status.as_ref()
+    }
+
+    fn next_status(
+        &self,
+        verdict: &Verdict,
+        programming: &Programming,
+        workloads: &[String],
+        now: &str,
+    ) -> (AuthorizationPolicyStatus, Vec<Transition>) {
+        next_authorization_status(
+            self.status.as_ref(),
+            self.metadata.generation,
+            verdict,
+            programming,
+            workloads,
+            now,
+        )
     }
 }

@@ -1,8 +1,9 @@
-//! `tandem-operator`: turns TrafficPolicies, CircuitBreakerPolicies, Services and EndpointSlices
-//! into one proxy ConfigMap per ServiceAccount with injected pods, and reports each policy's
-//! status.
+//! `tandem-operator`: turns TrafficPolicies, CircuitBreakerPolicies, AuthorizationPolicies,
+//! Services and EndpointSlices into one proxy ConfigMap per ServiceAccount with injected pods,
+//! and reports each policy's status.
 //!
 //! - [`render`]: the pure core, `render(&Inputs) -> Rendered` (services and verdicts).
+//! - [`authz`]: its AuthorizationPolicy part (targets, ports, rules, contradictions).
 //! - [`policy`]: conflicts between policies and verdicts.
 //! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
 //! - [`stores`]: the watches and the in-memory stores they fill.
@@ -15,6 +16,7 @@
 //! - [`signer`]: the HTTPS certify call every replica serves (TokenReview, then a leaf).
 //! - [`run`]: wires it all together for the binary.
 
+pub mod authz;
 pub mod ca;
 pub mod controller;
 pub mod issuer;
@@ -94,5 +96,7 @@ pub enum Error {
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+#[cfg(test)]
+mod authz_tests;
 #[cfg(test)]
 mod tests;

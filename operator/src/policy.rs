@@ -8,13 +8,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use tandem_crds::v1alpha1::reason;
 
-/// The two policy kinds.
+/// The policy kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PolicyKind {
     /// `TrafficPolicy`.
     Traffic,
     /// `CircuitBreakerPolicy`.
     CircuitBreaker,
+    /// `AuthorizationPolicy` (never conflicts: every accepted one applies).
+    Authorization,
 }
 
 impl PolicyKind {
@@ -23,6 +25,7 @@ impl PolicyKind {
         match self {
             Self::Traffic => "TrafficPolicy",
             Self::CircuitBreaker => "CircuitBreakerPolicy",
+            Self::Authorization => "AuthorizationPolicy",
         }
     }
 }

@@ -1,15 +1,18 @@
 //! The pure core: from the cluster's objects to the proxy config and each policy's verdict.
 //!
 //! Every proxy gets the same set of services (those accepted policies govern, plus the backends
-//! their rules send to), because any pod may call any Service; only the `workload` differs
-//! between ServiceAccounts. Rendering therefore happens once per pass ([`render`]) and is
-//! stamped per ServiceAccount ([`Rendered::config_for`]). Everything is sorted, so unchanged
-//! inputs give byte-identical JSON and the operator writes nothing.
+//! their rules send to), because any pod may call any Service; what differs between
+//! ServiceAccounts is the `workload` (its mTLS mode) and its inbound `authorization` (the
+//! AuthorizationPolicies that target it, see [`crate::authz`]). Rendering therefore happens once
+//! per pass ([`render`]) and is stamped per ServiceAccount ([`Rendered::config_for`]).
+//! Everything is sorted, so unchanged inputs give byte-identical JSON and the operator writes
+//! nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{
     Namespace, Pod, Service as KubeService, ServiceAccount, ServicePort as KubeServicePort,
 };
@@ -18,16 +21,18 @@ use kube::ResourceExt;
 use kube::api::PartialObjectMeta;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::{
-    self, Backend, Endpoint, HeaderMatch, LoadBalancer, PathMatch, Protocol, ProxyConfig,
-    RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
+    self, Authorization, Backend, DefaultPolicy, Endpoint, HeaderMatch, LoadBalancer, PathMatch,
+    Protocol, ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
 };
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
-use tandem_crds::names::PROXY_CONTAINER;
+use tandem_crds::names::{DEFAULT_POLICY_ANNOTATION, PROXY_CONTAINER};
 use tandem_crds::v1alpha1::{
-    CircuitBreakerPolicy, HeaderMatchKind, LoadBalancerKind, PathMatchKind, TrafficPolicy,
-    TrafficRule, circuit_breaker, default_retry_budget, reason, retries, retry_budget,
+    AuthorizationPolicy, CircuitBreakerPolicy, HeaderMatchKind, LoadBalancerKind, PathMatchKind,
+    TrafficPolicy, TrafficRule, circuit_breaker, default_retry_budget, reason, retries,
+    retry_budget,
 };
 
+use crate::authz::Authorizations;
 use crate::policy::{PolicyKey, PolicyKind, Verdict};
 
 /// Largest ConfigMap payload the apiserver stores (keys plus values), 1 MiB.
@@ -43,15 +48,20 @@ pub struct Inputs {
     pub traffic_policies: Vec<Arc<TrafficPolicy>>,
     /// All CircuitBreakerPolicies.
     pub circuit_breaker_policies: Vec<Arc<CircuitBreakerPolicy>>,
+    /// All AuthorizationPolicies.
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// All Services.
     pub services: Vec<Arc<KubeService>>,
     /// All EndpointSlices.
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
-    /// Pods with the proxy injected (others may be present; they are ignored).
+    /// Pods with the proxy injected (others may be present; they are ignored), with their
+    /// labels (Service selectors) and container ports (named target ports).
     pub pods: Vec<Arc<Pod>>,
-    /// ServiceAccounts (metadata: their `tandem.dev/mtls` annotation).
+    /// ServiceAccounts (metadata: their `tandem.dev/mtls` annotation, and whether an
+    /// AuthorizationPolicy's target exists).
     pub service_accounts: Vec<Arc<PartialObjectMeta<ServiceAccount>>>,
-    /// Namespaces (metadata: their `tandem.dev/mtls` annotation).
+    /// Namespaces (metadata: their `tandem.dev/mtls` and `tandem.dev/default-policy`
+    /// annotations).
     pub namespaces: Vec<Arc<PartialObjectMeta<Namespace>>>,
     /// Mesh-wide settings.
     pub mesh: Mesh,
@@ -64,20 +74,36 @@ pub struct Mesh {
     pub trust_domain: String,
     /// mTLS mode where no annotation chooses one.
     pub default_mtls: MtlsMode,
+    /// Authorization default policy where no namespace annotation chooses one.
+    pub default_policy: DefaultPolicy,
+    /// The networks whose clients count as "in the cluster" (`cluster-authenticated`).
+    pub cluster_networks: Vec<IpNet>,
 }
+
+/// Linkerd's default cluster networks: the private IPv4 ranges and the carrier-grade NAT range,
+/// where pod and node addresses live in nearly every cluster.
+pub const DEFAULT_CLUSTER_NETWORKS: &str = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16";
 
 impl Default for Mesh {
     fn default() -> Self {
         Self {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             default_mtls: MtlsMode::default(),
+            default_policy: DefaultPolicy::default(),
+            cluster_networks: DEFAULT_CLUSTER_NETWORKS
+                .split(',')
+                .filter_map(|n| n.parse().ok())
+                .collect(),
         }
     }
 }
 
-/// An object whose `tandem.dev/mtls` annotation was ignored, and why (an Event says so).
+/// An object whose `tandem.dev/mtls` or `tandem.dev/default-policy` annotation was ignored,
+/// and why (an Event says so).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BadAnnotation {
+    /// The annotation: [`MTLS_MODE_ANNOTATION`] or [`DEFAULT_POLICY_ANNOTATION`].
+    pub annotation: &'static str,
     /// `Namespace` or `ServiceAccount`.
     pub kind: &'static str,
     /// The object's namespace (empty for a Namespace).
@@ -91,6 +117,15 @@ pub struct BadAnnotation {
 impl BadAnnotation {
     /// The Event's note.
     pub fn message(&self) -> String {
+        if self.annotation == DEFAULT_POLICY_ANNOTATION {
+            let values: Vec<&str> = DefaultPolicy::ALL.iter().map(|p| p.as_str()).collect();
+            return format!(
+                "{DEFAULT_POLICY_ANNOTATION}: {:?} is none of {}; ignored (the mesh default \
+                 applies)",
+                self.value,
+                values.join(", ")
+            );
+        }
         format!(
             "{MTLS_MODE_ANNOTATION}: {:?} is neither \"permissive\" nor \"strict\"; ignored (the \
              {} applies)",
@@ -102,6 +137,15 @@ impl BadAnnotation {
             }
         )
     }
+
+    /// The Event's reason.
+    pub fn reason(&self) -> &'static str {
+        if self.annotation == DEFAULT_POLICY_ANNOTATION {
+            "InvalidDefaultPolicy"
+        } else {
+            "InvalidMtlsMode"
+        }
+    }
 }
 
 /// What one rendering pass concluded.
@@ -111,7 +155,8 @@ pub struct Rendered {
     pub verdicts: BTreeMap<PolicyKey, Verdict>,
     /// The governed services, sorted by namespace then name.
     pub services: Vec<contract::Service>,
-    /// A hash of `services`, the config's version stamp.
+    /// A hash of `services`; each config's version stamp hashes it with the workload's
+    /// authorization.
     pub version: String,
     /// The mTLS mode of every workload with injected pods.
     pub modes: BTreeMap<WorkloadKey, MtlsMode>,
@@ -119,6 +164,8 @@ pub struct Rendered {
     pub default_mtls: MtlsMode,
     /// Annotations that were ignored.
     pub bad_annotations: Vec<BadAnnotation>,
+    /// Every workload's authorization, and which workloads each AuthorizationPolicy reaches.
+    pub authorizations: Authorizations,
 }
 
 impl Rendered {
@@ -129,14 +176,26 @@ impl Rendered {
             service_account: service_account.to_owned(),
         };
         let mtls = self.modes.get(&key).copied().unwrap_or(self.default_mtls);
+        let authorization = self.authorizations.for_workload(&key);
         let mut config = ProxyConfig::new(Workload {
             namespace: key.namespace,
             service_account: key.service_account,
             mtls,
         });
-        config.version.clone_from(&self.version);
         config.services.clone_from(&self.services);
+        config.version = workload_version(&self.version, &authorization);
+        config.authorization = authorization;
         config
+    }
+
+    /// The workloads (`<namespace>/<serviceAccount>`, sorted) an AuthorizationPolicy applies
+    /// to; empty for one that is not accepted.
+    pub fn workloads_of(&self, policy: &PolicyKey) -> &[String] {
+        self.authorizations
+            .workloads_of
+            .get(policy)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// The policies that are in force.
@@ -177,7 +236,7 @@ pub fn is_injected(pod: &Pod) -> bool {
 }
 
 /// Whether a pod may still run: finished pods no longer need a config.
-fn is_active(pod: &Pod) -> bool {
+pub(crate) fn is_active(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     !matches!(phase, Some("Succeeded" | "Failed"))
 }
@@ -194,7 +253,7 @@ pub fn workloads(pods: &[Arc<Pod>]) -> BTreeSet<WorkloadKey> {
 }
 
 /// A pod's ServiceAccount (`default` when the spec names none).
-fn service_account_of(pod: &Pod) -> String {
+pub(crate) fn service_account_of(pod: &Pod) -> String {
     pod.spec
         .as_ref()
         .and_then(|s| s.service_account_name.clone())
@@ -211,18 +270,15 @@ pub fn trust_namespaces(pods: &[Arc<Pod>]) -> BTreeSet<String> {
 /// the mesh default. Unparseable annotations are skipped and reported.
 fn modes(inputs: &Inputs) -> (BTreeMap<WorkloadKey, MtlsMode>, Vec<BadAnnotation>) {
     let mut bad = BTreeSet::new();
-    let mut annotated = |kind: &'static str, namespace: String, meta: &kube::api::ObjectMeta| {
-        let value = meta.annotations.as_ref()?.get(MTLS_MODE_ANNOTATION)?;
-        let mode = MtlsMode::parse(value);
-        if mode.is_none() {
-            bad.insert(BadAnnotation {
-                kind,
-                namespace,
-                name: meta.name.clone().unwrap_or_default(),
-                value: value.clone(),
-            });
-        }
-        mode
+    let mut annotated = |kind, namespace, meta: &kube::api::ObjectMeta| {
+        parsed_annotation(
+            MTLS_MODE_ANNOTATION,
+            kind,
+            namespace,
+            meta,
+            MtlsMode::parse,
+            &mut bad,
+        )
     };
     let namespace_modes: BTreeMap<String, MtlsMode> = inputs
         .namespaces
@@ -253,6 +309,30 @@ fn modes(inputs: &Inputs) -> (BTreeMap<WorkloadKey, MtlsMode>, Vec<BadAnnotation
         })
         .collect();
     (modes, bad.into_iter().collect())
+}
+
+/// The value of annotation `annotation` on an object, parsed; a value `parse` refuses is
+/// recorded in `bad` and counts as absent.
+pub(crate) fn parsed_annotation<T>(
+    annotation: &'static str,
+    kind: &'static str,
+    namespace: String,
+    meta: &kube::api::ObjectMeta,
+    parse: impl Fn(&str) -> Option<T>,
+    bad: &mut BTreeSet<BadAnnotation>,
+) -> Option<T> {
+    let value = meta.annotations.as_ref()?.get(annotation)?;
+    let parsed = parse(value);
+    if parsed.is_none() {
+        bad.insert(BadAnnotation {
+            annotation,
+            kind,
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+            value: value.clone(),
+        });
+    }
+    parsed
 }
 
 /// Renders the governed services (and the meshed ones no policy governs) and judges every
@@ -292,7 +372,9 @@ pub fn render(inputs: &Inputs) -> Rendered {
     add_meshed(&index, &mut governed);
     let services: Vec<contract::Service> = governed.into_values().collect();
     let version = version_of(&services);
-    let (modes, bad_annotations) = modes(inputs);
+    let (modes, mut bad_annotations) = modes(inputs);
+    let authorizations = crate::authz::render(inputs, &mut verdicts, &mut bad_annotations);
+    bad_annotations.sort();
     Rendered {
         verdicts,
         services,
@@ -300,6 +382,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
         modes,
         default_mtls: inputs.mesh.default_mtls,
         bad_annotations,
+        authorizations,
     }
 }
 
@@ -331,7 +414,21 @@ fn add_meshed(index: &Index, services: &mut BTreeMap<ServiceRef, contract::Servi
 /// A stable short hash of the services, so a person can tell configs apart.
 fn version_of(services: &[contract::Service]) -> String {
     let json = serde_json::to_vec(services).unwrap_or_default();
-    let digest = Sha256::digest(&json);
+    short_hash(&Sha256::digest(&json))
+}
+
+/// One workload's version stamp: the services' hash with its authorization, so that a change
+/// of who may call it changes the stamp too (without hashing the services once per workload).
+fn workload_version(services_version: &str, authorization: &Authorization) -> String {
+    let json = serde_json::to_vec(authorization).unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(services_version.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(&json);
+    short_hash(&hasher.finalize())
+}
+
+fn short_hash(digest: &[u8]) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
@@ -496,7 +593,7 @@ fn cluster_ips(service: &KubeService) -> Vec<IpAddr> {
 }
 
 /// Only TCP is proxied; UDP and SCTP ports are left out.
-fn is_tcp(protocol: Option<&str>) -> bool {
+pub(crate) fn is_tcp(protocol: Option<&str>) -> bool {
     matches!(protocol, None | Some("TCP"))
 }
 
@@ -693,24 +790,30 @@ fn route_of(namespace: &str, index: usize, rule: &TrafficRule) -> Result<Route, 
 
 fn request_match(m: &tandem_crds::v1alpha1::RouteMatch) -> RequestMatch {
     RequestMatch {
-        path: m.path.as_ref().map(|p| match p.kind {
-            PathMatchKind::Exact => PathMatch::Exact(p.value.clone()),
-            PathMatchKind::PathPrefix => PathMatch::Prefix(p.value.clone()),
-            PathMatchKind::RegularExpression => PathMatch::Regex(p.value.clone()),
-        }),
+        path: m.path.as_ref().map(path_match),
         method: m.method.map(|method| method.as_str().to_owned()),
-        headers: m
-            .headers
-            .iter()
-            .map(|h| HeaderMatch {
-                // HTTP header names are case-insensitive; the contract wants lower case.
-                name: h.name.to_ascii_lowercase(),
-                value: match h.kind {
-                    HeaderMatchKind::Exact => ValueMatch::Exact(h.value.clone()),
-                    HeaderMatchKind::RegularExpression => ValueMatch::Regex(h.value.clone()),
-                },
-            })
-            .collect(),
+        headers: m.headers.iter().map(header_match).collect(),
+    }
+}
+
+/// A CRD path condition as the contract spells it.
+pub(crate) fn path_match(p: &tandem_crds::v1alpha1::PathMatch) -> PathMatch {
+    match p.kind {
+        PathMatchKind::Exact => PathMatch::Exact(p.value.clone()),
+        PathMatchKind::PathPrefix => PathMatch::Prefix(p.value.clone()),
+        PathMatchKind::RegularExpression => PathMatch::Regex(p.value.clone()),
+    }
+}
+
+/// A CRD header condition as the contract spells it.
+pub(crate) fn header_match(h: &tandem_crds::v1alpha1::HeaderMatch) -> HeaderMatch {
+    HeaderMatch {
+        // HTTP header names are case-insensitive; the contract wants lower case.
+        name: h.name.to_ascii_lowercase(),
+        value: match h.kind {
+            HeaderMatchKind::Exact => ValueMatch::Exact(h.value.clone()),
+            HeaderMatchKind::RegularExpression => ValueMatch::Regex(h.value.clone()),
+        },
     }
 }
 

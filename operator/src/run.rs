@@ -12,13 +12,15 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
+use ipnet::IpNet;
+use tandem_crds::contract::DefaultPolicy;
 use tandem_crds::identity::{MtlsMode, SpiffeId};
 
 use crate::controller::Reconciler;
 use crate::issuer::{self, CurrentAuthority};
 use crate::leader::{self, ElectionSettings};
 use crate::metrics::Metrics;
-use crate::render::Mesh;
+use crate::render::{DEFAULT_CLUSTER_NETWORKS, Mesh};
 use crate::server::{self, Health};
 use crate::signer::{self, Signer};
 use crate::stores::{Stores, start_watches};
@@ -63,6 +65,24 @@ pub struct Settings {
     /// annotation: `permissive` or `strict`.
     #[arg(long, env = "TANDEM_MTLS_MODE", default_value = "permissive", value_parser = parse_mode)]
     pub mtls_mode: MtlsMode,
+    /// Authorization default of workloads whose namespace carries no
+    /// `tandem.dev/default-policy` annotation: `all-unauthenticated`, `all-authenticated`,
+    /// `cluster-authenticated` or `deny`. Checked by [`Settings::mesh`] (exit 64).
+    #[arg(
+        long,
+        env = "TANDEM_DEFAULT_POLICY",
+        default_value = "all-unauthenticated"
+    )]
+    pub default_policy: String,
+    /// The networks (CIDRs, comma-separated) whose clients are in the cluster, for
+    /// `cluster-authenticated`; empty: every address. Checked by [`Settings::mesh`] (exit 64).
+    #[arg(
+        long,
+        env = "TANDEM_CLUSTER_NETWORKS",
+        default_value = DEFAULT_CLUSTER_NETWORKS,
+        value_delimiter = ','
+    )]
+    pub cluster_networks: Vec<String>,
 }
 
 /// How log lines are written.
@@ -88,8 +108,45 @@ fn parse_mode(value: &str) -> std::result::Result<MtlsMode, String> {
 
 impl Settings {
     /// Checks what clap's parsers cannot: the trust domain must be a DNS name (it is part of
-    /// every SPIFFE ID and DNS SAN).
+    /// every SPIFFE ID and DNS SAN), the default policy one of its four values, the cluster
+    /// networks CIDRs.
     pub fn validate(&self) -> Result<()> {
+        self.mesh().map(|_| ())
+    }
+
+    /// The mesh-wide settings rendering uses, checked.
+    pub fn mesh(&self) -> Result<Mesh> {
+        self.check_trust_domain()?;
+        let default_policy = DefaultPolicy::parse(&self.default_policy).ok_or_else(|| {
+            let values: Vec<&str> = DefaultPolicy::ALL.iter().map(|p| p.as_str()).collect();
+            Error::Settings(format!(
+                "--default-policy {:?} is none of {}",
+                self.default_policy,
+                values.join(", ")
+            ))
+        })?;
+        let cluster_networks = self
+            .cluster_networks
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                n.parse::<IpNet>().map_err(|e| {
+                    Error::Settings(format!(
+                        "--cluster-networks: {n:?} is not a CIDR such as 10.0.0.0/8: {e}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Mesh {
+            trust_domain: self.trust_domain.clone(),
+            default_mtls: self.mtls_mode,
+            default_policy,
+            cluster_networks,
+        })
+    }
+
+    fn check_trust_domain(&self) -> Result<()> {
         let probe = SpiffeId::new(&self.trust_domain, "ns", "sa").uri();
         SpiffeId::parse(&probe).map_err(|_| {
             Error::Settings(format!(
@@ -103,7 +160,7 @@ impl Settings {
 
 /// Runs the operator until `shutdown` turns true (SIGTERM in the binary).
 pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<()> {
-    settings.validate()?;
+    let mesh = settings.mesh()?;
     let client = Client::try_default().await.map_err(Error::Client)?;
     let identity = settings.identity.clone().unwrap_or_else(default_identity);
     let mut registry = Registry::default();
@@ -195,10 +252,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         .instrument(info_span!("election")),
     );
 
-    let mesh = Mesh {
-        trust_domain: settings.trust_domain.clone(),
-        default_mtls: settings.mtls_mode,
-    };
+    info!(default_policy = %mesh.default_policy, cluster_networks = ?mesh.cluster_networks, "Authorization defaults");
     let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority);
     // Nothing before every store has synced. (The gate's sender is gone once it has opened, so
     // it is awaited once here, not watched by the reconciler: a closed channel would end it.)

@@ -1,6 +1,8 @@
 //! Policy status: the `Accepted` and `Programmed` conditions, computed purely.
 
-use tandem_crds::v1alpha1::{Condition, ConditionStatus, PolicyStatus, condition, reason};
+use tandem_crds::v1alpha1::{
+    AuthorizationPolicyStatus, Condition, ConditionStatus, PolicyStatus, condition, reason,
+};
 
 use crate::policy::Verdict;
 
@@ -42,6 +44,56 @@ pub fn next_status(
     programming: &Programming,
     now: &str,
 ) -> (PolicyStatus, Vec<Transition>) {
+    let previous = previous.map(|p| p.conditions.as_slice());
+    let (conditions, transitions) =
+        next_conditions(previous, generation, verdict, programming, now);
+    let status = PolicyStatus {
+        observed_generation: generation,
+        conditions,
+    };
+    (status, transitions)
+}
+
+/// [`next_status`] for an AuthorizationPolicy, whose status also lists the workloads
+/// (`<namespace>/<serviceAccount>`) it applies to. `Programmed` counts their ConfigMaps, the
+/// ones that carry it.
+pub fn next_authorization_status(
+    previous: Option<&AuthorizationPolicyStatus>,
+    generation: Option<i64>,
+    verdict: &Verdict,
+    programming: &Programming,
+    workloads: &[String],
+    now: &str,
+) -> (AuthorizationPolicyStatus, Vec<Transition>) {
+    let programming = match programming {
+        Programming::Done { .. } => Programming::Done {
+            config_maps: workloads.len(),
+        },
+        other => other.clone(),
+    };
+    let previous = previous.map(|p| p.conditions.as_slice());
+    let (conditions, transitions) =
+        next_conditions(previous, generation, verdict, &programming, now);
+    let status = AuthorizationPolicyStatus {
+        observed_generation: generation,
+        conditions,
+        workloads: if verdict.is_accepted() {
+            crate::authz::status_workloads(workloads)
+        } else {
+            Vec::new()
+        },
+    };
+    (status, transitions)
+}
+
+/// The `Accepted` and `Programmed` conditions every kind's status carries.
+fn next_conditions(
+    previous: Option<&[Condition]>,
+    generation: Option<i64>,
+    verdict: &Verdict,
+    programming: &Programming,
+    now: &str,
+) -> (Vec<Condition>, Vec<Transition>) {
     let accepted = match verdict {
         Verdict::Accepted => (
             ConditionStatus::True,
@@ -75,7 +127,7 @@ pub fn next_status(
     ]
     .into_iter()
     .map(|(type_, (status, reason, message))| {
-        let old = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == type_));
+        let old = previous.and_then(|p| p.iter().find(|c| c.type_ == type_));
         let changed = old.is_none_or(|c| c.status != status || c.reason != reason);
         if changed {
             transitions.push(Transition {
@@ -99,9 +151,5 @@ pub fn next_status(
         }
     })
     .collect();
-    let status = PolicyStatus {
-        observed_generation: generation,
-        conditions,
-    };
-    (status, transitions)
+    (conditions, transitions)
 }

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tandem_crds::identity::TRUST_ROOTS_KEY;
 use tandem_crds::names::{CONFIG_KEY, OPERATOR_FIELD_MANAGER};
-use tandem_crds::v1alpha1::{CircuitBreakerPolicy, TrafficPolicy};
+use tandem_crds::v1alpha1::{AuthorizationPolicy, CircuitBreakerPolicy, TrafficPolicy};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -38,9 +38,10 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
 pub(crate) const DATA_HASH: &str = "tandem.dev/local-data-hash";
 
 /// The watches, by the names logs and `pending` use.
-pub const WATCHES: [&str; 8] = [
+pub const WATCHES: [&str; 9] = [
     "trafficpolicies",
     "circuitbreakerpolicies",
+    "authorizationpolicies",
     "services",
     "endpointslices",
     "pods",
@@ -55,6 +56,7 @@ pub const WATCHES: [&str; 8] = [
 pub struct Stores {
     pub(crate) traffic: Store<TrafficPolicy>,
     pub(crate) breakers: Store<CircuitBreakerPolicy>,
+    pub(crate) authorizations: Store<AuthorizationPolicy>,
     pub(crate) services: Store<k8s_openapi::api::core::v1::Service>,
     pub(crate) slices: Store<EndpointSlice>,
     pub(crate) pods: Store<Pod>,
@@ -67,6 +69,7 @@ pub struct Stores {
 pub struct Writers {
     traffic: Writer<TrafficPolicy>,
     breakers: Writer<CircuitBreakerPolicy>,
+    authorizations: Writer<AuthorizationPolicy>,
     services: Writer<k8s_openapi::api::core::v1::Service>,
     slices: Writer<EndpointSlice>,
     pods: Writer<Pod>,
@@ -85,6 +88,7 @@ impl Writers {
         match name {
             "trafficpolicies" => self.traffic.apply_watcher_event(&bare(done)),
             "circuitbreakerpolicies" => self.breakers.apply_watcher_event(&bare(done)),
+            "authorizationpolicies" => self.authorizations.apply_watcher_event(&bare(done)),
             "services" => self.services.apply_watcher_event(&bare(done)),
             "endpointslices" => self.slices.apply_watcher_event(&bare(done)),
             "pods" => self.pods.apply_watcher_event(&bare(done)),
@@ -101,6 +105,7 @@ impl Stores {
     pub fn new() -> (Self, Writers) {
         let (traffic, traffic_w) = reflector::store();
         let (breakers, breakers_w) = reflector::store();
+        let (authorizations, authorizations_w) = reflector::store();
         let (services, services_w) = reflector::store();
         let (slices, slices_w) = reflector::store();
         let (pods, pods_w) = reflector::store();
@@ -110,6 +115,7 @@ impl Stores {
         let stores = Self {
             traffic,
             breakers,
+            authorizations,
             services,
             slices,
             pods,
@@ -120,6 +126,7 @@ impl Stores {
         let writers = Writers {
             traffic: traffic_w,
             breakers: breakers_w,
+            authorizations: authorizations_w,
             services: services_w,
             slices: slices_w,
             pods: pods_w,
@@ -136,6 +143,10 @@ impl Stores {
         let closed = |_| Error::WatchEnded;
         self.traffic.wait_until_ready().await.map_err(closed)?;
         self.breakers.wait_until_ready().await.map_err(closed)?;
+        self.authorizations
+            .wait_until_ready()
+            .await
+            .map_err(closed)?;
         self.services.wait_until_ready().await.map_err(closed)?;
         self.slices.wait_until_ready().await.map_err(closed)?;
         self.pods.wait_until_ready().await.map_err(closed)?;
@@ -153,6 +164,7 @@ impl Stores {
         let synced = [
             is_synced(&self.traffic),
             is_synced(&self.breakers),
+            is_synced(&self.authorizations),
             is_synced(&self.services),
             is_synced(&self.slices),
             is_synced(&self.pods),
@@ -172,6 +184,7 @@ impl Stores {
         Inputs {
             traffic_policies: self.traffic.state(),
             circuit_breaker_policies: self.breakers.state(),
+            authorization_policies: self.authorizations.state(),
             services: self.services.state(),
             endpoint_slices: self.slices.state(),
             pods: self.pods.state(),
@@ -208,6 +221,7 @@ pub fn start_watches(
     let [
         traffic,
         breakers,
+        authorizations,
         services,
         slices,
         pods,
@@ -226,6 +240,14 @@ pub fn start_watches(
         spawn_watch(
             breakers,
             watcher(Api::all(client.clone()), config.clone()).reflect(writers.breakers),
+            trigger,
+            metrics,
+        ),
+        spawn_watch(
+            authorizations,
+            watcher(Api::all(client.clone()), config.clone())
+                .modify(|p: &mut AuthorizationPolicy| p.managed_fields_mut().clear())
+                .reflect(writers.authorizations),
             trigger,
             metrics,
         ),
@@ -281,7 +303,7 @@ pub fn start_watches(
             trigger,
             metrics,
         ),
-        // For their `tandem.dev/mtls` annotation only.
+        // For their `tandem.dev/mtls` annotation, and whether a policy's target exists.
         spawn_watch(
             service_accounts,
             watcher(
@@ -346,15 +368,32 @@ fn keeps_pod(event: &Event<Pod>) -> bool {
     }
 }
 
-/// Drops everything rendering does not read, so 10,000 pods cost little memory.
-fn strip_pod(pod: &mut Pod) {
+/// Drops everything rendering does not read, so 10,000 pods cost little memory. Labels stay
+/// (AuthorizationPolicies target the pods a Service selects), and so do the containers' ports
+/// (a Service's named target port resolves through them).
+pub(crate) fn strip_pod(pod: &mut Pod) {
     let meta = pod.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
-    meta.labels = None;
     meta.owner_references = None;
     if let Some(spec) = pod.spec.as_mut() {
-        spec.containers.clear();
+        for container in &mut spec.containers {
+            *container = k8s_openapi::api::core::v1::Container {
+                name: std::mem::take(&mut container.name),
+                ports: container.ports.take().map(|ports| {
+                    ports
+                        .into_iter()
+                        .map(|p| k8s_openapi::api::core::v1::ContainerPort {
+                            name: p.name,
+                            container_port: p.container_port,
+                            protocol: p.protocol,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            };
+        }
         spec.volumes = None;
         spec.affinity = None;
         spec.tolerations = None;

@@ -27,7 +27,7 @@ use crate::status::{Programming, next_status};
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
-fn meta(namespace: &str, name: &str) -> ObjectMeta {
+pub(crate) fn meta(namespace: &str, name: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: Some(namespace.into()),
@@ -105,7 +105,7 @@ fn slice(
     })
 }
 
-fn pod(namespace: &str, name: &str, service_account: &str, injected: bool) -> Arc<Pod> {
+pub(crate) fn pod(namespace: &str, name: &str, service_account: &str, injected: bool) -> Arc<Pod> {
     let init = injected.then(|| {
         vec![Container {
             name: "tandem-proxy".into(),
@@ -126,7 +126,7 @@ fn pod(namespace: &str, name: &str, service_account: &str, injected: bool) -> Ar
     })
 }
 
-fn at(seconds: i64) -> Option<Time> {
+pub(crate) fn at(seconds: i64) -> Option<Time> {
     Timestamp::from_second(1_700_000_000 + seconds)
         .ok()
         .map(Time)
@@ -161,7 +161,7 @@ fn breaker(
     Arc::new(policy)
 }
 
-fn key(kind: PolicyKind, namespace: &str, name: &str) -> PolicyKey {
+pub(crate) fn key(kind: PolicyKind, namespace: &str, name: &str) -> PolicyKey {
     PolicyKey {
         kind,
         namespace: namespace.into(),
@@ -889,7 +889,7 @@ fn failed_writes_leave_the_policy_pending() {
 // ---------------------------------------------------------------------------------------------
 // Identity and mTLS modes
 
-fn annotated<K>(
+pub(crate) fn annotated<K>(
     namespace: Option<&str>,
     name: &str,
     mode: Option<&str>,
@@ -1016,6 +1016,7 @@ fn an_invalid_mtls_annotation_is_ignored_for_the_next_level_and_reported() {
     assert_eq!(
         rendered.bad_annotations,
         [BadAnnotation {
+            annotation: MTLS_MODE_ANNOTATION,
             kind: "ServiceAccount",
             namespace: "shop".into(),
             name: "client".into(),

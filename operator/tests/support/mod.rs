@@ -37,7 +37,11 @@ pub async fn cluster() -> ControlPlane {
         .await
         .expect("control plane starts");
     let client = cluster.client();
-    for file in ["trafficpolicies.yaml", "circuitbreakerpolicies.yaml"] {
+    for file in [
+        "trafficpolicies.yaml",
+        "circuitbreakerpolicies.yaml",
+        "authorizationpolicies.yaml",
+    ] {
         let text =
             std::fs::read_to_string(repo().join("manifests/crds").join(file)).expect("read CRD");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD");
