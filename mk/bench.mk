@@ -9,7 +9,8 @@
 # The side-by-side run measures every topology or refuses to run (exit 64, saying what is
 # missing): BENCH_SKIP leaves some out on purpose, and the report lists them as left out.
 # Names as `tandem-bench run --skip` takes them, space- or comma-separated:
-# direct pingora haproxy nginx nginx2 nginx2-mtls tandem1 tandem2 tandem2-mtls (e.g. `make bench
+# direct pingora haproxy nginx nginx2 nginx2-mtls tandem1 tandem2 tandem2-mtls tandem2-authz1
+# tandem2-authz10 tandem2-authz100 (e.g. `make bench
 # BENCH_SKIP=haproxy,nginx`).
 #
 # A recipe's lines are all expanded before its first one runs, so nothing here may ask make
@@ -28,7 +29,7 @@ BENCH_SKIP_ARGS = $(addprefix --skip=,$(subst $(bench_comma), ,$(BENCH_SKIP)))
 # What the capture run calls.
 BENCH_CAPTURE_TOOLS := ip iptables nsenter
 
-.PHONY: bench bench-deps bench-capture-deps bench-resilience bench-capture bench-profile
+.PHONY: bench-authz bench bench-deps bench-capture-deps bench-resilience bench-capture bench-profile
 
 bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
 	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
@@ -57,6 +58,11 @@ bench: bench-deps bench-capture-deps ## side-by-side benchmark (QUICK=1: under 5
 	@# The operator at scale (mk/operator.mk): about 6 minutes, so the full run only; QUICK
 	@# skips it (its own quick mode alone takes over 3): `make bench-operator QUICK=1`.
 	$(if $(filter 1 true yes,$(QUICK)),@echo "QUICK: operator benchmark skipped (make bench-operator QUICK=1)",$(MAKE) --no-print-directory bench-operator)
+
+bench-authz: ## authorization's cost: 1, 10 and 100 rules vs none, on the mTLS two hops (QUICK=1: about 3 min); report in bench/results/authz/
+	$(CARGO) build --release -p tandem-bench -p tandem-proxy
+	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT)/authz --tandem-proxy $(TANDEM_PROXY_BIN) \
+	  --only tandem2-mtls,tandem2-authz1,tandem2-authz10,tandem2-authz100
 
 bench-resilience: ## success rate while one of three endpoints fails (60 s per policy; QUICK=1: 10 s)
 	$(CARGO) build --release -p tandem-bench -p tandem-proxy

@@ -216,6 +216,7 @@ pub fn render(result: &RunResult, machine: &Machine, chart: &str) -> String {
     memory_section(&mut out, &view);
     goals_section(&mut out, &view);
     mtls_section(&mut out, &view);
+    authz_section(&mut out, &view);
     method_section(&mut out);
     out
 }
@@ -689,15 +690,16 @@ pub const MTLS_P50_PER_HOP_BOUND_MS: f64 = 0.1;
 /// The rate the mutual-TLS goal is checked at.
 const MTLS_GOAL_RATE: u64 = 1_000;
 
-/// A mutual-TLS topology and its plaintext twin, both measured in this run.
-struct MtlsPair<'a> {
-    /// `tandem` or `nginx`.
-    label: &'static str,
-    mtls: &'a TopologyRun,
-    plain: &'a TopologyRun,
+/// A topology with a feature on (mutual TLS, authorization) and its twin without it, both
+/// measured in this run.
+struct Pair<'a> {
+    /// `tandem` or `nginx`; for authorization, the number of rules.
+    label: String,
+    with: &'a TopologyRun,
+    without: &'a TopologyRun,
 }
 
-impl MtlsPair<'_> {
+impl Pair<'_> {
     /// `figure` of the mTLS topology combined with the plaintext one's, round by round.
     fn paired(
         &self,
@@ -705,8 +707,8 @@ impl MtlsPair<'_> {
         f: impl Fn(f64, f64) -> Option<f64>,
     ) -> Option<Spread> {
         Spread::of(&paired(
-            &series(self.mtls, figure),
-            &series(self.plain, figure),
+            &series(self.with, figure),
+            &series(self.without, figure),
             f,
         ))
     }
@@ -719,6 +721,92 @@ impl MtlsPair<'_> {
     fn ratio(&self, figure: &dyn Fn(&RoundResult) -> Option<f64>) -> Option<Spread> {
         self.paired(figure, ratio)
     }
+
+    /// What the feature adds to `figure`, the whole difference (authorization runs on one
+    /// hop, the server sidecar).
+    fn added(&self, figure: &dyn Fn(&RoundResult) -> Option<f64>) -> Option<Spread> {
+        self.paired(figure, |w, wo| Some(w - wo))
+    }
+}
+
+/// Authorization (issue 14): the mTLS two hops with the server sidecar authorizing every
+/// request against 1, 10 and 100 rules, each against the same two hops with it off.
+fn authz_section(out: &mut String, view: &View<'_>) {
+    let Some(off) = view.find(Topology::TandemTwoHopsMtls) else {
+        return;
+    };
+    let pairs: Vec<Pair<'_>> = Topology::AUTHZ
+        .iter()
+        .filter_map(|&(topology, rules)| {
+            view.find(topology).map(|with| Pair {
+                label: rules.to_string(),
+                with,
+                without: off,
+            })
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let plan = &view.result.plan;
+    let _ = writeln!(
+        out,
+        "## Authorization (issue 14): rules on the server sidecar vs none\n"
+    );
+    let _ = writeln!(
+        out,
+        "`tandem2-authz<N>` is `tandem2-mtls` with the server sidecar's default policy `deny` and \
+         one Allow policy of N rules, each naming a caller, a path prefix and a method; only the \
+         last names the client, so every request is checked against all N (the worst case). \
+         Compared round by round with `tandem2-mtls` (no policy: the check is skipped). Added \
+         = the whole difference: authorization runs on one hop.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| rules | scenario | p50 off | p50 on | added p50 | p99 off | p99 on | added p99 | CPU µs/request off | CPU µs/request on | CPU on ÷ off |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let of = |run: &TopologyRun, g: &dyn Fn(&RoundResult) -> Option<f64>| {
+        Spread::of(&flat(&series(run, g)))
+    };
+    for pair in &pairs {
+        for &rate in &plan.rates {
+            for &protocol in &plan.fixed_protocols {
+                let p50 = fixed_figure(protocol, rate, |l| l.p50);
+                let p99 = fixed_figure(protocol, rate, |l| l.p99);
+                let cpu = fixed_cpu_micros(protocol, rate);
+                let _ = writeln!(
+                    out,
+                    "| {} | {rate} req/s {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    pair.label,
+                    protocol.label(),
+                    cell(of(pair.without, &p50), 2),
+                    cell(of(pair.with, &p50), 2),
+                    signed_cell(pair.added(&p50), 3),
+                    cell(of(pair.without, &p99), 2),
+                    cell(of(pair.with, &p99), 2),
+                    signed_cell(pair.added(&p99), 2),
+                    cell(of(pair.without, &cpu), 1),
+                    cell(of(pair.with, &cpu), 1),
+                    ratio_cell(pair.ratio(&cpu)),
+                );
+            }
+        }
+        for &protocol in &plan.max_protocols {
+            let cpu = move |r: &RoundResult| micros_per_request(r, protocol);
+            let _ = writeln!(
+                out,
+                "| {} | max, {} in flight, {} | – | – | – | – | – | – | {} | {} | {} |",
+                pair.label,
+                plan.max_in_flight,
+                protocol.label(),
+                cell(of(pair.without, &cpu), 1),
+                cell(of(pair.with, &cpu), 1),
+                ratio_cell(pair.ratio(&cpu)),
+            );
+        }
+    }
+    let _ = writeln!(out);
 }
 
 fn fixed_cpu_micros(protocol: Protocol, rate: u64) -> impl Fn(&RoundResult) -> Option<f64> {
@@ -789,10 +877,10 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
     let mut pairs = Vec::new();
     for (label, (mtls, plain)) in ["tandem", "nginx"].into_iter().zip(Topology::MTLS_PAIRS) {
         match (view.find(mtls), view.find(plain)) {
-            (Some(m), Some(p)) => pairs.push(MtlsPair {
-                label,
-                mtls: m,
-                plain: p,
+            (Some(m), Some(p)) => pairs.push(Pair {
+                label: label.to_owned(),
+                with: m,
+                without: p,
             }),
             (m, p) => {
                 let missing: Vec<&str> = [(m.is_none(), mtls), (p.is_none(), plain)]
@@ -809,11 +897,11 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
         }
     }
     for pair in &pairs {
-        if pair.mtls.rounds.iter().all(Option::is_none) {
+        if pair.with.rounds.iter().all(Option::is_none) {
             let _ = writeln!(
                 out,
                 "- {}: every round failed (see \"Failed rounds\"), nothing measured.",
-                pair.mtls.topology.name()
+                pair.with.topology.name()
             );
         }
     }
@@ -844,16 +932,16 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
                     "| {} | {rate} req/s {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     pair.label,
                     protocol.label(),
-                    cell(of(pair.plain, &p50), 2),
-                    cell(of(pair.mtls, &p50), 2),
+                    cell(of(pair.without, &p50), 2),
+                    cell(of(pair.with, &p50), 2),
                     signed_cell(pair.added_per_hop(&p50), 3),
-                    cell(of(pair.plain, &p99), 2),
-                    cell(of(pair.mtls, &p99), 2),
+                    cell(of(pair.without, &p99), 2),
+                    cell(of(pair.with, &p99), 2),
                     signed_cell(pair.added_per_hop(&p99), 2),
-                    cell(of(pair.plain, &cpu), 1),
-                    cell(of(pair.mtls, &cpu), 1),
+                    cell(of(pair.without, &cpu), 1),
+                    cell(of(pair.with, &cpu), 1),
                     ratio_cell(pair.ratio(&cpu)),
-                    cell(of(pair.mtls, &fixed_handshakes(protocol, rate)), 1),
+                    cell(of(pair.with, &fixed_handshakes(protocol, rate)), 1),
                 );
             }
         }
@@ -882,13 +970,13 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     pair.label,
                     protocol.label(),
-                    cell(of(pair.plain, &rps), 0),
-                    cell(of(pair.mtls, &rps), 0),
+                    cell(of(pair.without, &rps), 0),
+                    cell(of(pair.with, &rps), 0),
                     ratio_cell(pair.ratio(&rps)),
-                    cell(of(pair.plain, &cpu), 1),
-                    cell(of(pair.mtls, &cpu), 1),
+                    cell(of(pair.without, &cpu), 1),
+                    cell(of(pair.with, &cpu), 1),
                     ratio_cell(pair.ratio(&cpu)),
-                    cell(of(pair.mtls, &max_handshakes(protocol)), 1),
+                    cell(of(pair.with, &max_handshakes(protocol)), 1),
                 );
             }
         }
@@ -911,11 +999,11 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
                 out,
                 "| {} | {} | {} | {} | {} | {} |",
                 pair.label,
-                cell(of(pair.plain, MANY_ERRORS), 0),
-                cell(of(pair.mtls, MANY_ERRORS), 0),
-                cell(of(pair.plain, MANY_P99), 1),
-                cell(of(pair.mtls, MANY_P99), 1),
-                cell(of(pair.mtls, MANY_HANDSHAKES), 0),
+                cell(of(pair.without, MANY_ERRORS), 0),
+                cell(of(pair.with, MANY_ERRORS), 0),
+                cell(of(pair.without, MANY_P99), 1),
+                cell(of(pair.with, MANY_P99), 1),
+                cell(of(pair.with, MANY_HANDSHAKES), 0),
             );
         }
         let _ = writeln!(out);
@@ -924,7 +1012,7 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
 }
 
 /// The goal of issue 13, checked on tandem's pair; nginx's figure beside it as the anchor.
-fn mtls_goal(out: &mut String, pairs: &[MtlsPair<'_>], plan: &crate::run::Plan) {
+fn mtls_goal(out: &mut String, pairs: &[Pair<'_>], plan: &crate::run::Plan) {
     let _ = writeln!(
         out,
         "### Goal (issue 13): mTLS adds ≤ {MTLS_P50_PER_HOP_BOUND_MS} ms p50 per hop at \
@@ -946,7 +1034,7 @@ fn mtls_goal(out: &mut String, pairs: &[MtlsPair<'_>], plan: &crate::run::Plan) 
         for &protocol in &plan.fixed_protocols {
             let p50 = fixed_figure(protocol, MTLS_GOAL_RATE, |l| l.p50);
             let added = pair.added_per_hop(&p50).map(|s| s.median);
-            let verdict = match (pair.label, added) {
+            let verdict = match (pair.label.as_str(), added) {
                 (_, None) => "not measured".to_string(),
                 ("tandem", Some(v)) if v <= MTLS_P50_PER_HOP_BOUND_MS => "met".to_string(),
                 ("tandem", Some(v)) => {

@@ -716,11 +716,9 @@ mod tests {
 
     /// Only the tandem topologies are missing, as on a clone where tandem-proxy is not built.
     fn no_tandem(topology: Topology) -> Option<String> {
-        matches!(
-            topology,
-            Topology::TandemOneHop | Topology::TandemTwoHops | Topology::TandemTwoHopsMtls
-        )
-        .then(|| "no tandem-proxy given".to_string())
+        topology
+            .is_tandem()
+            .then(|| "no tandem-proxy given".to_string())
     }
 
     #[test]
@@ -732,6 +730,9 @@ mod tests {
                 (Topology::TandemOneHop, "no tandem-proxy given".into()),
                 (Topology::TandemTwoHops, "no tandem-proxy given".into()),
                 (Topology::TandemTwoHopsMtls, "no tandem-proxy given".into()),
+                (Topology::TandemAuthz1, "no tandem-proxy given".into()),
+                (Topology::TandemAuthz10, "no tandem-proxy given".into()),
+                (Topology::TandemAuthz100, "no tandem-proxy given".into()),
             ])
         );
         let message = refused.to_string();
@@ -741,8 +742,10 @@ mod tests {
         );
         assert!(
             message.contains(
-                "--skip tandem1 --skip tandem2 --skip tandem2-mtls \
-                 (make bench BENCH_SKIP=\"tandem1 tandem2 tandem2-mtls\")"
+                "--skip tandem1 --skip tandem2 --skip tandem2-mtls --skip tandem2-authz1 \
+                 --skip tandem2-authz10 --skip tandem2-authz100 (make bench \
+                 BENCH_SKIP=\"tandem1 tandem2 tandem2-mtls tandem2-authz1 tandem2-authz10 \
+                 tandem2-authz100\")"
             ),
             "{message}"
         );
@@ -754,6 +757,9 @@ mod tests {
             Topology::TandemOneHop,
             Topology::TandemTwoHops,
             Topology::TandemTwoHopsMtls,
+            Topology::TandemAuthz1,
+            Topology::TandemAuthz10,
+            Topology::TandemAuthz100,
         ];
         let selection = select(&Topology::ALL, &[], &skip, no_tandem).unwrap();
         assert_eq!(
@@ -784,6 +790,9 @@ mod tests {
             Err(SelectError::Unavailable(vec![
                 (Topology::TandemTwoHops, "no tandem-proxy given".into()),
                 (Topology::TandemTwoHopsMtls, "no tandem-proxy given".into()),
+                (Topology::TandemAuthz1, "no tandem-proxy given".into()),
+                (Topology::TandemAuthz10, "no tandem-proxy given".into()),
+                (Topology::TandemAuthz100, "no tandem-proxy given".into()),
             ]))
         );
     }
@@ -804,6 +813,9 @@ mod tests {
                 Topology::TandemOneHop,
                 Topology::TandemTwoHops,
                 Topology::TandemTwoHopsMtls,
+                Topology::TandemAuthz1,
+                Topology::TandemAuthz10,
+                Topology::TandemAuthz100,
             ]
         );
         // Left out and available: nothing to explain.

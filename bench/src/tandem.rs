@@ -14,8 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use tandem_crds::contract::{
-    Endpoint, MtlsMode, PROXY_CONFIG_API_VERSION, Protocol, ProxyConfig, Service, ServicePort,
-    Workload,
+    Authorization, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Callers,
+    DefaultPolicy, Endpoint, MtlsMode, Operations, PROXY_CONFIG_API_VERSION, PathMatch, Protocol,
+    ProxyConfig, Service, ServicePort, Workload,
 };
 use tandem_crds::identity::SpiffeId;
 
@@ -206,6 +207,56 @@ pub fn mtls_server_config() -> Result<String, ConfigError> {
     render(&server_proxy_config(MtlsMode::Strict))
 }
 
+/// The server-side proxy's config for the authorization cost runs: `strict`, default policy
+/// `deny`, and one Allow policy of `rules` rules, of which only the last names the client
+/// (`client`, its SPIFFE ID) — every request scans them all, the worst case.
+pub fn authz_server_config(rules: usize, client: &str) -> Result<String, ConfigError> {
+    let mut config = server_proxy_config(MtlsMode::Strict);
+    config.authorization = authz_fixture(rules, client);
+    render(&config)
+}
+
+/// The authorization of [`authz_server_config`]: rules that each name another workload and a
+/// path and a method, then the one that lets the client `GET` anything.
+fn authz_fixture(rules: usize, client: &str) -> Authorization {
+    let other = |i: usize| AuthorizationRule {
+        from: Some(Callers {
+            principals: vec![format!(
+                "spiffe://cluster.local/ns/{}/sa/other-{i}",
+                crate::signer::NAMESPACE
+            )],
+            ..Callers::default()
+        }),
+        to: Some(Operations {
+            paths: vec![PathMatch::Prefix(format!("/other-{i}"))],
+            methods: vec!["GET".into()],
+            ..Operations::default()
+        }),
+    };
+    let mut all: Vec<AuthorizationRule> = (0..rules.saturating_sub(1)).map(other).collect();
+    all.push(AuthorizationRule {
+        from: Some(Callers {
+            principals: vec![client.to_owned()],
+            ..Callers::default()
+        }),
+        to: Some(Operations {
+            paths: vec![PathMatch::Prefix("/".into())],
+            methods: vec!["GET".into()],
+            ..Operations::default()
+        }),
+    });
+    Authorization {
+        default_policy: DefaultPolicy::Deny,
+        cluster_networks: Vec::new(),
+        policies: vec![AuthorizationPolicy {
+            name: format!("{}/allow-client", crate::signer::NAMESPACE),
+            action: AuthorizationAction::Allow,
+            ports: Vec::new(),
+            rules: all,
+        }],
+    }
+}
+
 fn server_proxy_config(mtls: MtlsMode) -> ProxyConfig {
     ProxyConfig {
         api_version: PROXY_CONFIG_API_VERSION.into(),
@@ -218,6 +269,35 @@ fn server_proxy_config(mtls: MtlsMode) -> ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authz_fixture_validates_and_only_its_last_rule_allows_the_client() {
+        use tandem_crds::contract::{Authorizer, Caller, CallerIdentity, DecidedBy, Request};
+        let client = "spiffe://cluster.local/ns/bench/sa/client";
+        for rules in [1, 10, 100] {
+            let authz = authz_fixture(rules, client);
+            authz.validate().unwrap();
+            assert_eq!(authz.policies[0].rules.len(), rules);
+            let authorizer = Authorizer::new(&authz, "cluster.local").unwrap();
+            let caller = Caller {
+                identity: Some(CallerIdentity {
+                    uri: client,
+                    trust_domain: "cluster.local",
+                    namespace: "bench",
+                }),
+                address: None,
+            };
+            let decision = authorizer.decide(&Request {
+                port: 8080,
+                caller,
+                http: None,
+            });
+            // An opaque connection cannot match a rule with a method: denied.
+            assert!(!decision.allowed);
+            assert_eq!(decision.by, DecidedBy::NoAllowMatched);
+        }
+        assert!(authz_server_config(10, client).is_ok());
+    }
 
     #[test]
     fn configs_pass_the_contracts_validation_and_name_the_endpoint() {

@@ -81,6 +81,16 @@ pub enum Topology {
     /// the server sidecar is `strict`.
     #[value(name = "tandem2-mtls")]
     TandemTwoHopsMtls,
+    /// `tandem2-mtls` with authorization on the server sidecar (issue 14): default `deny` and
+    /// one Allow policy of 1 rule, the client's.
+    #[value(name = "tandem2-authz1")]
+    TandemAuthz1,
+    /// The same with 10 rules, only the last naming the client (every request scans all).
+    #[value(name = "tandem2-authz10")]
+    TandemAuthz10,
+    /// The same with 100 rules.
+    #[value(name = "tandem2-authz100")]
+    TandemAuthz100,
     /// The capture run's baseline: the client pod talks to the server pod's IP over the veth.
     #[value(skip)]
     DirectNetns,
@@ -96,7 +106,7 @@ pub enum Topology {
 
 impl Topology {
     /// Every topology, in report order.
-    pub const ALL: [Topology; 9] = [
+    pub const ALL: [Topology; 12] = [
         Topology::Direct,
         Topology::BarePingora,
         Topology::Haproxy,
@@ -106,7 +116,26 @@ impl Topology {
         Topology::TandemOneHop,
         Topology::TandemTwoHops,
         Topology::TandemTwoHopsMtls,
+        Topology::TandemAuthz1,
+        Topology::TandemAuthz10,
+        Topology::TandemAuthz100,
     ];
+
+    /// The authorization topologies and how many rules each has; each is compared with
+    /// `tandem2-mtls`, the same path with authorization off.
+    pub const AUTHZ: [(Topology, usize); 3] = [
+        (Topology::TandemAuthz1, 1),
+        (Topology::TandemAuthz10, 10),
+        (Topology::TandemAuthz100, 100),
+    ];
+
+    /// How many authorization rules the server sidecar has (`None`: authorization off).
+    pub fn authz_rules(self) -> Option<usize> {
+        Self::AUTHZ
+            .iter()
+            .find(|(t, _)| *t == self)
+            .map(|(_, rules)| *rules)
+    }
 
     /// The capture run's topologies, in report order.
     pub const CAPTURE: [Topology; 3] = [
@@ -127,6 +156,9 @@ impl Topology {
             Self::TandemOneHop => "tandem 1 hop",
             Self::TandemTwoHops => "tandem 2 hops",
             Self::TandemTwoHopsMtls => "tandem 2 hops mTLS",
+            Self::TandemAuthz1 => "tandem 2 hops mTLS, authz 1 rule",
+            Self::TandemAuthz10 => "tandem 2 hops mTLS, authz 10 rules",
+            Self::TandemAuthz100 => "tandem 2 hops mTLS, authz 100 rules",
             Self::DirectNetns => "direct (netns)",
             Self::TandemCaptured => "tandem 2 hops, captured",
             Self::TandemNetns => "tandem 2 hops, no capture (netns)",
@@ -146,6 +178,9 @@ impl Topology {
             Self::TandemOneHop => "tandem1",
             Self::TandemTwoHops => "tandem2",
             Self::TandemTwoHopsMtls => "tandem2-mtls",
+            Self::TandemAuthz1 => "tandem2-authz1",
+            Self::TandemAuthz10 => "tandem2-authz10",
+            Self::TandemAuthz100 => "tandem2-authz100",
             Self::DirectNetns | Self::TandemCaptured | Self::TandemNetns => self.name(),
         }
     }
@@ -153,6 +188,21 @@ impl Topology {
     /// Whether this is a run's baseline: the client talks to the upstream itself.
     pub fn is_direct(self) -> bool {
         matches!(self, Self::Direct | Self::DirectNetns)
+    }
+
+    /// Whether tandem-proxy runs in this topology.
+    pub fn is_tandem(self) -> bool {
+        matches!(
+            self,
+            Self::TandemOneHop
+                | Self::TandemTwoHops
+                | Self::TandemTwoHopsMtls
+                | Self::TandemAuthz1
+                | Self::TandemAuthz10
+                | Self::TandemAuthz100
+                | Self::TandemCaptured
+                | Self::TandemNetns
+        )
     }
 
     /// Whether there is a proxy process to measure.
@@ -243,11 +293,8 @@ impl Tools {
             Topology::Nginx | Topology::NginxTwoHops | Topology::NginxTwoHopsMtls => {
                 self.nginx.missing()
             }
-            Topology::TandemOneHop
-            | Topology::TandemTwoHops
-            | Topology::TandemTwoHopsMtls
-            | Topology::TandemCaptured
-            | Topology::TandemNetns => self.tandem.missing(),
+            t if t.is_tandem() => self.tandem.missing(),
+            _ => None,
         }
     }
 }
@@ -478,7 +525,10 @@ pub fn start(
                 topology == Topology::NginxTwoHopsMtls,
             )?;
         }
-        Topology::TandemTwoHopsMtls => {
+        Topology::TandemTwoHopsMtls
+        | Topology::TandemAuthz1
+        | Topology::TandemAuthz10
+        | Topology::TandemAuthz100 => {
             let program = tools.tandem.path().unwrap_or(Path::new("tandem-proxy"));
             let identity = BenchIdentity::prepare(&dir, &["client", "server"])?;
             let env = |sa: &str| {
@@ -487,7 +537,10 @@ pub fn start(
                 })
             };
             let (a, b) = (tandem::Ports::free()?, tandem::Ports::free()?);
-            let server = tandem::mtls_server_config()?;
+            let server = match topology.authz_rules() {
+                Some(rules) => tandem::authz_server_config(rules, &identity.id("client").uri())?,
+                None => tandem::mtls_server_config()?,
+            };
             let child_b =
                 tandem_identity_child(&dir, program, "tandem-b", &b, &server, &env("server")?)?;
             running.add(child_b, b.outbound, b.outbound);

@@ -60,7 +60,9 @@ pub struct ProxyConfig {
     pub services: Vec<Service>,
     /// Who may call this workload: its default policy and the AuthorizationPolicies that target
     /// it, enforced by its inbound proxy. Absent: everyone (`all-unauthenticated`, no policy).
-    #[serde(default)]
+    /// Left out of the JSON when it is that default, so a config without authorization stays
+    /// loadable by proxies older than this section (sidecars are upgraded independently).
+    #[serde(default, skip_serializing_if = "Authorization::is_open")]
     pub authorization: Authorization,
 }
 

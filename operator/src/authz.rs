@@ -598,7 +598,8 @@ fn contradictions(
             problems.push(format!(
                 "rules[{index}].to: paths, methods and headers need HTTP, but every port the \
                  rule applies to is declared tcp (Service port {}): on an opaque connection they \
-                 cannot be checked",
+                 cannot be checked (an Allow rule would never match, a Deny rule would refuse \
+                 every connection)",
                 ports.join(", ")
             ));
         }

@@ -594,10 +594,17 @@ fn what_the_contracts_validation_refuses_is_invalid_with_the_policys_own_path() 
         serde_json::json!({
             "targetRef": {"kind": "ServiceAccount", "name": "ledger"},
             "action": "Deny",
-            "rules": [{
-                "from": {"principals": ["spiffe://cluster.local/not-a-workload"]},
-                "to": {"paths": [{"type": "RegularExpression", "value": "/a(("}]}
-            }]
+            "rules": [
+                {
+                    "from": {"principals": ["spiffe://cluster.local/not-a-workload"]},
+                    "to": {"paths": [{"type": "RegularExpression", "value": "/a(("}]}
+                },
+                {
+                    // The schema lets `a..b` through; as a SPIFFE ID it is no name.
+                    "from": {"principals": ["spiffe://cluster.local/ns/bank/sa/teller"],
+                             "serviceAccounts": [{"name": "teller"}, {"name": "a..b"}]}
+                }
+            ]
         }),
     )];
     let rendered = render(&inputs);

@@ -150,7 +150,13 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
     let cluster = cluster().await;
     let client = cluster.client();
     let _operator = Operator::start(&cluster, "operator-authz-a").await;
-    namespace(&client, "bank", json!({}), &["ledger", "teller", "db"]).await;
+    namespace(
+        &client,
+        "bank",
+        json!({}),
+        &["ledger", "ledger-canary", "teller", "db"],
+    )
+    .await;
     pod(
         &client,
         "bank",
@@ -158,6 +164,15 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
         "ledger",
         "ledger",
         json!([{"name": "web", "containerPort": 8080}]),
+    )
+    .await;
+    pod(
+        &client,
+        "bank",
+        "ledger-2",
+        "ledger-canary",
+        "ledger",
+        json!([{"name": "web", "containerPort": 8081}]),
     )
     .await;
     pod(&client, "bank", "teller-1", "teller", "teller", json!([])).await;
@@ -170,7 +185,7 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
         json!([{"name": "http", "port": 80, "targetPort": "web"}]),
     )
     .await;
-    for sa in ["ledger", "teller", "db"] {
+    for sa in ["ledger", "ledger-canary", "teller", "db"] {
         eventually(&format!("tandem-proxy-{sa}"), || async {
             config(&client, "bank", sa).await.is_some()
         })
@@ -201,12 +216,14 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
         }),
     )
     .await;
-    eventually("allow-teller in tandem-proxy-ledger", || async {
-        config(&client, "bank", "ledger")
-            .await
-            .is_some_and(|c| policy_names(&c) == ["bank/allow-teller"])
-    })
-    .await;
+    for sa in ["ledger", "ledger-canary"] {
+        eventually(&format!("allow-teller in tandem-proxy-{sa}"), || async {
+            config(&client, "bank", sa)
+                .await
+                .is_some_and(|c| policy_names(&c) == ["bank/allow-teller"])
+        })
+        .await;
+    }
     let with = config(&client, "bank", "ledger").await.unwrap();
     let rendered = &with.authorization.policies[0];
     assert_eq!(rendered.action, AuthorizationAction::Allow);
@@ -217,13 +234,19 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
     );
     assert_eq!(rendered.rules[0].to.as_ref().unwrap().methods, ["GET"]);
     assert_ne!(with.version, before.version, "the stamp follows the policy");
+    let canary = config(&client, "bank", "ledger-canary").await.unwrap();
+    assert_eq!(
+        canary.authorization.policies[0].ports,
+        [8081],
+        "each workload's own container port"
+    );
     eventually(
-        "allow-teller Accepted, Programmed, on bank/ledger",
+        "allow-teller Accepted, Programmed, on both ledgers",
         || async {
             policy_status(&client, "bank", "allow-teller")
                 .await
                 .is_some_and(|(conditions, workloads)| {
-                    workloads == ["bank/ledger"]
+                    workloads == ["bank/ledger", "bank/ledger-canary"]
                         && conditions
                             .get("Accepted")
                             .is_some_and(|c| c.1 == "Accepted")
@@ -231,7 +254,7 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
                             == Some(&(
                                 "True".into(),
                                 "Programmed".into(),
-                                "carried by 1 proxy ConfigMap(s)".into(),
+                                "carried by 2 proxy ConfigMap(s)".into(),
                             ))
                 })
         },
@@ -243,10 +266,9 @@ async fn a_service_allow_policy_lands_in_exactly_the_selected_workloads_and_leav
         let name = format!("tandem-proxy-{sa}");
         assert_eq!(after.get(&name), untouched.get(&name), "{name} rewritten");
     }
-    assert_ne!(
-        after.get("tandem-proxy-ledger"),
-        untouched.get("tandem-proxy-ledger")
-    );
+    for name in ["tandem-proxy-ledger", "tandem-proxy-ledger-canary"] {
+        assert_ne!(after.get(name), untouched.get(name), "{name} not written");
+    }
 
     // Removed: the ledger's config is what it was before, byte for byte.
     let api: Api<AuthorizationPolicy> = Api::namespaced(client.clone(), "bank");

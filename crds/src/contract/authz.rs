@@ -64,6 +64,12 @@ pub enum DefaultPolicy {
 }
 
 impl Authorization {
+    /// Whether this is the open default: no policy, `all-unauthenticated` (the networks then
+    /// decide nothing).
+    pub fn is_open(&self) -> bool {
+        self.policies.is_empty() && self.default_policy == DefaultPolicy::AllUnauthenticated
+    }
+
     /// Checks names, ports, principals, methods, paths and regular expressions; reports every
     /// problem with its JSON path (`$.authorization…`).
     pub fn validate(&self) -> Result<(), super::ValidationErrors> {
@@ -886,6 +892,22 @@ mod tests {
             namespace: "shop",
         };
         assert!(!decide(&a, 1, caller(Some(foreign)), None).allowed);
+    }
+
+    #[test]
+    fn an_open_authorization_is_left_out_of_the_json_for_older_proxies() {
+        let workload = super::super::Workload {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            ..Default::default()
+        };
+        let mut config = super::super::ProxyConfig::new(workload);
+        assert!(!config.to_json().contains("authorization"));
+        config.authorization.default_policy = DefaultPolicy::Deny;
+        let json = config.to_json();
+        assert!(json.contains(r#""defaultPolicy": "deny""#), "{json}");
+        let back = super::super::ProxyConfig::from_json(json.as_bytes()).unwrap();
+        assert_eq!(back, config);
     }
 
     #[test]

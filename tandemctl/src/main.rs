@@ -1,0 +1,5 @@
+//! `tandemctl`: everything lives in the library; see [`tandemctl::main`].
+
+fn main() -> std::process::ExitCode {
+    tandemctl::main()
+}
