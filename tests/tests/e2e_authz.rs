@@ -30,6 +30,12 @@
 //!   them (HTTP and TCP, allow and deny, by a policy, by no Allow match, by a default, and the
 //!   kubelet's probes as `probe`).
 //!
+//! A second cluster runs the operator with the mesh-wide default `all-authenticated`: the meshed
+//! client gets in and the unmeshed one is refused (`default:all-authenticated`) while the
+//! server's plaintext probe keeps it Ready; the namespace annotated `deny` stays stricter; the
+//! server's namespace annotated `all-unauthenticated` lets the unmeshed client in, and with the
+//! annotation removed the mesh's default refuses it again.
+//!
 //! Every burst is bounded in count and sent from inside a pod (`tandem-testapp client`, `GET
 //! /burst?n=N` or `/tcp?n=N`); every wait is for a state (a condition, the config a proxy has
 //! loaded, a counter), bounded in time.
@@ -43,13 +49,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, DynamicObject};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use tandem_crds::contract::{AuthorizationAction, DefaultPolicy, ProxyConfig};
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
-use tandem_crds::names::{ADMIN_PORT, DENIED_BY_HEADER};
+use tandem_crds::names::{ADMIN_PORT, DEFAULT_POLICY_ANNOTATION, DENIED_BY_HEADER};
+use tandem_tests::install::InstallOptions;
 
 use e2e_support::{Burst, ClientStats, Mesh, SERIAL, TcpStats, counter, eventually, pod_ip, repo};
 
@@ -72,31 +79,7 @@ async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_pr
     let _serial = SERIAL.lock().await;
     let mesh = Mesh::start().await.expect("cluster, Tandem and node start");
     let started = Instant::now();
-    mesh.apply_file(&repo().join("tests/fixtures/e2e/authz.yaml"))
-        .await
-        .expect("the authorization workloads apply");
-    let ready = |ns: &'static str, selector: &'static str| {
-        let mesh = &mesh;
-        async move {
-            mesh.ready_pods(ns, selector, 1, Duration::from_secs(120))
-                .await
-                .unwrap()
-                .remove(0)
-        }
-    };
-    let pods = Pods {
-        server: ready(NS, "app=server").await,
-        web: ready(NS, "app=web").await,
-        batch: ready(NS, "app=batch").await,
-        vault: ready(LOCKED, "app=vault").await,
-        outsider: ready("outside", "app=outsider").await,
-    };
-    eprintln!(
-        "setup: 5 pods Ready {:.1} s after the apply",
-        started.elapsed().as_secs_f64()
-    );
-    meshed_paths_are_mutual_tls(&mesh, &pods).await;
-
+    let pods = setup(&mesh).await;
     scenario_a(&mesh, &pods).await;
     scenario_b(&mesh, &pods).await;
     scenario_c(&mesh, &pods).await;
@@ -109,6 +92,194 @@ async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_pr
         started.elapsed().as_secs_f64()
     );
     mesh.node.shutdown().await;
+}
+
+/// The mesh-wide default (the operator's `--default-policy`, here `all-authenticated`) decides
+/// where no namespace annotation overrides it; an annotation overrides it either way, and
+/// changing or removing the annotation takes effect on the running proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control-plane binaries: run by make e2e"]
+async fn the_mesh_wide_default_applies_unless_a_namespace_annotation_overrides_it() {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start_with(InstallOptions {
+        operator_env: vec![(
+            "TANDEM_DEFAULT_POLICY".into(),
+            DefaultPolicy::AllAuthenticated.as_str().into(),
+        )],
+    })
+    .await
+    .expect("cluster, Tandem (mesh default all-authenticated) and node start");
+    let started = Instant::now();
+    let pods = setup(&mesh).await;
+    eprintln!("mesh default all-authenticated:");
+    // The test drives the clients from the node, in plaintext (`GET /burst` on 9090): under
+    // all-authenticated that needs a policy, as any plaintext admin port would.
+    for client in ["web", "batch"] {
+        apply_policy(
+            &mesh,
+            NS,
+            &format!("{client}-control"),
+            json!({
+                "targetRef": {"kind": "ServiceAccount", "name": client},
+                "action": "Allow",
+                "rules": [{"from": {"unauthenticated": true}, "to": {"ports": [9090]}}],
+            }),
+        )
+        .await;
+    }
+    await_loaded(&mesh, &pods.web, "authz/web-control", true).await;
+    await_loaded(&mesh, &pods.batch, "authz/batch-control", true).await;
+    let server = url(&mesh, NS, "server", "/").await;
+    let vault = url(&mesh, LOCKED, "vault", "/").await;
+    await_default(&mesh, &pods.server, DefaultPolicy::AllAuthenticated).await;
+    await_default(&mesh, &pods.vault, DefaultPolicy::Deny).await;
+
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let web = send(&mesh, &pods.web, &server, "GET", 20).await;
+    assert_allowed(
+        &web,
+        20,
+        "authz-server",
+        "web, meshed, under all-authenticated",
+    );
+    let outsider = send(&mesh, &pods.outsider, &server, "GET", 20).await;
+    assert_denied(
+        &outsider,
+        20,
+        &["default:all-authenticated"],
+        "unauthenticated",
+        "the unmeshed outsider, under all-authenticated",
+    );
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "default:all-authenticated", "http", 20),
+            ("deny", "default:all-authenticated", "http", 20),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+    // The server's plaintext kubelet probe is not a meshed caller either: it still passes.
+    let pod = Api::<Pod>::namespaced(mesh.client(), NS)
+        .get(pods.server.metadata.name.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        e2e_support::is_ready(&pod),
+        "the server stays Ready under all-authenticated: {:?}",
+        pod.status
+    );
+    let locked = send(&mesh, &pods.web, &vault, "GET", 10).await;
+    assert_denied(
+        &locked,
+        10,
+        &["default:deny"],
+        &spiffe_id(NS, "web"),
+        "web, to the namespace annotated deny (stricter than the mesh)",
+    );
+    eprintln!(
+        "  web {}; outsider {}; web to the vault {}",
+        describe(&web),
+        describe(&outsider),
+        describe(&locked)
+    );
+
+    // The namespace annotated all-unauthenticated (looser than the mesh): the outsider gets in.
+    annotate(&mesh, NS, Some("all-unauthenticated")).await;
+    await_default(&mesh, &pods.server, DefaultPolicy::AllUnauthenticated).await;
+    let outsider = send(&mesh, &pods.outsider, &server, "GET", 20).await;
+    assert_allowed(
+        &outsider,
+        20,
+        "authz-server",
+        "the outsider, the namespace annotated all-unauthenticated",
+    );
+    // The annotation removed: the mesh's default again.
+    annotate(&mesh, NS, None).await;
+    await_default(&mesh, &pods.server, DefaultPolicy::AllAuthenticated).await;
+    let again = send(&mesh, &pods.outsider, &server, "GET", 20).await;
+    assert_denied(
+        &again,
+        20,
+        &["default:all-authenticated"],
+        "unauthenticated",
+        "the outsider, the annotation removed",
+    );
+    eprintln!(
+        "  annotated all-unauthenticated: outsider {}; annotation removed: outsider {} ({:.0} s from the apply)",
+        describe(&outsider),
+        describe(&again),
+        started.elapsed().as_secs_f64()
+    );
+    mesh.node.shutdown().await;
+}
+
+/// Applies the workloads and waits until every pod is Ready and the meshed paths are mTLS.
+async fn setup(mesh: &Mesh) -> Pods {
+    let started = Instant::now();
+    mesh.apply_file(&repo().join("tests/fixtures/e2e/authz.yaml"))
+        .await
+        .expect("the authorization workloads apply");
+    let ready = |ns: &'static str, selector: &'static str| async move {
+        mesh.ready_pods(ns, selector, 1, Duration::from_secs(120))
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    let pods = Pods {
+        server: ready(NS, "app=server").await,
+        web: ready(NS, "app=web").await,
+        batch: ready(NS, "app=batch").await,
+        vault: ready(LOCKED, "app=vault").await,
+        outsider: ready("outside", "app=outsider").await,
+    };
+    eprintln!(
+        "setup: 5 pods Ready {:.1} s after the apply",
+        started.elapsed().as_secs_f64()
+    );
+    meshed_paths_are_mutual_tls(mesh, &pods).await;
+    pods
+}
+
+/// Sets (or, with `None`, removes) a namespace's `tandem.dev/default-policy` annotation.
+async fn annotate(mesh: &Mesh, namespace: &str, policy: Option<&str>) {
+    let namespaces: Api<Namespace> = Api::all(mesh.client());
+    let patch = json!({"metadata": {"annotations": {DEFAULT_POLICY_ANNOTATION: policy}}});
+    or_logs(
+        mesh,
+        namespaces
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+    );
+}
+
+/// Waits until `pod`'s proxy has loaded a config whose default policy is `policy`.
+async fn await_default(mesh: &Mesh, pod: &Pod, policy: DefaultPolicy) {
+    let (_, took) = or_logs(
+        mesh,
+        eventually(
+            &format!(
+                "{}'s proxy runs default {policy}",
+                pod.metadata.name.as_deref().unwrap_or_default()
+            ),
+            PROPAGATION,
+            || async {
+                Ok(mesh
+                    .proxy_loaded(pod)
+                    .await?
+                    .filter(|c| c.authorization.default_policy == policy)
+                    .map(|_| ()))
+            },
+        )
+        .await,
+    );
+    eprintln!(
+        "  {}'s proxy runs default {policy} ({:.1} s)",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        took.as_secs_f64()
+    );
 }
 
 /// The pods every scenario uses.
@@ -596,25 +767,7 @@ async fn scenario_a(mesh: &Mesh, pods: &Pods) {
 /// Scenario b: a namespace whose default is `deny`; the kubelet's probes still pass.
 async fn scenario_b(mesh: &Mesh, pods: &Pods) {
     eprintln!("scenario b: the namespace locked, default-policy deny");
-    let (_, took) = or_logs(
-        mesh,
-        eventually(
-            "the vault's proxy loaded the namespace's default deny",
-            PROPAGATION,
-            || async {
-                Ok(mesh
-                    .proxy_loaded(&pods.vault)
-                    .await?
-                    .filter(|c| c.authorization.default_policy == DefaultPolicy::Deny)
-                    .map(|_| ()))
-            },
-        )
-        .await,
-    );
-    eprintln!(
-        "  the vault's proxy runs default deny ({:.1} s)",
-        took.as_secs_f64()
-    );
+    await_default(mesh, &pods.vault, DefaultPolicy::Deny).await;
     let target = url(mesh, LOCKED, "vault", "/").await;
     let vault_ip = pod_ip(&pods.vault).unwrap();
     let before = mesh.proxy_metrics(&pods.vault).await.unwrap();
