@@ -25,6 +25,9 @@
 //!   `POST` and a path prefix: web's calls reach the server; batch's, and web's to another
 //!   service path, end with `grpc-status: 7` (PERMISSION_DENIED), the policy named in
 //!   `tandem-denied-by` and in `grpc-message`;
+//! - h: a new workload (another ServiceAccount) joins the protected Service while batch sends to
+//!   it steadily: the policies' status lists it, its proxy runs them, and none of batch's
+//!   requests gets through it, from its first (no window between Ready and protected);
 //! - throughout: `tandem_authz_decisions_total{decision,policy,protocol}` on the server's proxy
 //!   moves by exactly the requests and connections of each step, with the labels of what decided
 //!   them (HTTP and TCP, allow and deny, by a policy, by no Allow match, by a default, and the
@@ -87,8 +90,9 @@ async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_pr
     scenario_e(&mesh, &pods).await;
     scenario_f(&mesh, &pods).await;
     scenario_g(&mesh, &pods).await;
+    scenario_h(&mesh, &pods).await;
     eprintln!(
-        "all scenarios a-g: {:.0} s from the apply",
+        "all scenarios a-h: {:.0} s from the apply",
         started.elapsed().as_secs_f64()
     );
     mesh.node.shutdown().await;
@@ -1506,5 +1510,162 @@ async fn scenario_g(mesh: &Mesh, pods: &Pods) {
         describe(&web),
         describe(&batch),
         describe(&other)
+    );
+}
+
+/// Scenario h: a new workload behind the protected Service is protected from its first request.
+async fn scenario_h(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario h: a second workload joins the Service server under load");
+    let account = json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "server-v2", "namespace": NS},
+    });
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "server-v2", "namespace": NS},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "server", "version": "v2"}},
+            "template": {
+                "metadata": {"labels": {"app": "server", "version": "v2"}},
+                "spec": {
+                    "serviceAccountName": "server-v2",
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "server",
+                        "image": e2e_support::TESTAPP_IMAGE,
+                        "args": ["server", "--listen", "0.0.0.0:8080", "--name", "authz-server-v2"],
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/healthz", "port": "http"},
+                            "periodSeconds": 1,
+                        },
+                        "securityContext": {
+                            "runAsUser": 1000,
+                            "runAsGroup": 1000,
+                            "runAsNonRoot": true,
+                            "allowPrivilegeEscalation": false,
+                        },
+                    }],
+                },
+            },
+        },
+    });
+    let target = url(mesh, NS, "server", "/").await;
+    let done = AtomicBool::new(false);
+    let steps = async {
+        let began = Instant::now();
+        or_logs(
+            mesh,
+            e2e_support::apply_value(&mesh.client(), &account).await,
+        );
+        or_logs(
+            mesh,
+            e2e_support::apply_value(&mesh.client(), &deployment).await,
+        );
+        let v2 = or_logs(
+            mesh,
+            mesh.ready_pods(NS, "version=v2", 1, Duration::from_secs(90))
+                .await,
+        )
+        .remove(0);
+        let ready = began.elapsed();
+        // Web reaches the new pod through the Service (its endpoint is published).
+        let (_, reached) = or_logs(
+            mesh,
+            eventually("web's requests reach server-v2", PROPAGATION, || async {
+                let stats = mesh
+                    .burst_with(&pods.web, &Burst::new(&target, 20).concurrency(2))
+                    .await?;
+                Ok(stats.by_body.contains_key("authz-server-v2").then_some(()))
+            })
+            .await,
+        );
+        // And batch's have reached it too, and were denied there.
+        or_logs(
+            mesh,
+            eventually(
+                "server-v2's proxy denied batch's requests",
+                PROPAGATION,
+                || async {
+                    let metrics = mesh.proxy_metrics(&v2).await?;
+                    Ok(
+                        (decisions(&metrics, "deny", "no-allow-match", "http") >= 10.0)
+                            .then_some(()),
+                    )
+                },
+            )
+            .await,
+        );
+        done.store(true, Ordering::Relaxed);
+        (v2, ready, reached)
+    };
+    let load = async {
+        let mut load = Load::default();
+        while !done.load(Ordering::Relaxed) {
+            let ask = Burst::new(&target, 20)
+                .concurrency(2)
+                .rps(50)
+                .header(DENIED_BY_HEADER);
+            let stats = or_logs(mesh, mesh.burst_with(&pods.batch, &ask).await);
+            load.add(&stats);
+        }
+        load
+    };
+    let (load, (v2, ready, reached)) = tokio::join!(load, steps);
+    assert!(load.total > 0);
+    assert_eq!(
+        load.by_status.get("403").copied(),
+        Some(load.total),
+        "none of batch's requests got through, to either workload: {load:?}"
+    );
+    let config = mesh.proxy_loaded(&v2).await.unwrap().unwrap();
+    let names: Vec<&str> = config
+        .authorization
+        .policies
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["authz/allow-public", "authz/allow-web", "authz/deny-admin"],
+        "server-v2's proxy runs the Service's policies"
+    );
+    let v2_metrics = mesh.proxy_metrics(&v2).await.unwrap();
+    let denied_there = decisions(&v2_metrics, "deny", "no-allow-match", "http");
+    for policy in ["allow-web", "allow-public", "deny-admin"] {
+        let (status, _) = or_logs(
+            mesh,
+            eventually(
+                &format!("{NS}/{policy} lists server-v2"),
+                PROPAGATION,
+                || async {
+                    let object = mesh
+                        .policy_object("authorizationpolicies", NS, policy)
+                        .await?;
+                    Ok(object
+                        .map(|o| o.data["status"].clone())
+                        .filter(|s| s["workloads"] == json!(["authz/server", "authz/server-v2"])))
+                },
+            )
+            .await,
+        );
+        assert!(
+            status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Programmed" && c["status"] == "True"),
+            "{policy}: {status}"
+        );
+    }
+    eprintln!(
+        "scenario h: server-v2 Ready {:.1} s after its apply, reached by web {:.1} s later; batch sent {} requests meanwhile: {:?}, {denied_there} denied by server-v2's proxy; the three policies list authz/server and authz/server-v2",
+        ready.as_secs_f64(),
+        reached.as_secs_f64(),
+        load.total,
+        load.by_status
     );
 }
