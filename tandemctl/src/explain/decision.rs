@@ -306,7 +306,7 @@ fn evaluate(
                 .allow_policies_for(port)
                 .filter_map(|i| policies.get(i).map(|p| p.name.clone()))
                 .collect();
-            let header = names.join(",");
+            let header = names.join(", ");
             (DecidedByFacts::NoAllowMatched { policies: names }, header)
         }
         DecidedBy::Default(policy) => {
