@@ -28,6 +28,9 @@
 //! - h: a new workload (another ServiceAccount) joins the protected Service while batch sends to
 //!   it steadily: the policies' status lists it, its proxy runs them, and none of batch's
 //!   requests gets through it, from its first (no window between Ready and protected);
+//! - i: `tandemctl explain --from …` (the real binary, against this cluster) says, for HTTP
+//!   requests and TCP connections of each caller, exactly what the proxy then does: allowed or
+//!   denied, and the `tandem-denied-by` a denial carries;
 //! - throughout: `tandem_authz_decisions_total{decision,policy,protocol}` on the server's proxy
 //!   moves by exactly the requests and connections of each step, with the labels of what decided
 //!   them (HTTP and TCP, allow and deny, by a policy, by no Allow match, by a default, and the
@@ -91,8 +94,9 @@ async fn callers_are_allowed_and_denied_by_identity_path_method_and_port_with_pr
     scenario_f(&mesh, &pods).await;
     scenario_g(&mesh, &pods).await;
     scenario_h(&mesh, &pods).await;
+    scenario_i(&mesh, &pods).await;
     eprintln!(
-        "all scenarios a-h: {:.0} s from the apply",
+        "all scenarios a-i: {:.0} s from the apply",
         started.elapsed().as_secs_f64()
     );
     mesh.node.shutdown().await;
@@ -1667,5 +1671,153 @@ async fn scenario_h(mesh: &Mesh, pods: &Pods) {
         reached.as_secs_f64(),
         load.total,
         load.by_status
+    );
+}
+
+/// One question for `tandemctl explain` and the real traffic that answers it.
+struct Question {
+    caller: &'static str,
+    port: u16,
+    /// `(method, path)`; `None`: an opaque TCP connection.
+    http: Option<(&'static str, &'static str)>,
+}
+
+/// Runs `tandemctl explain <server pod> --from … -o json`; returns (exit code, decision).
+async fn explain(
+    mesh: &Mesh,
+    tandemctl: &std::path::Path,
+    pod: &Pod,
+    q: &Question,
+) -> (i32, Value) {
+    let mut command = tokio::process::Command::new(tandemctl);
+    command
+        .arg("explain")
+        .arg(pod.metadata.name.as_deref().unwrap())
+        .args([
+            "-n",
+            NS,
+            "--from",
+            q.caller,
+            "--port",
+            &q.port.to_string(),
+            "-o",
+            "json",
+        ])
+        .arg("--kubeconfig")
+        .arg(mesh.cluster.admin_kubeconfig());
+    if let Some((method, path)) = q.http {
+        command.args(["--method", method, "--path", path]);
+    }
+    let output = or_logs(mesh, command.output().await.map_err(anyhow::Error::from));
+    let code = output.status.code().unwrap_or(-1);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tandemctl explain printed no JSON ({e}), exit {code}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (code, report["decision"].clone())
+}
+
+/// Scenario i: what `tandemctl explain` says is what the proxy does.
+async fn scenario_i(mesh: &Mesh, pods: &Pods) {
+    eprintln!("scenario i: tandemctl explain against the proxy's own decisions");
+    let tandemctl = or_logs(
+        mesh,
+        tandem_tests::install::workspace_binary("tandemctl", "tandemctl")
+            .map_err(anyhow::Error::from),
+    );
+    let callers: BTreeMap<&str, &Pod> = [
+        ("authz/web", &pods.web),
+        ("authz/batch", &pods.batch),
+        ("unauthenticated", &pods.outsider),
+    ]
+    .into();
+    let http = |caller, method, path| Question {
+        caller,
+        port: 8080,
+        http: Some((method, path)),
+    };
+    let tcp = |caller| Question {
+        caller,
+        port: 7000,
+        http: None,
+    };
+    let questions = [
+        http("authz/web", "GET", "/admin/panel"),
+        http("authz/web", "POST", "/orders"),
+        http("authz/batch", "GET", "/public"),
+        http("authz/batch", "POST", "/public"),
+        http("authz/batch", "GET", "/"),
+        http("unauthenticated", "GET", "/public"),
+        http("unauthenticated", "DELETE", "/public"),
+        tcp("authz/web"),
+        tcp("authz/batch"),
+        tcp("unauthenticated"),
+    ];
+    let echo = format!("{}:7000", mesh.cluster_ip(NS, "echo").await.unwrap());
+    let mut table = Vec::new();
+    for q in &questions {
+        let (code, decision) = explain(mesh, &tandemctl, &pods.server, q).await;
+        let allowed = decision["allowed"].as_bool();
+        let client = callers[q.caller];
+        let (did_allow, header) = match q.http {
+            Some((method, path)) => {
+                let target = url(mesh, NS, "server", path).await;
+                let stats = send(mesh, client, &target, method, 5).await;
+                let denied = stats.by_status.get("403").copied() == Some(5);
+                assert!(
+                    denied || stats.ok == 5,
+                    "{} {method} {path}: all allowed or all denied: {}",
+                    q.caller,
+                    describe(&stats)
+                );
+                (
+                    !denied,
+                    stats.by_header.keys().next().cloned().unwrap_or_default(),
+                )
+            }
+            None => {
+                let stats = or_logs(mesh, mesh.tcp_burst(client, &echo, 5, 1).await);
+                let echoed = stats.count("echoed") == 5;
+                assert!(
+                    echoed || stats.bytes_back == 0,
+                    "{} TCP: all echoed or all closed: {stats:?}",
+                    q.caller
+                );
+                (echoed, String::new())
+            }
+        };
+        let what = format!(
+            "{} {}",
+            q.caller,
+            q.http
+                .map_or("TCP 7000".to_owned(), |(m, p)| format!("{m} {p}"))
+        );
+        assert_eq!(
+            (allowed, code),
+            (Some(did_allow), if did_allow { 0 } else { 1 }),
+            "{what}: explain says {decision}, the proxy {}",
+            if did_allow { "allowed it" } else { "denied it" }
+        );
+        if q.http.is_some() && !did_allow {
+            assert_eq!(
+                decision["deniedByHeader"].as_str(),
+                Some(header.as_str()),
+                "{what}: explain's tandem-denied-by is the proxy's: {decision}"
+            );
+        }
+        table.push(format!(
+            "{what}: {} ({})",
+            if did_allow { "allowed" } else { "denied" },
+            decision["decidedBy"]["policy"]
+                .as_str()
+                .or(decision["decidedBy"]["kind"].as_str())
+                .unwrap_or_default()
+        ));
+    }
+    eprintln!(
+        "scenario i: explain and the proxy agree on {}",
+        table.join("; ")
     );
 }
