@@ -39,8 +39,9 @@
 //! A second cluster runs the operator with the mesh-wide default `all-authenticated`: the meshed
 //! client gets in and the unmeshed one is refused (`default:all-authenticated`) while the
 //! server's plaintext probe keeps it Ready; the namespace annotated `deny` stays stricter; the
-//! server's namespace annotated `all-unauthenticated` lets the unmeshed client in, and with the
-//! annotation removed the mesh's default refuses it again.
+//! server's namespace annotated `all-unauthenticated` lets the unmeshed client in; annotated
+//! `cluster-authenticated` it lets web (a mesh identity from the pod network) in and keeps the
+//! outsider out; with the annotation removed the mesh's default refuses the outsider again.
 //!
 //! Every burst is bounded in count and sent from inside a pod (`tandem-testapp client`, `GET
 //! /burst?n=N` or `/tcp?n=N`); every wait is for a state (a condition, the config a proxy has
@@ -201,6 +202,40 @@ async fn the_mesh_wide_default_applies_unless_a_namespace_annotation_overrides_i
         20,
         "authz-server",
         "the outsider, the namespace annotated all-unauthenticated",
+    );
+    // cluster-authenticated: a mesh identity from an address in the cluster networks (the
+    // operator's default networks hold the pod network): web in, the outsider out.
+    annotate(&mesh, NS, Some("cluster-authenticated")).await;
+    await_default(&mesh, &pods.server, DefaultPolicy::ClusterAuthenticated).await;
+    let before = mesh.proxy_metrics(&pods.server).await.unwrap();
+    let web_in = send(&mesh, &pods.web, &server, "GET", 20).await;
+    assert_allowed(
+        &web_in,
+        20,
+        "authz-server",
+        "web, under cluster-authenticated",
+    );
+    let outsider_out = send(&mesh, &pods.outsider, &server, "GET", 20).await;
+    assert_denied(
+        &outsider_out,
+        20,
+        &["default:cluster-authenticated"],
+        "unauthenticated",
+        "the outsider, under cluster-authenticated",
+    );
+    let after = mesh.proxy_metrics(&pods.server).await.unwrap();
+    assert_eq!(
+        moved(&before, &after),
+        expect(&[
+            ("allow", "default:cluster-authenticated", "http", 20),
+            ("deny", "default:cluster-authenticated", "http", 20),
+        ]),
+        "the server's decisions, by label:\n{after}"
+    );
+    eprintln!(
+        "  annotated cluster-authenticated: web {}; outsider {}",
+        describe(&web_in),
+        describe(&outsider_out)
     );
     // The annotation removed: the mesh's default again.
     annotate(&mesh, NS, None).await;
