@@ -15,9 +15,10 @@
 //!   rules (anyone may `GET /public`; `POST /public` or `GET /admin` are refused);
 //! - d: an opaque TCP port: a Deny policy closes batch's connections before any byte comes back
 //!   while web's are echoed; an Allow policy for web then closes the outsider's too;
-//! - e: an Allow policy naming web created and later deleted on a port web may call anyway,
-//!   while web sends steadily: every request is counted, none is denied, and the server's
-//!   proxy's metrics show requests allowed by the policy and by the default on either side;
+//! - e: an Allow policy naming web created and deleted three times on a port web may call
+//!   anyway, while web sends steadily (100/s): every request is counted, none is denied, and
+//!   the server's proxy's metrics show requests allowed by the policy and by the default on
+//!   either side of every switch;
 //! - f: a policy whose HTTP rule can never apply to its opaque TCP port, and one whose target
 //!   Service does not exist, get `Accepted=False` with the reasons `Invalid` and
 //!   `TargetNotFound`; no proxy receives them, and the other policies keep working;
