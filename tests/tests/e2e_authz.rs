@@ -28,7 +28,8 @@
 //!   `tandem-denied-by` and in `grpc-message`;
 //! - h: a new workload (another ServiceAccount) joins the protected Service while batch sends to
 //!   it steadily: the policies' status lists it, its proxy runs them, and none of batch's
-//!   requests gets through it, from its first (no window between Ready and protected);
+//!   requests gets through it, from its first (no window between Ready and protected); once
+//!   it is deleted the status lists the first workload alone and its ConfigMap is gone;
 //! - i: `tandemctl explain --from …` (the real binary, against this cluster) says, for HTTP
 //!   requests and TCP connections of each caller, exactly what the proxy then does: allowed or
 //!   denied, and the `tandem-denied-by` a denial carries;
@@ -1701,6 +1702,45 @@ async fn scenario_h(mesh: &Mesh, pods: &Pods) {
             "{policy}: {status}"
         );
     }
+    // server-v2 removed: the policies' status and the ConfigMaps follow.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(mesh.client(), NS);
+    or_logs(
+        mesh,
+        deployments
+            .delete("server-v2", &DeleteParams::default())
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+    );
+    let (_, left) = or_logs(
+        mesh,
+        eventually(
+            "the policies list only authz/server, and server-v2's ConfigMap is gone",
+            PROPAGATION,
+            || async {
+                for policy in ["allow-web", "allow-public", "deny-admin"] {
+                    let status = mesh
+                        .policy_object("authorizationpolicies", NS, policy)
+                        .await?
+                        .map(|o| o.data["status"]["workloads"].clone());
+                    if status != Some(json!(["authz/server"])) {
+                        return Ok(None);
+                    }
+                }
+                Ok(mesh
+                    .operator_config(NS, "server-v2")
+                    .await?
+                    .is_none()
+                    .then_some(()))
+            },
+        )
+        .await,
+    );
+    eprintln!(
+        "scenario h: server-v2 deleted: the policies list only authz/server again and its ConfigMap is gone {:.1} s later",
+        left.as_secs_f64()
+    );
     eprintln!(
         "scenario h: server-v2 Ready {:.1} s after its apply, reached by web {:.1} s later; batch sent {} requests meanwhile: {:?}, {denied_there} denied by server-v2's proxy; the three policies list authz/server and authz/server-v2",
         ready.as_secs_f64(),
