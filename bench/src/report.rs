@@ -729,6 +729,32 @@ impl Pair<'_> {
     }
 }
 
+/// What a feature adds to a figure: [`Pair::added`] or [`Pair::added_per_hop`].
+type Added<'a> = fn(&Pair<'a>, &dyn Fn(&RoundResult) -> Option<f64>) -> Option<Spread>;
+
+/// The constant-rate cells a pair's row shares: p50 and p99 without, with and `added` (per hop
+/// or whole), then CPU µs per request without, with and their ratio.
+fn fixed_cells<'a>(pair: &Pair<'a>, protocol: Protocol, rate: u64, added: Added<'a>) -> String {
+    let p50 = fixed_figure(protocol, rate, |l| l.p50);
+    let p99 = fixed_figure(protocol, rate, |l| l.p99);
+    let cpu = fixed_cpu_micros(protocol, rate);
+    let of = |run: &TopologyRun, g: &dyn Fn(&RoundResult) -> Option<f64>| {
+        Spread::of(&flat(&series(run, g)))
+    };
+    [
+        cell(of(pair.without, &p50), 2),
+        cell(of(pair.with, &p50), 2),
+        signed_cell(added(pair, &p50), 3),
+        cell(of(pair.without, &p99), 2),
+        cell(of(pair.with, &p99), 2),
+        signed_cell(added(pair, &p99), 2),
+        cell(of(pair.without, &cpu), 1),
+        cell(of(pair.with, &cpu), 1),
+        ratio_cell(pair.ratio(&cpu)),
+    ]
+    .join(" | ")
+}
+
 /// Authorization (issue 14): the mTLS two hops with the server sidecar authorizing every
 /// request against 1, 10 and 100 rules, each against the same two hops with it off.
 fn authz_section(out: &mut String, view: &View<'_>) {
@@ -772,23 +798,12 @@ fn authz_section(out: &mut String, view: &View<'_>) {
     for pair in &pairs {
         for &rate in &plan.rates {
             for &protocol in &plan.fixed_protocols {
-                let p50 = fixed_figure(protocol, rate, |l| l.p50);
-                let p99 = fixed_figure(protocol, rate, |l| l.p99);
-                let cpu = fixed_cpu_micros(protocol, rate);
                 let _ = writeln!(
                     out,
-                    "| {} | {rate} req/s {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {rate} req/s {} | {} |",
                     pair.label,
                     protocol.label(),
-                    cell(of(pair.without, &p50), 2),
-                    cell(of(pair.with, &p50), 2),
-                    signed_cell(pair.added(&p50), 3),
-                    cell(of(pair.without, &p99), 2),
-                    cell(of(pair.with, &p99), 2),
-                    signed_cell(pair.added(&p99), 2),
-                    cell(of(pair.without, &cpu), 1),
-                    cell(of(pair.with, &cpu), 1),
-                    ratio_cell(pair.ratio(&cpu)),
+                    fixed_cells(pair, protocol, rate, Pair::added),
                 );
             }
         }
@@ -921,27 +936,16 @@ fn mtls_section(out: &mut String, view: &View<'_>) {
     for pair in &pairs {
         for &rate in &plan.rates {
             for &protocol in &plan.fixed_protocols {
-                let p50 = fixed_figure(protocol, rate, |l| l.p50);
-                let p99 = fixed_figure(protocol, rate, |l| l.p99);
-                let cpu = fixed_cpu_micros(protocol, rate);
-                let of = |run: &TopologyRun, g: &dyn Fn(&RoundResult) -> Option<f64>| {
-                    Spread::of(&flat(&series(run, g)))
-                };
                 let _ = writeln!(
                     out,
-                    "| {} | {rate} req/s {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {rate} req/s {} | {} | {} |",
                     pair.label,
                     protocol.label(),
-                    cell(of(pair.without, &p50), 2),
-                    cell(of(pair.with, &p50), 2),
-                    signed_cell(pair.added_per_hop(&p50), 3),
-                    cell(of(pair.without, &p99), 2),
-                    cell(of(pair.with, &p99), 2),
-                    signed_cell(pair.added_per_hop(&p99), 2),
-                    cell(of(pair.without, &cpu), 1),
-                    cell(of(pair.with, &cpu), 1),
-                    ratio_cell(pair.ratio(&cpu)),
-                    cell(of(pair.with, &fixed_handshakes(protocol, rate)), 1),
+                    fixed_cells(pair, protocol, rate, Pair::added_per_hop),
+                    cell(
+                        Spread::of(&flat(&series(pair.with, fixed_handshakes(protocol, rate)))),
+                        1
+                    ),
                 );
             }
         }

@@ -596,53 +596,36 @@ pub trait HasStatus {
     ) -> (Self::Status, Vec<Transition>);
 }
 
-impl HasStatus for TrafficPolicy {
-    type Status = PolicyStatus;
+/// TrafficPolicy and CircuitBreakerPolicy share [`PolicyStatus`], which lists no workloads.
+macro_rules! policy_status {
+    ($($kind:ty),+) => {$(
+        impl HasStatus for $kind {
+            type Status = PolicyStatus;
 
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
+            fn status(&self) -> Option<&PolicyStatus> {
+                self.status.as_ref()
+            }
 
-    fn next_status(
-        &self,
-        verdict: &Verdict,
-        programming: &Programming,
-        _workloads: &[String],
-        now: &str,
-    ) -> (PolicyStatus, Vec<Transition>) {
-        next_status(
-            self.status.as_ref(),
-            self.metadata.generation,
-            verdict,
-            programming,
-            now,
-        )
-    }
+            fn next_status(
+                &self,
+                verdict: &Verdict,
+                programming: &Programming,
+                _workloads: &[String],
+                now: &str,
+            ) -> (PolicyStatus, Vec<Transition>) {
+                next_status(
+                    self.status.as_ref(),
+                    self.metadata.generation,
+                    verdict,
+                    programming,
+                    now,
+                )
+            }
+        }
+    )+};
 }
 
-impl HasStatus for CircuitBreakerPolicy {
-    type Status = PolicyStatus;
-
-    fn status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
-
-    fn next_status(
-        &self,
-        verdict: &Verdict,
-        programming: &Programming,
-        _workloads: &[String],
-        now: &str,
-    ) -> (PolicyStatus, Vec<Transition>) {
-        next_status(
-            self.status.as_ref(),
-            self.metadata.generation,
-            verdict,
-            programming,
-            now,
-        )
-    }
-}
+policy_status!(TrafficPolicy, CircuitBreakerPolicy);
 
 impl HasStatus for AuthorizationPolicy {
     type Status = AuthorizationPolicyStatus;
