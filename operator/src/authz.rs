@@ -61,13 +61,20 @@ impl Authorizations {
     /// The authorization of one workload: what was rendered for it, else (no injected pod yet)
     /// its namespace's default without policies.
     pub fn for_workload(&self, workload: &WorkloadKey) -> Authorization {
-        if let Some(rendered) = self.by_workload.get(workload) {
-            return rendered.clone();
+        let mut authorization = match self.by_workload.get(workload) {
+            Some(rendered) => rendered.clone(),
+            None => Authorization {
+                default_policy: self.default_in(&workload.namespace),
+                ..self.mesh_default.clone()
+            },
+        };
+        // Only `cluster-authenticated` reads the networks. Leaving them out elsewhere keeps an
+        // open authorization out of the JSON (so proxies older than the section still load the
+        // config) and the flag from rewriting configs it does not affect.
+        if authorization.default_policy != DefaultPolicy::ClusterAuthenticated {
+            authorization.cluster_networks.clear();
         }
-        Authorization {
-            default_policy: self.default_in(&workload.namespace),
-            ..self.mesh_default.clone()
-        }
+        authorization
     }
 
     fn default_in(&self, namespace: &str) -> DefaultPolicy {

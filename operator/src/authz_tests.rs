@@ -632,6 +632,7 @@ fn the_default_policy_comes_from_the_namespace_annotation_else_the_flag() {
         namespace("bank", Some("deny")),
         namespace("shop", Some("everyone")),
         namespace("dev", None),
+        namespace("edge", Some("cluster-authenticated")),
     ];
     inputs.mesh.default_policy = DefaultPolicy::AllAuthenticated;
     inputs.mesh.cluster_networks = vec!["10.244.0.0/16".parse().unwrap_or_else(|e| panic!("{e}"))];
@@ -647,9 +648,17 @@ fn the_default_policy_comes_from_the_namespace_annotation_else_the_flag() {
     assert_eq!(default("dev", "x"), DefaultPolicy::AllAuthenticated);
     // A workload without pods yet (config_for is asked anyway) follows its namespace too.
     assert_eq!(default("bank", "nobody"), DefaultPolicy::Deny);
-    assert_eq!(
+    // Only cluster-authenticated reads the networks, so only its configs carry them.
+    assert!(
         rendered
             .config_for("dev", "x")
+            .authorization
+            .cluster_networks
+            .is_empty()
+    );
+    assert_eq!(
+        rendered
+            .config_for("edge", "y")
             .authorization
             .cluster_networks,
         inputs.mesh.cluster_networks
