@@ -34,26 +34,9 @@ async fn namespace(client: &Client, ns: &str, annotations: Value, accounts: &[&s
     }
 }
 
-/// An injected pod (as the webhook leaves it) with labels and container ports.
+/// An injected pod labelled `app` (what the test's Services select), with container ports.
 async fn pod(client: &Client, ns: &str, name: &str, sa: &str, app: &str, ports: Value) -> Pod {
-    apply(
-        client,
-        Some(ns),
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
-            "spec": {
-                "serviceAccountName": sa,
-                "automountServiceAccountToken": false,
-                "initContainers": [
-                    {"name": "tandem-init", "image": "tandem/proxy:dev"},
-                    {"name": "tandem-proxy", "image": "tandem/proxy:dev", "restartPolicy": "Always"}
-                ],
-                "containers": [{"name": "app", "image": "app:dev", "ports": ports}]
-            }
-        }),
-    )
-    .await
+    labelled_injected_pod(client, ns, name, sa, json!({"app": app}), ports).await
 }
 
 /// A Service selecting `app`.

@@ -17,12 +17,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use support::ca::{Leaf, TestCa, identity};
 use support::mesh::{MeshProxy, config, meshed_service};
 use support::netns::{Pods, SERVER_IP};
 use support::upstream::{self, bind_local};
-use support::{ConfigDir, Reply, eventually, get, h2_client};
+use support::{ConfigDir, H1Client, Reply, eventually, get, h2_client};
 use tandem_crds::contract::{
     Authorization, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Callers,
     DefaultPolicy, MtlsMode, Operations, PathMatch, ProxyConfig, Workload,
@@ -218,49 +217,6 @@ fn denied_by(reply: &Reply) -> &str {
         .get(DENIED_BY_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-}
-
-/// An HTTP/1.1 keep-alive connection that can send any method with a body.
-struct Conn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    host: String,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr, host: &str) -> Self {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        Self {
-            sender,
-            host: host.to_owned(),
-        }
-    }
-
-    async fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: &'static str,
-    ) -> anyhow::Result<Reply> {
-        self.sender.ready().await?;
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.host)
-            .body(Full::new(Bytes::from_static(body.as_bytes())))?;
-        let resp = self.sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok(Reply {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,7 +422,9 @@ async fn path_and_method_rules_decide_each_request_of_a_kept_alive_connection() 
         DefaultPolicy::AllUnauthenticated,
         vec![read_only],
     ));
-    let mut conn = Conn::open(mesh.server.inbound, &mesh.authority()).await;
+    let mut conn = H1Client::connect(mesh.server.inbound, &mesh.authority())
+        .await
+        .unwrap();
     let get = conn.send("GET", "/public/a", "").await.unwrap();
     assert_eq!((get.status, get.body.as_str()), (200, "app GET /public/a"));
     let private = conn.send("GET", "/private", "").await.unwrap();
@@ -546,7 +504,7 @@ async fn adding_and_removing_an_allow_policy_under_load_denies_no_allowed_reques
         let (stop, served, wrong) = (stop.clone(), served.clone(), wrong.clone());
         let (outbound, authority) = (client.outbound, mesh.authority());
         workers.push(tokio::spawn(async move {
-            let mut conn = Conn::open(outbound, &authority).await;
+            let mut conn = H1Client::connect(outbound, &authority).await.unwrap();
             while !stop.load(Ordering::Relaxed) {
                 let r = conn.send("GET", &format!("/w{w}"), "").await.unwrap();
                 if r.status == 200 {

@@ -289,12 +289,24 @@ pub async fn namespace_with_injected_pod(
 /// A pod with the proxy injected (as the webhook leaves it). Nothing runs it: the operator
 /// only reads the object.
 pub async fn injected_pod(client: &Client, ns: &str, name: &str, service_account: &str) -> Pod {
+    labelled_injected_pod(client, ns, name, service_account, json!({}), json!([])).await
+}
+
+/// [`injected_pod`] with labels (for Service selectors) and its app container's ports.
+pub async fn labelled_injected_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    service_account: &str,
+    labels: Value,
+    ports: Value,
+) -> Pod {
     apply(
         client,
         Some(ns),
         json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns},
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
             "spec": {
                 "serviceAccountName": service_account,
                 "automountServiceAccountToken": false,
@@ -302,7 +314,7 @@ pub async fn injected_pod(client: &Client, ns: &str, name: &str, service_account
                     {"name": "tandem-init", "image": "tandem/proxy:dev"},
                     {"name": "tandem-proxy", "image": "tandem/proxy:dev", "restartPolicy": "Always"}
                 ],
-                "containers": [{"name": "app", "image": "app:dev"}]
+                "containers": [{"name": "app", "image": "app:dev", "ports": ports}]
             }
         }),
     )

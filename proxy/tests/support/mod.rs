@@ -362,10 +362,22 @@ impl H1Client {
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<Reply> {
+        self.send("GET", path, "").await
+    }
+
+    /// Sends any method, with `body`.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &'static str,
+    ) -> anyhow::Result<Reply> {
         self.sender.ready().await?;
-        let req = Request::get(path)
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", &self.host)
-            .body(Full::new(Bytes::new()))?;
+            .body(Full::new(Bytes::from_static(body.as_bytes())))?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();

@@ -455,21 +455,31 @@ pub async fn burst_with(
     client: &Pod,
     ask: &Burst,
 ) -> anyhow::Result<ClientStats> {
-    let ip = pod_ip(client)?;
-    let path = ask.path();
     // The burst answers when its last request is done: the pacing, plus 5 ms a request (slow
     // debug builds on a shared machine), plus slack; each request is limited to 5 s anyway.
     let paced = ask.rps.map_or(0, |r| ask.n / u64::from(r.max(1)));
     let limit = Duration::from_secs(30 + paced + 5 * ask.n / ask.concurrency.max(1) / 1000);
+    ask_client(node, client, &ask.path(), limit).await
+}
+
+/// GETs `path` from a `tandem-testapp client` pod's stats port (from the node's network
+/// namespace) and parses its JSON answer.
+async fn ask_client<T: serde::de::DeserializeOwned>(
+    node: &NodeAgent,
+    client: &Pod,
+    path: &str,
+    limit: Duration,
+) -> anyhow::Result<T> {
+    let ip = pod_ip(client)?;
     let response = tandem_tests::node::net::http_get_in(
         &node.netns(),
         SocketAddr::from((ip, 9090)),
-        &path,
+        path,
         limit,
     )
     .await?;
     if response.status != 200 {
-        bail!("burst {path}: {} {}", response.status, response.body);
+        bail!("{path}: {} {}", response.status, response.body);
     }
     Ok(serde_json::from_str(&response.body)?)
 }
@@ -483,21 +493,10 @@ pub async fn tcp_burst(
     n: u64,
     concurrency: u64,
 ) -> anyhow::Result<TcpStats> {
-    let ip = pod_ip(client)?;
     let path = format!("/tcp?n={n}&concurrency={concurrency}&target={target}");
     // Each connection is limited to 5 s to connect and 5 s to exchange.
     let limit = Duration::from_secs(30 + 10 * n / concurrency.max(1));
-    let response = tandem_tests::node::net::http_get_in(
-        &node.netns(),
-        SocketAddr::from((ip, 9090)),
-        &path,
-        limit,
-    )
-    .await?;
-    if response.status != 200 {
-        bail!("tcp burst {path}: {} {}", response.status, response.body);
-    }
-    Ok(serde_json::from_str(&response.body)?)
+    ask_client(node, client, &path, limit).await
 }
 
 /// What `tandem-testapp client` reports for a TCP burst (`/tcp`).
