@@ -88,6 +88,9 @@ pub struct RequestCtx {
     peer_tls: Option<Arc<PeerIdentity>>,
     /// Inbound: the authorization decision and what made it.
     authz: Option<Verdict>,
+    /// Inbound: where the request is forwarded ([`inbound_upstream`]), found once by the
+    /// inbound gate, whose port authorization decides on, and used again to forward.
+    inbound_upstream: Option<SocketAddr>,
 }
 
 /// Where one request goes.
@@ -109,10 +112,12 @@ impl MeshHttp {
             ctx.idle_timeout = Duration::from_millis(active.config.defaults.idle_timeout_ms);
         }
         let downstream_h2 = session.is_http2();
-        let socket = session.digest().and_then(|d| d.socket_digest.clone());
-        let redirected = socket.as_deref().and_then(redirected_destination);
         match self.direction {
             Direction::Outbound => {
+                let redirected = session
+                    .digest()
+                    .and_then(|d| d.socket_digest.as_deref())
+                    .and_then(redirected_destination);
                 let dst = match redirected {
                     Some(dst) => dst,
                     None => authority_addr(session).ok_or_else(|| {
@@ -157,22 +162,14 @@ impl MeshHttp {
                 }
             }
             Direction::Inbound => {
-                let upstream = match redirected {
-                    // Forward to the address the peer asked for: the pod IP and port.
-                    Some(dst) => dst,
-                    None => {
-                        let port = authority_addr(session)
-                            .map(|a| a.port())
-                            .or_else(|| authority_port(session))
-                            .ok_or_else(|| {
-                                status(
-                                    400,
-                                    "no authority port on a connection that was not redirected",
-                                )
-                            })?;
-                        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
-                    }
-                };
+                // Found by the inbound gate (`request_filter`), which every inbound request
+                // passes first.
+                let upstream = ctx.inbound_upstream.ok_or_else(|| {
+                    status(
+                        400,
+                        "no authority port on a connection that was not redirected",
+                    )
+                })?;
                 self.shared
                     .refuse_inbound(upstream)
                     .map_err(|why| status(403, why))?;
@@ -198,7 +195,8 @@ impl MeshHttp {
     ) -> PingoraResult<bool> {
         let active = self.shared.config.active();
         let peer = crate::tls::inbound::peer_of(session.digest());
-        let port = inbound_port(session);
+        ctx.inbound_upstream = inbound_upstream(session);
+        let port = ctx.inbound_upstream.map(|u| u.port());
         let req = session.req_header();
         let probe = port.is_some_and(|port| {
             self.shared
@@ -307,14 +305,20 @@ impl MeshHttp {
 
 /// The workload port an inbound request is for: the connection's original destination port,
 /// else (not redirected) its authority's port, as `resolve` forwards it.
-fn inbound_port(session: &Session) -> Option<u16> {
-    session
+/// Where an inbound request is forwarded: the address the peer asked for (the pod IP and
+/// port, from the redirect), or on a connection that was not redirected the loopback at the
+/// authority's port.
+fn inbound_upstream(session: &Session) -> Option<SocketAddr> {
+    let redirected = session
         .digest()
         .and_then(|d| d.socket_digest.as_deref())
-        .and_then(redirected_destination)
-        .map(|d| d.port())
-        .or_else(|| authority_addr(session).map(|a| a.port()))
-        .or_else(|| authority_port(session))
+        .and_then(redirected_destination);
+    redirected.or_else(|| {
+        let port = authority_addr(session)
+            .map(|a| a.port())
+            .or_else(|| authority_port(session))?;
+        Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+    })
 }
 
 /// An authorization denial, before it is written.
@@ -637,6 +641,7 @@ impl ProxyHttp for MeshHttp {
             retrying_response: false,
             peer_tls: None,
             authz: None,
+            inbound_upstream: None,
         }
     }
 
