@@ -5,6 +5,7 @@
 //!   operator renders and the proxy loads. It compiles without kube, so the proxy can use it.
 //! - [`identity`]: workload identity (SPIFFE IDs), the signer's wire contract, mTLS modes.
 //! - [`duration`]: the duration strings the CRDs use (`"250ms"`).
+//! - [`pods`] (feature `kube`): a Pod's injection, ServiceAccount and Service selection.
 //! - [`v1alpha1`] (feature `kube`): the `TrafficPolicy`, `CircuitBreakerPolicy` and
 //!   `AuthorizationPolicy` CRDs.
 
@@ -12,5 +13,7 @@ pub mod contract;
 pub mod duration;
 pub mod identity;
 pub mod names;
+#[cfg(feature = "kube")]
+pub mod pods;
 #[cfg(feature = "kube")]
 pub mod v1alpha1;

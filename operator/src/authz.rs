@@ -37,7 +37,7 @@ use tandem_crds::v1alpha1::{
 use crate::policy::{PolicyKey, PolicyKind, Verdict};
 use crate::render::{
     BadAnnotation, Inputs, WorkloadKey, header_match, is_active, is_injected, is_tcp,
-    parsed_annotation, path_match, protocol_of, service_account_of, workloads,
+    parsed_annotation, path_match, protocol_of, workloads,
 };
 
 /// Most workloads a status lists (the CRD's bound on `status.workloads`).
@@ -344,24 +344,15 @@ fn service_coverage(
         .filter(|p| is_tcp(p.protocol.as_deref()))
         .collect();
     let chosen = chosen_ports(namespace, name, &tcp, &target.ports)?;
-    let selector = spec.and_then(|s| s.selector.as_ref());
     // A Service without a selector selects no pods (its endpoints are managed by hand).
-    let selected: Vec<&Pod> = match selector.filter(|s| !s.is_empty()) {
-        Some(selector) => context
-            .pods
-            .get(namespace)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|pod| {
-                let labels = pod.metadata.labels.as_ref();
-                selector
-                    .iter()
-                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let selected: Vec<&Pod> = context
+        .pods
+        .get(namespace)
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|pod| tandem_crds::pods::selects(service, pod))
+        .collect();
     let mut covered: Vec<CoveredPort> = chosen
         .iter()
         .map(|p| CoveredPort {
@@ -381,7 +372,7 @@ fn service_coverage(
     for pod in selected {
         let key = WorkloadKey {
             namespace: namespace.to_owned(),
-            service_account: service_account_of(pod),
+            service_account: tandem_crds::pods::service_account(pod).to_owned(),
         };
         let ports = workloads.entry(key).or_default();
         for (service_port, covered) in chosen.iter().zip(covered.iter_mut()) {

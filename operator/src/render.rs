@@ -25,7 +25,9 @@ use tandem_crds::contract::{
     Protocol, ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
 };
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
-use tandem_crds::names::{DEFAULT_POLICY_ANNOTATION, PROXY_CONTAINER};
+use tandem_crds::names::DEFAULT_POLICY_ANNOTATION;
+pub use tandem_crds::pods::is_injected;
+use tandem_crds::pods::service_account;
 use tandem_crds::v1alpha1::{
     AuthorizationPolicy, CircuitBreakerPolicy, HeaderMatchKind, LoadBalancerKind, PathMatchKind,
     TrafficPolicy, TrafficRule, circuit_breaker, default_retry_budget, reason, retries,
@@ -225,16 +227,6 @@ pub struct WorkloadKey {
     pub service_account: String,
 }
 
-/// Whether a pod carries the Tandem proxy (the webhook added the `tandem-proxy` init container).
-pub fn is_injected(pod: &Pod) -> bool {
-    pod.spec.as_ref().is_some_and(|spec| {
-        spec.init_containers
-            .iter()
-            .flatten()
-            .any(|c| c.name == PROXY_CONTAINER)
-    })
-}
-
 /// Whether a pod may still run: finished pods no longer need a config.
 pub(crate) fn is_active(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -247,18 +239,9 @@ pub fn workloads(pods: &[Arc<Pod>]) -> BTreeSet<WorkloadKey> {
         .filter(|p| is_injected(p) && is_active(p))
         .map(|pod| WorkloadKey {
             namespace: pod.namespace().unwrap_or_default(),
-            service_account: service_account_of(pod),
+            service_account: service_account(pod).to_owned(),
         })
         .collect()
-}
-
-/// A pod's ServiceAccount (`default` when the spec names none).
-pub(crate) fn service_account_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .filter(|sa| !sa.is_empty())
-        .unwrap_or_else(|| "default".to_owned())
 }
 
 /// The namespaces that need the trust roots: those with injected, unfinished pods.
@@ -469,8 +452,7 @@ impl<'a> Index<'a> {
             .filter(|p| is_injected(p))
             .map(|p| {
                 let namespace = p.namespace().unwrap_or_default();
-                let identity =
-                    SpiffeId::new(trust_domain, &namespace, &service_account_of(p)).uri();
+                let identity = SpiffeId::new(trust_domain, &namespace, service_account(p)).uri();
                 ((namespace, p.name_any()), identity)
             })
             .collect();

@@ -3,8 +3,8 @@
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use kube::api::{Api, ListParams};
 use tandem_crds::contract::ProxyConfig;
-use tandem_crds::names;
 use tandem_crds::v1alpha1::AuthorizationPolicy;
+use tandem_crds::{names, pods};
 
 use crate::error::chain;
 use crate::{Error, Result};
@@ -68,19 +68,10 @@ impl ConfigState {
     }
 }
 
-/// The ServiceAccount a pod runs as (Kubernetes' default: `default`).
-pub fn service_account(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .filter(|name| !name.is_empty())
-        .unwrap_or("default")
-}
-
 /// Reads the pod, then the rest of what the report needs, at once.
 pub async fn gather(client: &kube::Client, namespace: &str, pod_name: &str) -> Result<Inputs> {
     let pod = read_pod(client, namespace, pod_name).await?;
-    let config_map = names::config_map_name(service_account(&pod));
+    let config_map = names::config_map_name(pods::service_account(&pod));
     let (namespace_default, config, services, policies) = tokio::join!(
         read_namespace_default(client, namespace),
         read_config(client, namespace, config_map),

@@ -3,18 +3,18 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::{Container, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use serde::{Deserialize, Serialize};
 use tandem_crds::contract::{self, AuthorizationAction, MtlsMode, ProxyConfig};
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
-use tandem_crds::names;
 use tandem_crds::v1alpha1::{
     AuthorizationPolicy, AuthorizationTargetKind, Condition, ConditionStatus, condition,
 };
+use tandem_crds::{names, pods};
 
 pub use super::decision::{CallerFacts, DecidedByFacts, DecisionFacts, RequestFacts};
 use super::decision::{Target, decide};
-use super::gather::{ConfigState, Inputs, NamespaceDefault, service_account};
+use super::gather::{ConfigState, Inputs, NamespaceDefault};
 use super::question::Question;
 use super::summary;
 use crate::Result;
@@ -233,7 +233,7 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
     let mut warnings = Vec::new();
     let pod = &inputs.pod;
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    let sa = service_account(pod).to_owned();
+    let sa = pods::service_account(pod).to_owned();
     let config = match &inputs.config {
         ConfigState::Loaded { config, .. } => Some(config.as_ref()),
         _ => None,
@@ -247,7 +247,7 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
         name: pod.metadata.name.clone().unwrap_or_default(),
         namespace: namespace.clone(),
         service_account: sa.clone(),
-        injected: is_injected(pod),
+        injected: pods::is_injected(pod),
         proxy_version: annotation(pod, names::PROXY_VERSION_ANNOTATION),
         services: services.iter().cloned().collect(),
     };
@@ -299,44 +299,22 @@ pub fn explain(inputs: &Inputs, question: Option<&Question>) -> Result<Explanati
 // ---------------------------------------------------------------------------------------------
 // The pod
 
-/// Injected: the `tandem-proxy` native sidecar is among its init containers.
-fn is_injected(pod: &Pod) -> bool {
-    proxy_container(pod).is_some()
-}
-
-fn proxy_container(pod: &Pod) -> Option<&Container> {
-    pod.spec
-        .as_ref()?
-        .init_containers
-        .iter()
-        .flatten()
-        .find(|c| c.name == names::PROXY_CONTAINER)
-}
-
 fn annotation(pod: &Pod, key: &str) -> Option<String> {
     pod.metadata.annotations.as_ref()?.get(key).cloned()
 }
 
-/// The Services whose non-empty selector the pod's labels satisfy.
+/// The Services that select the pod.
 fn selecting_services(pod: &Pod, services: &[Service]) -> BTreeSet<String> {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
     services
         .iter()
-        .filter(|svc| {
-            svc.spec
-                .as_ref()
-                .and_then(|s| s.selector.as_ref())
-                .is_some_and(|sel| {
-                    !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
-                })
-        })
+        .filter(|svc| pods::selects(svc, pod))
         .filter_map(|svc| svc.metadata.name.clone())
         .collect()
 }
 
 /// The probes the webhook told the proxy about.
 fn probes(pod: &Pod, warnings: &mut Vec<String>) -> Vec<ProbeFacts> {
-    let Some(value) = proxy_container(pod)
+    let Some(value) = pods::proxy_container(pod)
         .and_then(|c| c.env.as_ref())
         .and_then(|env| env.iter().find(|e| e.name == PROBES_ENV))
         .and_then(|e| e.value.as_deref())
