@@ -303,8 +303,6 @@ impl MeshHttp {
     }
 }
 
-/// The workload port an inbound request is for: the connection's original destination port,
-/// else (not redirected) its authority's port, as `resolve` forwards it.
 /// Where an inbound request is forwarded: the address the peer asked for (the pod IP and
 /// port, from the redirect), or on a connection that was not redirected the loopback at the
 /// authority's port.
