@@ -68,11 +68,16 @@ mod tests {
         assert_eq!(service_account(&injected), "web");
         assert_eq!(service_account(&plain), "default");
         let service = |selector: serde_json::Value| -> Service {
-            serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": {"selector": selector}}))
-                .unwrap()
+            serde_json::from_value(
+                json!({"metadata": {"name": "s"}, "spec": {"selector": selector}}),
+            )
+            .unwrap()
         };
         assert!(selects(&service(json!({"app": "web"})), &injected));
-        assert!(!selects(&service(json!({"app": "web", "v": "2"})), &injected));
+        assert!(!selects(
+            &service(json!({"app": "web", "v": "2"})),
+            &injected
+        ));
         assert!(!selects(&service(json!({})), &injected));
         assert!(!selects(&service(json!({"app": "web"})), &plain));
     }
