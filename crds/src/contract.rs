@@ -20,12 +20,17 @@ use serde::{Deserialize, Serialize};
 pub use crate::identity::MtlsMode;
 
 mod authz;
+pub mod stream;
 mod validate;
 
 pub use authz::{
     Authorization, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Authorizer, Caller,
     CallerIdentity, Callers, CompileError, DecidedBy, Decision, DefaultPolicy, HttpFacts,
     Operations, Request,
+};
+pub use stream::{
+    AppliedReport, ConfigDelta, ConfigSource, DeltaMismatch, DiscoverRequest, DiscoverResponse,
+    StreamMessage, StreamRefusal, generation_of, version_stamp,
 };
 pub use validate::{ValidationError, ValidationErrors};
 
@@ -44,8 +49,9 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub struct ProxyConfig {
     /// Always [`PROXY_CONFIG_API_VERSION`].
     pub api_version: String,
-    /// Opaque version stamp chosen by the operator (a hash of the rendered content), shown by the
-    /// proxy at `/config` and in its metrics so a person can tell which config a proxy runs.
+    /// Version stamp chosen by the operator, `<generation>.<hash of the content>` (see
+    /// [`stream::version_stamp`]), shown by the proxy at `/config` and in its metrics so a person
+    /// can tell which config a proxy runs; the generation orders a workload's versions.
     #[serde(default)]
     pub version: String,
     /// Whose config this is.

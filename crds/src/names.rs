@@ -39,6 +39,12 @@ pub const DEFAULT_POLICY_ANNOTATION: &str = "tandem.dev/default-policy";
 /// (`<namespace>/<name>`), the Allow policies none of which matched, or `default:<policy>`.
 pub const DENIED_BY_HEADER: &str = "tandem-denied-by";
 
+/// Pod annotation naming the Services the pod calls, so its config carries them from the start
+/// (see [`crate::dependencies`]): `<service>`, `<namespace>/<service>` or `<namespace>/*`,
+/// separated by commas or spaces. Services it is seen calling are added anyway (on-demand
+/// discovery); the annotation only saves the first calls the pass-through.
+pub const DEPENDENCIES_ANNOTATION: &str = "tandem.dev/dependencies";
+
 /// Directory where the proxy's ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/tandem";
 /// Key of the proxy config inside the ConfigMap, and file name inside [`CONFIG_DIR`].

@@ -27,6 +27,76 @@ pub struct Metrics {
     pub leader: Gauge,
     /// The identity metrics (`tandem_identity_*`).
     pub identity: IdentityMetrics,
+    /// The config stream's metrics.
+    pub stream: StreamMetrics,
+}
+
+/// Istio's `pilot_proxy_convergence_time` buckets, in seconds.
+pub const CONVERGENCE_BUCKETS: [f64; 8] = [0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0];
+
+/// The config stream's metrics.
+#[derive(Clone, Debug)]
+pub struct StreamMetrics {
+    /// `tandem_proxy_convergence_seconds`: from the watch event that changed a workload's
+    /// config to a proxy of it reporting that it applied the version carrying it, by `source`
+    /// (`file` or `stream`).
+    pub convergence: Family<Labels, Histogram>,
+    /// Open watches.
+    pub watches: Gauge,
+    /// Stream calls refused, by `reason` (the `StreamRefusal` reason).
+    pub refused: Family<Labels, Counter>,
+    /// Messages sent on watches, by `type` (`snapshot`, `current`, `delta`).
+    pub messages: Family<Labels, Counter>,
+    /// Discovery calls, by `result` (`found`, `unknown`).
+    pub discoveries: Family<Labels, Counter>,
+}
+
+impl Default for StreamMetrics {
+    fn default() -> Self {
+        Self {
+            convergence: Family::new_with_constructor(|| {
+                Histogram::new(CONVERGENCE_BUCKETS.into_iter())
+            }),
+            watches: Gauge::default(),
+            refused: Family::default(),
+            messages: Family::default(),
+            discoveries: Family::default(),
+        }
+    }
+}
+
+impl StreamMetrics {
+    /// Counts one labelled event in `family`.
+    pub fn count(family: &Family<Labels, Counter>, label: &str, value: &str) {
+        family
+            .get_or_create(&vec![(label.to_owned(), value.to_owned())])
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "tandem_proxy_convergence_seconds",
+            "Time from a change the operator saw to a proxy applying the config that carries it, by source",
+            self.convergence.clone(),
+        );
+        let prefixed = registry.sub_registry_with_prefix("tandem_operator_stream");
+        prefixed.register("watches", "Open config watches", self.watches.clone());
+        prefixed.register(
+            "refused",
+            "Config stream calls refused, by reason",
+            self.refused.clone(),
+        );
+        prefixed.register(
+            "messages",
+            "Messages sent on config watches, by type",
+            self.messages.clone(),
+        );
+        prefixed.register(
+            "discoveries",
+            "On-demand discovery calls, by result",
+            self.discoveries.clone(),
+        );
+    }
 }
 
 /// Labels of one series: name and value pairs.
@@ -78,7 +148,9 @@ impl Metrics {
             watch_errors: Counter::default(),
             leader: Gauge::default(),
             identity: IdentityMetrics::default(),
+            stream: StreamMetrics::default(),
         };
+        metrics.stream.register(registry);
         let prefixed = registry.sub_registry_with_prefix("tandem_operator");
         prefixed.register(
             "reconciles",

@@ -50,6 +50,7 @@ pub fn next_status(
     let status = PolicyStatus {
         observed_generation: generation,
         conditions,
+        proxies: None,
     };
     (status, transitions)
 }
@@ -82,6 +83,7 @@ pub fn next_authorization_status(
         } else {
             Vec::new()
         },
+        proxies: None,
     };
     (status, transitions)
 }

@@ -32,6 +32,7 @@ use super::{Condition, HeaderMatch, HttpMethod, PathMatch};
     printcolumn = r#"{"name":"Workloads","type":"string","jsonPath":".status.workloads"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Programmed","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    printcolumn = r#"{"name":"Proxies","type":"string","jsonPath":".status.proxies"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -224,4 +225,11 @@ pub struct AuthorizationPolicyStatus {
     #[serde(default)]
     #[schemars(length(max = 1024), inner(length(max = 512)))]
     pub workloads: Vec<String>,
+
+    /// How many of the proxies that need the policy run a config with its current generation,
+    /// `<current>/<total>` (for example `37/40`), as they report it to the operator over the
+    /// config stream; absent until the operator has counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub proxies: Option<String>,
 }

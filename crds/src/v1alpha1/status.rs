@@ -42,6 +42,13 @@ pub struct PolicyStatus {
     #[serde(default)]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,
+
+    /// How many of the proxies that need the policy run a config with its current generation,
+    /// `<current>/<total>` (for example `37/40`), as they report it to the operator over the
+    /// config stream; absent until the operator has counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub proxies: Option<String>,
 }
 
 /// One condition, as in `metav1.Condition`.
