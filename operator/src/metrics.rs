@@ -55,7 +55,7 @@ impl Default for StreamMetrics {
     fn default() -> Self {
         Self {
             convergence: Family::new_with_constructor(|| {
-                Histogram::new(CONVERGENCE_BUCKETS.into_iter())
+                Histogram::new(CONVERGENCE_BUCKETS)
             }),
             watches: Gauge::default(),
             refused: Family::default(),

@@ -771,7 +771,10 @@ fn an_accepted_programmed_policy_reports_both_conditions_and_the_generation() {
         None,
         Some(4),
         &Verdict::Accepted,
-        &Programming::Done { config_maps: 3 },
+        &Programming::Done {
+            config_maps: 3,
+            proxies: None,
+        },
         "2026-01-01T00:00:00Z",
     );
     assert_eq!(status.observed_generation, Some(4));
@@ -788,7 +791,10 @@ fn an_accepted_programmed_policy_reports_both_conditions_and_the_generation() {
 #[test]
 fn recomputing_an_unchanged_status_gives_an_equal_value_and_no_transition() {
     let verdict = Verdict::Accepted;
-    let done = Programming::Done { config_maps: 1 };
+    let done = Programming::Done {
+        config_maps: 1,
+        proxies: None,
+    };
     let (first, _) = next_status(None, Some(1), &verdict, &done, "2026-01-01T00:00:00Z");
     let (second, transitions) = next_status(
         Some(&first),
@@ -803,7 +809,10 @@ fn recomputing_an_unchanged_status_gives_an_equal_value_and_no_transition() {
 
 #[test]
 fn a_new_generation_updates_observed_generation_but_keeps_transition_times() {
-    let done = Programming::Done { config_maps: 1 };
+    let done = Programming::Done {
+        config_maps: 1,
+        proxies: None,
+    };
     let (first, _) = next_status(
         None,
         Some(1),
@@ -828,7 +837,10 @@ fn a_new_generation_updates_observed_generation_but_keeps_transition_times() {
 
 #[test]
 fn a_rejection_is_a_transition_with_its_reason_and_not_programmed() {
-    let done = Programming::Done { config_maps: 1 };
+    let done = Programming::Done {
+        config_maps: 1,
+        proxies: None,
+    };
     let (first, _) = next_status(
         None,
         Some(1),
