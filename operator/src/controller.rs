@@ -74,7 +74,7 @@ pub struct Debounce {
 
 /// Waits until `trigger` has been quiet for `debounce.quiet`, or `debounce.ceiling` has passed
 /// since `first` (the first event of the batch), whichever comes first.
-pub async fn settle(trigger: &Notify, first: tokio::time::Instant, debounce: Debounce) {
+pub async fn settle(trigger: Arc<Notify>, first: tokio::time::Instant, debounce: Debounce) {
     let ceiling = first + debounce.ceiling;
     let mut last = tokio::time::Instant::now();
     loop {
@@ -180,24 +180,21 @@ impl Reconciler {
         let mut refresh = tokio::time::interval(Duration::from_secs(1));
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let retry = async {
-                match retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let retry = tokio::time::sleep_until(
+                retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+            );
             let mut settled = false;
             tokio::select! {
                 () = trigger.notified() => {
                     pending_since.get_or_insert_with(Instant::now);
-                    if *leader.borrow() {
-                        settle(&trigger, tokio::time::Instant::now(), debounce).await;
+                    if leads(&leader) {
+                        settle(trigger.clone(), tokio::time::Instant::now(), debounce).await;
                         settled = true;
                     }
                 }
-                () = retry => settled = true,
+                () = retry, if retry_at.is_some() => settled = true,
                 _ = refresh.tick() => {
-                    if *leader.borrow() && retry_at.is_none() {
+                    if leads(&leader) && retry_at.is_none() {
                         self.refresh(&mut state, &leader).await;
                     }
                 }
@@ -207,11 +204,11 @@ impl Reconciler {
                     }
                     // A new term starts from the cluster as it is, not from a past term.
                     state = State::default();
-                    settled = *leader.borrow();
+                    settled = leads(&leader);
                 }
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                () = stopped(&mut shutdown) => return,
             }
-            if !settled || !*leader.borrow() {
+            if !settled || !leads(&leader) {
                 continue;
             }
             retry_at = None;
@@ -298,7 +295,7 @@ impl Reconciler {
             .collect();
         let roots_failed = self.write_trust_roots(&trust, leader).await;
         let deleted = self.delete_orphans(&wanted, &trust, leader).await;
-        if *leader.borrow() {
+        if leads(leader) {
             self.report_annotations(&rendered.bad_annotations).await;
         }
         state.last = Some(Last {
@@ -399,14 +396,11 @@ impl Reconciler {
             }
             writes.push((workload, view.config.clone(), json));
         }
-        if !*leader.borrow() {
+        if !leads(leader) {
             return writes.len();
         }
         let results: Vec<(WorkloadKey, String, Result<()>)> = stream::iter(writes)
-            .map(|(workload, config, json)| async move {
-                let result = self.apply_config_map(&workload, &config, json).await;
-                (workload, config.version.clone(), result)
-            })
+            .map(|(workload, config, json)| self.apply_config_map(workload, config, json))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
@@ -420,7 +414,18 @@ impl Reconciler {
         failed
     }
 
+    /// Writes one proxy ConfigMap; returns the workload and version with the outcome.
     async fn apply_config_map(
+        &self,
+        workload: WorkloadKey,
+        config: Arc<ProxyConfig>,
+        json: String,
+    ) -> (WorkloadKey, String, Result<()>) {
+        let result = self.apply_proxy_config(&workload, &config, json).await;
+        (workload, config.version.clone(), result)
+    }
+
+    async fn apply_proxy_config(
         &self,
         workload: &WorkloadKey,
         config: &ProxyConfig,
@@ -476,7 +481,7 @@ impl Reconciler {
             .map(|(w, _)| w.clone())
             .collect();
         state.refused.retain(|w| still.contains(w));
-        if !*leader.borrow() {
+        if !leads(leader) {
             return;
         }
         for (workload, bytes) in refused {
@@ -532,7 +537,7 @@ impl Reconciler {
                     != Some(hash.as_str())
             })
             .collect();
-        if !*leader.borrow() {
+        if !leads(leader) {
             return changed.len();
         }
         stream::iter(changed)
@@ -632,7 +637,7 @@ impl Reconciler {
                 config_map.namespace().unwrap_or_default(),
                 config_map.name_any(),
             );
-            if wanted.contains(&key) || !*leader.borrow() {
+            if wanted.contains(&key) || !leads(leader) {
                 continue;
             }
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &key.0);
@@ -662,7 +667,7 @@ impl Reconciler {
         };
         let mut failures = 0;
         for policy in self.stores.traffic.state() {
-            if !*leader.borrow() {
+            if !leads(leader) {
                 return failures;
             }
             failures += usize::from(
@@ -672,7 +677,7 @@ impl Reconciler {
             );
         }
         for policy in self.stores.breakers.state() {
-            if !*leader.borrow() {
+            if !leads(leader) {
                 return failures;
             }
             failures += usize::from(
@@ -682,7 +687,7 @@ impl Reconciler {
             );
         }
         for policy in self.stores.authorizations.state() {
-            if !*leader.borrow() {
+            if !leads(leader) {
                 return failures;
             }
             failures += usize::from(
@@ -901,6 +906,18 @@ fn parse_learned(value: &str) -> BTreeSet<ServiceRef> {
             })
         })
         .collect()
+}
+
+/// Resolves when `shutdown` turns true or its sender is gone. (The guard `wait_for` returns
+/// is not `Send`; it is dropped here, so the reconciler's future stays `Send`.)
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await.map(drop);
+}
+
+/// Whether this replica leads now. (A function, so the channel's read guard is gone before
+/// any await: it is not `Send`.)
+fn leads(leader: &watch::Receiver<bool>) -> bool {
+    *leader.borrow()
 }
 
 fn unix_millis() -> u64 {

@@ -67,7 +67,10 @@ pub fn next_status(
     let status = PolicyStatus {
         observed_generation: generation,
         conditions,
-        proxies: programming.proxies(),
+        proxies: verdict
+            .is_accepted()
+            .then(|| programming.proxies())
+            .flatten(),
     };
     (status, transitions)
 }
@@ -101,7 +104,10 @@ pub fn next_authorization_status(
         } else {
             Vec::new()
         },
-        proxies: programming.proxies(),
+        proxies: verdict
+            .is_accepted()
+            .then(|| programming.proxies())
+            .flatten(),
     };
     (status, transitions)
 }

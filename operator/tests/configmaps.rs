@@ -565,3 +565,308 @@ async fn a_restarted_operator_deletes_nothing_before_every_watch_has_listed() {
         assert_eq!(&after[name].0, uid, "{name} is the same object");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The reconciler in process, with a hub the test holds (as the config stream holds it)
+
+mod in_process {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Client;
+    use kube::api::Api;
+    use prometheus_client::registry::Registry;
+    use tandem_crds::contract::{ConfigSource, ServiceRef};
+    use tandem_crds::v1alpha1::TrafficPolicy;
+    use tandem_operator::controller::{
+        Debounce, LEARNED_ANNOTATION, Reconciler, Stores, start_watches,
+    };
+    use tandem_operator::hub::{Hub, PodKey};
+    use tandem_operator::metrics::Metrics;
+    use tandem_operator::render::{Mesh, WorkloadKey};
+    use tokio::sync::{Notify, watch};
+    use tokio::task::JoinHandle;
+
+    use super::support::*;
+
+    /// A leading reconciler with its own watches, stopped when dropped.
+    struct Running {
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        tasks: Vec<JoinHandle<()>>,
+        _stop: watch::Sender<bool>,
+        _leader: watch::Sender<bool>,
+        _authority: watch::Sender<Option<Arc<tandem_operator::ca::Authority>>>,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self._stop.send_replace(true);
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+
+    async fn reconciler(client: &Client) -> Running {
+        let trigger = Arc::new(Notify::new());
+        let metrics = Metrics::register(&mut Registry::default());
+        let (stores, writers) = Stores::new();
+        let tasks = start_watches(client, writers, &trigger, &metrics);
+        stores.wait_until_ready().await.unwrap();
+        let hub = Arc::new(Hub::new(trigger.clone(), metrics.stream.clone()));
+        let (authority_tx, authority) = watch::channel(None);
+        let reconciler = Reconciler::new(
+            client.clone(),
+            stores,
+            metrics.clone(),
+            "in-process",
+            Mesh::default(),
+            authority,
+            hub.clone(),
+        );
+        let (leader_tx, leader) = watch::channel(true);
+        let (stop_tx, stop) = watch::channel(false);
+        let debounce = Debounce {
+            quiet: Duration::from_millis(100),
+            ceiling: Duration::from_secs(10),
+        };
+        // On a thread of its own, as the binary runs it: awaited by its own runtime (its
+        // future is not required to be `Send`, and the binary does not spawn it).
+        let run_trigger = trigger.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(reconciler.run(run_trigger, debounce, leader, stop));
+        });
+        // The watches' first lists happened before the loop waited: wake it once.
+        trigger.notify_one();
+        Running {
+            hub,
+            metrics,
+            tasks,
+            _stop: stop_tx,
+            _leader: leader_tx,
+            _authority: authority_tx,
+        }
+    }
+
+    fn client_workload() -> WorkloadKey {
+        WorkloadKey {
+            namespace: "shop".into(),
+            service_account: "client".into(),
+        }
+    }
+
+    fn pod(name: &str) -> PodKey {
+        PodKey {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    fn has_endpoint(config: &tandem_crds::contract::ProxyConfig, address: &str) -> bool {
+        config
+            .services
+            .iter()
+            .filter(|s| s.name == "server-v1")
+            .flat_map(|s| &s.ports)
+            .flat_map(|p| &p.endpoints)
+            .any(|e| e.address.to_string() == address)
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn endpoint_churn_writes_no_configmap_while_every_pod_watches() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        injected_pod(&client, "shop", "client-2", "client").await;
+        canary_services(&client, "shop").await;
+        canary(&client, "shop", "canary", 90, 10).await;
+        let running = reconciler(&client).await;
+        eventually("the canary in tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client")
+                .await
+                .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+        })
+        .await;
+        let first = running.hub.watching(pod("client-1"));
+        let second = running.hub.watching(pod("client-2"));
+        let (_, resource_version) = proxy_config(&client, "shop", "client").await.unwrap();
+        let applies = running.metrics.config_map_applies.get();
+
+        // New endpoints: the hub's view (the stream) has them; the ConfigMap is not written.
+        endpoints(
+            &client,
+            "shop",
+            "server-v1",
+            8080,
+            &["10.244.0.11", "10.244.0.12"],
+        )
+        .await;
+        eventually("the new endpoint in the published view", || async {
+            running
+                .hub
+                .current(&client_workload())
+                .is_some_and(|v| has_endpoint(&v.config, "10.244.0.12:8080"))
+        })
+        .await;
+        // Past the next status refresh too (it writes what is due for pods that stopped
+        // watching): still nothing written.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (config, unchanged) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert_eq!(
+            unchanged, resource_version,
+            "the ConfigMap was not rewritten"
+        );
+        assert!(!has_endpoint(&config, "10.244.0.12:8080"));
+        assert_eq!(running.metrics.config_map_applies.get(), applies);
+
+        // One pod stops watching: the file catches up, without another change.
+        drop(second);
+        eventually("the new endpoint in the ConfigMap", || async {
+            proxy_config(&client, "shop", "client")
+                .await
+                .is_some_and(|(c, _)| has_endpoint(&c, "10.244.0.12:8080"))
+        })
+        .await;
+        let written = running.hub.current(&client_workload()).unwrap();
+        let (config, _) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert_eq!(config.version, written.config.version);
+        drop(first);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn a_learned_service_joins_the_view_and_the_configmap_and_survives_a_restart() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        canary_services(&client, "shop").await;
+        service(
+            &client,
+            "shop",
+            "search",
+            serde_json::json!([{"name": "http", "port": 80}]),
+        )
+        .await;
+        let search = ServiceRef {
+            name: "search".into(),
+            namespace: "shop".into(),
+        };
+        let running = reconciler(&client).await;
+        eventually("tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client").await.is_some()
+        })
+        .await;
+        let (config, _) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert!(!config.services.iter().any(|s| s.name == "search"));
+
+        // Discovery resolves the cluster IP and learns it: view, then ConfigMap.
+        let services: Api<k8s_openapi::api::core::v1::Service> =
+            Api::namespaced(client.clone(), "shop");
+        let search_ip: std::net::IpAddr = services
+            .get("search")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .unwrap()
+            .parse()
+            .unwrap();
+        eventually("discovery resolves search", || async {
+            running.hub.resolve((search_ip, 80).into()) == Some(search.clone())
+        })
+        .await;
+        assert!(running.hub.learn(&client_workload(), search.clone()));
+        eventually(
+            "search in the ConfigMap and its learned annotation",
+            || async {
+                let api: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+                let cm = api.get("tandem-proxy-client").await.unwrap();
+                let learned = cm
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .get(LEARNED_ANNOTATION)
+                    .cloned();
+                learned.as_deref() == Some("shop/search")
+                    && proxy_config(&client, "shop", "client")
+                        .await
+                        .is_some_and(|(c, _)| c.services.iter().any(|s| s.name == "search"))
+            },
+        )
+        .await;
+        let (before, resource_version) = proxy_config(&client, "shop", "client").await.unwrap();
+        drop(running);
+
+        // A new reconciler (an operator restart) seeds what was learned from the ConfigMap:
+        // same content, same version, nothing rewritten.
+        let restarted = reconciler(&client).await;
+        eventually("the restarted reconciler publishes the view", || async {
+            restarted.hub.current(&client_workload()).is_some()
+        })
+        .await;
+        assert_eq!(
+            restarted.hub.learned(&client_workload()),
+            BTreeSet::from([search])
+        );
+        let view = restarted.hub.current(&client_workload()).unwrap();
+        assert_eq!(view.config.version, before.version);
+        let (_, after) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert_eq!(after, resource_version);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn status_counts_the_proxies_that_run_the_policys_generation() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        injected_pod(&client, "shop", "client-2", "client").await;
+        canary_services(&client, "shop").await;
+        canary(&client, "shop", "canary", 90, 10).await;
+        let running = reconciler(&client).await;
+        let policies: Api<TrafficPolicy> = Api::namespaced(client.clone(), "shop");
+        let proxies = || async {
+            policies
+                .get("canary")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| s.proxies)
+        };
+        eventually("0/2 proxies", || async {
+            proxies().await.as_deref() == Some("0/2")
+        })
+        .await;
+        let view = running.hub.current(&client_workload()).unwrap();
+        running.hub.applied(
+            pod("client-1"),
+            client_workload(),
+            view.config.version.clone(),
+            ConfigSource::Stream,
+        );
+        eventually("1/2 proxies", || async {
+            proxies().await.as_deref() == Some("1/2")
+        })
+        .await;
+        let programmed = traffic_condition(&client, "shop", "canary", "Programmed")
+            .await
+            .unwrap();
+        assert_eq!(programmed.0, "True");
+
+        // A new policy generation: the proxy on the old config no longer counts.
+        canary(&client, "shop", "canary", 50, 50).await;
+        eventually("0/2 proxies at generation 2", || async {
+            proxies().await.as_deref() == Some("0/2")
+        })
+        .await;
+    }
+}
