@@ -869,4 +869,139 @@ mod in_process {
         })
         .await;
     }
+
+    /// `slices` EndpointSlices of 1,000 ready endpoints each behind Service `service`.
+    async fn many_endpoints(client: &Client, ns: &str, service: &str, slices: usize) {
+        for slice in 0..slices {
+            let endpoints: Vec<serde_json::Value> = (0..1000)
+                .map(|i| {
+                    serde_json::json!({
+                        "addresses": [format!("10.{}.{}.{}", 100 + slice, i / 250, i % 250 + 1)],
+                        "conditions": {"ready": true}
+                    })
+                })
+                .collect();
+            apply::<k8s_openapi::api::discovery::v1::EndpointSlice>(
+                client,
+                Some(ns),
+                serde_json::json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": format!("{service}-{slice}"), "namespace": ns,
+                        "labels": {"kubernetes.io/service-name": service,
+                                   "endpointslice.kubernetes.io/managed-by": "tandem-test"}
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": endpoints
+                }),
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn a_config_over_the_limit_is_refused_for_its_workload_alone() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        canary_services(&client, "shop").await;
+        canary(&client, "shop", "canary", 90, 10).await;
+        // A gateway that depends on a Service with 30,000 endpoints: well over 1 MiB of config.
+        service(
+            &client,
+            "shop",
+            "big",
+            serde_json::json!([{"name": "http", "port": 80}]),
+        )
+        .await;
+        many_endpoints(&client, "shop", "big", 30).await;
+        apply::<k8s_openapi::api::core::v1::ServiceAccount>(
+            &client,
+            Some("shop"),
+            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                               "metadata": {"name": "gateway", "namespace": "shop"}}),
+        )
+        .await;
+        apply::<k8s_openapi::api::core::v1::Pod>(
+            &client,
+            Some("shop"),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "gateway-1", "namespace": "shop",
+                             "annotations": {"tandem.dev/dependencies": "big"}},
+                "spec": {
+                    "serviceAccountName": "gateway",
+                    "automountServiceAccountToken": false,
+                    "initContainers": [
+                        {"name": "tandem-init", "image": "tandem/proxy:dev"},
+                        {"name": "tandem-proxy", "image": "tandem/proxy:dev", "restartPolicy": "Always"}
+                    ],
+                    "containers": [{"name": "app", "image": "app:dev"}]
+                }
+            }),
+        )
+        .await;
+        apply::<TrafficPolicy>(
+            &client,
+            Some("shop"),
+            serde_json::json!({
+                "apiVersion": "tandem.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "big-timeout", "namespace": "shop"},
+                "spec": {"targetRef": {"kind": "Service", "name": "big"},
+                         "rules": [{"name": "all", "timeout": "2s"}]}
+            }),
+        )
+        .await;
+        let _running = reconciler(&client).await;
+
+        // The others are written and programmed.
+        eventually("the canary in tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client")
+                .await
+                .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+        })
+        .await;
+        eventually("big-timeout ConfigTooLarge naming shop/gateway", || async {
+            let api: Api<TrafficPolicy> = Api::namespaced(client.clone(), "shop");
+            api.get("big-timeout")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Programmed"
+                            && c.reason == "ConfigTooLarge"
+                            && c.message.contains("shop/gateway")
+                    })
+                })
+        })
+        .await;
+        eventually("canary Programmed", || async {
+            traffic_condition(&client, "shop", "canary", "Programmed")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(client.clone(), "shop");
+        eventually(
+            "a ConfigTooLarge Event on ServiceAccount gateway",
+            || async {
+                events.list(&Default::default()).await.is_ok_and(|list| {
+                    list.items.iter().any(|e| {
+                        e.reason.as_deref() == Some("ConfigTooLarge")
+                            && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                                == Some("ServiceAccount")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("gateway")
+                    })
+                })
+            },
+        )
+        .await;
+        // Refused, not truncated: no ConfigMap for the gateway at all.
+        assert!(proxy_config(&client, "shop", "gateway").await.is_none());
+    }
 }
