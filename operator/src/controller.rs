@@ -110,6 +110,18 @@ pub struct Reconciler {
     reported: Mutex<BTreeSet<BadAnnotation>>,
 }
 
+/// What woke the reconciler's loop.
+enum Woke {
+    /// A watch event or a learned Service.
+    Event,
+    /// A failed pass's backoff ran out.
+    Retry,
+    /// The once-a-second status refresh.
+    Refresh,
+    /// Leadership changed.
+    Leadership,
+}
+
 /// What the reconciler keeps between passes while it leads.
 #[derive(Default)]
 struct State {
@@ -183,31 +195,38 @@ impl Reconciler {
             let retry = tokio::time::sleep_until(
                 retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
             );
-            let mut settled = false;
-            tokio::select! {
-                () = trigger.notified() => {
+            // Decide in the select, act after it: the branches' futures are gone by then.
+            let woke = tokio::select! {
+                () = trigger.notified() => Woke::Event,
+                () = retry, if retry_at.is_some() => Woke::Retry,
+                _ = refresh.tick() => Woke::Refresh,
+                changed = leader.changed() => match changed {
+                    Ok(()) => Woke::Leadership,
+                    Err(_) => return,
+                },
+                () = stopped(&mut shutdown) => return,
+            };
+            let settled = match woke {
+                Woke::Event => {
                     pending_since.get_or_insert_with(Instant::now);
                     if leads(&leader) {
                         settle(trigger.clone(), tokio::time::Instant::now(), debounce).await;
-                        settled = true;
                     }
+                    true
                 }
-                () = retry, if retry_at.is_some() => settled = true,
-                _ = refresh.tick() => {
+                Woke::Retry => true,
+                Woke::Refresh => {
                     if leads(&leader) && retry_at.is_none() {
                         self.refresh(&mut state, &leader).await;
                     }
+                    false
                 }
-                changed = leader.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
+                Woke::Leadership => {
                     // A new term starts from the cluster as it is, not from a past term.
                     state = State::default();
-                    settled = leads(&leader);
+                    true
                 }
-                () = stopped(&mut shutdown) => return,
-            }
+            };
             if !settled || !leads(&leader) {
                 continue;
             }
@@ -523,7 +542,7 @@ impl Reconciler {
             return 0;
         };
         let hash = hex_sha256(authority.roots_pem.as_bytes());
-        let changed: Vec<&String> = namespaces
+        let changed: Vec<String> = namespaces
             .iter()
             .filter(|ns| {
                 let current = self
@@ -536,19 +555,23 @@ impl Reconciler {
                     .as_deref()
                     != Some(hash.as_str())
             })
+            .cloned()
             .collect();
         if !leads(leader) {
             return changed.len();
         }
+        // Owned names: a closure over borrowed ones makes the pass's future not `Send`.
+        let roots: &str = &authority.roots_pem;
         stream::iter(changed)
-            .map(|ns| self.apply_trust_roots(ns, &authority.roots_pem))
+            .map(|ns| self.apply_trust_roots(ns, roots))
             .buffer_unordered(self.concurrency)
             .filter(|r| futures::future::ready(r.is_err()))
             .count()
             .await
     }
 
-    async fn apply_trust_roots(&self, namespace: &str, roots_pem: &str) -> Result<()> {
+    async fn apply_trust_roots(&self, namespace: String, roots_pem: &str) -> Result<()> {
+        let namespace = namespace.as_str();
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
         let body = serde_json::json!({
             "apiVersion": "v1",

@@ -614,7 +614,7 @@ mod in_process {
         let trigger = Arc::new(Notify::new());
         let metrics = Metrics::register(&mut Registry::default());
         let (stores, writers) = Stores::new();
-        let tasks = start_watches(client, writers, &trigger, &metrics);
+        let mut tasks = start_watches(client, writers, &trigger, &metrics);
         stores.wait_until_ready().await.unwrap();
         let hub = Arc::new(Hub::new(trigger.clone(), metrics.stream.clone()));
         let (authority_tx, authority) = watch::channel(None);
@@ -633,16 +633,12 @@ mod in_process {
             quiet: Duration::from_millis(100),
             ceiling: Duration::from_secs(10),
         };
-        // On a thread of its own, as the binary runs it: awaited by its own runtime (its
-        // future is not required to be `Send`, and the binary does not spawn it).
-        let run_trigger = trigger.clone();
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(reconciler.run(run_trigger, debounce, leader, stop));
-        });
+        tasks.push(tokio::spawn(reconciler.run(
+            trigger.clone(),
+            debounce,
+            leader,
+            stop,
+        )));
         // The watches' first lists happened before the loop waited: wake it once.
         trigger.notify_one();
         Running {
