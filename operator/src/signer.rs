@@ -56,6 +56,9 @@ pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const MAX_BODY_BYTES: usize = 64 * 1024;
 /// A TLS handshake that takes longer than this is abandoned.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's smallest read buffer (and its first): requests to the signer and the stream are
+/// small.
+const MIN_READ_BUFFER: usize = 8192;
 /// Lifetime of the signer's own serving certificate; it is renewed at two thirds.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -473,7 +476,12 @@ pub async fn serve(
                             Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
                             Err(_) => return debug!(%peer, "TLS handshake timed out"),
                         };
-                        let builder = auto::Builder::new(TokioExecutor::new());
+                        let mut builder = auto::Builder::new(TokioExecutor::new());
+                        // Each idle watch keeps its connection's buffers: queue the body's
+                        // lines as they are (a flattened write buffer would keep the capacity
+                        // of the largest snapshot per connection) and never grow the read
+                        // buffer past its first 8 KiB (requests here are a few hundred bytes).
+                        builder.http1().writev(true).max_buf_size(MIN_READ_BUFFER);
                         let serving = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
                         if let Err(error) = watcher.watch(serving.into_owned()).await {
                             debug!(%peer, %error, "Connection ended with an error");
