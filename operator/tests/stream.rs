@@ -328,6 +328,7 @@ fn counter(family: &Family<Labels, Counter>, label: &str, value: &str) -> u64 {
 // Scenarios
 
 #[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn a_pod_watches_its_own_workload_only_and_reports_what_it_learns_and_runs() {
     let cluster = cluster().await;
     let client = cluster.client();
@@ -504,6 +505,7 @@ async fn a_pod_watches_its_own_workload_only_and_reports_what_it_learns_and_runs
 }
 
 #[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn tokens_that_are_not_a_live_pods_projected_token_are_refused_with_their_reason() {
     let cluster = cluster().await;
     let client = cluster.client();
@@ -567,6 +569,7 @@ async fn tokens_that_are_not_a_live_pods_projected_token_are_refused_with_their_
 }
 
 #[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn a_follower_refuses_every_call_and_a_leader_that_steps_down_ends_its_watches() {
     let cluster = cluster().await;
     let client = cluster.client();
@@ -618,8 +621,12 @@ async fn a_follower_refuses_every_call_and_a_leader_that_steps_down_ends_its_wat
 /// process, [`fleet_of_idle_watches`], so their side is not counted), so the figure in
 /// operator/README.md can be reproduced.
 #[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
 async fn a_thousand_idle_watches_each_get_their_snapshot_and_cost_little_memory() {
     const WATCHES: usize = 1_000;
+    if let Ok(spec) = std::env::var(FLEET_ENV) {
+        return fleet_of_idle_watches(&spec).await;
+    }
     let cluster = cluster().await;
     let client = cluster.client();
     let web = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
@@ -641,7 +648,7 @@ async fn a_thousand_idle_watches_each_get_their_snapshot_and_cost_little_memory(
     let before = vm_rss_bytes();
     let mut fleet = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
-            "fleet_of_idle_watches",
+            "a_thousand_idle_watches_each_get_their_snapshot_and_cost_little_memory",
             "--exact",
             "--ignored",
             "--nocapture",
@@ -660,7 +667,10 @@ async fn a_thousand_idle_watches_each_get_their_snapshot_and_cost_little_memory(
     let ready = format!("{FLEET_READY} {WATCHES}");
     loop {
         let line = lines.next_line().await.expect("fleet output");
-        let line = line.unwrap_or_else(|| panic!("the fleet ended before it was ready"));
+        let Some(line) = line else {
+            let status = fleet.wait().await.expect("the fleet's status");
+            panic!("the fleet ended before it was ready: {status}");
+        };
         if line == ready {
             break;
         }
@@ -691,13 +701,9 @@ const FLEET_ENV: &str = "TANDEM_TEST_STREAM_FLEET";
 const FLEET_READY: &str = "fleet ready:";
 
 /// The client side of [`a_thousand_idle_watches_each_get_their_snapshot_and_cost_little_memory`],
-/// run by it in a child process: opens the watches, says so, and holds them until its stdin
-/// closes.
-#[tokio::test]
-#[ignore = "run by a_thousand_idle_watches_each_get_their_snapshot_and_cost_little_memory"]
-async fn fleet_of_idle_watches() {
-    let spec = std::env::var(FLEET_ENV)
-        .unwrap_or_else(|_| panic!("{FLEET_ENV} is not set: this test is run by another"));
+/// which runs it in a child process: opens the watches, says so, and holds them until its
+/// stdin closes.
+async fn fleet_of_idle_watches(spec: &str) {
     let mut parts = spec.splitn(4, '|');
     let (port, roots, count, token) = (
         parts.next().unwrap().parse::<u16>().unwrap(),
