@@ -9,6 +9,9 @@
 //!    UID ([`check_pod`]), so a token copied out of a deleted pod signs nothing.
 //! 3. [`crate::ca::Authority::issue`] signs the CSR's public key (nothing else of the CSR).
 //!
+//! Steps 1 and 2 are [`authenticate`], which the config stream ([`crate::stream`]) shares: it
+//! is served on the same listener.
+//!
 //! The server presents a certificate the issuer signed for `tandem-identity.tandem-system.svc`,
 //! renewed before it expires and re-issued when the issuer changes; proxies verify it against
 //! the trust anchors they already hold for mutual TLS.

@@ -616,6 +616,69 @@ async fn a_follower_refuses_every_call_and_a_leader_that_steps_down_ends_its_wat
     );
 }
 
+/// A reconnect storm in small: every pod's proxy at once (here 20 pods, 10 watches each, all
+/// concurrent). Each call gets its snapshot or a `Throttled` refusal with `Retry-After`, and
+/// retrying gets every watch open; nothing else is answered.
+#[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
+async fn a_reconnect_storm_opens_every_watch_or_throttles_it_with_retry_after() {
+    const PODS: usize = 20;
+    const PER_POD: usize = 10;
+    let cluster = cluster().await;
+    let client = cluster.client();
+    namespace_with_injected_pod(&client, "shop", "web", "web-0").await;
+    let mut tokens = Vec::new();
+    for n in 0..PODS {
+        let pod = injected_pod(&client, "shop", &format!("web-{n}"), "web").await;
+        tokens.push(token(&client, "shop", "web", "tandem", Some(&pod)).await);
+    }
+    let server = Arc::new(serve(&cluster, true).await);
+    server.hub.publish(
+        &workload("web"),
+        config("web", 1, &["a", "b"]),
+        Instant::now(),
+    );
+    let attempts = tokens.iter().flat_map(|token| {
+        let server = server.clone();
+        (0..PER_POD).map(move |_| {
+            let server = server.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                let mut throttled = 0;
+                loop {
+                    match watch_config(&server, &token, None).await {
+                        Ok(mut lines) => {
+                            let first = lines.next().await;
+                            assert!(matches!(first, Some(StreamMessage::Snapshot { .. })));
+                            return (lines, throttled);
+                        }
+                        Err((503, refused)) if refused.reason == "Throttled" => {
+                            throttled += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(other) => panic!("refused in the storm: {other:?}"),
+                    }
+                }
+            })
+        })
+    });
+    let handles: Vec<_> = attempts.collect();
+    let mut open = Vec::new();
+    let mut throttled = 0;
+    for handle in handles {
+        let (lines, count) = handle.await.expect("a client task");
+        open.push(lines);
+        throttled += count;
+    }
+    assert_eq!(open.len(), PODS * PER_POD);
+    let pods: Vec<PodKey> = (0..PODS).map(|n| pod_key(&format!("web-{n}"))).collect();
+    assert!(server.hub.all_watching(&pods));
+    eprintln!(
+        "storm: {} watches open, {throttled} throttled attempts",
+        open.len()
+    );
+}
+
 /// Not a claim about speed: it measures and prints what one idle watch costs the server
 /// (this process's VmRSS before and after 1,000 open watches; the clients run in a child
 /// process, [`fleet_of_idle_watches`], so their side is not counted), so the figure in
