@@ -616,6 +616,93 @@ async fn a_follower_refuses_every_call_and_a_leader_that_steps_down_ends_its_wat
     );
 }
 
+/// The operator binary serves the stream beside certify: its leader answers a pod's watch, its
+/// follower refuses it `NotLeader` (before reviewing anything).
+#[tokio::test]
+#[ignore = "needs the control-plane binaries: run by make test-operator"]
+async fn the_operators_leader_serves_watches_on_the_signer_port_and_its_follower_refuses() {
+    let cluster = cluster().await;
+    let client = cluster.client();
+    let web = namespace_with_injected_pod(&client, "shop", "web", "web-1").await;
+    let first = Operator::start(&cluster, "op-a").await;
+    eventually("a leader", || async {
+        lease_holder(&client).await.is_some()
+    })
+    .await;
+    let second = Operator::start(&cluster, "op-b").await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "tandem-system");
+    eventually("the issuer Secret", || async {
+        secrets
+            .get_opt(tandem_crds::identity::ISSUER_SECRET)
+            .await
+            .is_ok_and(|s| s.is_some())
+    })
+    .await;
+    for operator in [&first, &second] {
+        eventually("the signer port bound", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", operator.identity_port))
+                .await
+                .is_ok()
+        })
+        .await;
+    }
+    let issuer = secrets
+        .get(tandem_crds::identity::ISSUER_SECRET)
+        .await
+        .expect("the issuer Secret");
+    let roots = String::from_utf8(
+        issuer.data.expect("data")[tandem_crds::identity::ISSUER_ROOTS_KEY]
+            .0
+            .clone(),
+    )
+    .expect("PEM");
+    let holder = lease_holder(&client).await.expect("a leader");
+    let (leader, follower) = if holder == first.identity {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    let web_token = token(&client, "shop", "web", "tandem", Some(&web)).await;
+    let at = |operator: &Operator| {
+        let (leader, _) = watch::channel(true);
+        let (stop, _) = watch::channel(false);
+        Server {
+            port: operator.identity_port,
+            roots: roots.clone(),
+            hub: Arc::new(Hub::new(Arc::new(Notify::new()), StreamMetrics::default())),
+            leader,
+            stop,
+        }
+    };
+    let (leader, follower) = (at(leader), at(follower));
+
+    // The follower's signer serves once it has the issuer; until then connections wait.
+    let mut refused = None;
+    for _ in 0..100 {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            watch_config(&follower, &web_token, None),
+        )
+        .await;
+        if let Ok(Err(answer)) = attempt {
+            refused = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, refusal) = refused.expect("the follower answers");
+    assert_eq!((status, refusal.reason.as_str()), (503, "NotLeader"));
+    assert!(
+        watch_config(&leader, &web_token, None).await.is_ok(),
+        "the leader opens the watch"
+    );
+    let Err((status, refusal)) = watch_config(&leader, "garbage", None).await else {
+        panic!("a garbage token must be refused");
+    };
+    assert_eq!((status, refusal.reason.as_str()), (401, "Unauthenticated"));
+}
+
 /// A reconnect storm in small: every pod's proxy at once (here 20 pods, 10 watches each, all
 /// concurrent). Each call gets its snapshot or a `Throttled` refusal with `Retry-After`, and
 /// retrying gets every watch open; nothing else is answered.
