@@ -395,15 +395,13 @@ async fn an_unknown_destination_passes_through_at_once_and_is_discovered_once() 
     ));
     mesh.wait_version("300.s").await;
     assert!(mesh.call(unknown).await.starts_with("backend"));
-    let metrics = mesh.metrics().await;
-    assert!(
-        metrics.contains(r#"tandem_proxy_discovery_requests_total{result="found"} 1"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"tandem_proxy_discovery_requests_total{result="unknown"} 1"#),
-        "{metrics}"
-    );
+    // The task counts after it read the answer, a moment after the operator saw the call.
+    eventually("the discovery results counted", WAIT, async || {
+        let metrics = mesh.metrics().await;
+        metrics.contains(r#"tandem_proxy_discovery_requests_total{result="found"} 1"#)
+            && metrics.contains(r#"tandem_proxy_discovery_requests_total{result="unknown"} 1"#)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,4 +432,53 @@ async fn a_token_the_operator_does_not_accept_gets_no_config_and_the_file_keeps_
     assert_eq!(shown["sources"]["stream"]["connected"], false);
     assert_eq!(shown["version"], "100.f");
     assert!(mesh.call(mesh.web).await.starts_with("file"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_holding_the_operators_version_gets_current_and_builds_deltas_on_its_file() {
+    let (old, new) = (
+        upstream::http("old", bind_local()),
+        upstream::http("new", bind_local()),
+    );
+    let v200 = config("200.s", vec![plain("web", web(), &[old])]);
+    let mesh = Mesh::start(&v200.to_json(), Some(v200.clone()), TOKEN).await;
+    mesh.wait_config("the watch", |v| v["sources"]["stream"]["connected"] == true)
+        .await;
+    assert_eq!(mesh.operator.watch_versions(), [Some("200.s".to_owned())]);
+
+    mesh.operator
+        .publish(config("300.s", vec![plain("web", web(), &[new])]));
+    let shown = mesh.wait_version("300.s").await;
+    assert_eq!(shown["activeSource"], "stream");
+    assert!(mesh.call(mesh.web).await.starts_with("new"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_for_another_base_makes_the_proxy_ask_for_a_snapshot() {
+    let (old, new) = (
+        upstream::http("old", bind_local()),
+        upstream::http("new", bind_local()),
+    );
+    let mesh = Mesh::start(
+        &config_text("1.f", vec![]),
+        Some(config("200.s", vec![plain("web", web(), &[old])])),
+        TOKEN,
+    )
+    .await;
+    mesh.wait_version("200.s").await;
+
+    let v300 = config("300.s", vec![plain("web", web(), &[new])]);
+    let wrong_base = config("250.x", vec![]);
+    mesh.operator.set(v300.clone());
+    mesh.operator.send(
+        &StreamMessage::Delta(tandem_crds::contract::ConfigDelta::between(
+            &wrong_base,
+            &v300,
+        ))
+        .to_line(),
+    );
+    mesh.wait_version("300.s").await;
+    assert!(mesh.call(mesh.web).await.starts_with("new"));
+    let versions = mesh.operator.watch_versions();
+    assert_eq!(versions.last().unwrap(), &None, "{versions:?}");
 }
