@@ -482,3 +482,88 @@ async fn a_delta_for_another_base_makes_the_proxy_ask_for_a_snapshot() {
     let versions = mesh.operator.watch_versions();
     assert_eq!(versions.last().unwrap(), &None, "{versions:?}");
 }
+
+/// The hook on the transparent path: in a "pod" (network namespace) whose outgoing TCP is
+/// redirected to the proxy, an application's connection to an address the config does not know
+/// is relayed unchanged and asked about once. Needs root; fails (never skips) without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_connection_to_an_unknown_address_is_relayed_and_discovered_once() {
+    use support::netns::{Pods, SERVER_IP};
+    let pods = Pods::new();
+    let proxy_uid = tandem_crds::names::PROXY_UID.to_string();
+    for rule in [
+        vec![
+            "-m",
+            "owner",
+            "--uid-owner",
+            proxy_uid.as_str(),
+            "-j",
+            "RETURN",
+        ],
+        vec!["-o", "lo", "-j", "RETURN"],
+    ] {
+        let mut argv = vec!["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp"];
+        argv.extend(rule);
+        pods.client.exec(&argv);
+    }
+    pods.client
+        .redirect_tcp("OUTPUT", &[], tandem_crds::names::OUTBOUND_PORT);
+    let app = upstream::http("app", pods.server.bind("0.0.0.0:8080"));
+    let other = upstream::http("other", pods.server.bind("0.0.0.0:8081"));
+    let (app, other) = (
+        SocketAddr::new(SERVER_IP.parse().unwrap(), app.port()),
+        SocketAddr::new(SERVER_IP.parse().unwrap(), other.port()),
+    );
+
+    let root = TestCa::root("tandem test root");
+    let operator = TestOperator::start_on(&root, TOKEN, pods.client.bind("127.0.0.1:0"));
+    operator.set(config("200.s", vec![]));
+    let token = temp_dir("token").join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let mut roots = ConfigDir::with_file("roots.pem");
+    roots.publish(&root.pem);
+    let mut dir = ConfigDir::new();
+    dir.publish(&config_text("1.f", vec![]));
+    let mut opts = ProxyOptions::loopback(dir.path());
+    opts.outbound = "0.0.0.0:15001".into();
+    opts.inbound = "0.0.0.0:15006".into();
+    opts.admin = "127.0.0.1:15020".into();
+    opts.wrapper = pods.client.as_uid(tandem_crds::names::PROXY_UID);
+    opts.extra = vec![
+        "--identity-addr".into(),
+        operator.addr.to_string(),
+        "--identity-token".into(),
+        token.display().to_string(),
+        "--trust-roots".into(),
+        roots.path().display().to_string(),
+    ];
+    let _proxy = Proxy::start_with(opts);
+    eventually("the watch", WAIT, async || operator.watches() > 0).await;
+
+    let curl = |url: String| {
+        let mut argv = pods.client.as_uid(2103);
+        argv.extend(["curl", "-sS", "--max-time", "10", url.as_str()].map(String::from));
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for _ in 0..3 {
+        assert_eq!(curl(format!("http://{app}/direct")), "app GET /direct");
+    }
+    assert_eq!(curl(format!("http://{other}/x")), "other GET /x");
+    eventually(
+        "the discover call for the other address",
+        WAIT,
+        async || operator.discovers().contains(&other),
+    )
+    .await;
+    let asked = operator.discovers();
+    assert_eq!(asked.iter().filter(|a| **a == app).count(), 1, "{asked:?}");
+}

@@ -203,6 +203,9 @@ impl Watch {
     /// Reads lines until the watch ends.
     async fn read(&mut self, mut body: Incoming) -> StreamError {
         let mut buffer = BytesMut::new();
+        // How much of `buffer` is known to hold no newline: a snapshot arriving in many frames
+        // is scanned once, not once per frame.
+        let mut scanned = 0;
         loop {
             let frame = match tokio::time::timeout(self.silence, body.frame()).await {
                 Err(_) => return StreamError::Silent(self.silence),
@@ -214,12 +217,15 @@ impl Watch {
                 continue; // trailers
             };
             buffer.extend_from_slice(&data);
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            while let Some(offset) = buffer[scanned..].iter().position(|b| *b == b'\n') {
+                let end = scanned + offset;
                 let line = buffer.split_to(end + 1);
+                scanned = 0;
                 if let Err(error) = self.handle(&line[..end]) {
                     return error;
                 }
             }
+            scanned = buffer.len();
             if buffer.len() > MAX_MESSAGE_BYTES {
                 return StreamError::LineTooLong;
             }

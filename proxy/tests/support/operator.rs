@@ -59,6 +59,14 @@ pub struct TestOperator {
 impl TestOperator {
     /// Listens on loopback port 0, accepting `token`.
     pub async fn start(issuer: &TestCa, token: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(issuer, token, listener)
+    }
+
+    /// Serves on `listener` (bound anywhere, e.g. inside a network namespace).
+    pub fn start_on(issuer: &TestCa, token: &str, listener: std::net::TcpListener) -> Self {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         let name = signer_dns_name();
         let serving = issuer.issue_server(&name);
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -69,7 +77,6 @@ impl TestOperator {
         .with_no_client_auth()
         .with_single_cert(serving.chain.clone(), serving.private_key())
         .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let operator = Self {
             addr: listener.local_addr().unwrap(),
             name,
