@@ -299,6 +299,117 @@ fn encode_query(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::IdentityState;
+    use crate::identity::certify::SignerAddr;
+    use tandem_crds::contract::ConfigDelta;
+
+    fn config(version: &str, service_account: &str) -> ProxyConfig {
+        let text = format!(
+            r#"{{"apiVersion":"tandem.dev/proxy-config/v1","version":"{version}","workload":{{"namespace":"shop","serviceAccount":"{service_account}"}}}}"#
+        );
+        ProxyConfig::from_json(text.as_bytes()).unwrap()
+    }
+
+    /// A watch whose operator is never called (only [`Watch::handle`] runs).
+    fn watch() -> (Watch, Arc<ConfigStore>) {
+        let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(ConfigStore::new("x".into(), metrics.clone()));
+        let operator = Arc::new(Operator {
+            addr: SignerAddr::parse("127.0.0.1:1").unwrap(),
+            server_name: "127.0.0.1".try_into().unwrap(),
+            token: "token".into(),
+            identity: Arc::new(IdentityState::default()),
+        });
+        let state = Arc::new(StreamState::new("127.0.0.1:1".into()));
+        let watch = Watch::new(operator, store.clone(), state, metrics, Arc::default());
+        (watch, store)
+    }
+
+    fn line(message: &StreamMessage) -> Vec<u8> {
+        message.to_line().trim_end().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn current_adopts_the_active_config_as_the_base_of_deltas() {
+        let (mut watch, store) = watch();
+        store
+            .apply(config("100.a", "web").to_json().as_bytes())
+            .unwrap();
+        watch
+            .handle(&line(&StreamMessage::Current {
+                version: "100.a".into(),
+            }))
+            .unwrap();
+        let delta = ConfigDelta::between(&config("100.a", "web"), &config("200.b", "web"));
+        watch.handle(&line(&StreamMessage::Delta(delta))).unwrap();
+        let active = store.active().unwrap();
+        assert_eq!(active.config.version, "200.b");
+        assert_eq!(active.source, tandem_crds::contract::ConfigSource::Stream);
+    }
+
+    #[test]
+    fn what_the_stream_cannot_build_on_ends_the_connection_for_a_snapshot() {
+        let (mut watch, store) = watch();
+        let delta = ConfigDelta::between(&config("100.a", "web"), &config("200.b", "web"));
+        let no_base = watch.handle(&line(&StreamMessage::Delta(delta.clone())));
+        assert!(no_base.unwrap_err().wants_snapshot());
+        let unknown = watch.handle(&line(&StreamMessage::Current {
+            version: "100.a".into(),
+        }));
+        assert!(unknown.unwrap_err().wants_snapshot());
+        watch
+            .handle(&line(&StreamMessage::Snapshot {
+                config: config("150.c", "web"),
+            }))
+            .unwrap();
+        let mismatch = watch.handle(&line(&StreamMessage::Delta(delta)));
+        assert!(matches!(mismatch, Err(StreamError::Delta(_))));
+        assert_eq!(store.active().unwrap().config.version, "150.c");
+        let bad = watch.handle(b"{\"type\":\"nonsense\"}").unwrap_err();
+        assert!(matches!(bad, StreamError::BadMessage(_)) && !bad.wants_snapshot());
+        watch.handle(b"  ").unwrap();
+    }
+
+    #[test]
+    fn a_refused_snapshot_still_becomes_the_base_of_the_operators_next_delta() {
+        let (mut watch, store) = watch();
+        watch
+            .handle(&line(&StreamMessage::Snapshot {
+                config: config("100.a", "web"),
+            }))
+            .unwrap();
+        let mut invalid = config("200.b", "web");
+        invalid.workload.service_account = String::new();
+        watch
+            .handle(&line(&StreamMessage::Snapshot {
+                config: invalid.clone(),
+            }))
+            .unwrap();
+        assert_eq!(store.active().unwrap().config.version, "100.a");
+        let delta = ConfigDelta::between(&invalid, &config("300.c", "web"));
+        watch.handle(&line(&StreamMessage::Delta(delta))).unwrap();
+        assert_eq!(store.active().unwrap().config.version, "300.c");
+    }
+
+    #[test]
+    fn followers_and_throttled_accepts_are_retried_soon_and_retry_after_is_honoured() {
+        let refused = |reason: &str, retry_after: Option<u64>| StreamError::Refused {
+            status: 503,
+            reason: reason.into(),
+            message: String::new(),
+            retry_after: retry_after.map(Duration::from_secs),
+        };
+        for reason in ["NotLeader", "Throttled"] {
+            let wait = refused(reason, None).retry_soon().unwrap();
+            assert!(wait >= Duration::from_millis(250) && wait <= Duration::from_secs(1));
+        }
+        let wait = refused("Throttled", Some(3)).retry_soon().unwrap();
+        assert!(wait >= Duration::from_secs(3) && wait <= Duration::from_millis(3_250));
+        let capped = refused("NotLeader", Some(3_600)).retry_soon().unwrap();
+        assert!(capped <= Duration::from_millis(30_250));
+        assert_eq!(refused("Unauthenticated", None).retry_soon(), None);
+        assert_eq!(StreamError::Closed.retry_soon(), None);
+    }
 
     #[test]
     fn backoff_waits_grow_to_the_cap_and_reset() {
