@@ -496,8 +496,10 @@ impl ProxyView {
         } else {
             Some(serde_json::from_value(raw["config"].clone())?)
         };
-        let active_source = raw["active"].as_str().map(str::to_owned);
-        let stream_connected = raw["stream"]["connected"].as_bool().unwrap_or(false);
+        let active_source = raw["activeSource"].as_str().map(str::to_owned);
+        let stream_connected = raw["sources"]["stream"]["connected"]
+            .as_bool()
+            .unwrap_or(false);
         Ok(Self {
             active,
             active_source,
