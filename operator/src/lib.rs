@@ -8,6 +8,7 @@
 //! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
 //! - [`stores`]: the watches and the in-memory stores they fill.
 //! - [`controller`]: the reconcile pass that writes ConfigMaps and status.
+//! - [`index`]: what the reconciler keeps across passes: scopes, versions, reverse maps.
 //! - [`hub`]: each workload's current view, its watchers, what its proxies run and learned.
 //! - [`sync`]: nothing is rendered, written or deleted before every watch has listed once.
 //! - [`leader`]: leader election on a Lease.
@@ -21,6 +22,7 @@ pub mod authz;
 pub mod ca;
 pub mod controller;
 pub mod hub;
+pub mod index;
 pub mod issuer;
 pub mod leader;
 pub mod metrics;

@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use tandem_crds::contract::DefaultPolicy;
 use tandem_crds::identity::{MtlsMode, SpiffeId};
 
-use crate::controller::Reconciler;
+use crate::controller::{Debounce, Reconciler};
+use crate::hub::Hub;
 use crate::issuer::{self, CurrentAuthority};
 use crate::leader::{self, ElectionSettings};
 use crate::metrics::Metrics;
@@ -46,6 +47,10 @@ pub struct Settings {
     /// Quiet time after a change before a pass runs, so bursts coalesce.
     #[arg(long, env = "TANDEM_DEBOUNCE_MS", default_value_t = 100)]
     pub debounce_ms: u64,
+    /// Longest wait from the first change of a burst before a pass runs, however long the
+    /// burst lasts (a steady stream of events still gets passes).
+    #[arg(long, env = "TANDEM_DEBOUNCE_MAX_MS", default_value_t = 10_000)]
+    pub debounce_max_ms: u64,
     /// Lease duration in seconds (a new leader takes over within this plus two seconds).
     #[arg(long, env = "TANDEM_LEASE_SECONDS", default_value_t = 8)]
     pub lease_seconds: u64,
@@ -195,6 +200,9 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     );
 
     let trigger = Arc::new(Notify::new());
+    // Between the reconciler (which publishes views) and the config stream (which serves
+    // them); discovery's learning wakes the reconciler through `trigger`.
+    let hub = Arc::new(Hub::new(trigger.clone(), metrics.stream.clone()));
     let identity_listener = tokio::net::TcpListener::bind(settings.identity_listen)
         .await
         .map_err(|source| Error::Http {
@@ -253,7 +261,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     );
 
     info!(default_policy = %mesh.default_policy, cluster_networks = ?mesh.cluster_networks, "Authorization defaults");
-    let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority);
+    let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority, hub);
     // Nothing before every store has synced. (The gate's sender is gone once it has opened, so
     // it is awaited once here, not watched by the reconciler: a closed channel would end it.)
     let mut reconciler_gate = synced_rx;
@@ -262,7 +270,10 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         reconciler
             .run(
                 trigger,
-                Duration::from_millis(settings.debounce_ms),
+                Debounce {
+                    quiet: Duration::from_millis(settings.debounce_ms),
+                    ceiling: Duration::from_millis(settings.debounce_max_ms),
+                },
                 leader_rx,
                 shutdown,
             )
