@@ -16,6 +16,8 @@
 //! - [`ca`]: the identity CA, pure (a root and an issuer; leaves from CSRs).
 //! - [`issuer`]: the issuer Secret, created once, watched, its expiry watched.
 //! - [`signer`]: the HTTPS certify call every replica serves (TokenReview, then a leaf).
+//! - [`stream`]: the config stream on the same listener (watch, discover, applied), served by
+//!   the leader from the [`hub`].
 //! - [`run`]: wires it all together for the binary.
 
 pub mod authz;
@@ -33,6 +35,7 @@ pub mod server;
 pub mod signer;
 pub mod status;
 pub mod stores;
+pub mod stream;
 pub mod sync;
 
 pub use render::{Inputs, Rendered, render};

@@ -25,6 +25,8 @@ use crate::render::{DEFAULT_CLUSTER_NETWORKS, Mesh};
 use crate::server::{self, Health};
 use crate::signer::{self, Signer};
 use crate::stores::{Stores, start_watches};
+use crate::stream::auth::Authenticator;
+use crate::stream::{self, StreamServer};
 use crate::sync;
 use crate::{Error, Result};
 
@@ -201,7 +203,8 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
 
     let trigger = Arc::new(Notify::new());
     // Between the reconciler (which publishes views) and the config stream (which serves
-    // them); discovery's learning wakes the reconciler through `trigger`.
+    // them); discovery's learning wakes the reconciler through `trigger`. The leader flag
+    // decides both who reconciles and who answers watches.
     let hub = Arc::new(Hub::new(trigger.clone(), metrics.stream.clone()));
     let identity_listener = tokio::net::TcpListener::bind(settings.identity_listen)
         .await
@@ -209,13 +212,18 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             addr: settings.identity_listen,
             source,
         })?;
+    let (leader_tx, leader_rx) = watch::channel(false);
     let (authority, signer_tasks) = start_identity(
-        &settings,
-        &client,
-        &identity,
+        IdentityInputs {
+            settings: &settings,
+            client: &client,
+            identity: &identity,
+            trigger: &trigger,
+            metrics: &metrics,
+        },
         identity_listener,
-        &trigger,
-        &metrics,
+        hub.clone(),
+        leader_rx.clone(),
         shutdown.clone(),
     );
     let (stores, writers) = Stores::new();
@@ -233,7 +241,6 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         .instrument(info_span!("sync")),
     );
 
-    let (leader_tx, leader_rx) = watch::channel(false);
     let mut election =
         ElectionSettings::new(&settings.lease_name, &settings.lease_namespace, &identity);
     election.lease_duration = Duration::from_secs(settings.lease_seconds.max(2));
@@ -312,18 +319,33 @@ struct SignerTasks {
     server: JoinHandle<()>,
 }
 
-/// Starts the identity side: the issuer Secret's watch, the signer's serving certificate and
-/// the signer itself on `listener`. Returns the issuer as the reconciler sees it (for the trust
-/// roots it distributes) and the tasks.
+/// What the identity side is built from.
+struct IdentityInputs<'a> {
+    settings: &'a Settings,
+    client: &'a Client,
+    identity: &'a str,
+    trigger: &'a Arc<Notify>,
+    metrics: &'a Metrics,
+}
+
+/// Starts the identity side: the issuer Secret's watch, the signer's serving certificate and,
+/// on `listener`, the signer with the config stream beside it (serving `hub` while `leader`
+/// holds true). Returns the issuer as the reconciler sees it (for the trust roots it
+/// distributes) and the tasks.
 fn start_identity(
-    settings: &Settings,
-    client: &Client,
-    identity: &str,
+    inputs: IdentityInputs<'_>,
     listener: tokio::net::TcpListener,
-    trigger: &Arc<Notify>,
-    metrics: &Metrics,
+    hub: Arc<Hub>,
+    leader: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) -> (CurrentAuthority, SignerTasks) {
+    let IdentityInputs {
+        settings,
+        client,
+        identity,
+        trigger,
+        metrics,
+    } = inputs;
     let (authority_tx, authority) = watch::channel(None);
     let issuer_task = tokio::spawn(
         issuer::run(
@@ -350,12 +372,18 @@ fn start_identity(
     });
     let addr = listener.local_addr().unwrap_or(settings.identity_listen);
     info!(%addr, dns_name = %tandem_crds::identity::signer_dns_name(), trust_domain = %settings.trust_domain, cert_ttl_s = settings.cert_ttl.as_secs(), "Serving the identity signer (HTTPS)");
+    let stream = Arc::new(StreamServer::new(
+        hub,
+        Authenticator::new(client.clone(), settings.trust_domain.clone()),
+        leader,
+    ));
+    let app = signer::router(signer).merge(stream::router(stream));
     let mut stop = shutdown;
     let serve_task = tokio::spawn(
         signer::serve(
             listener,
             configs,
-            signer::router(signer),
+            app,
             async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             },
