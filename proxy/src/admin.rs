@@ -1,5 +1,10 @@
 //! The admin server (:15020): `/live`, `/ready`, `/metrics`, `/config`.
 //!
+//! `/config` shows the active version (and which source it came from: `activeSource`) and,
+//! under `sources`, each source's last good version, its generation, when it was loaded and
+//! its last error; the stream's also says whether it is connected, since when, and the
+//! operator's address.
+//!
 //! It listens on its own port, never through the capture listeners: the inbound listener
 //! refuses connections whose original destination is one of the proxy's ports.
 
@@ -12,6 +17,9 @@ use pingora::apps::http_app::{HttpServer, ServeHttp};
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use tandem_crds::contract::ConfigSource;
+
+use crate::config::ReloadError;
 use crate::server::Shared;
 
 /// The admin endpoints.
@@ -41,10 +49,58 @@ impl Admin {
                 "trustDomain": a.authz.trust_domain(),
                 "policies": a.config.authorization.policies.len(),
             })),
-            "lastError": error.map(|e| json!({"message": e.message, "at": rfc3339(e.at)})),
+            "generation": active.as_ref().map(|a| a.generation()),
+            "activeSource": active.as_ref().map(|a| a.source.as_str()),
+            "lastError": error.map(|e| reload_error(&e)),
+            "sources": {
+                "file": self.source(ConfigSource::File),
+                "stream": self.stream(),
+            },
             "identity": self.shared.identity.snapshot(),
         })
     }
+
+    /// One source's last good version and last error.
+    fn source(&self, source: ConfigSource) -> serde_json::Value {
+        let state = self.shared.config.source(source);
+        let good = state.good.as_ref();
+        json!({
+            "version": good.map(|g| g.version.clone()),
+            "generation": good.map(|g| g.generation),
+            "hash": good.map(|g| g.hash.clone()),
+            "loadedAt": good.map(|g| rfc3339(g.at)),
+            "lastError": state.last_error.as_ref().map(reload_error),
+        })
+    }
+
+    /// The stream's source section, with its connection.
+    fn stream(&self) -> serde_json::Value {
+        let Some(stream) = &self.shared.stream else {
+            return json!({ "enabled": false });
+        };
+        let mut section = self.source(ConfigSource::Stream);
+        let status = stream.state.status();
+        if let Some(section) = section.as_object_mut() {
+            section.insert("enabled".into(), true.into());
+            section.insert("operator".into(), stream.state.operator.clone().into());
+            section.insert("connected".into(), status.connected.into());
+            section.insert("since".into(), status.since.map(rfc3339).into());
+            section.insert("reconnects".into(), status.reconnects.into());
+            section.insert(
+                "lastDisconnect".into(),
+                status
+                    .last_error
+                    .as_ref()
+                    .map(|(message, at)| json!({"message": message, "at": rfc3339(*at)}))
+                    .into(),
+            );
+        }
+        section
+    }
+}
+
+fn reload_error(e: &ReloadError) -> serde_json::Value {
+    json!({"message": e.message, "at": rfc3339(e.at)})
 }
 
 fn rfc3339(t: SystemTime) -> String {

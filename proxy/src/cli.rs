@@ -63,9 +63,22 @@ pub struct RunArgs {
     /// webhook): served in plaintext even when the workload is strict.
     #[arg(long, env = "TANDEM_APP_PROBES", default_value = "", value_parser = AppProbes::parse)]
     pub app_probes: AppProbes,
+    /// The operator's config stream (on the signer's address, so only with identity on):
+    /// configs within a second of a change, beside the mounted file.
+    #[arg(long, env = "TANDEM_CONFIG_STREAM", value_enum, default_value_t = Switch::On)]
+    pub config_stream: Switch,
     /// Workload identity (certificate and trust anchors for mutual TLS).
     #[command(flatten)]
     pub identity: IdentityArgs,
+}
+
+/// A feature switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// Flags of the identity client.
@@ -163,6 +176,7 @@ mod tests {
             PathBuf::from(names::CONFIG_DIR).join(names::CONFIG_KEY)
         );
         assert_eq!(args.drain_grace, Duration::from_secs(20));
+        assert_eq!(args.config_stream, Switch::On);
     }
 
     fn run(argv: &[&str]) -> Result<RunArgs, clap::Error> {

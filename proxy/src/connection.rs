@@ -117,6 +117,7 @@ impl Listener {
                     if let Err(why) = self.shared.refuse_loop(dst) {
                         return Plan::Refuse(why);
                     }
+                    self.shared.unknown_destination(dst);
                     return Plan::Relay {
                         upstream: dst,
                         label: self.shared.metrics.passthrough.clone(),

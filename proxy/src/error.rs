@@ -67,6 +67,15 @@ pub enum Error {
         #[source]
         source: crate::tls::BadEndpointIdentity,
     },
+    /// A config version from the operator's stream was refused (the last good config stays).
+    #[error("config version {version:?} from the operator's stream refused")]
+    StreamConfig {
+        /// Its version stamp.
+        version: String,
+        /// Why.
+        #[source]
+        source: crate::config::StreamConfigError,
+    },
     /// The inbound TLS acceptor could not be built.
     #[error("cannot build the inbound TLS acceptor")]
     Tls(#[source] rustls::Error),

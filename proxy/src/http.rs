@@ -153,6 +153,7 @@ impl MeshHttp {
                         self.shared
                             .refuse_loop(dst)
                             .map_err(|why| status(403, why))?;
+                        self.shared.unknown_destination(dst);
                         Ok(Resolved {
                             telemetry: self.shared.metrics.passthrough.clone(),
                             upstream: dst,

@@ -18,7 +18,9 @@
 //! [`logging`], [`log_writer`] and [`access_log`]; [`tls`] (mutual TLS between sidecars:
 //! inbound termination and the mTLS mode, outbound origination) reads [`identity`];
 //! [`authz`] (inbound authorization: the config's policies compiled per version, enforced per
-//! HTTP request in [`http`] and per opaque TCP connection in [`connection`]).
+//! HTTP request in [`http`] and per opaque TCP connection in [`connection`]); [`stream`] (the
+//! operator's config stream, applied beside the file, the report of applied versions, and
+//! on-demand discovery of unknown destinations).
 
 pub mod access_log;
 pub mod admin;
@@ -38,6 +40,7 @@ pub mod policy;
 pub mod relay;
 pub mod routing;
 pub mod server;
+pub mod stream;
 pub mod tls;
 
 pub use cli::{Cli, Command, RunArgs};

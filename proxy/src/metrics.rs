@@ -6,7 +6,10 @@
 //! `tandem_config_reloads_total`, `tandem_config_reload_errors_total`, `tandem_config_info`,
 //! `tandem_ready`, mutual TLS's (see [`TlsMetrics`]): `tandem_tls_handshakes_total`,
 //! `tandem_inbound_connections_refused_total`, `tandem_tls_peer_connections_total`, inbound
-//! authorization's `tandem_authz_decisions_total` (see [`AuthzMetrics`]), and the resilience
+//! authorization's `tandem_authz_decisions_total` (see [`AuthzMetrics`]), the config sources'
+//! `tandem_proxy_config_generation`, `tandem_proxy_config_source_generation`,
+//! `tandem_proxy_config_stream_connected`, `tandem_proxy_config_stream_reconnects_total` and
+//! `tandem_proxy_discovery_requests_total` (see [`StreamMetrics`]), and the resilience
 //! engine's (read from the active config at scrape time, see [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
 //! `tandem_ejections_total`, `tandem_active_ejections`, `tandem_panic_total`,
 //! `tandem_no_endpoints_total`, `tandem_overflows_total`; and, when identity is on, the identity
@@ -22,11 +25,13 @@ mod histogram;
 mod identity;
 mod policy;
 mod service;
+mod stream;
 
 pub use histogram::AtomicHistogram;
 pub use identity::{IdentityMetrics, RenewalLabels};
 pub use policy::policy_metrics;
 pub use service::{ConnectionTelemetry, ServiceTelemetry};
+pub use stream::{DiscoveryLabels, SourceLabels, StreamMetrics, gauge_value};
 
 use std::sync::{Arc, OnceLock};
 
@@ -261,6 +266,8 @@ pub struct Metrics {
     pub tls: TlsMetrics,
     /// Inbound authorization decisions.
     pub authz: AuthzMetrics,
+    /// The config sources (file and stream) and on-demand discovery.
+    pub stream: StreamMetrics,
 }
 
 /// How a source of a counter read at scrape time is given to [`Metrics`].
@@ -294,6 +301,7 @@ impl Metrics {
         registry.register("tandem_ready", "1 when the proxy is ready", ready.clone());
         let tls = TlsMetrics::register(&mut registry);
         let authz = AuthzMetrics::register(&mut registry);
+        let stream = StreamMetrics::register(&mut registry);
         let fixed = |direction, label: &str| {
             Arc::new(ServiceTelemetry::new(
                 &families,
@@ -319,6 +327,7 @@ impl Metrics {
             identity: IdentityMetrics::new(),
             tls,
             authz,
+            stream,
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Start: raise `RLIMIT_NOFILE`, load the config (a missing or refused file is not fatal: the
 //! proxy passes traffic through and reports not ready), bind the three listeners, start the
-//! config watcher. Stop (SIGTERM or SIGINT): report not ready, stop accepting, tell HTTP
+//! config watcher and, with identity on, the operator's config stream. Stop (SIGTERM or SIGINT): report not ready, stop accepting, tell HTTP
 //! sessions to finish (no more keep-alive, GOAWAY on HTTP/2), wait for connections in flight up
 //! to the grace period, return.
 
@@ -30,6 +30,7 @@ use crate::http::MeshHttp;
 use crate::identity::IdentityState;
 use crate::logging::Logs;
 use crate::metrics::{Direction, Metrics};
+use crate::stream::StreamClient;
 use crate::tls::MeshTls;
 
 /// The addresses the proxy itself listens on.
@@ -59,6 +60,8 @@ pub struct Shared {
     pub identity: Arc<IdentityState>,
     /// Mutual TLS on both listeners, over `identity`.
     pub tls: MeshTls,
+    /// The operator's config stream, when it is on.
+    pub stream: Option<StreamClient>,
     draining: AtomicBool,
 }
 
@@ -89,6 +92,14 @@ impl Shared {
                 a.config.defaults.connect_timeout_ms
             });
         Duration::from_millis(ms)
+    }
+
+    /// An outbound connection went to `dst`, which no config entry knows: it passes through,
+    /// and the operator is asked (later, by another task) which Service it is. Never waits.
+    pub fn unknown_destination(&self, dst: SocketAddr) {
+        if let Some(stream) = &self.stream {
+            stream.discovery.ask(dst);
+        }
     }
 
     /// Refuses outbound destinations that are the proxy's own capture listeners (a loop).
@@ -282,6 +293,7 @@ pub async fn serve(
     let tls = MeshTls::new(identity.clone(), metrics.clone())
         .map_err(Error::Tls)?
         .with_probes(args.app_probes.clone());
+    let stream = crate::stream::start(&args, store.clone(), identity.clone(), metrics.clone());
     let shared = Arc::new(Shared {
         config: store,
         metrics,
@@ -290,6 +302,7 @@ pub async fn serve(
         access_log,
         identity,
         tls,
+        stream,
         draining: AtomicBool::new(false),
     });
 

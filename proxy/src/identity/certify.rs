@@ -23,6 +23,7 @@ use tandem_crds::identity::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::error::{BadResponse, CertifyFailure};
@@ -133,7 +134,7 @@ pub async fn certify(
 }
 
 /// Reads the token file and checks it can be sent as a bearer token.
-fn read_token(path: &PathBuf) -> Result<http::HeaderValue, CertifyFailure> {
+pub(crate) fn read_token(path: &PathBuf) -> Result<http::HeaderValue, CertifyFailure> {
     let raw = std::fs::read_to_string(path).map_err(|source| CertifyFailure::ReadToken {
         path: path.clone(),
         source,
@@ -167,18 +168,7 @@ async fn post(
     body: Vec<u8>,
 ) -> Result<(http::StatusCode, Bytes), CertifyFailure> {
     let addr = signer.addr.to_string();
-    let tcp = connect(&signer.addr).await?;
-    let config = client_config(trust).map_err(|e| CertifyFailure::Tls {
-        addr: addr.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(signer.server_name.clone(), tcp)
-        .await
-        .map_err(|source| CertifyFailure::Tls {
-            addr: addr.clone(),
-            source,
-        })?;
+    let tls = open(&signer.addr, &signer.server_name, trust).await?;
     let http = |source| CertifyFailure::Http {
         addr: addr.clone(),
         source,
@@ -206,6 +196,26 @@ async fn post(
     drop(sender);
     driver.abort();
     Ok((status, body))
+}
+
+/// A TLS connection to the signer's address (the operator's HTTPS port, which also serves the
+/// config stream), trusted only if its certificate carries `server_name` and chains to
+/// `trust`: the one connector of every call this proxy makes to the operator.
+pub(crate) async fn open(
+    addr: &SignerAddr,
+    server_name: &ServerName<'static>,
+    trust: &TrustBundle,
+) -> Result<TlsStream<TcpStream>, CertifyFailure> {
+    let name = addr.to_string();
+    let tcp = connect(addr).await?;
+    let config = client_config(trust).map_err(|e| CertifyFailure::Tls {
+        addr: name.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    TlsConnector::from(Arc::new(config))
+        .connect(server_name.clone(), tcp)
+        .await
+        .map_err(|source| CertifyFailure::Tls { addr: name, source })
 }
 
 async fn connect(addr: &SignerAddr) -> Result<TcpStream, CertifyFailure> {

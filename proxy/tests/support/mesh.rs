@@ -88,6 +88,7 @@ impl MeshProxy {
             log_format: LogFormat::Json,
             access_log: AccessLogFormat::Json,
             identity: Default::default(),
+            config_stream: tandem_proxy::cli::Switch::Off,
             app_probes: probes,
         };
         let metrics = Arc::new(Metrics::new());

@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod mesh;
 pub mod netns;
+pub mod operator;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
