@@ -89,7 +89,21 @@ async fn a_pod_deleted_behind_a_service_stops_receiving_traffic_once_the_stream_
         .await,
     );
     let written = config_map(&mesh, "client").await;
+    // A window that starts with both servers answering, so the last request the doomed one
+    // got is known whether it came before or after the delete.
     mesh.client_stats(client, true).await.unwrap();
+    or_logs(
+        &mesh,
+        eventually("both servers answer in the new window", SETUP, || async {
+            let stats = mesh.client_stats(client, false).await?;
+            Ok(
+                (stats.by_body.contains_key(&doomed_name)
+                    && stats.by_body.contains_key(&kept_name))
+                .then_some(()),
+            )
+        })
+        .await,
+    );
 
     let deleted_at = unix_ms();
     let pods_api: Api<Pod> = Api::namespaced(mesh.client(), NS);
@@ -120,16 +134,13 @@ async fn a_pod_deleted_behind_a_service_stops_receiving_traffic_once_the_stream_
     let last_to_doomed = stats.last_sent_by_body.get(&doomed_name).copied();
     eprintln!(
         "scenario a: {doomed_name} deleted; the client's proxy ran generation {} (was {}, from \
-         the {}) {} ms after the delete; the last request it got was sent {} after the delete; \
-         {} requests, by status {:?}, by body {:?}",
+         the {}) {} ms after the delete; the last request {doomed_name} got was sent {} ms \
+         after the delete (negative: before it); {} requests, by status {:?}, by body {:?}",
         after.active_generation(),
         before.active_generation(),
         after.active_source.as_deref().unwrap_or("?"),
         applied_at.saturating_sub(deleted_at),
-        last_to_doomed.map_or("never".to_owned(), |t| format!(
-            "{} ms",
-            i128::from(t) - i128::from(deleted_at)
-        )),
+        last_to_doomed.map_or(i128::MIN, |t| i128::from(t) - i128::from(deleted_at)),
         stats.total,
         stats.by_status,
         stats.by_body,
@@ -146,7 +157,7 @@ async fn a_pod_deleted_behind_a_service_stops_receiving_traffic_once_the_stream_
     assert_eq!(stats.ok, stats.total, "no request failed: {stats:?}");
     assert!(stats.total > 0, "{stats:?}");
     assert!(
-        last_to_doomed.is_none_or(|t| t <= applied_at),
+        last_to_doomed.is_some_and(|t| t <= applied_at),
         "no request sent after the proxy showed the new generation reached the deleted pod: {stats:?}"
     );
     assert!(
@@ -672,11 +683,37 @@ fn assert_only_x(watched: &Watched) {
 
 // === The cluster and its workloads ===
 
+/// A cluster whose node refreshes ConfigMap volumes every [`KUBELET_SYNC`], and the meshed
+/// namespace [`NS`] with its trust roots published.
+///
+/// The operator publishes a namespace's trust roots (a ConfigMap every injected pod mounts)
+/// once a meshed pod is there, and with the kubelet's refresh the first pods would only see
+/// them a sync later: a minute with no certificate and no stream (a real kubelet can do the
+/// same to the first pods of a new namespace). So a throwaway pod brings the roots first, and
+/// the scenario's pods find them when their volumes are made.
 async fn start() -> Mesh {
     let mesh = Mesh::start_with_refresh(InstallOptions::default(), Some(KUBELET_SYNC))
         .await
         .expect("cluster, Tandem and node start");
-    apply_value(&mesh.client(), &namespace(NS, true))
+    apply_all(
+        &mesh,
+        &[
+            namespace(NS, true),
+            service_account("warmup"),
+            client_pod("warmup", "warmup", None, 0, None),
+        ],
+    )
+    .await;
+    let client = mesh.client();
+    or_logs(
+        &mesh,
+        eventually("the trust roots in the namespace", SETUP, || async {
+            Ok(stream::trust_roots(&client, NS).await.ok())
+        })
+        .await,
+    );
+    let pods: Api<Pod> = Api::namespaced(mesh.client(), NS);
+    pods.delete("warmup", &DeleteParams::default())
         .await
         .unwrap();
     mesh
