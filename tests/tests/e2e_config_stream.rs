@@ -178,7 +178,8 @@ async fn a_pod_deleted_behind_a_service_stops_receiving_traffic_once_the_stream_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and the control-plane binaries: run by make e2e"]
-async fn an_operator_restart_while_traffic_flows_loses_no_request_and_keeps_unchanged_versions() {
+async fn an_operator_restart_while_traffic_flows_loses_no_request_and_the_proxies_keep_their_content()
+ {
     let _serial = SERIAL.lock().await;
     let mut mesh = start().await;
     let pods = servers_and_client(&mesh).await;
