@@ -226,6 +226,7 @@ async fn start(args: &Args) -> anyhow::Result<Demo> {
             images,
             shim,
             forwards: tandem.node_forwards(),
+            config_map_refresh: None,
         },
     )
     .await?;

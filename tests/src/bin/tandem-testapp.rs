@@ -1,13 +1,16 @@
 //! `tandem-testapp`: the test application the node agent runs for the test images.
 //!
-//! - `server --listen ADDR[,ADDR…] --name NAME [--fail-every N] [--tcp-listen ADDR]`: answers
-//!   every request, whatever its method, on every listen address with its name (so a client
-//!   sees which version served it), failing every Nth request with 503; `/healthz` answers
-//!   `ok`. With `--tcp-listen`, also echoes every byte of every TCP connection there back (an
-//!   opaque protocol whose client speaks first).
+//! - `server --listen ADDR[,ADDR…] --name NAME [--fail-every N] [--tcp-listen ADDR]
+//!   [--linger SECONDS]`: answers every request, whatever its method, on every listen address
+//!   with its name (so a client sees which version served it), failing every Nth request with
+//!   503; `/healthz` answers `ok`. With `--tcp-listen`, also echoes every byte of every TCP
+//!   connection there back (an opaque protocol whose client speaks first). With `--linger`,
+//!   keeps serving that long after SIGTERM, as an app behind a `preStop` sleep does while its
+//!   endpoint's removal propagates.
 //! - `client --target URL [--rps R] [--stats-listen ADDR]`: sends R requests per second to
 //!   URL (none with `--rps 0`) and serves what it observed at `/stats` (counts by status and
-//!   body, p50/p99 latency; `/stats?reset=1` starts a new window). `/burst?n=N` sends exactly N
+//!   body, p50/p99 latency, and per body when the last request answered with it was sent, in
+//!   unix milliseconds; `/stats?reset=1` starts a new window). `/burst?n=N` sends exactly N
 //!   more requests (`&concurrency=C` at once, `&rps=R` paced, `&target=URL` elsewhere,
 //!   `&method=POST` another method, `&header=NAME[,NAME…]` counting the values of those response
 //!   headers, joined by `|`; `&content_type=…` sent as the request's content type, `&h2=true`
@@ -61,6 +64,9 @@ enum Command {
         /// Where to echo TCP, if anywhere.
         #[arg(long, env = "TCP_LISTEN")]
         tcp_listen: Option<SocketAddr>,
+        /// Seconds to keep serving after SIGTERM.
+        #[arg(long, env = "LINGER", default_value_t = 0)]
+        linger: u64,
     },
     /// Send requests and report what came back.
     Client {
@@ -82,6 +88,8 @@ struct Window {
     /// Values of the response headers a burst asked for, joined by `|` ("" when absent).
     by_header: BTreeMap<String, u64>,
     latencies_us: Vec<u64>,
+    /// Per body, when the last request answered with it was sent (unix milliseconds).
+    last_sent_by_body: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,6 +103,9 @@ struct Stats {
     by_header: BTreeMap<String, u64>,
     p50_ms: f64,
     p99_ms: f64,
+    /// Per body, when the last request answered with it was sent (unix milliseconds): the
+    /// machine's clock, so a test compares it with its own.
+    last_sent_by_body: BTreeMap<String, u64>,
 }
 
 impl Window {
@@ -118,6 +129,7 @@ impl Window {
             by_header: self.by_header.clone(),
             p50_ms: pick(0.5),
             p99_ms: pick(0.99),
+            last_sent_by_body: self.last_sent_by_body.clone(),
         }
     }
 }
@@ -130,13 +142,14 @@ async fn main() -> anyhow::Result<()> {
             name,
             fail_every,
             tcp_listen,
+            linger,
         } => {
             if let Some(addr) = tcp_listen {
                 let listener = tokio::net::TcpListener::bind(addr).await?;
                 eprintln!("tandem-testapp TCP echo on {addr}");
                 tokio::spawn(echo(listener));
             }
-            server(listen, name, fail_every).await
+            server(listen, name, fail_every, Duration::from_secs(linger)).await
         }
         Command::Client {
             target,
@@ -146,7 +159,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn server(listen: Vec<SocketAddr>, name: String, fail_every: u64) -> anyhow::Result<()> {
+async fn server(
+    listen: Vec<SocketAddr>,
+    name: String,
+    fail_every: u64,
+    linger: Duration,
+) -> anyhow::Result<()> {
     let count = Arc::new(AtomicU64::new(0));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -169,7 +187,10 @@ async fn server(listen: Vec<SocketAddr>, name: String, fail_every: u64) -> anyho
         let app = app.clone();
         servers.spawn(async move {
             axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown())
+                .with_graceful_shutdown(async move {
+                    shutdown().await;
+                    tokio::time::sleep(linger).await;
+                })
                 .await
         });
     }
@@ -252,6 +273,8 @@ struct Outcome {
     /// was asked for.
     header: Option<String>,
     latency: Duration,
+    /// When the request was sent (unix milliseconds).
+    sent_unix_ms: u64,
 }
 
 /// What to send, beyond the URL.
@@ -267,6 +290,9 @@ struct Ask {
 /// One request with a 5 s limit; transport errors and timeouts are outcomes, not failures.
 async fn send(http: &Http, uri: hyper::Uri, ask: &Ask) -> Outcome {
     let started = Instant::now();
+    let sent_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let request = tokio::time::timeout(Duration::from_secs(5), async {
         let mut request = hyper::Request::builder()
             .method(ask.method.clone())
@@ -308,12 +334,18 @@ async fn send(http: &Http, uri: hyper::Uri, ask: &Ask) -> Outcome {
         body,
         header: header.or_else(|| (!ask.headers.is_empty()).then(String::new)),
         latency: started.elapsed(),
+        sent_unix_ms,
     }
 }
 
 impl Window {
     fn record(&mut self, outcome: Outcome) {
         *self.by_status.entry(outcome.status).or_default() += 1;
+        let last = self
+            .last_sent_by_body
+            .entry(outcome.body.clone())
+            .or_default();
+        *last = (*last).max(outcome.sent_unix_ms);
         *self.by_body.entry(outcome.body).or_default() += 1;
         if let Some(header) = outcome.header {
             *self.by_header.entry(header).or_default() += 1;

@@ -50,6 +50,13 @@ pub struct NodeOptions {
     /// Ports of the gateway address pods reach that are carried to processes on the machine
     /// (the operator's signer), as a host-network proxy would carry them.
     pub forwards: Vec<forward::HostForward>,
+    /// How the node refreshes mounted ConfigMaps after a change: `None` rewrites them as soon
+    /// as the change is seen (faster than any kubelet); `Some(period)` only every `period`, as
+    /// a real kubelet refreshes a pod's ConfigMap volumes when it syncs the pod
+    /// (`--sync-frequency`, one minute by default, so 60–90 s after a change). Scenarios that
+    /// must prove another path (the operator's config stream) is what delivers a change in
+    /// time run with the kubelet's period.
+    pub config_map_refresh: Option<Duration>,
 }
 
 /// ConfigMap (namespace, name) → the volume directories made from it, with their `items`.
@@ -66,6 +73,7 @@ pub struct NodeShared {
     host_ip: Ipv4Addr,
     pool: Mutex<net::AddressPool>,
     config_map_volumes: Mutex<ConfigMapVolumes>,
+    config_map_refresh: Option<Duration>,
     probes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -154,6 +162,7 @@ impl NodeAgent {
             host_ip,
             pool: Mutex::new(net::AddressPool::new(&pod_cidr)?),
             config_map_volumes: Mutex::new(BTreeMap::new()),
+            config_map_refresh: options.config_map_refresh,
             probes: Mutex::new(Vec::new()),
         });
         let pods = Arc::new(tokio::sync::Mutex::new(BTreeMap::new()));
@@ -400,49 +409,85 @@ async fn finalize_delete(client: kube::Client, namespace: &str, name: &str, uid:
     }
 }
 
+/// The latest state of each watched ConfigMap: `None` once it was deleted.
+type LatestConfigMaps = BTreeMap<(String, String), Option<ConfigMap>>;
+
 /// Watches ConfigMaps and rewrites every volume made from one when it changes (or empties it
-/// when the ConfigMap is deleted), as the kubelet's ConfigMap manager does.
+/// when the ConfigMap is deleted), as the kubelet's ConfigMap manager does: at once, or only
+/// every [`NodeOptions::config_map_refresh`] (the kubelet's pod sync).
 async fn keep_config_maps(node: Arc<NodeShared>) {
     let api: Api<ConfigMap> = Api::all(node.client.clone());
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    while let Some(event) = events.next().await {
-        let (cm, deleted) = match event {
-            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => (cm, false),
-            Ok(watcher::Event::Delete(cm)) => (cm, true),
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "ConfigMap watch error");
-                continue;
-            }
-        };
-        let key = (
-            cm.metadata.namespace.clone().unwrap_or_default(),
-            cm.metadata.name.clone().unwrap_or_default(),
-        );
-        let targets = node
-            .config_map_volumes
-            .lock()
-            .map(|m| m.get(&key).cloned().unwrap_or_default())
-            .unwrap_or_default();
-        for (dir, items) in targets {
-            let files = if deleted {
-                BTreeMap::new()
-            } else {
-                volumes::config_map_files(
-                    cm.data.as_ref(),
-                    cm.binary_data.as_ref(),
-                    items.as_deref(),
-                )
-            };
-            match volumes::write_atomic(&dir, &files) {
-                Ok(true) => {
-                    tracing::info!(configmap = %format!("{}/{}", key.0, key.1), dir = %dir.display(), "ConfigMap volume updated")
+    let mut latest = LatestConfigMaps::new();
+    // Without a period the tick never fires: every change is written when it is seen.
+    let period = node
+        .config_map_refresh
+        .unwrap_or(Duration::from_secs(86_400));
+    let mut sync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return };
+                let Some((key, state)) = config_map_event(event) else { continue };
+                if node.config_map_refresh.is_none() {
+                    refresh_volumes(&node, &key, state.as_ref());
                 }
-                Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "ConfigMap volume update failed"),
+                latest.insert(key, state);
             }
+            _ = sync.tick() => {
+                for (key, state) in &latest {
+                    refresh_volumes(&node, key, state.as_ref());
+                }
+            }
+        }
+    }
+}
+
+/// A ConfigMap watch event as (namespace, name) and the ConfigMap (`None`: deleted).
+fn config_map_event(
+    event: std::result::Result<watcher::Event<ConfigMap>, watcher::Error>,
+) -> Option<((String, String), Option<ConfigMap>)> {
+    let (cm, deleted) = match event {
+        Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => (cm, false),
+        Ok(watcher::Event::Delete(cm)) => (cm, true),
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "ConfigMap watch error");
+            return None;
+        }
+    };
+    let key = (
+        cm.metadata.namespace.clone().unwrap_or_default(),
+        cm.metadata.name.clone().unwrap_or_default(),
+    );
+    Some((key, (!deleted).then_some(cm)))
+}
+
+/// Writes a ConfigMap's current state into every volume made from it (a no-op for volumes
+/// that already hold it).
+fn refresh_volumes(node: &NodeShared, key: &(String, String), cm: Option<&ConfigMap>) {
+    let targets = node
+        .config_map_volumes
+        .lock()
+        .map(|m| m.get(key).cloned().unwrap_or_default())
+        .unwrap_or_default();
+    for (dir, items) in targets {
+        let files = match cm {
+            None => BTreeMap::new(),
+            Some(cm) => volumes::config_map_files(
+                cm.data.as_ref(),
+                cm.binary_data.as_ref(),
+                items.as_deref(),
+            ),
+        };
+        match volumes::write_atomic(&dir, &files) {
+            Ok(true) => {
+                tracing::info!(configmap = %format!("{}/{}", key.0, key.1), dir = %dir.display(), "ConfigMap volume updated")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "ConfigMap volume update failed"),
         }
     }
 }

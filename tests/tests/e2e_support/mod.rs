@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod stream;
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -57,6 +59,15 @@ impl Mesh {
 
     /// [`Mesh::start`], with Tandem installed with `options` (e.g. the operator's env).
     pub async fn start_with(options: InstallOptions) -> anyhow::Result<Self> {
+        Self::start_with_refresh(options, None).await
+    }
+
+    /// [`Mesh::start_with`], the node refreshing mounted ConfigMaps only every
+    /// `config_map_refresh` when given (see `NodeOptions::config_map_refresh`).
+    pub async fn start_with_refresh(
+        options: InstallOptions,
+        config_map_refresh: Option<Duration>,
+    ) -> anyhow::Result<Self> {
         // The kube clients' connection errors while scenario f restarts the apiserver are
         // expected; RUST_LOG shows them when wanted.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -107,6 +118,7 @@ impl Mesh {
                 images: Images(images),
                 shim: PathBuf::from(env!("CARGO_BIN_EXE_tandem-container")),
                 forwards: tandem.node_forwards(),
+                config_map_refresh,
             },
         )
         .await?;
@@ -528,6 +540,9 @@ pub struct ClientStats {
     pub by_header: BTreeMap<String, u64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Per body, when the last request answered with it was sent (unix milliseconds).
+    #[serde(default)]
+    pub last_sent_by_body: BTreeMap<String, u64>,
 }
 
 impl ClientStats {
