@@ -613,6 +613,14 @@ async fn gateway_evidence(
             gateway.member.pod,
             match (&held.config, &held.refusal) {
                 (Some(config), _) => format!("served ({} Services)", config.services.len()),
+                (None, _) if held.open => format!(
+                    "watch accepted (200) but no config served{}",
+                    if held.heartbeats_only {
+                        ", heartbeats only"
+                    } else {
+                        " yet"
+                    }
+                ),
                 (None, Some((status, reason))) => format!("refused {status} {reason}"),
                 (None, None) => format!(
                     "no answer yet ({})",

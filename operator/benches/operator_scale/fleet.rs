@@ -62,6 +62,11 @@ pub struct Held {
     pub refusal: Option<(u16, String)>,
     /// The last other failure, for the report of a run that did not converge.
     pub failure: Option<String>,
+    /// A watch was accepted but sent only heartbeats before any config (a workload the
+    /// operator has no view for).
+    pub heartbeats_only: bool,
+    /// A watch is open (answered 200) now.
+    pub open: bool,
 }
 
 /// One simulated proxy.
@@ -253,6 +258,7 @@ async fn run(shared: Arc<Shared>, client: Arc<Client>, delay: Duration) {
         let attached = {
             let mut held = client.held.lock().unwrap();
             let attached = held.attached_at.take().is_some();
+            held.open = false;
             match ended {
                 Ended::Refused(status, reason) => held.refusal = Some((status, reason)),
                 Ended::Failed(why) => held.failure = Some(why),
@@ -332,6 +338,7 @@ async fn watch(shared: &Shared, client: &Arc<Client>) -> Ended {
         );
         return Ended::Refused(status.as_u16(), reason);
     }
+    client.held.lock().unwrap().open = true;
     let silence = HEARTBEAT_INTERVAL * 3;
     let mut buffer: Vec<u8> = Vec::new();
     loop {
@@ -362,9 +369,13 @@ fn handle(shared: &Shared, client: &Arc<Client>, line: &[u8]) -> Result<(), Stri
     let message = StreamMessage::from_line(line).map_err(|e| format!("bad message: {e}"))?;
     let now = Instant::now();
     let mut held = client.held.lock().unwrap();
+    // Attached means serving a config from this watch: its first Snapshot or Current.
     let first = held.attached_at.is_none();
     let applied = match message {
-        StreamMessage::Heartbeat => None,
+        StreamMessage::Heartbeat => {
+            held.heartbeats_only = held.config.is_none();
+            None
+        }
         StreamMessage::Snapshot { config } => {
             config
                 .validate()
@@ -401,7 +412,7 @@ fn handle(shared: &Shared, client: &Arc<Client>, line: &[u8]) -> Result<(), Stri
             Some(delta.version)
         }
     };
-    if first {
+    if first && applied.is_some() {
         held.attached_at = Some(now);
     }
     if let Some(version) = applied {
