@@ -481,8 +481,11 @@ where
     let at = Instant::now();
     make().await;
     let deadline = at + CHANGE_LIMIT;
+    // A new version, not an older one seen late (generations order a workload's versions).
     let newer = |before: &str, seen: &files::Seen| {
-        seen.at >= at && generation_of(&seen.version) > generation_of(before)
+        seen.at >= at
+            && seen.version != before
+            && generation_of(&seen.version) >= generation_of(before)
     };
     loop {
         let streams_done = clients
