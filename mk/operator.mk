@@ -7,7 +7,7 @@
 # scenarios against the real control plane, which plain `cargo test` skips (#[ignore]).
 test-operator: ## operator: the integration tests against a real apiserver
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" \
-	  $(CARGO) test -p tandem-operator --test configmaps --test identity --test authorization --locked -- --ignored --test-threads=1
+	  $(CARGO) test -p tandem-operator --test configmaps --test identity --test authorization --test stream --locked -- --ignored --test-threads=1
 
 # The scale benchmark: bounded (gives up after 40 min, 20 with QUICK=1); its report goes to
 # $(BENCH_OUT)/[quick-]operator-report.md. `make bench` runs it after the proxy benchmark.

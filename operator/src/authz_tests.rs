@@ -826,7 +826,10 @@ fn an_authorization_status_lists_its_workloads_and_counts_their_config_maps() {
         None,
         Some(2),
         &Verdict::Accepted,
-        &Programming::Done { config_maps: 7 },
+        &Programming::Done {
+            config_maps: 7,
+            proxies: None,
+        },
         &workloads,
         "2026-01-01T00:00:00Z",
     );
@@ -849,7 +852,10 @@ fn an_authorization_status_lists_its_workloads_and_counts_their_config_maps() {
         Some(&status),
         Some(2),
         &Verdict::Accepted,
-        &Programming::Done { config_maps: 9 },
+        &Programming::Done {
+            config_maps: 9,
+            proxies: None,
+        },
         &workloads,
         "2026-01-02T00:00:00Z",
     );
@@ -862,7 +868,10 @@ fn an_authorization_status_lists_its_workloads_and_counts_their_config_maps() {
             reason: reason::INVALID,
             message: "rules[0]: bad".into(),
         },
-        &Programming::Done { config_maps: 9 },
+        &Programming::Done {
+            config_maps: 9,
+            proxies: None,
+        },
         &[],
         "2026-01-02T00:00:00Z",
     );

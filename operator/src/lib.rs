@@ -8,6 +8,7 @@
 //! - [`status`]: the `Accepted` and `Programmed` conditions, computed purely.
 //! - [`stores`]: the watches and the in-memory stores they fill.
 //! - [`controller`]: the reconcile pass that writes ConfigMaps and status.
+//! - [`index`]: what the reconciler keeps across passes: scopes, versions, reverse maps.
 //! - [`hub`]: each workload's current view, its watchers, what its proxies run and learned.
 //! - [`sync`]: nothing is rendered, written or deleted before every watch has listed once.
 //! - [`leader`]: leader election on a Lease.
@@ -15,12 +16,15 @@
 //! - [`ca`]: the identity CA, pure (a root and an issuer; leaves from CSRs).
 //! - [`issuer`]: the issuer Secret, created once, watched, its expiry watched.
 //! - [`signer`]: the HTTPS certify call every replica serves (TokenReview, then a leaf).
+//! - [`stream`]: the config stream on the same listener (watch, discover, applied), served by
+//!   the leader from the [`hub`].
 //! - [`run`]: wires it all together for the binary.
 
 pub mod authz;
 pub mod ca;
 pub mod controller;
 pub mod hub;
+pub mod index;
 pub mod issuer;
 pub mod leader;
 pub mod metrics;
@@ -31,6 +35,7 @@ pub mod server;
 pub mod signer;
 pub mod status;
 pub mod stores;
+pub mod stream;
 pub mod sync;
 
 pub use render::{Inputs, Rendered, render};

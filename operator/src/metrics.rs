@@ -54,9 +54,7 @@ pub struct StreamMetrics {
 impl Default for StreamMetrics {
     fn default() -> Self {
         Self {
-            convergence: Family::new_with_constructor(|| {
-                Histogram::new(CONVERGENCE_BUCKETS.into_iter())
-            }),
+            convergence: Family::new_with_constructor(|| Histogram::new(CONVERGENCE_BUCKETS)),
             watches: Gauge::default(),
             refused: Family::default(),
             messages: Family::default(),

@@ -1,12 +1,13 @@
 //! The pure core: from the cluster's objects to the proxy config and each policy's verdict.
 //!
-//! Every proxy gets the same set of services (those accepted policies govern, plus the backends
-//! their rules send to), because any pod may call any Service; what differs between
-//! ServiceAccounts is the `workload` (its mTLS mode) and its inbound `authorization` (the
-//! AuthorizationPolicies that target it, see [`crate::authz`]). Rendering therefore happens once
-//! per pass ([`render`]) and is stamped per ServiceAccount ([`Rendered::config_for`]).
-//! Everything is sorted, so unchanged inputs give byte-identical JSON and the operator writes
-//! nothing.
+//! Rendering happens once per pass ([`render`]): every Service's entry (governed ones with their
+//! policies, the others as they are) goes into one catalog, by [`ServiceRef`]. A workload's
+//! config is scoped ([`Rendered::config_with`]): its own inbound side (its mTLS mode and the
+//! AuthorizationPolicies that target it, see [`crate::authz`]) and outbound entries only for
+//! the Services it depends on: those its pods name in `tandem.dev/dependencies`, those it was
+//! seen calling (learned through discovery), and, transitively, the backends their routes send
+//! to. Everything is sorted, so unchanged inputs give byte-identical JSON and the operator
+//! writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -21,11 +22,12 @@ use kube::ResourceExt;
 use kube::api::PartialObjectMeta;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::{
-    self, Authorization, Backend, DefaultPolicy, Endpoint, HeaderMatch, LoadBalancer, PathMatch,
-    Protocol, ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
+    self, Backend, DefaultPolicy, Endpoint, HeaderMatch, LoadBalancer, PathMatch, Protocol,
+    ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
 };
+use tandem_crds::dependencies::Dependency;
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
-use tandem_crds::names::DEFAULT_POLICY_ANNOTATION;
+use tandem_crds::names::{DEFAULT_POLICY_ANNOTATION, DEPENDENCIES_ANNOTATION};
 pub use tandem_crds::pods::is_injected;
 use tandem_crds::pods::service_account;
 use tandem_crds::v1alpha1::{
@@ -119,6 +121,13 @@ pub struct BadAnnotation {
 impl BadAnnotation {
     /// The Event's note.
     pub fn message(&self) -> String {
+        if self.annotation == DEPENDENCIES_ANNOTATION {
+            return format!(
+                "{DEPENDENCIES_ANNOTATION} on pods of this ServiceAccount: {} not <service>, \
+                 <namespace>/<service> or <namespace>/*; ignored (the other entries count)",
+                self.value
+            );
+        }
         if self.annotation == DEFAULT_POLICY_ANNOTATION {
             let values: Vec<&str> = DefaultPolicy::ALL.iter().map(|p| p.as_str()).collect();
             return format!(
@@ -142,6 +151,9 @@ impl BadAnnotation {
 
     /// The Event's reason.
     pub fn reason(&self) -> &'static str {
+        if self.annotation == DEPENDENCIES_ANNOTATION {
+            return "InvalidDependencies";
+        }
         if self.annotation == DEFAULT_POLICY_ANNOTATION {
             "InvalidDefaultPolicy"
         } else {
@@ -155,11 +167,21 @@ impl BadAnnotation {
 pub struct Rendered {
     /// Every policy's verdict, by policy.
     pub verdicts: BTreeMap<PolicyKey, Verdict>,
-    /// The governed services, sorted by namespace then name.
+    /// The governed services and the meshed ones, sorted by namespace then name (what every
+    /// config carried before configs were scoped; kept for inspection).
     pub services: Vec<contract::Service>,
-    /// A hash of `services`; each config's version stamp hashes it with the workload's
-    /// authorization.
+    /// A hash of `services`.
     pub version: String,
+    /// Every Service's entry (governed ones with their policies), with its hashes.
+    pub catalog: BTreeMap<ServiceRef, CatalogEntry>,
+    /// The Services of each namespace (for `<namespace>/*` dependencies).
+    pub by_namespace: BTreeMap<String, Vec<ServiceRef>>,
+    /// What each workload's pods name in `tandem.dev/dependencies` (union over its pods).
+    pub dependencies: BTreeMap<WorkloadKey, BTreeSet<Dependency>>,
+    /// The target Service of every accepted TrafficPolicy and CircuitBreakerPolicy.
+    pub targets: BTreeMap<PolicyKey, ServiceRef>,
+    /// Every policy's `metadata.generation`, as this pass saw it.
+    pub generations: BTreeMap<PolicyKey, i64>,
     /// The mTLS mode of every workload with injected pods.
     pub modes: BTreeMap<WorkloadKey, MtlsMode>,
     /// The mode where no workload-specific one was resolved.
@@ -170,23 +192,149 @@ pub struct Rendered {
     pub authorizations: Authorizations,
 }
 
+/// One Service as configs carry it, with the hashes that tell what changed between passes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CatalogEntry {
+    /// The entry.
+    pub service: contract::Service,
+    /// A hash of the whole entry.
+    pub hash: u64,
+    /// A hash of the entry without its endpoints: what policies and the Service's spec
+    /// decide. Equal `policy_hash` and different `hash` means only endpoints changed.
+    pub policy_hash: u64,
+}
+
+impl CatalogEntry {
+    fn new(service: contract::Service) -> Self {
+        let hash = hash_of(&service);
+        let mut bare = service.clone();
+        for port in &mut bare.ports {
+            port.endpoints.clear();
+        }
+        Self {
+            policy_hash: hash_of(&bare),
+            hash,
+            service,
+        }
+    }
+}
+
+/// What one workload's config holds and the hashes of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// The Services its config carries, sorted.
+    pub view: BTreeSet<ServiceRef>,
+    /// The content hash (everything but the version): equal hashes, equal configs.
+    pub content: String,
+    /// The hash of the content without endpoints: equal `policy` and different `content`
+    /// means an endpoint-only change.
+    pub policy: String,
+}
+
 impl Rendered {
-    /// The config for the pods of one ServiceAccount.
+    /// The config for the pods of one ServiceAccount, scoped to the dependencies its pods
+    /// name (nothing learned); its version is the bare content hash.
     pub fn config_for(&self, namespace: &str, service_account: &str) -> ProxyConfig {
         let key = WorkloadKey {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
         };
-        let mtls = self.modes.get(&key).copied().unwrap_or(self.default_mtls);
-        let authorization = self.authorizations.for_workload(&key);
+        let scope = self.scope_of(&key, &BTreeSet::new());
+        let mut config = self.config_with(&key, &scope);
+        config.version = scope.content;
+        config
+    }
+
+    /// The Services `workload`'s config carries: those its pods name, those it was seen
+    /// calling (`learned`), and the backends of their routes, transitively. Services that do
+    /// not exist (any more) are left out. With the hashes of that content.
+    pub fn scope_of(&self, workload: &WorkloadKey, learned: &BTreeSet<ServiceRef>) -> Scope {
+        let mut pending: Vec<&ServiceRef> = learned.iter().collect();
+        for dependency in self.dependencies.get(workload).into_iter().flatten() {
+            match dependency {
+                Dependency::Service { namespace, name } => {
+                    if let Some((key, _)) =
+                        self.catalog.get_key_value(&service_ref(namespace, name))
+                    {
+                        pending.push(key);
+                    }
+                }
+                Dependency::Namespace(namespace) => {
+                    pending.extend(self.by_namespace.get(namespace).into_iter().flatten());
+                }
+            }
+        }
+        let mut view = BTreeSet::new();
+        while let Some(key) = pending.pop() {
+            let Some((key, entry)) = self.catalog.get_key_value(key) else {
+                continue;
+            };
+            if !view.insert(key.clone()) {
+                continue;
+            }
+            for route in &entry.service.routes {
+                pending.extend(route.backends.iter().map(|b| &b.service));
+            }
+        }
+        let (content, policy) = self.hashes(workload, &view);
+        Scope {
+            view,
+            content,
+            policy,
+        }
+    }
+
+    /// The content and policy hashes of a workload's config holding `view`, computed from the
+    /// catalog's per-Service hashes (no config is built).
+    fn hashes(&self, workload: &WorkloadKey, view: &BTreeSet<ServiceRef>) -> (String, String) {
+        let own = serde_json::to_vec(&(
+            self.mode_of(workload),
+            self.authorizations.for_workload(workload),
+        ))
+        .unwrap_or_default();
+        let mut content = Sha256::new();
+        let mut policy = Sha256::new();
+        for hasher in [&mut content, &mut policy] {
+            hasher.update(workload.namespace.as_bytes());
+            hasher.update(b"/");
+            hasher.update(workload.service_account.as_bytes());
+            hasher.update(b"\n");
+            hasher.update(&own);
+        }
+        for key in view {
+            if let Some(entry) = self.catalog.get(key) {
+                content.update(entry.hash.to_le_bytes());
+                policy.update(entry.policy_hash.to_le_bytes());
+            }
+        }
+        (
+            short_hash(&content.finalize()),
+            short_hash(&policy.finalize()),
+        )
+    }
+
+    fn mode_of(&self, workload: &WorkloadKey) -> MtlsMode {
+        self.modes
+            .get(workload)
+            .copied()
+            .unwrap_or(self.default_mtls)
+    }
+
+    /// Builds the config of `workload` holding `scope`'s Services, with an empty version (the
+    /// caller stamps it: [`tandem_crds::contract::version_stamp`]).
+    pub fn config_with(&self, workload: &WorkloadKey, scope: &Scope) -> ProxyConfig {
         let mut config = ProxyConfig::new(Workload {
-            namespace: key.namespace,
-            service_account: key.service_account,
-            mtls,
+            namespace: workload.namespace.clone(),
+            service_account: workload.service_account.clone(),
+            mtls: self.mode_of(workload),
         });
-        config.services.clone_from(&self.services);
-        config.version = workload_version(&self.version, &authorization);
-        config.authorization = authorization;
+        config.services = scope
+            .view
+            .iter()
+            .filter_map(|key| self.catalog.get(key))
+            .map(|entry| entry.service.clone())
+            .collect();
+        config.authorization = self.authorizations.for_workload(workload);
         config
     }
 
@@ -338,8 +486,10 @@ pub fn render(inputs: &Inputs) -> Rendered {
         &mut verdicts,
     );
 
+    let mut targets = BTreeMap::new();
     for policy in traffic {
         let key = PolicyKey::of(PolicyKind::Traffic, policy);
+        targets.insert(key.clone(), target_of(policy, &policy.spec.target_ref.name));
         let verdict = match traffic_fragment(&index, policy) {
             Ok(fragment) => merge_traffic(&index, &mut governed, fragment),
             Err(rejection) => rejection,
@@ -348,25 +498,128 @@ pub fn render(inputs: &Inputs) -> Rendered {
     }
     for policy in breakers {
         let key = PolicyKey::of(PolicyKind::CircuitBreaker, policy);
+        targets.insert(key.clone(), target_of(policy, &policy.spec.target_ref.name));
         let verdict = breaker_verdict(&index, &mut governed, policy);
         verdicts.insert(key, verdict);
     }
 
+    let catalog = catalog(&index, &governed);
     add_meshed(&index, &mut governed);
     let services: Vec<contract::Service> = governed.into_values().collect();
     let version = version_of(&services);
+    let mut by_namespace: BTreeMap<String, Vec<ServiceRef>> = BTreeMap::new();
+    for key in catalog.keys() {
+        by_namespace
+            .entry(key.namespace.clone())
+            .or_default()
+            .push(key.clone());
+    }
     let (modes, mut bad_annotations) = modes(inputs);
+    let dependencies = dependencies(inputs, &mut bad_annotations);
     let authorizations = crate::authz::render(inputs, &mut verdicts, &mut bad_annotations);
     bad_annotations.sort();
+    targets.retain(|key, _| verdicts.get(key).is_some_and(Verdict::is_accepted));
     Rendered {
+        targets,
+        generations: generations(inputs),
         verdicts,
         services,
         version,
+        catalog,
+        by_namespace,
+        dependencies,
         modes,
         default_mtls: inputs.mesh.default_mtls,
         bad_annotations,
         authorizations,
     }
+}
+
+fn target_of<P: kube::Resource>(policy: &P, name: &str) -> ServiceRef {
+    service_ref(&policy.meta().namespace.clone().unwrap_or_default(), name)
+}
+
+/// Every policy's `metadata.generation` (0 where the apiserver set none).
+fn generations(inputs: &Inputs) -> BTreeMap<PolicyKey, i64> {
+    let traffic = inputs.traffic_policies.iter().map(|p| {
+        (
+            PolicyKey::of(PolicyKind::Traffic, p.as_ref()),
+            p.metadata.generation,
+        )
+    });
+    let breakers = inputs.circuit_breaker_policies.iter().map(|p| {
+        (
+            PolicyKey::of(PolicyKind::CircuitBreaker, p.as_ref()),
+            p.metadata.generation,
+        )
+    });
+    let authorizations = inputs.authorization_policies.iter().map(|p| {
+        (
+            PolicyKey::of(PolicyKind::Authorization, p.as_ref()),
+            p.metadata.generation,
+        )
+    });
+    traffic
+        .chain(breakers)
+        .chain(authorizations)
+        .map(|(key, generation)| (key, generation.unwrap_or(0)))
+        .collect()
+}
+
+/// Every Service's entry: the governed one where a policy governs it, else its base.
+fn catalog(
+    index: &Index,
+    governed: &BTreeMap<ServiceRef, contract::Service>,
+) -> BTreeMap<ServiceRef, CatalogEntry> {
+    index
+        .services
+        .keys()
+        .filter_map(|key| {
+            let service = governed.get(key).cloned().or_else(|| index.base(key))?;
+            Some((key.clone(), CatalogEntry::new(service)))
+        })
+        .collect()
+}
+
+/// What each workload's pods name in `tandem.dev/dependencies`, united over its pods. Entries
+/// that name nothing are skipped and reported once per workload (on its ServiceAccount).
+fn dependencies(
+    inputs: &Inputs,
+    bad: &mut Vec<BadAnnotation>,
+) -> BTreeMap<WorkloadKey, BTreeSet<Dependency>> {
+    let mut found: BTreeMap<WorkloadKey, BTreeSet<Dependency>> = BTreeMap::new();
+    let mut wrong: BTreeMap<WorkloadKey, BTreeSet<String>> = BTreeMap::new();
+    for pod in inputs
+        .pods
+        .iter()
+        .filter(|p| is_injected(p) && is_active(p))
+    {
+        let Some(value) = pod.annotations().get(DEPENDENCIES_ANNOTATION) else {
+            continue;
+        };
+        let key = WorkloadKey {
+            namespace: pod.namespace().unwrap_or_default(),
+            service_account: service_account(pod).to_owned(),
+        };
+        let (named, errors) = tandem_crds::dependencies::parse(value, &key.namespace);
+        if !errors.is_empty() {
+            wrong
+                .entry(key.clone())
+                .or_default()
+                .extend(errors.into_iter().map(|e| e.entry));
+        }
+        found.entry(key).or_default().extend(named);
+    }
+    for (workload, entries) in wrong {
+        bad.push(BadAnnotation {
+            annotation: DEPENDENCIES_ANNOTATION,
+            kind: "ServiceAccount",
+            namespace: workload.namespace,
+            name: workload.service_account,
+            value: entries.into_iter().collect::<Vec<_>>().join(","),
+        });
+    }
+    found
 }
 
 /// Adds every Service with a meshed endpoint that no policy governs, as it is (no routes).
@@ -400,15 +653,14 @@ fn version_of(services: &[contract::Service]) -> String {
     short_hash(&Sha256::digest(&json))
 }
 
-/// One workload's version stamp: the services' hash with its authorization, so that a change
-/// of who may call it changes the stamp too (without hashing the services once per workload).
-fn workload_version(services_version: &str, authorization: &Authorization) -> String {
-    let json = serde_json::to_vec(authorization).unwrap_or_default();
-    let mut hasher = Sha256::new();
-    hasher.update(services_version.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(&json);
-    short_hash(&hasher.finalize())
+/// A stable 64-bit hash of a value's JSON (the first 8 bytes of its SHA-256), the same in
+/// every process and release, so versions survive restarts.
+fn hash_of<T: serde::Serialize>(value: &T) -> u64 {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
 }
 
 fn short_hash(digest: &[u8]) -> String {

@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use tandem_crds::contract::DefaultPolicy;
 use tandem_crds::identity::{MtlsMode, SpiffeId};
 
-use crate::controller::Reconciler;
+use crate::controller::{Debounce, Reconciler};
+use crate::hub::Hub;
 use crate::issuer::{self, CurrentAuthority};
 use crate::leader::{self, ElectionSettings};
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ use crate::render::{DEFAULT_CLUSTER_NETWORKS, Mesh};
 use crate::server::{self, Health};
 use crate::signer::{self, Signer};
 use crate::stores::{Stores, start_watches};
+use crate::stream::auth::Authenticator;
+use crate::stream::{self, StreamServer};
 use crate::sync;
 use crate::{Error, Result};
 
@@ -46,6 +49,10 @@ pub struct Settings {
     /// Quiet time after a change before a pass runs, so bursts coalesce.
     #[arg(long, env = "TANDEM_DEBOUNCE_MS", default_value_t = 100)]
     pub debounce_ms: u64,
+    /// Longest wait from the first change of a burst before a pass runs, however long the
+    /// burst lasts (a steady stream of events still gets passes).
+    #[arg(long, env = "TANDEM_DEBOUNCE_MAX_MS", default_value_t = 10_000)]
+    pub debounce_max_ms: u64,
     /// Lease duration in seconds (a new leader takes over within this plus two seconds).
     #[arg(long, env = "TANDEM_LEASE_SECONDS", default_value_t = 8)]
     pub lease_seconds: u64,
@@ -201,13 +208,22 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
             addr: settings.identity_listen,
             source,
         })?;
+    // The hub the reconciler publishes into and the stream serves from (discovery's learning
+    // wakes the reconciler through `trigger`); the leader flag decides both who reconciles and
+    // who answers watches.
+    let hub = Arc::new(Hub::new(trigger.clone(), metrics.stream.clone()));
+    let (leader_tx, leader_rx) = watch::channel(false);
     let (authority, signer_tasks) = start_identity(
-        &settings,
-        &client,
-        &identity,
+        IdentityInputs {
+            settings: &settings,
+            client: &client,
+            identity: &identity,
+            trigger: &trigger,
+            metrics: &metrics,
+        },
         identity_listener,
-        &trigger,
-        &metrics,
+        hub.clone(),
+        leader_rx.clone(),
         shutdown.clone(),
     );
     let (stores, writers) = Stores::new();
@@ -225,7 +241,6 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         .instrument(info_span!("sync")),
     );
 
-    let (leader_tx, leader_rx) = watch::channel(false);
     let mut election =
         ElectionSettings::new(&settings.lease_name, &settings.lease_namespace, &identity);
     election.lease_duration = Duration::from_secs(settings.lease_seconds.max(2));
@@ -253,7 +268,7 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
     );
 
     info!(default_policy = %mesh.default_policy, cluster_networks = ?mesh.cluster_networks, "Authorization defaults");
-    let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority);
+    let reconciler = Reconciler::new(client, stores, metrics, &identity, mesh, authority, hub);
     // Nothing before every store has synced. (The gate's sender is gone once it has opened, so
     // it is awaited once here, not watched by the reconciler: a closed channel would end it.)
     let mut reconciler_gate = synced_rx;
@@ -262,7 +277,10 @@ pub async fn run(settings: Settings, shutdown: watch::Receiver<bool>) -> Result<
         reconciler
             .run(
                 trigger,
-                Duration::from_millis(settings.debounce_ms),
+                Debounce {
+                    quiet: Duration::from_millis(settings.debounce_ms),
+                    ceiling: Duration::from_millis(settings.debounce_max_ms),
+                },
                 leader_rx,
                 shutdown,
             )
@@ -301,18 +319,33 @@ struct SignerTasks {
     server: JoinHandle<()>,
 }
 
-/// Starts the identity side: the issuer Secret's watch, the signer's serving certificate and
-/// the signer itself on `listener`. Returns the issuer as the reconciler sees it (for the trust
-/// roots it distributes) and the tasks.
+/// What the identity side is built from.
+struct IdentityInputs<'a> {
+    settings: &'a Settings,
+    client: &'a Client,
+    identity: &'a str,
+    trigger: &'a Arc<Notify>,
+    metrics: &'a Metrics,
+}
+
+/// Starts the identity side: the issuer Secret's watch, the signer's serving certificate and,
+/// on `listener`, the signer with the config stream beside it (serving `hub` while `leader`
+/// holds true). Returns the issuer as the reconciler sees it (for the trust roots it
+/// distributes) and the tasks.
 fn start_identity(
-    settings: &Settings,
-    client: &Client,
-    identity: &str,
+    inputs: IdentityInputs<'_>,
     listener: tokio::net::TcpListener,
-    trigger: &Arc<Notify>,
-    metrics: &Metrics,
+    hub: Arc<Hub>,
+    leader: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) -> (CurrentAuthority, SignerTasks) {
+    let IdentityInputs {
+        settings,
+        client,
+        identity,
+        trigger,
+        metrics,
+    } = inputs;
     let (authority_tx, authority) = watch::channel(None);
     let issuer_task = tokio::spawn(
         issuer::run(
@@ -339,12 +372,18 @@ fn start_identity(
     });
     let addr = listener.local_addr().unwrap_or(settings.identity_listen);
     info!(%addr, dns_name = %tandem_crds::identity::signer_dns_name(), trust_domain = %settings.trust_domain, cert_ttl_s = settings.cert_ttl.as_secs(), "Serving the identity signer (HTTPS)");
+    let stream = Arc::new(StreamServer::new(
+        hub,
+        Authenticator::new(client.clone(), settings.trust_domain.clone()),
+        leader,
+    ));
+    let app = signer::router(signer).merge(stream::router(stream));
     let mut stop = shutdown;
     let serve_task = tokio::spawn(
         signer::serve(
             listener,
             configs,
-            signer::router(signer),
+            app,
             async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             },

@@ -9,6 +9,9 @@
 //!    UID ([`check_pod`]), so a token copied out of a deleted pod signs nothing.
 //! 3. [`crate::ca::Authority::issue`] signs the CSR's public key (nothing else of the CSR).
 //!
+//! Steps 1 and 2 are [`authenticate`], which the config stream ([`crate::stream`]) shares: it
+//! is served on the same listener.
+//!
 //! The server presents a certificate the issuer signed for `tandem-identity.tandem-system.svc`,
 //! renewed before it expires and re-issued when the issuer changes; proxies verify it against
 //! the trust anchors they already hold for mutual TLS.
@@ -56,6 +59,9 @@ pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const MAX_BODY_BYTES: usize = 64 * 1024;
 /// A TLS handshake that takes longer than this is abandoned.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's smallest read buffer (and its first): requests to the signer and the stream are
+/// small.
+const MIN_READ_BUFFER: usize = 8192;
 /// Lifetime of the signer's own serving certificate; it is renewed at two thirds.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -223,14 +229,25 @@ pub fn check_pod(
     Ok(())
 }
 
-/// The `aud` claim of a JWT, read without verifying anything (to name the reason of a refusal).
-fn unverified_audiences(token: &str) -> Option<Vec<String>> {
+/// The claims of a JWT, read without verifying anything: only to explain a refusal or to
+/// shorten how long a reviewed token is trusted, never to grant anything.
+fn unverified_claims(token: &str) -> Option<serde_json::Value> {
     use base64::Engine as _;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `exp` claim of a token the TokenReview accepted (Unix seconds), if it has one.
+pub fn unverified_expiry(token: &str) -> Option<i64> {
+    unverified_claims(token)?.get("exp")?.as_i64()
+}
+
+/// The `aud` claim of a JWT, read without verifying anything (to name the reason of a refusal).
+fn unverified_audiences(token: &str) -> Option<Vec<String>> {
+    let claims = unverified_claims(token)?;
     match claims.get("aud")? {
         serde_json::Value::String(aud) => Some(vec![aud.clone()]),
         serde_json::Value::Array(auds) => Some(
@@ -243,7 +260,7 @@ fn unverified_audiences(token: &str) -> Option<Vec<String>> {
 }
 
 /// The bearer token of an `Authorization` header.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
@@ -311,33 +328,44 @@ impl Signer {
             Refusal::IssuerUnavailable("no usable issuer Secret is loaded yet".to_owned())
         })?;
 
-        let review = self.review(token).await?;
-        let (id, binding) = identity_of(&review, token, &self.trust_domain)?;
-        if let Some(binding) = &binding {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &id.namespace);
-            let pod = pods.get_opt(&binding.name).await.map_err(|e| {
-                Refusal::ReviewUnavailable(format!("could not look up the token's pod: {e}"))
-            })?;
-            check_pod(pod.as_ref(), &id, binding)?;
-        }
+        let (id, _) = authenticate(&self.client, token, &self.trust_domain).await?;
         issue(&authority, &public_key, &id, self.ttl, &self.metrics)
     }
+}
 
-    async fn review(&self, token: &str) -> std::result::Result<TokenReviewStatus, Refusal> {
-        let reviews: Api<TokenReview> = Api::all(self.client.clone());
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
-            },
-            ..TokenReview::default()
-        };
-        let reviewed = reviews
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| Refusal::ReviewUnavailable(format!("the TokenReview failed: {e}")))?;
-        Ok(reviewed.status.unwrap_or_default())
+/// Steps 1 and 2, against the apiserver: who `token` belongs to, and the pod it is bound to
+/// (checked to be alive). Shared by certify and the config stream ([`crate::stream`]).
+pub async fn authenticate(
+    client: &Client,
+    token: &str,
+    trust_domain: &str,
+) -> std::result::Result<(SpiffeId, Option<PodBinding>), Refusal> {
+    let review = review(client, token).await?;
+    let (id, binding) = identity_of(&review, token, trust_domain)?;
+    if let Some(binding) = &binding {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &id.namespace);
+        let pod = pods.get_opt(&binding.name).await.map_err(|e| {
+            Refusal::ReviewUnavailable(format!("could not look up the token's pod: {e}"))
+        })?;
+        check_pod(pod.as_ref(), &id, binding)?;
     }
+    Ok((id, binding))
+}
+
+async fn review(client: &Client, token: &str) -> std::result::Result<TokenReviewStatus, Refusal> {
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_owned()),
+            audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+        },
+        ..TokenReview::default()
+    };
+    let reviewed = reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| Refusal::ReviewUnavailable(format!("the TokenReview failed: {e}")))?;
+    Ok(reviewed.status.unwrap_or_default())
 }
 
 /// Step 3, and the log line and counter of an issuance.
@@ -451,7 +479,12 @@ pub async fn serve(
                             Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
                             Err(_) => return debug!(%peer, "TLS handshake timed out"),
                         };
-                        let builder = auto::Builder::new(TokioExecutor::new());
+                        let mut builder = auto::Builder::new(TokioExecutor::new());
+                        // Each idle watch keeps its connection's buffers: queue the body's
+                        // lines as they are (a flattened write buffer would keep the capacity
+                        // of the largest snapshot per connection) and never grow the read
+                        // buffer past its first 8 KiB (requests here are a few hundred bytes).
+                        builder.http1().writev(true).max_buf_size(MIN_READ_BUFFER);
                         let serving = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
                         if let Err(error) = watcher.watch(serving.into_owned()).await {
                             debug!(%peer, %error, "Connection ended with an error");

@@ -13,11 +13,28 @@ pub enum Programming {
     Done {
         /// How many ConfigMaps carry it.
         config_maps: usize,
+        /// Of the proxies that need it, how many run a config carrying its current
+        /// generation, and how many there are; `None` when not counted.
+        proxies: Option<(usize, usize)>,
     },
     /// Some writes failed; they are retried.
     Pending(String),
-    /// The config would exceed 1 MiB, so nothing was written.
+    /// The config of a workload that needs it would exceed 1 MiB, so that one was not
+    /// written (the message names it).
     TooLarge(String),
+}
+
+impl Programming {
+    /// `status.proxies`: `<current>/<total>`, when counted.
+    pub fn proxies(&self) -> Option<String> {
+        match self {
+            Self::Done {
+                proxies: Some((current, total)),
+                ..
+            } => Some(format!("{current}/{total}")),
+            _ => None,
+        }
+    }
 }
 
 /// A condition that changed, for a Kubernetes Event.
@@ -50,7 +67,10 @@ pub fn next_status(
     let status = PolicyStatus {
         observed_generation: generation,
         conditions,
-        proxies: None,
+        proxies: verdict
+            .is_accepted()
+            .then(|| programming.proxies())
+            .flatten(),
     };
     (status, transitions)
 }
@@ -67,8 +87,9 @@ pub fn next_authorization_status(
     now: &str,
 ) -> (AuthorizationPolicyStatus, Vec<Transition>) {
     let programming = match programming {
-        Programming::Done { .. } => Programming::Done {
+        Programming::Done { proxies, .. } => Programming::Done {
             config_maps: workloads.len(),
+            proxies: *proxies,
         },
         other => other.clone(),
     };
@@ -83,7 +104,10 @@ pub fn next_authorization_status(
         } else {
             Vec::new()
         },
-        proxies: None,
+        proxies: verdict
+            .is_accepted()
+            .then(|| programming.proxies())
+            .flatten(),
     };
     (status, transitions)
 }
@@ -110,10 +134,22 @@ fn next_conditions(
             reason::PENDING,
             "not programmed because the policy is not accepted".to_owned(),
         ),
-        (Verdict::Accepted, Programming::Done { config_maps }) => (
+        (
+            Verdict::Accepted,
+            Programming::Done {
+                config_maps,
+                proxies,
+            },
+        ) => (
             ConditionStatus::True,
             reason::PROGRAMMED,
-            format!("carried by {config_maps} proxy ConfigMap(s)"),
+            match proxies {
+                Some((current, total)) => format!(
+                    "carried by {config_maps} proxy ConfigMap(s); {current}/{total} proxies \
+                     run it"
+                ),
+                None => format!("carried by {config_maps} proxy ConfigMap(s)"),
+            },
         ),
         (Verdict::Accepted, Programming::Pending(message)) => {
             (ConditionStatus::False, reason::PENDING, message.clone())

@@ -19,7 +19,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tandem_crds::identity::TRUST_ROOTS_KEY;
-use tandem_crds::names::{CONFIG_KEY, OPERATOR_FIELD_MANAGER};
+use tandem_crds::names::{
+    CONFIG_KEY, DEPENDENCIES_ANNOTATION, OPERATOR_FIELD_MANAGER, PROXY_VERSION_ANNOTATION,
+};
 use tandem_crds::v1alpha1::{AuthorizationPolicy, CircuitBreakerPolicy, TrafficPolicy};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -36,6 +38,12 @@ pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
 /// Local-only annotation the ConfigMap reflector stores in place of the (large) data: the hash
 /// of `config.json` (or of `roots.pem`) as it is in the cluster.
 pub(crate) const DATA_HASH: &str = "tandem.dev/local-data-hash";
+/// Annotation on a proxy ConfigMap: the version of the config it holds (so an unchanged
+/// content keeps its version across an operator restart).
+pub const CONFIG_VERSION_ANNOTATION: &str = "tandem.dev/config-version";
+/// Annotation on a proxy ConfigMap: the Services (`<namespace>/<name>`, comma-separated) its
+/// workload was seen calling, learned through discovery; seeded back after a restart.
+pub const LEARNED_ANNOTATION: &str = "tandem.dev/learned";
 
 /// The watches, by the names logs and `pending` use.
 pub const WATCHES: [&str; 9] = [
@@ -374,7 +382,11 @@ fn keeps_pod(event: &Event<Pod>) -> bool {
 pub(crate) fn strip_pod(pod: &mut Pod) {
     let meta = pod.meta_mut();
     meta.managed_fields = None;
-    meta.annotations = None;
+    // Only the annotations rendering reads: the dependencies the pod names, and the
+    // webhook's mark of injection.
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|k, _| k == DEPENDENCIES_ANNOTATION || k == PROXY_VERSION_ANNOTATION);
+    }
     meta.owner_references = None;
     if let Some(spec) = pod.spec.as_mut() {
         for container in &mut spec.containers {

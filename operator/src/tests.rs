@@ -771,7 +771,10 @@ fn an_accepted_programmed_policy_reports_both_conditions_and_the_generation() {
         None,
         Some(4),
         &Verdict::Accepted,
-        &Programming::Done { config_maps: 3 },
+        &Programming::Done {
+            config_maps: 3,
+            proxies: None,
+        },
         "2026-01-01T00:00:00Z",
     );
     assert_eq!(status.observed_generation, Some(4));
@@ -788,7 +791,10 @@ fn an_accepted_programmed_policy_reports_both_conditions_and_the_generation() {
 #[test]
 fn recomputing_an_unchanged_status_gives_an_equal_value_and_no_transition() {
     let verdict = Verdict::Accepted;
-    let done = Programming::Done { config_maps: 1 };
+    let done = Programming::Done {
+        config_maps: 1,
+        proxies: None,
+    };
     let (first, _) = next_status(None, Some(1), &verdict, &done, "2026-01-01T00:00:00Z");
     let (second, transitions) = next_status(
         Some(&first),
@@ -803,7 +809,10 @@ fn recomputing_an_unchanged_status_gives_an_equal_value_and_no_transition() {
 
 #[test]
 fn a_new_generation_updates_observed_generation_but_keeps_transition_times() {
-    let done = Programming::Done { config_maps: 1 };
+    let done = Programming::Done {
+        config_maps: 1,
+        proxies: None,
+    };
     let (first, _) = next_status(
         None,
         Some(1),
@@ -828,7 +837,10 @@ fn a_new_generation_updates_observed_generation_but_keeps_transition_times() {
 
 #[test]
 fn a_rejection_is_a_transition_with_its_reason_and_not_programmed() {
-    let done = Programming::Done { config_maps: 1 };
+    let done = Programming::Done {
+        config_maps: 1,
+        proxies: None,
+    };
     let (first, _) = next_status(
         None,
         Some(1),
@@ -1039,4 +1051,450 @@ fn trust_roots_go_to_namespaces_with_running_injected_pods_only() {
             .collect::<Vec<_>>(),
         ["shop"]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scoped configs
+
+use std::collections::BTreeSet;
+
+use tandem_crds::contract::{ServiceRef, generation_of};
+use tandem_crds::names::DEPENDENCIES_ANNOTATION;
+
+use crate::index::{Change, Index};
+use crate::render::WorkloadKey;
+
+fn depending(pod: Arc<Pod>, dependencies: &str) -> Arc<Pod> {
+    let mut pod = (*pod).clone();
+    pod.metadata.annotations = Some(
+        [(DEPENDENCIES_ANNOTATION.to_owned(), dependencies.to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    Arc::new(pod)
+}
+
+fn workload(namespace: &str, service_account: &str) -> WorkloadKey {
+    WorkloadKey {
+        namespace: namespace.into(),
+        service_account: service_account.into(),
+    }
+}
+
+fn service_key(namespace: &str, name: &str) -> ServiceRef {
+    ServiceRef {
+        name: name.into(),
+        namespace: namespace.into(),
+    }
+}
+
+fn names_in(config: &tandem_crds::contract::ProxyConfig) -> Vec<String> {
+    config
+        .services
+        .iter()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect()
+}
+
+/// The shop, with a `billing` namespace of two Services, and `client` naming `deps`.
+fn scoped_shop(deps: &str) -> Inputs {
+    let mut inputs = shop();
+    inputs
+        .services
+        .push(service("billing", "invoices", "10.96.1.1", &[("http", 80)]));
+    inputs
+        .services
+        .push(service("billing", "ledger", "10.96.1.2", &[("http", 80)]));
+    inputs.pods[0] = depending(pod("shop", "client-1", "client", true), deps);
+    inputs
+}
+
+#[test]
+fn a_config_holds_only_the_services_its_pods_name_and_their_backends() {
+    let rendered = render(&scoped_shop("server"));
+    let config = rendered.config_for("shop", "client");
+    // The canary's backends come with its target; unrelated and billing do not.
+    assert_eq!(
+        names_in(&config),
+        ["shop/server", "shop/server-v1", "shop/server-v2"]
+    );
+    assert_eq!(config.services[0].routes.len(), 1);
+    // A workload naming nothing gets its inbound side only.
+    assert!(rendered.config_for("shop", "server").services.is_empty());
+}
+
+#[test]
+fn a_namespace_wildcard_names_every_service_of_the_namespace() {
+    let rendered = render(&scoped_shop("billing/*, unrelated"));
+    assert_eq!(
+        names_in(&rendered.config_for("shop", "client")),
+        ["billing/invoices", "billing/ledger", "shop/unrelated"],
+        "unrelated has no policy and no meshed endpoint, and is included anyway"
+    );
+}
+
+#[test]
+fn learned_services_are_in_the_view_and_missing_ones_are_left_out() {
+    let rendered = render(&scoped_shop(""));
+    let learned = BTreeSet::from([
+        service_key("billing", "ledger"),
+        service_key("billing", "gone"),
+        service_key("shop", "server-v1"),
+    ]);
+    let scope = rendered.scope_of(&workload("shop", "client"), &learned);
+    assert_eq!(
+        scope.view,
+        BTreeSet::from([
+            service_key("billing", "ledger"),
+            service_key("shop", "server-v1")
+        ])
+    );
+}
+
+#[test]
+fn dependencies_unite_over_the_pods_of_a_service_account_and_bad_entries_are_reported_once() {
+    let mut inputs = scoped_shop("server");
+    inputs.pods.push(depending(
+        pod("shop", "client-2", "client", true),
+        "billing/ledger Bad/x",
+    ));
+    inputs
+        .pods
+        .push(depending(pod("shop", "client-3", "client", true), "Bad/x"));
+    let rendered = render(&inputs);
+    assert_eq!(
+        names_in(&rendered.config_for("shop", "client")),
+        [
+            "billing/ledger",
+            "shop/server",
+            "shop/server-v1",
+            "shop/server-v2"
+        ]
+    );
+    let bad: Vec<&BadAnnotation> = rendered
+        .bad_annotations
+        .iter()
+        .filter(|b| b.annotation == DEPENDENCIES_ANNOTATION)
+        .collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(
+        (bad[0].kind, bad[0].name.as_str()),
+        ("ServiceAccount", "client")
+    );
+    assert!(bad[0].message().contains("Bad/x"), "{}", bad[0].message());
+    assert_eq!(bad[0].reason(), "InvalidDependencies");
+}
+
+#[test]
+fn scoped_configs_are_byte_identical_for_equal_inputs_and_valid() {
+    let a = document(&render(&scoped_shop("billing/*,server")).config_for("shop", "client"));
+    let mut reordered = scoped_shop("server billing/*");
+    reordered.services.reverse();
+    reordered.endpoint_slices.reverse();
+    let b = document(&render(&reordered).config_for("shop", "client"));
+    assert_eq!(a, b);
+    let parsed = tandem_crds::contract::ProxyConfig::from_json(a.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.services.len(), 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The index across passes
+
+/// Shop with three workloads: `client` depends on the canary, `billing` on billing's
+/// Services, `server` on nothing.
+fn three_workloads() -> (Inputs, Vec<WorkloadKey>) {
+    let mut inputs = scoped_shop("server");
+    inputs.pods.push(depending(
+        pod("shop", "billing-1", "billing", true),
+        "billing/*",
+    ));
+    let wanted = vec![
+        workload("shop", "billing"),
+        workload("shop", "client"),
+        workload("shop", "server"),
+    ];
+    (inputs, wanted)
+}
+
+fn update(
+    index: &mut Index,
+    inputs: &Inputs,
+    wanted: &[WorkloadKey],
+    now_ms: u64,
+) -> Vec<(String, Change)> {
+    let (updates, _) = index.update(
+        &render(inputs),
+        wanted,
+        |_| BTreeSet::new(),
+        |_| None,
+        now_ms,
+    );
+    updates
+        .into_iter()
+        .map(|u| (u.workload.service_account, u.change))
+        .collect()
+}
+
+#[test]
+fn a_pass_renders_only_the_workloads_whose_dependencies_changed() {
+    let (mut inputs, wanted) = three_workloads();
+    let mut index = Index::default();
+    assert_eq!(
+        update(&mut index, &inputs, &wanted, 1000).len(),
+        3,
+        "first pass: all"
+    );
+    assert!(
+        update(&mut index, &inputs, &wanted, 2000).is_empty(),
+        "nothing changed"
+    );
+
+    // New endpoints behind billing/ledger: only `billing` depends on it.
+    inputs.endpoint_slices.push(slice(
+        "billing",
+        "ledger",
+        "ledger-abc",
+        &[("http", 8080)],
+        &[("10.244.3.3", Some(true), "")],
+    ));
+    assert_eq!(
+        update(&mut index, &inputs, &wanted, 3000),
+        [("billing".to_owned(), Change::Endpoints)]
+    );
+
+    // A policy change on the canary: only `client`, as a policy change.
+    inputs.traffic_policies = vec![traffic(
+        "shop",
+        "canary",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "rules": [{"backends": [
+                {"name": "server-v1", "port": 80, "weight": 50},
+                {"name": "server-v2", "port": 80, "weight": 50}
+            ]}]
+        }),
+    )];
+    assert_eq!(
+        update(&mut index, &inputs, &wanted, 4000),
+        [("client".to_owned(), Change::Policy)]
+    );
+    let dependents: Vec<&WorkloadKey> = index
+        .dependents(&service_key("shop", "server-v2"))
+        .collect();
+    assert_eq!(dependents, [&workload("shop", "client")]);
+}
+
+#[test]
+fn versions_keep_their_generation_for_equal_content_and_grow_strictly_otherwise() {
+    let (mut inputs, wanted) = three_workloads();
+    let mut index = Index::default();
+    update(&mut index, &inputs, &wanted, 5000);
+    let client = workload("shop", "client");
+    let first = index.entry(&client).unwrap().version.clone();
+    assert_eq!(generation_of(&first), 5000);
+
+    // A clock that went backwards still gives a later generation.
+    inputs.pods[0] = depending(pod("shop", "client-1", "client", true), "server unrelated");
+    update(&mut index, &inputs, &wanted, 10);
+    let second = index.entry(&client).unwrap().version.clone();
+    assert_eq!(generation_of(&second), 5001);
+
+    // After a restart, the ConfigMap's version is reused when the content is the same.
+    let mut fresh = Index::default();
+    let (updates, _) = fresh.update(
+        &render(&inputs),
+        &wanted,
+        |_| BTreeSet::new(),
+        |w| (w == &client).then(|| second.clone()),
+        99_999,
+    );
+    let restarted = updates.iter().find(|u| u.workload == client).unwrap();
+    assert_eq!(restarted.config.version, second);
+    assert_eq!(
+        restarted.change,
+        Change::Policy,
+        "a new index writes (hash-gated)"
+    );
+}
+
+#[test]
+fn a_policy_change_stays_due_until_written_even_if_endpoints_change_after_it() {
+    let (mut inputs, wanted) = three_workloads();
+    let mut index = Index::default();
+    update(&mut index, &inputs, &wanted, 1000);
+    for (workload, _) in index.due() {
+        let version = index.entry(&workload).unwrap().version.clone();
+        index.written(&workload, &version);
+    }
+    assert!(index.due().is_empty());
+    inputs.pods[0] = depending(
+        pod("shop", "client-1", "client", true),
+        "server billing/ledger",
+    );
+    update(&mut index, &inputs, &wanted, 2000);
+    inputs.endpoint_slices.push(slice(
+        "billing",
+        "ledger",
+        "ledger-abc",
+        &[("http", 8080)],
+        &[("10.244.3.3", Some(true), "")],
+    ));
+    update(&mut index, &inputs, &wanted, 3000);
+    let due: Vec<(String, Change)> = index
+        .due()
+        .into_iter()
+        .map(|(w, c)| (w.service_account, c))
+        .collect();
+    assert_eq!(
+        due,
+        [
+            ("billing".to_owned(), Change::Endpoints),
+            ("client".to_owned(), Change::Policy)
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusal and proxy counts
+
+#[test]
+fn a_too_large_workload_is_refused_alone_and_named_on_the_policies_it_needs() {
+    let (mut inputs, wanted) = three_workloads();
+    inputs.traffic_policies.push(traffic(
+        "billing",
+        "ledger-timeout",
+        0,
+        serde_json::json!({"targetRef": {"name": "ledger"}, "rules": [{"timeout": "1s"}]}),
+    ));
+    let mut index = Index::default();
+    update(&mut index, &inputs, &wanted, 1000);
+    index.refuse(&workload("shop", "billing"), 2_000_000);
+    assert!(
+        index
+            .due()
+            .iter()
+            .all(|(w, _)| w.service_account != "billing"),
+        "a refused config is not due"
+    );
+    let canary = key(PolicyKind::Traffic, "shop", "canary");
+    let ledger = key(PolicyKind::Traffic, "billing", "ledger-timeout");
+    let counts = |_: &WorkloadKey, _: u64| (0, 1);
+    match crate::controller::programming_of(&ledger, &index, 0, counts) {
+        Programming::TooLarge(message) => {
+            assert!(message.contains("shop/billing"), "{message}");
+            assert!(message.contains("2000000 bytes"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        crate::controller::programming_of(&canary, &index, 0, counts),
+        Programming::Done {
+            config_maps: 1,
+            proxies: Some((0, 1))
+        },
+        "a policy the refused workload does not need is unaffected"
+    );
+}
+
+#[test]
+fn proxies_count_against_the_first_config_generation_carrying_the_policys_generation() {
+    let (mut inputs, wanted) = three_workloads();
+    let mut index = Index::default();
+    update(&mut index, &inputs, &wanted, 1000);
+    let canary = key(PolicyKind::Traffic, "shop", "canary");
+    let client = workload("shop", "client");
+    assert_eq!(index.carriers(&canary), [(&client, 1000)]);
+
+    // Unrelated changes to client's config later do not move the bar.
+    inputs.pods[0] = depending(pod("shop", "client-1", "client", true), "server unrelated");
+    update(&mut index, &inputs, &wanted, 2000);
+    assert_eq!(index.carriers(&canary), [(&client, 1000)]);
+
+    // A new policy generation does: proxies must run the config that carries it.
+    let mut changed = (*inputs.traffic_policies[0]).clone();
+    changed.metadata.generation = Some(2);
+    changed.spec.rules[0].backends[0].weight = 50;
+    inputs.traffic_policies = vec![Arc::new(changed)];
+    update(&mut index, &inputs, &wanted, 3000);
+    assert_eq!(index.carriers(&canary), [(&client, 3000)]);
+
+    // Two of three pods run it: 2/3 in status and in the message.
+    let programming = crate::controller::programming_of(&canary, &index, 0, |w, generation| {
+        assert_eq!((w, generation), (&client, 3000));
+        (2, 3)
+    });
+    let (status, _) = next_status(
+        None,
+        Some(2),
+        &Verdict::Accepted,
+        &programming,
+        "2026-01-01T00:00:00Z",
+    );
+    assert_eq!(status.proxies.as_deref(), Some("2/3"));
+    assert!(
+        condition(&status, "Programmed")
+            .message
+            .contains("2/3 proxies run it"),
+        "{:?}",
+        condition(&status, "Programmed").message
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Debounce
+
+mod debounce {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::Notify;
+    use tokio::time::Instant;
+
+    use crate::controller::{Debounce, settle};
+
+    const DEBOUNCE: Debounce = Debounce {
+        quiet: Duration::from_millis(100),
+        ceiling: Duration::from_secs(10),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_event_settles_after_the_quiet_time() {
+        let trigger = Arc::new(Notify::new());
+        let first = Instant::now();
+        settle(trigger, first, DEBOUNCE).await;
+        assert_eq!(first.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_keep_extending_the_wait_until_the_ceiling() {
+        let trigger = Arc::new(Notify::new());
+        let feeder = trigger.clone();
+        let events = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                feeder.notify_one();
+            }
+        });
+        let first = Instant::now();
+        settle(trigger, first, DEBOUNCE).await;
+        assert_eq!(first.elapsed(), Duration::from_secs(10));
+        events.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_stops_settles_a_quiet_time_after_its_last_event() {
+        let trigger = Arc::new(Notify::new());
+        let feeder = trigger.clone();
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                feeder.notify_one();
+            }
+        });
+        let first = Instant::now();
+        settle(trigger, first, DEBOUNCE).await;
+        assert_eq!(first.elapsed(), Duration::from_millis(400));
+    }
 }

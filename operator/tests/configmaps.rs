@@ -565,3 +565,439 @@ async fn a_restarted_operator_deletes_nothing_before_every_watch_has_listed() {
         assert_eq!(&after[name].0, uid, "{name} is the same object");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The reconciler in process, with a hub the test holds (as the config stream holds it)
+
+mod in_process {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Client;
+    use kube::api::Api;
+    use prometheus_client::registry::Registry;
+    use tandem_crds::contract::{ConfigSource, ServiceRef};
+    use tandem_crds::v1alpha1::TrafficPolicy;
+    use tandem_operator::controller::{
+        Debounce, LEARNED_ANNOTATION, Reconciler, Stores, start_watches,
+    };
+    use tandem_operator::hub::{Hub, PodKey};
+    use tandem_operator::metrics::Metrics;
+    use tandem_operator::render::{Mesh, WorkloadKey};
+    use tokio::sync::{Notify, watch};
+    use tokio::task::JoinHandle;
+
+    use super::support::*;
+
+    /// A leading reconciler with its own watches, stopped when dropped.
+    struct Running {
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        tasks: Vec<JoinHandle<()>>,
+        _stop: watch::Sender<bool>,
+        _leader: watch::Sender<bool>,
+        _authority: watch::Sender<Option<Arc<tandem_operator::ca::Authority>>>,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self._stop.send_replace(true);
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+
+    async fn reconciler(client: &Client) -> Running {
+        let trigger = Arc::new(Notify::new());
+        let metrics = Metrics::register(&mut Registry::default());
+        let (stores, writers) = Stores::new();
+        let mut tasks = start_watches(client, writers, &trigger, &metrics);
+        stores.wait_until_ready().await.unwrap();
+        let hub = Arc::new(Hub::new(trigger.clone(), metrics.stream.clone()));
+        let (authority_tx, authority) = watch::channel(None);
+        let reconciler = Reconciler::new(
+            client.clone(),
+            stores,
+            metrics.clone(),
+            "in-process",
+            Mesh::default(),
+            authority,
+            hub.clone(),
+        );
+        let (leader_tx, leader) = watch::channel(true);
+        let (stop_tx, stop) = watch::channel(false);
+        let debounce = Debounce {
+            quiet: Duration::from_millis(100),
+            ceiling: Duration::from_secs(10),
+        };
+        tasks.push(tokio::spawn(reconciler.run(
+            trigger.clone(),
+            debounce,
+            leader,
+            stop,
+        )));
+        // The watches' first lists happened before the loop waited: wake it once.
+        trigger.notify_one();
+        Running {
+            hub,
+            metrics,
+            tasks,
+            _stop: stop_tx,
+            _leader: leader_tx,
+            _authority: authority_tx,
+        }
+    }
+
+    fn client_workload() -> WorkloadKey {
+        WorkloadKey {
+            namespace: "shop".into(),
+            service_account: "client".into(),
+        }
+    }
+
+    fn pod(name: &str) -> PodKey {
+        PodKey {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    fn has_endpoint(config: &tandem_crds::contract::ProxyConfig, address: &str) -> bool {
+        config
+            .services
+            .iter()
+            .filter(|s| s.name == "server-v1")
+            .flat_map(|s| &s.ports)
+            .flat_map(|p| &p.endpoints)
+            .any(|e| e.address.to_string() == address)
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn endpoint_churn_writes_no_configmap_while_every_pod_watches() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        injected_pod(&client, "shop", "client-2", "client").await;
+        canary_services(&client, "shop").await;
+        canary(&client, "shop", "canary", 90, 10).await;
+        let running = reconciler(&client).await;
+        eventually("the canary in tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client")
+                .await
+                .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+        })
+        .await;
+        let first = running.hub.watching(pod("client-1"));
+        let second = running.hub.watching(pod("client-2"));
+        let (_, resource_version) = proxy_config(&client, "shop", "client").await.unwrap();
+        let applies = running.metrics.config_map_applies.get();
+
+        // New endpoints: the hub's view (the stream) has them; the ConfigMap is not written.
+        endpoints(
+            &client,
+            "shop",
+            "server-v1",
+            8080,
+            &["10.244.0.11", "10.244.0.12"],
+        )
+        .await;
+        eventually("the new endpoint in the published view", || async {
+            running
+                .hub
+                .current(&client_workload())
+                .is_some_and(|v| has_endpoint(&v.config, "10.244.0.12:8080"))
+        })
+        .await;
+        // Past the next status refresh too (it writes what is due for pods that stopped
+        // watching): still nothing written.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (config, unchanged) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert_eq!(
+            unchanged, resource_version,
+            "the ConfigMap was not rewritten"
+        );
+        assert!(!has_endpoint(&config, "10.244.0.12:8080"));
+        assert_eq!(running.metrics.config_map_applies.get(), applies);
+
+        // One pod stops watching: the file catches up, without another change.
+        drop(second);
+        eventually("the new endpoint in the ConfigMap", || async {
+            proxy_config(&client, "shop", "client")
+                .await
+                .is_some_and(|(c, _)| has_endpoint(&c, "10.244.0.12:8080"))
+        })
+        .await;
+        let written = running.hub.current(&client_workload()).unwrap();
+        let (config, _) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert_eq!(config.version, written.config.version);
+        drop(first);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn a_learned_service_joins_the_view_and_the_configmap_and_survives_a_restart() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        canary_services(&client, "shop").await;
+        service(
+            &client,
+            "shop",
+            "search",
+            serde_json::json!([{"name": "http", "port": 80}]),
+        )
+        .await;
+        let search = ServiceRef {
+            name: "search".into(),
+            namespace: "shop".into(),
+        };
+        let running = reconciler(&client).await;
+        eventually("tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client").await.is_some()
+        })
+        .await;
+        let (config, _) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert!(!config.services.iter().any(|s| s.name == "search"));
+
+        // Discovery resolves the cluster IP and learns it: view, then ConfigMap.
+        let services: Api<k8s_openapi::api::core::v1::Service> =
+            Api::namespaced(client.clone(), "shop");
+        let search_ip: std::net::IpAddr = services
+            .get("search")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .unwrap()
+            .parse()
+            .unwrap();
+        eventually("discovery resolves search", || async {
+            running.hub.resolve((search_ip, 80).into()) == Some(search.clone())
+        })
+        .await;
+        assert!(running.hub.learn(&client_workload(), search.clone()));
+        eventually(
+            "search in the ConfigMap and its learned annotation",
+            || async {
+                let api: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+                let cm = api.get("tandem-proxy-client").await.unwrap();
+                let learned = cm
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .get(LEARNED_ANNOTATION)
+                    .cloned();
+                learned.as_deref() == Some("shop/search")
+                    && proxy_config(&client, "shop", "client")
+                        .await
+                        .is_some_and(|(c, _)| c.services.iter().any(|s| s.name == "search"))
+            },
+        )
+        .await;
+        let (before, resource_version) = proxy_config(&client, "shop", "client").await.unwrap();
+        drop(running);
+
+        // A new reconciler (an operator restart) seeds what was learned from the ConfigMap:
+        // same content, same version, nothing rewritten.
+        let restarted = reconciler(&client).await;
+        eventually("the restarted reconciler publishes the view", || async {
+            restarted.hub.current(&client_workload()).is_some()
+        })
+        .await;
+        assert_eq!(
+            restarted.hub.learned(&client_workload()),
+            BTreeSet::from([search])
+        );
+        let view = restarted.hub.current(&client_workload()).unwrap();
+        assert_eq!(view.config.version, before.version);
+        let (_, after) = proxy_config(&client, "shop", "client").await.unwrap();
+        assert_eq!(after, resource_version);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn status_counts_the_proxies_that_run_the_policys_generation() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        injected_pod(&client, "shop", "client-2", "client").await;
+        canary_services(&client, "shop").await;
+        canary(&client, "shop", "canary", 90, 10).await;
+        let running = reconciler(&client).await;
+        let policies: Api<TrafficPolicy> = Api::namespaced(client.clone(), "shop");
+        let proxies = || async {
+            policies
+                .get("canary")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| s.proxies)
+        };
+        eventually("0/2 proxies", || async {
+            proxies().await.as_deref() == Some("0/2")
+        })
+        .await;
+        let view = running.hub.current(&client_workload()).unwrap();
+        running.hub.applied(
+            pod("client-1"),
+            client_workload(),
+            view.config.version.clone(),
+            ConfigSource::Stream,
+        );
+        eventually("1/2 proxies", || async {
+            proxies().await.as_deref() == Some("1/2")
+        })
+        .await;
+        let programmed = traffic_condition(&client, "shop", "canary", "Programmed")
+            .await
+            .unwrap();
+        assert_eq!(programmed.0, "True");
+
+        // A new policy generation: the proxy on the old config no longer counts.
+        canary(&client, "shop", "canary", 50, 50).await;
+        eventually("0/2 proxies at generation 2", || async {
+            proxies().await.as_deref() == Some("0/2")
+        })
+        .await;
+    }
+
+    /// `slices` EndpointSlices of 1,000 ready endpoints each behind Service `service`.
+    async fn many_endpoints(client: &Client, ns: &str, service: &str, slices: usize) {
+        for slice in 0..slices {
+            let endpoints: Vec<serde_json::Value> = (0..1000)
+                .map(|i| {
+                    serde_json::json!({
+                        "addresses": [format!("10.{}.{}.{}", 100 + slice, i / 250, i % 250 + 1)],
+                        "conditions": {"ready": true}
+                    })
+                })
+                .collect();
+            apply::<k8s_openapi::api::discovery::v1::EndpointSlice>(
+                client,
+                Some(ns),
+                serde_json::json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": format!("{service}-{slice}"), "namespace": ns,
+                        "labels": {"kubernetes.io/service-name": service,
+                                   "endpointslice.kubernetes.io/managed-by": "tandem-test"}
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": endpoints
+                }),
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn a_config_over_the_limit_is_refused_for_its_workload_alone() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        canary_services(&client, "shop").await;
+        canary(&client, "shop", "canary", 90, 10).await;
+        // A gateway that depends on a Service with 30,000 endpoints: well over 1 MiB of config.
+        service(
+            &client,
+            "shop",
+            "big",
+            serde_json::json!([{"name": "http", "port": 80}]),
+        )
+        .await;
+        many_endpoints(&client, "shop", "big", 30).await;
+        apply::<k8s_openapi::api::core::v1::ServiceAccount>(
+            &client,
+            Some("shop"),
+            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                               "metadata": {"name": "gateway", "namespace": "shop"}}),
+        )
+        .await;
+        apply::<k8s_openapi::api::core::v1::Pod>(
+            &client,
+            Some("shop"),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "gateway-1", "namespace": "shop",
+                             "annotations": {"tandem.dev/dependencies": "big"}},
+                "spec": {
+                    "serviceAccountName": "gateway",
+                    "automountServiceAccountToken": false,
+                    "initContainers": [
+                        {"name": "tandem-init", "image": "tandem/proxy:dev"},
+                        {"name": "tandem-proxy", "image": "tandem/proxy:dev", "restartPolicy": "Always"}
+                    ],
+                    "containers": [{"name": "app", "image": "app:dev"}]
+                }
+            }),
+        )
+        .await;
+        apply::<TrafficPolicy>(
+            &client,
+            Some("shop"),
+            serde_json::json!({
+                "apiVersion": "tandem.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "big-timeout", "namespace": "shop"},
+                "spec": {"targetRef": {"kind": "Service", "name": "big"},
+                         "rules": [{"name": "all", "timeout": "2s"}]}
+            }),
+        )
+        .await;
+        let _running = reconciler(&client).await;
+
+        // The others are written and programmed.
+        eventually("the canary in tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client")
+                .await
+                .is_some_and(|(c, _)| canary_weights(&c) == [90, 10])
+        })
+        .await;
+        eventually("big-timeout ConfigTooLarge naming shop/gateway", || async {
+            let api: Api<TrafficPolicy> = Api::namespaced(client.clone(), "shop");
+            api.get("big-timeout")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Programmed"
+                            && c.reason == "ConfigTooLarge"
+                            && c.message.contains("shop/gateway")
+                    })
+                })
+        })
+        .await;
+        eventually("canary Programmed", || async {
+            traffic_condition(&client, "shop", "canary", "Programmed")
+                .await
+                .is_some_and(|(s, _, _)| s == "True")
+        })
+        .await;
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(client.clone(), "shop");
+        eventually(
+            "a ConfigTooLarge Event on ServiceAccount gateway",
+            || async {
+                events.list(&Default::default()).await.is_ok_and(|list| {
+                    list.items.iter().any(|e| {
+                        e.reason.as_deref() == Some("ConfigTooLarge")
+                            && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                                == Some("ServiceAccount")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("gateway")
+                    })
+                })
+            },
+        )
+        .await;
+        // Refused, not truncated: no ConfigMap for the gateway at all.
+        assert!(proxy_config(&client, "shop", "gateway").await.is_none());
+    }
+}

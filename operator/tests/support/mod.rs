@@ -18,6 +18,7 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tandem_crds::contract::ProxyConfig;
+use tandem_crds::names::DEPENDENCIES_ANNOTATION;
 use tandem_crds::v1alpha1::{CircuitBreakerPolicy, TrafficPolicy};
 use tandem_tests::process::{Supervised, free_port};
 use tandem_tests::{ControlPlane, ControlPlaneOptions};
@@ -286,6 +287,10 @@ pub async fn namespace_with_injected_pod(
     injected_pod(client, ns, pod, service_account).await
 }
 
+/// What the fixtures' injected pods name in `tandem.dev/dependencies`: the canary's target
+/// (its backends follow from its routes), so their scoped configs carry the canary.
+pub const DEFAULT_DEPENDENCIES: &str = "server";
+
 /// A pod with the proxy injected (as the webhook leaves it). Nothing runs it: the operator
 /// only reads the object.
 pub async fn injected_pod(client: &Client, ns: &str, name: &str, service_account: &str) -> Pod {
@@ -306,7 +311,8 @@ pub async fn labelled_injected_pod(
         Some(ns),
         json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "metadata": {"name": name, "namespace": ns, "labels": labels,
+                         "annotations": {DEPENDENCIES_ANNOTATION: DEFAULT_DEPENDENCIES}},
             "spec": {
                 "serviceAccountName": service_account,
                 "automountServiceAccountToken": false,
