@@ -353,8 +353,9 @@ async fn policy_changes(
         .into_iter()
         .enumerate()
     {
-        // 2 at creation; each round's value differs, so its arrival is recognisable.
-        let attempts = 3 + u32::try_from(round).unwrap();
+        // 2 at creation, so each changed Service gets a value it did not have (3 to 10: the
+        // CRD allows at most 10) and its arrival is recognisable.
+        let attempts = 3 + u32::try_from(round % 8).unwrap();
         let change = measure_change(
             scale,
             operator,
