@@ -113,6 +113,7 @@ impl Client {
 /// Counters of the applied-report pool.
 #[derive(Debug, Default)]
 pub struct Reports {
+    pub queued: AtomicU64,
     pub sent: AtomicU64,
     pub refused: AtomicU64,
     pub failed: AtomicU64,
@@ -143,6 +144,16 @@ struct Shared {
     stopped: Arc<AtomicBool>,
     reports: mpsc::Sender<(Arc<Client>, String)>,
     report_counts: Arc<Reports>,
+}
+
+impl Reports {
+    /// Whether every queued report has been answered (or has failed).
+    pub fn drained(&self) -> bool {
+        let done = self.sent.load(Ordering::Relaxed)
+            + self.refused.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed);
+        done >= self.queued.load(Ordering::Relaxed)
+    }
 }
 
 impl Fleet {
@@ -424,8 +435,11 @@ fn handle(shared: &Shared, client: &Arc<Client>, line: &[u8]) -> Result<(), Stri
             }
         }
         drop(held);
-        if shared.reports.try_send((client.clone(), version)).is_err() {
-            shared.report_counts.dropped.fetch_add(1, Ordering::Relaxed);
+        let counts = &shared.report_counts;
+        if shared.reports.try_send((client.clone(), version)).is_ok() {
+            counts.queued.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
