@@ -345,11 +345,11 @@ impl Reconciler {
     /// Between passes: writes the endpoint-only changes now due (a pod stopped watching) and
     /// refreshes the proxy counts in status.
     async fn refresh(&self, state: &mut State, leader: &watch::Receiver<bool>) {
-        let Some(last) = state.last.as_ref() else {
+        let Some(last) = state.last.take() else {
             return;
         };
-        let pods = last.pods.clone();
-        state.failed = self.write_due(state, &pods, leader).await;
+        state.failed = self.write_due(state, &last.pods, leader).await;
+        state.last = Some(last);
         self.write_statuses(state, leader).await;
     }
 
