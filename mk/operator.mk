@@ -9,9 +9,11 @@ test-operator: ## operator: the integration tests against a real apiserver
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" \
 	  $(CARGO) test -p tandem-operator --test configmaps --test identity --test authorization --test stream --locked -- --ignored --test-threads=1
 
-# The scale benchmark: bounded (gives up after 20 min, 12 with QUICK=1); its report goes to
+# The scale benchmark: bounded (gives up after 40 min, 20 with QUICK=1); its report goes to
 # $(BENCH_OUT)/[quick-]operator-report.md. `make bench` runs it after the proxy benchmark.
-bench-operator: ## operator: 1,000 Services, 5,000 endpoints, 200 ServiceAccounts against a real apiserver
+# Full: 10,000 Services x 5 endpoints, 1,000 ServiceAccounts, 10,000 simulated stream clients;
+# QUICK=1: 4,000 Services, 200 ServiceAccounts, 1,000 clients (operator/benches/operator_scale/scale.rs).
+bench-operator: ## operator: Services, workloads and a fleet of stream clients at scale against a real apiserver
 	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" QUICK=$(QUICK) TANDEM_BENCH_OUT="$(abspath $(BENCH_OUT))" \
 	  $(CARGO) bench -p tandem-operator --bench operator_scale --locked
 
