@@ -457,14 +457,14 @@ fn keeps_pod(event: &Event<PartialObjectMeta<Pod>>) -> bool {
 
 /// What rendering reads from a pod's spec: its ServiceAccount and named TCP ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Recorded {
+pub struct Recorded {
     service_account: String,
     ports: Vec<(String, u16)>,
 }
 
 impl Recorded {
     /// As the webhook recorded it on the pod, if it did (and readably).
-    fn from_annotations(meta: &ObjectMeta) -> Option<Self> {
+    pub fn from_annotations(meta: &ObjectMeta) -> Option<Self> {
         let annotations = meta.annotations.as_ref()?;
         let service_account = annotations
             .get(SERVICE_ACCOUNT_ANNOTATION)
@@ -486,7 +486,7 @@ impl Recorded {
     }
 
     /// As the pod's spec says.
-    pub(crate) fn from_pod(pod: &Pod) -> Self {
+    pub fn from_pod(pod: &Pod) -> Self {
         Self {
             service_account: pods::service_account(pod).to_owned(),
             ports: pods::named_tcp_ports(pod)
@@ -498,7 +498,7 @@ impl Recorded {
 }
 
 /// The pod rendering reads, from a pod's metadata and what is recorded about its spec.
-pub(crate) fn metadata_pod(mut metadata: ObjectMeta, recorded: &Recorded) -> Pod {
+pub fn metadata_pod(mut metadata: ObjectMeta, recorded: &Recorded) -> Pod {
     metadata.managed_fields = None;
     metadata.owner_references = None;
     // Only the annotations rendering reads: the dependencies the pod names, and the
