@@ -28,13 +28,13 @@ pub fn proxy_container(pod: &Pod) -> Option<&Container> {
         .find(|c| c.name == PROXY_CONTAINER)
 }
 
-/// Whether the pod carries the Tandem proxy: its container, or (for a pod known through its
-/// metadata only) the webhook's `tandem.dev/proxy-version` mark.
+/// Whether the pod carries the Tandem proxy container.
 pub fn is_injected(pod: &Pod) -> bool {
-    proxy_container(pod).is_some() || is_marked_injected(&pod.metadata)
+    proxy_container(pod).is_some()
 }
 
-/// Whether the metadata carries the webhook's mark of injection.
+/// Whether the metadata carries the webhook's mark of injection (`tandem.dev/proxy-version`):
+/// all a component that watches pods through their metadata can see of it.
 pub fn is_marked_injected(meta: &ObjectMeta) -> bool {
     meta.annotations
         .as_ref()
@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(recorded, "admin=9090,web=8080");
         let ports = parse_recorded_ports(&recorded).unwrap();
         let view = from_metadata(full.metadata.clone(), "web", &ports);
-        assert!(is_injected(&view));
+        assert!(is_marked_injected(&view.metadata));
         assert_eq!(service_account(&view), "web");
         assert_eq!(recorded_ports(&view), recorded);
         assert_eq!(parse_recorded_ports(""), Ok(vec![]));
