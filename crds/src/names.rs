@@ -16,6 +16,14 @@ pub const INJECT_ANNOTATION: &str = "tandem.dev/inject";
 pub const INJECT_DISABLED: &str = "disabled";
 /// Annotation stamped on every injected pod with the proxy version.
 pub const PROXY_VERSION_ANNOTATION: &str = "tandem.dev/proxy-version";
+/// Annotation the webhook records on every injected pod: its ServiceAccount
+/// (`spec.serviceAccountName`, or `default`), so the operator can watch pods through their
+/// metadata only. The operator uses the same key on a proxy ConfigMap to name its workload.
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
+/// Annotation the webhook records on every injected pod: the named TCP ports of its app
+/// containers, `name=port` comma-separated and sorted by name (empty when there are none). A
+/// Service's named `targetPort` resolves through them without the pod's spec.
+pub const CONTAINER_PORTS_ANNOTATION: &str = "tandem.dev/container-ports";
 
 /// Name of the init container that programs iptables.
 pub const INIT_CONTAINER: &str = "tandem-init";

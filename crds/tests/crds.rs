@@ -66,7 +66,10 @@ fn crds_have_short_names_and_printer_columns() {
         .flatten()
         .map(|c| c.name.clone())
         .collect();
-    assert_eq!(columns, ["Target", "Accepted", "Programmed", "Age"]);
+    assert_eq!(
+        columns,
+        ["Target", "Accepted", "Programmed", "Proxies", "Age"]
+    );
     assert_eq!(
         CircuitBreakerPolicy::crd().spec.names.short_names,
         Some(vec!["cbp".to_string()])

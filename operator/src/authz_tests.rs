@@ -795,15 +795,20 @@ fn the_rendered_authorization_round_trips_and_decides_as_written() {
 }
 
 #[test]
-fn a_stripped_pod_keeps_what_targeting_reads() {
+fn a_pod_known_by_its_metadata_keeps_what_targeting_reads() {
     let mut inputs = bank();
+    // As the operator's metadata watch builds them: the metadata and what the webhook records.
     inputs.pods = inputs
         .pods
         .iter()
         .map(|p| {
-            let mut pod = (**p).clone();
-            crate::stores::strip_pod(&mut pod);
-            Arc::new(pod)
+            let recorded = crate::stores::Recorded::from_pod(p);
+            let mut metadata = p.metadata.clone();
+            metadata.annotations.get_or_insert_default().insert(
+                tandem_crds::names::PROXY_VERSION_ANNOTATION.to_owned(),
+                "0.1.0".to_owned(),
+            );
+            Arc::new(crate::stores::metadata_pod(metadata, &recorded))
         })
         .collect();
     inputs.authorization_policies = vec![policy(

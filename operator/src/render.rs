@@ -28,7 +28,6 @@ use tandem_crds::contract::{
 use tandem_crds::dependencies::Dependency;
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
 use tandem_crds::names::{DEFAULT_POLICY_ANNOTATION, DEPENDENCIES_ANNOTATION};
-pub use tandem_crds::pods::is_injected;
 use tandem_crds::pods::service_account;
 use tandem_crds::v1alpha1::{
     AuthorizationPolicy, CircuitBreakerPolicy, HeaderMatchKind, LoadBalancerKind, PathMatchKind,
@@ -379,6 +378,12 @@ pub struct WorkloadKey {
 pub(crate) fn is_active(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// Whether the pod carries the proxy: its container, or the webhook's mark (all the
+/// metadata-only pod watch sees of it, see [`crate::stores`]).
+pub fn is_injected(pod: &Pod) -> bool {
+    tandem_crds::pods::is_injected(pod) || tandem_crds::pods::is_marked_injected(&pod.metadata)
 }
 
 /// The ServiceAccounts (per namespace) that have injected, unfinished pods.

@@ -5,12 +5,21 @@
 //! Every replica watches (so a new leader starts with warm caches); any event wakes the
 //! reconciler ([`crate::controller`]). A store is empty until its watch has listed once:
 //! [`crate::sync`] keeps everything closed until all have.
+//!
+//! Pods are watched through their metadata only (as Linkerd's destination does): the webhook
+//! records what rendering reads from a pod's spec as annotations (`tandem.dev/service-account`,
+//! `tandem.dev/container-ports`), a second metadata watch selected on the phase lists the
+//! finished pods (they stop needing a config), and a pod from an older webhook, without the
+//! annotations, is fetched once ([`PodResolver`]).
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store, store::Writer};
@@ -20,21 +29,24 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tandem_crds::identity::TRUST_ROOTS_KEY;
 use tandem_crds::names::{
-    CONFIG_KEY, DEPENDENCIES_ANNOTATION, OPERATOR_FIELD_MANAGER, PROXY_VERSION_ANNOTATION,
+    CONFIG_KEY, CONTAINER_PORTS_ANNOTATION, DEPENDENCIES_ANNOTATION, OPERATOR_FIELD_MANAGER,
+    PROXY_VERSION_ANNOTATION,
 };
+use tandem_crds::pods;
 use tandem_crds::v1alpha1::{AuthorizationPolicy, CircuitBreakerPolicy, TrafficPolicy};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::metrics::Metrics;
-use crate::render::{Inputs, Mesh, is_injected};
+use crate::render::{Inputs, Mesh};
 use crate::{Error, Result};
 
 /// Label on every ConfigMap the operator owns; the ConfigMap watch selects on it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Annotation naming the ServiceAccount a ConfigMap is for (names may exceed a label's 63).
-pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tandem.dev/service-account";
+/// Annotation naming the ServiceAccount a ConfigMap is for (names may exceed a label's 63);
+/// the same key the webhook records on a pod.
+pub use tandem_crds::names::SERVICE_ACCOUNT_ANNOTATION;
 /// Local-only annotation the ConfigMap reflector stores in place of the (large) data: the hash
 /// of `config.json` (or of `roots.pem`) as it is in the cluster.
 pub(crate) const DATA_HASH: &str = "tandem.dev/local-data-hash";
@@ -46,13 +58,14 @@ pub const CONFIG_VERSION_ANNOTATION: &str = "tandem.dev/config-version";
 pub const LEARNED_ANNOTATION: &str = "tandem.dev/learned";
 
 /// The watches, by the names logs and `pending` use.
-pub const WATCHES: [&str; 9] = [
+pub const WATCHES: [&str; 10] = [
     "trafficpolicies",
     "circuitbreakerpolicies",
     "authorizationpolicies",
     "services",
     "endpointslices",
     "pods",
+    "finishedpods",
     "namespaces",
     "configmaps",
     "serviceaccounts",
@@ -67,7 +80,10 @@ pub struct Stores {
     pub(crate) authorizations: Store<AuthorizationPolicy>,
     pub(crate) services: Store<k8s_openapi::api::core::v1::Service>,
     pub(crate) slices: Store<EndpointSlice>,
+    /// Injected pods as their metadata tells them ([`pods::from_metadata`]).
     pub(crate) pods: Store<Pod>,
+    /// Every pod whose phase is Succeeded or Failed (metadata, without labels or annotations).
+    pub(crate) finished: Store<PartialObjectMeta<Pod>>,
     pub(crate) namespaces: Store<PartialObjectMeta<Namespace>>,
     pub(crate) config_maps: Store<ConfigMap>,
     pub(crate) service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
@@ -81,6 +97,7 @@ pub struct Writers {
     services: Writer<k8s_openapi::api::core::v1::Service>,
     slices: Writer<EndpointSlice>,
     pods: Writer<Pod>,
+    finished: Writer<PartialObjectMeta<Pod>>,
     namespaces: Writer<PartialObjectMeta<Namespace>>,
     config_maps: Writer<ConfigMap>,
     service_accounts: Writer<PartialObjectMeta<ServiceAccount>>,
@@ -100,6 +117,7 @@ impl Writers {
             "services" => self.services.apply_watcher_event(&bare(done)),
             "endpointslices" => self.slices.apply_watcher_event(&bare(done)),
             "pods" => self.pods.apply_watcher_event(&bare(done)),
+            "finishedpods" => self.finished.apply_watcher_event(&bare(done)),
             "namespaces" => self.namespaces.apply_watcher_event(&bare(done)),
             "configmaps" => self.config_maps.apply_watcher_event(&bare(done)),
             "serviceaccounts" => self.service_accounts.apply_watcher_event(&bare(done)),
@@ -117,6 +135,7 @@ impl Stores {
         let (services, services_w) = reflector::store();
         let (slices, slices_w) = reflector::store();
         let (pods, pods_w) = reflector::store();
+        let (finished, finished_w) = reflector::store();
         let (namespaces, namespaces_w) = reflector::store();
         let (config_maps, config_maps_w) = reflector::store();
         let (service_accounts, service_accounts_w) = reflector::store();
@@ -127,6 +146,7 @@ impl Stores {
             services,
             slices,
             pods,
+            finished,
             namespaces,
             config_maps,
             service_accounts,
@@ -138,6 +158,7 @@ impl Stores {
             services: services_w,
             slices: slices_w,
             pods: pods_w,
+            finished: finished_w,
             namespaces: namespaces_w,
             config_maps: config_maps_w,
             service_accounts: service_accounts_w,
@@ -158,6 +179,7 @@ impl Stores {
         self.services.wait_until_ready().await.map_err(closed)?;
         self.slices.wait_until_ready().await.map_err(closed)?;
         self.pods.wait_until_ready().await.map_err(closed)?;
+        self.finished.wait_until_ready().await.map_err(closed)?;
         self.namespaces.wait_until_ready().await.map_err(closed)?;
         self.config_maps.wait_until_ready().await.map_err(closed)?;
         self.service_accounts
@@ -176,6 +198,7 @@ impl Stores {
             is_synced(&self.services),
             is_synced(&self.slices),
             is_synced(&self.pods),
+            is_synced(&self.finished),
             is_synced(&self.namespaces),
             is_synced(&self.config_maps),
             is_synced(&self.service_accounts),
@@ -195,11 +218,33 @@ impl Stores {
             authorization_policies: self.authorizations.state(),
             services: self.services.state(),
             endpoint_slices: self.slices.state(),
-            pods: self.pods.state(),
+            pods: self.unfinished_pods(),
             service_accounts: self.service_accounts.state(),
             namespaces: self.namespaces.state(),
             mesh: mesh.clone(),
         }
+    }
+}
+
+impl Stores {
+    /// The injected pods less those that finished: a finished pod no longer needs a config.
+    /// Matched by UID, so a pod recreated under a finished one's name counts.
+    fn unfinished_pods(&self) -> Vec<Arc<Pod>> {
+        let finished = self.finished.state();
+        let finished: HashSet<&str> = finished
+            .iter()
+            .filter_map(|p| p.metadata.uid.as_deref())
+            .collect();
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.metadata
+                    .uid
+                    .as_deref()
+                    .is_none_or(|uid| !finished.contains(uid))
+            })
+            .collect()
     }
 }
 
@@ -233,10 +278,12 @@ pub fn start_watches(
         services,
         slices,
         pods,
+        finished,
         namespaces,
         config_maps,
         service_accounts,
     ] = WATCHES;
+    let resolver = Arc::new(PodResolver::new(client, metrics));
     let config = watcher::Config::default();
     vec![
         spawn_watch(
@@ -278,14 +325,39 @@ pub fn start_watches(
             metrics,
         ),
         // Pods cannot be selected by injection on the server (namespace-wide injection leaves
-        // no pod label), so every pod is watched, only injected pods are kept, and those are
-        // stripped to what rendering reads.
+        // no pod label), so every pod's metadata is watched, only injected pods are kept, and
+        // those become the small pods rendering reads.
         spawn_watch(
             pods,
-            watcher(Api::all(client.clone()), config.clone())
-                .try_filter(|event| futures::future::ready(keeps_pod(event)))
-                .modify(strip_pod)
-                .reflect(writers.pods),
+            watcher(
+                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+                config.clone(),
+            )
+            .try_filter(|event| futures::future::ready(keeps_pod(event)))
+            .then(move |event| {
+                let resolver = resolver.clone();
+                async move { resolver.event(event).await }
+            })
+            .filter_map(futures::future::ready)
+            .reflect(writers.pods),
+            trigger,
+            metrics,
+        ),
+        // The phase is not in the metadata: the server selects the finished pods.
+        spawn_watch(
+            finished,
+            watcher(
+                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+                watcher::Config::default().fields(FINISHED_PHASES),
+            )
+            .modify(|pod| {
+                let meta = &mut pod.metadata;
+                meta.managed_fields = None;
+                meta.annotations = None;
+                meta.labels = None;
+                meta.owner_references = None;
+            })
+            .reflect(writers.finished),
             trigger,
             metrics,
         ),
@@ -368,59 +440,195 @@ where
     tokio::spawn(tracing::Instrument::instrument(task, span))
 }
 
+/// Selects the pods whose phase is Succeeded or Failed (the phases `is_active` excludes).
+const FINISHED_PHASES: &str = "status.phase!=Pending,status.phase!=Running,status.phase!=Unknown";
+
+/// How many older pods' recorded facts [`PodResolver`] keeps (a pod's fact is read once per
+/// pod, not once per event; a bound, because only the oldest pods need it and they go).
+const FETCHED_LIMIT: usize = 10_000;
+
 /// Keeps deletions (harmless when the pod was never stored) and injected pods.
-fn keeps_pod(event: &Event<Pod>) -> bool {
+fn keeps_pod(event: &Event<PartialObjectMeta<Pod>>) -> bool {
     match event {
-        Event::Apply(pod) | Event::InitApply(pod) => is_injected(pod),
+        Event::Apply(pod) | Event::InitApply(pod) => pods::is_marked_injected(&pod.metadata),
         Event::Delete(_) | Event::Init | Event::InitDone => true,
     }
 }
 
-/// Drops everything rendering does not read, so 10,000 pods cost little memory. Labels stay
-/// (AuthorizationPolicies target the pods a Service selects), and so do the containers' ports
-/// (a Service's named target port resolves through them).
-pub(crate) fn strip_pod(pod: &mut Pod) {
-    let meta = pod.meta_mut();
-    meta.managed_fields = None;
+/// What rendering reads from a pod's spec: its ServiceAccount and named TCP ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    service_account: String,
+    ports: Vec<(String, u16)>,
+}
+
+impl Recorded {
+    /// As the webhook recorded it on the pod, if it did (and readably).
+    pub fn from_annotations(meta: &ObjectMeta) -> Option<Self> {
+        let annotations = meta.annotations.as_ref()?;
+        let service_account = annotations
+            .get(SERVICE_ACCOUNT_ANNOTATION)
+            .filter(|sa| !sa.is_empty())?;
+        let ports = annotations
+            .get(CONTAINER_PORTS_ANNOTATION)
+            .map_or(Ok(Vec::new()), |value| pods::parse_recorded_ports(value));
+        match ports {
+            Ok(ports) => Some(Self {
+                service_account: service_account.clone(),
+                ports,
+            }),
+            Err(error) => {
+                // Read from the spec instead: a hand-edited annotation loses nothing.
+                warn!(pod = %pod_name(meta), %error, "Unreadable annotation; reading the pod");
+                None
+            }
+        }
+    }
+
+    /// As the pod's spec says.
+    pub fn from_pod(pod: &Pod) -> Self {
+        Self {
+            service_account: pods::service_account(pod).to_owned(),
+            ports: pods::named_tcp_ports(pod)
+                .into_iter()
+                .map(|(name, port)| (name.to_owned(), port))
+                .collect(),
+        }
+    }
+}
+
+/// The pod rendering reads, from a pod's metadata and what is recorded about its spec.
+pub fn metadata_pod(mut metadata: ObjectMeta, recorded: &Recorded) -> Pod {
+    metadata.managed_fields = None;
+    metadata.owner_references = None;
     // Only the annotations rendering reads: the dependencies the pod names, and the
     // webhook's mark of injection.
-    if let Some(annotations) = meta.annotations.as_mut() {
+    if let Some(annotations) = metadata.annotations.as_mut() {
         annotations.retain(|k, _| k == DEPENDENCIES_ANNOTATION || k == PROXY_VERSION_ANNOTATION);
     }
-    meta.owner_references = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        for container in &mut spec.containers {
-            *container = k8s_openapi::api::core::v1::Container {
-                name: std::mem::take(&mut container.name),
-                ports: container.ports.take().map(|ports| {
-                    ports
-                        .into_iter()
-                        .map(|p| k8s_openapi::api::core::v1::ContainerPort {
-                            name: p.name,
-                            container_port: p.container_port,
-                            protocol: p.protocol,
-                            ..Default::default()
-                        })
-                        .collect()
-                }),
-                ..Default::default()
-            };
+    pods::from_metadata(metadata, &recorded.service_account, &recorded.ports)
+}
+
+fn pod_name(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Turns metadata events into the pods rendering reads. A pod injected by an older webhook
+/// (without the recorded annotations) is read once with a GET, remembered by UID, so
+/// upgrading the operator before the webhook loses nothing.
+pub(crate) struct PodResolver {
+    client: Client,
+    errors: prometheus_client::metrics::counter::Counter,
+    fetched: Mutex<Fetched>,
+}
+
+/// The facts read from older pods, by UID, oldest first out.
+#[derive(Default)]
+struct Fetched {
+    by_uid: HashMap<String, Recorded>,
+    order: VecDeque<String>,
+}
+
+impl Fetched {
+    fn insert(&mut self, uid: String, recorded: Recorded) {
+        if self.by_uid.insert(uid.clone(), recorded).is_none() {
+            self.order.push_back(uid);
         }
-        spec.volumes = None;
-        spec.affinity = None;
-        spec.tolerations = None;
-        for init in spec.init_containers.iter_mut().flatten() {
-            *init = k8s_openapi::api::core::v1::Container {
-                name: std::mem::take(&mut init.name),
-                ..Default::default()
-            };
+        while self.order.len() > FETCHED_LIMIT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_uid.remove(&oldest);
+            }
         }
     }
-    if let Some(status) = pod.status.as_mut() {
-        *status = k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase.take(),
-            ..Default::default()
+
+    fn remove(&mut self, uid: &str) {
+        if self.by_uid.remove(uid).is_some() {
+            self.order.retain(|u| u != uid);
+        }
+    }
+}
+
+impl PodResolver {
+    pub(crate) fn new(client: &Client, metrics: &Metrics) -> Self {
+        Self {
+            client: client.clone(),
+            errors: metrics.watch_errors.clone(),
+            fetched: Mutex::default(),
+        }
+    }
+
+    /// The event for the pods store; `None` drops it (a pod gone before it could be read:
+    /// its deletion follows).
+    pub(crate) async fn event(
+        &self,
+        event: std::result::Result<Event<PartialObjectMeta<Pod>>, watcher::Error>,
+    ) -> Option<std::result::Result<Event<Pod>, watcher::Error>> {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => return Some(Err(error)),
         };
+        Some(Ok(match event {
+            Event::Init => Event::Init,
+            Event::InitDone => Event::InitDone,
+            Event::Apply(pod) => Event::Apply(self.pod(pod.metadata).await?),
+            Event::InitApply(pod) => Event::InitApply(self.pod(pod.metadata).await?),
+            Event::Delete(pod) => {
+                if let Some(uid) = pod.metadata.uid.as_deref() {
+                    self.fetched_facts().remove(uid);
+                }
+                Event::Delete(Pod {
+                    metadata: pod.metadata,
+                    ..Pod::default()
+                })
+            }
+        }))
+    }
+
+    async fn pod(&self, metadata: ObjectMeta) -> Option<Pod> {
+        let recorded = match Recorded::from_annotations(&metadata) {
+            Some(recorded) => recorded,
+            None => self.fetch(&metadata).await?,
+        };
+        Some(metadata_pod(metadata, &recorded))
+    }
+
+    fn fetched_facts(&self) -> std::sync::MutexGuard<'_, Fetched> {
+        // The map holds plain data: a panic elsewhere cannot leave it half-written.
+        self.fetched.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads an older pod's spec once (then from memory), retrying with backoff until the
+    /// apiserver answers; `None` when the pod is gone or replaced under its name.
+    async fn fetch(&self, meta: &ObjectMeta) -> Option<Recorded> {
+        let uid = meta.uid.clone().unwrap_or_default();
+        if let Some(recorded) = self.fetched_facts().by_uid.get(&uid) {
+            return Some(recorded.clone());
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            meta.namespace.as_deref().unwrap_or_default(),
+        );
+        let name = meta.name.as_deref().unwrap_or_default();
+        let mut delay = Duration::from_millis(200);
+        let pod = loop {
+            match api.get_opt(name).await {
+                Ok(pod) => break pod,
+                Err(error) => {
+                    self.errors.inc();
+                    warn!(pod = %pod_name(meta), %error, "Reading an older pod failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        let pod = pod.filter(|p| p.metadata.uid.as_deref().unwrap_or_default() == uid)?;
+        let recorded = Recorded::from_pod(&pod);
+        self.fetched_facts().insert(uid, recorded.clone());
+        Some(recorded)
     }
 }
 

@@ -896,6 +896,70 @@ mod in_process {
         }
     }
 
+    /// Pods are watched through their metadata: a pod from an older webhook (without the
+    /// recorded ServiceAccount) is read once and still gets its config; a finished pod no
+    /// longer needs one.
+    #[tokio::test]
+    #[ignore = "needs the control-plane binaries: run by make test-operator"]
+    async fn older_pods_are_read_once_and_finished_pods_stop_needing_a_config() {
+        let cluster = cluster().await;
+        let client = cluster.client();
+        namespace_with_injected_client(&client, "shop").await;
+        canary_services(&client, "shop").await;
+        apply::<k8s_openapi::api::core::v1::ServiceAccount>(
+            &client,
+            Some("shop"),
+            serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                               "metadata": {"name": "legacy", "namespace": "shop"}}),
+        )
+        .await;
+        let legacy = injected_pod_by_older_webhook(
+            "shop",
+            "legacy-1",
+            "legacy",
+            serde_json::json!({}),
+            serde_json::json!([]),
+        );
+        assert!(
+            legacy["metadata"]["annotations"]
+                .get("tandem.dev/service-account")
+                .is_none()
+        );
+        apply::<k8s_openapi::api::core::v1::Pod>(&client, Some("shop"), legacy).await;
+        let _running = reconciler(&client).await;
+
+        eventually(
+            "tandem-proxy-legacy for the older webhook's pod",
+            || async {
+                proxy_config(&client, "shop", "legacy")
+                    .await
+                    .is_some_and(|(c, _)| c.workload.service_account == "legacy")
+            },
+        )
+        .await;
+        eventually("tandem-proxy-client", || async {
+            proxy_config(&client, "shop", "client").await.is_some()
+        })
+        .await;
+
+        // Both pods finish (as the kubelet reports it): their ConfigMaps go.
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "shop");
+        for (name, phase) in [("client-1", "Succeeded"), ("legacy-1", "Failed")] {
+            pods.patch_status(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"status": {"phase": phase}})),
+            )
+            .await
+            .unwrap();
+        }
+        eventually("tandem-proxy-client and -legacy deleted", || async {
+            proxy_config(&client, "shop", "client").await.is_none()
+                && proxy_config(&client, "shop", "legacy").await.is_none()
+        })
+        .await;
+    }
+
     #[tokio::test]
     #[ignore = "needs the control-plane binaries: run by make test-operator"]
     async fn a_config_over_the_limit_is_refused_for_its_workload_alone() {
@@ -926,7 +990,10 @@ mod in_process {
             serde_json::json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "gateway-1", "namespace": "shop",
-                             "annotations": {"tandem.dev/dependencies": "big"}},
+                             "annotations": {"tandem.dev/dependencies": "big",
+                                             "tandem.dev/proxy-version": "0.1.0",
+                                             "tandem.dev/service-account": "gateway",
+                                             "tandem.dev/container-ports": ""}},
                 "spec": {
                     "serviceAccountName": "gateway",
                     "automountServiceAccountToken": false,

@@ -272,7 +272,7 @@ fn patch(pod: &Pod, service_account: &str, overrides: &Overrides, config: &Injec
         ops.push(add(&["spec", "volumes"], Value::Array(volumes)));
     }
 
-    let annotations = added_annotations(pod, config);
+    let annotations = added_annotations(pod, service_account, config);
     if pod.metadata.annotations.is_some() {
         for (key, value) in annotations {
             ops.push(add(
@@ -290,14 +290,28 @@ fn patch(pod: &Pod, service_account: &str, overrides: &Overrides, config: &Injec
     Patch(ops)
 }
 
-/// The annotations injection adds: the proxy version, and Prometheus scrape annotations for
-/// the proxy's admin port unless the pod already asks to be scraped (its own metrics win;
-/// overwriting them would silently stop the application's scraping).
-fn added_annotations(pod: &Pod, config: &InjectConfig) -> BTreeMap<String, String> {
+/// The annotations injection adds: the proxy version; the ServiceAccount and the named TCP
+/// container ports, so the operator can watch pods through their metadata only (it reads
+/// nothing else from a pod's spec); and Prometheus scrape annotations for the proxy's admin
+/// port unless the pod already asks to be scraped (its own metrics win; overwriting them would
+/// silently stop the application's scraping).
+fn added_annotations(
+    pod: &Pod,
+    service_account: &str,
+    config: &InjectConfig,
+) -> BTreeMap<String, String> {
     let mut added = BTreeMap::new();
     added.insert(
         names::PROXY_VERSION_ANNOTATION.to_owned(),
         config.proxy_version.clone(),
+    );
+    added.insert(
+        names::SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+        service_account.to_owned(),
+    );
+    added.insert(
+        names::CONTAINER_PORTS_ANNOTATION.to_owned(),
+        tandem_crds::pods::recorded_ports(pod),
     );
     let has = |key: &str| {
         pod.metadata

@@ -18,7 +18,10 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tandem_crds::contract::ProxyConfig;
-use tandem_crds::names::DEPENDENCIES_ANNOTATION;
+use tandem_crds::names::{
+    CONTAINER_PORTS_ANNOTATION, DEPENDENCIES_ANNOTATION, PROXY_VERSION_ANNOTATION,
+    SERVICE_ACCOUNT_ANNOTATION,
+};
 use tandem_crds::v1alpha1::{CircuitBreakerPolicy, TrafficPolicy};
 use tandem_tests::process::{Supervised, free_port};
 use tandem_tests::{ControlPlane, ControlPlaneOptions};
@@ -306,25 +309,39 @@ pub async fn labelled_injected_pod(
     labels: Value,
     ports: Value,
 ) -> Pod {
-    apply(
-        client,
-        Some(ns),
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": labels,
-                         "annotations": {DEPENDENCIES_ANNOTATION: DEFAULT_DEPENDENCIES}},
-            "spec": {
-                "serviceAccountName": service_account,
-                "automountServiceAccountToken": false,
-                "initContainers": [
-                    {"name": "tandem-init", "image": "tandem/proxy:dev"},
-                    {"name": "tandem-proxy", "image": "tandem/proxy:dev", "restartPolicy": "Always"}
-                ],
-                "containers": [{"name": "app", "image": "app:dev", "ports": ports}]
-            }
-        }),
-    )
-    .await
+    let mut pod = injected_pod_by_older_webhook(ns, name, service_account, labels, ports);
+    // What the webhook records for the operator's metadata-only pod watch.
+    let typed: Pod = serde_json::from_value(pod.clone()).expect("a pod");
+    let annotations = &mut pod["metadata"]["annotations"];
+    annotations[SERVICE_ACCOUNT_ANNOTATION] = service_account.into();
+    annotations[CONTAINER_PORTS_ANNOTATION] = tandem_crds::pods::recorded_ports(&typed).into();
+    apply(client, Some(ns), pod).await
+}
+
+/// An injected pod as a webhook older than the metadata-only pod watch left it: the proxy and
+/// its version mark, but no recorded ServiceAccount or container ports.
+pub fn injected_pod_by_older_webhook(
+    ns: &str,
+    name: &str,
+    service_account: &str,
+    labels: Value,
+    ports: Value,
+) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
+                     "annotations": {DEPENDENCIES_ANNOTATION: DEFAULT_DEPENDENCIES,
+                                     PROXY_VERSION_ANNOTATION: "0.1.0"}},
+        "spec": {
+            "serviceAccountName": service_account,
+            "automountServiceAccountToken": false,
+            "initContainers": [
+                {"name": "tandem-init", "image": "tandem/proxy:dev"},
+                {"name": "tandem-proxy", "image": "tandem/proxy:dev", "restartPolicy": "Always"}
+            ],
+            "containers": [{"name": "app", "image": "app:dev", "ports": ports}]
+        }
+    })
 }
 
 /// A Service without selector (so the EndpointSlice controller leaves our slices alone).
