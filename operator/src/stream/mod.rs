@@ -265,6 +265,21 @@ async fn open_watch(
         .into_response())
 }
 
+/// A call's JSON body as `T` (`what` names it in the refusal): a body over the limit or not
+/// a `T` is refused `BadRequest`.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+) -> Result<T, Refused> {
+    let body = body.map_err(|e| Refused::bad_request(e.status(), e.body_text()))?;
+    serde_json::from_slice(&body).map_err(|e| {
+        Refused::bad_request(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not {what}: {e}"),
+        )
+    })
+}
+
 async fn discover(
     State(server): State<Arc<StreamServer>>,
     headers: HeaderMap,
@@ -272,13 +287,7 @@ async fn discover(
 ) -> Response {
     let answer = async {
         let (caller, _permit) = server.admit(&headers).await?;
-        let body = body.map_err(|e| Refused::bad_request(e.status(), e.body_text()))?;
-        let request: DiscoverRequest = serde_json::from_slice(&body).map_err(|e| {
-            Refused::bad_request(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not a DiscoverRequest: {e}"),
-            )
-        })?;
+        let request: DiscoverRequest = json_body(body, "a DiscoverRequest")?;
         let service = server.hub.resolve(request.address);
         let result = if service.is_some() { "found" } else { "unknown" };
         StreamMetrics::count(&server.metrics().discoveries, "result", result);
@@ -303,13 +312,7 @@ async fn applied(
 ) -> Response {
     let answer = async {
         let (caller, _permit) = server.admit(&headers).await?;
-        let body = body.map_err(|e| Refused::bad_request(e.status(), e.body_text()))?;
-        let report: AppliedReport = serde_json::from_slice(&body).map_err(|e| {
-            Refused::bad_request(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not an AppliedReport: {e}"),
-            )
-        })?;
+        let report: AppliedReport = json_body(body, "an AppliedReport")?;
         server
             .hub
             .applied(caller.pod, caller.workload, report.version, report.source);
