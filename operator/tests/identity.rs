@@ -8,10 +8,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -78,36 +77,6 @@ async fn eventually_an_event(client: &Client, ns: &str, reason: &str, name: &str
             })
     })
     .await;
-}
-
-/// A projected-style token for `namespace/service_account` with `audience`, bound to `pod`
-/// (name, uid) if given: what the kubelet would mount for the proxy.
-async fn token(
-    client: &Client,
-    namespace: &str,
-    service_account: &str,
-    audience: &str,
-    pod: Option<&Pod>,
-) -> String {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_owned()],
-            expiration_seconds: Some(3600),
-            bound_object_ref: pod.map(|pod| BoundObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("Pod".to_owned()),
-                name: Some(pod.name_any()),
-                uid: pod.uid(),
-            }),
-        },
-        ..TokenRequest::default()
-    };
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let created: TokenRequest = api
-        .create_subresource("token", service_account, &PostParams::default(), &request)
-        .await
-        .expect("request a token");
-    created.status.expect("token status").token
 }
 
 /// A CSR for a fresh key that asks to be the apiserver and a cluster admin.

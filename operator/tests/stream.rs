@@ -17,10 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::api::{Api, PostParams};
-use kube::{Client, ResourceExt};
+use kube::api::Api;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rustls::pki_types::pem::PemObject;
@@ -254,36 +252,6 @@ async fn watch_config(
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
-
-/// A projected-style token for `namespace/service_account` with `audience`, bound to `pod` if
-/// given: what the kubelet mounts for the proxy.
-async fn token(
-    client: &Client,
-    namespace: &str,
-    service_account: &str,
-    audience: &str,
-    pod: Option<&Pod>,
-) -> String {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_owned()],
-            expiration_seconds: Some(3600),
-            bound_object_ref: pod.map(|pod| BoundObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("Pod".to_owned()),
-                name: Some(pod.name_any()),
-                uid: pod.uid(),
-            }),
-        },
-        ..TokenRequest::default()
-    };
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let created: TokenRequest = api
-        .create_subresource("token", service_account, &PostParams::default(), &request)
-        .await
-        .expect("request a token");
-    created.status.expect("token status").token
-}
 
 fn workload(service_account: &str) -> WorkloadKey {
     WorkloadKey {

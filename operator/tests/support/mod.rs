@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tandem_crds::contract::ProxyConfig;
@@ -563,4 +564,34 @@ pub async fn set_pod_rights(client: &Client, allowed: bool) -> bool {
         .await
         .expect("update the operator's ClusterRole");
     had
+}
+
+/// A projected-style token for `namespace/service_account` with `audience`, bound to `pod`
+/// (name, uid) if given: what the kubelet would mount for the proxy.
+pub async fn token(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+    pod: Option<&Pod>,
+) -> String {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: pod.map(|pod| BoundObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Pod".to_owned()),
+                name: Some(pod.name_any()),
+                uid: pod.uid(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let created: TokenRequest = api
+        .create_subresource("token", service_account, &PostParams::default(), &request)
+        .await
+        .expect("request a token");
+    created.status.expect("token status").token
 }
