@@ -145,6 +145,7 @@ pub fn mtls_client_config(
             address: endpoint,
             meshed: true,
             identity: Some(server.uri()),
+            workload: None,
         },
     ))
 }
@@ -164,6 +165,7 @@ pub fn service_config(
             address: endpoint,
             meshed,
             identity: None,
+            workload: None,
         },
     ))
 }

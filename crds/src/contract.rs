@@ -70,6 +70,75 @@ pub struct ProxyConfig {
     /// loadable by proxies older than this section (sidecars are upgraded independently).
     #[serde(default, skip_serializing_if = "Authorization::is_open")]
     pub authorization: Authorization,
+    /// How this proxy reports: the metric names' prefix and distributed tracing. A mesh-wide
+    /// setting of the operator, the same in every workload's config. Left out of the JSON when
+    /// it is the default (prefix `tandem_`, no tracing), so such a config stays loadable by
+    /// proxies older than this section.
+    #[serde(default, skip_serializing_if = "Telemetry::is_default")]
+    pub telemetry: Telemetry,
+}
+
+/// The proxy's telemetry settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Telemetry {
+    /// The prefix of the request and TCP series (`<prefix>requests_total`, …): `tandem` (the
+    /// default) or `istio`, under which Istio's published dashboards and Kiali read the series
+    /// unchanged. The proxy's own series (`tandem_proxy_*`, config, identity) keep their names.
+    #[serde(default)]
+    pub metrics_prefix: MetricsPrefix,
+    /// Distributed tracing; absent: no spans are recorded or exported (trace headers still pass
+    /// through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+impl Telemetry {
+    /// Whether these are the defaults (`tandem_` prefix, tracing off).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The prefix of the request and TCP metric names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsPrefix {
+    /// `tandem_requests_total`, …
+    #[default]
+    Tandem,
+    /// `istio_requests_total`, …: what Istio's dashboards and Kiali query.
+    Istio,
+}
+
+impl MetricsPrefix {
+    /// The prefix with its trailing underscore: `tandem_` or `istio_`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tandem => "tandem_",
+            Self::Istio => "istio_",
+        }
+    }
+}
+
+/// Where and how often spans are exported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    /// The OTLP/HTTP collector's base URL (`http://host:port`); spans are POSTed as protobuf to
+    /// `<collector>/v1/traces`.
+    pub collector: String,
+    /// The probability, in percent (0–100), of starting a trace for a request that arrives with
+    /// no trace context. A request that carries one follows its sampled flag (parent-based).
+    #[serde(default = "default_sampling_percent")]
+    pub sampling_percent: f64,
+}
+
+/// Istio's default: 1 % of requests without a trace context start one.
+pub const DEFAULT_SAMPLING_PERCENT: f64 = 1.0;
+
+fn default_sampling_percent() -> f64 {
+    DEFAULT_SAMPLING_PERCENT
 }
 
 /// The workload identity the config was rendered for.
@@ -209,6 +278,23 @@ pub struct Endpoint {
     /// TLS to such an endpoint and accepts only a certificate for exactly this identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The workload the endpoint's pod belongs to (its controller's name: the Deployment for a
+    /// ReplicaSet's pod, see `pods::workload_name`), and that pod's namespace; set when the
+    /// endpoint is a pod the operator knows. Metrics label destinations with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<EndpointWorkload>,
+}
+
+/// The workload behind an endpoint.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointWorkload {
+    /// The workload's name (`reviews-v1` for the pods of Deployment `reviews-v1`).
+    pub name: String,
+    /// The pod's namespace.
+    pub namespace: String,
 }
 
 /// A reference to a service in the config.
@@ -429,6 +515,7 @@ impl ProxyConfig {
             defaults: Defaults::default(),
             services: Vec::new(),
             authorization: Authorization::default(),
+            telemetry: Telemetry::default(),
         }
     }
 

@@ -41,6 +41,51 @@ pub fn is_marked_injected(meta: &ObjectMeta) -> bool {
         .is_some_and(|a| a.contains_key(PROXY_VERSION_ANNOTATION))
 }
 
+/// The name of the workload a pod belongs to, as Istio derives it for its
+/// `*_workload` labels: a ReplicaSet's pod belongs to the Deployment (the ReplicaSet's name
+/// without its `-<pod-template-hash>`), a Job's pod to its CronJob when the Job's name is the
+/// CronJob's plus a numeric suffix, any other controlled pod to its controller, and a pod with
+/// no controller to itself (its name, or its `generateName` without the trailing dash while
+/// the apiserver has not named it yet). Empty when the metadata names nothing.
+///
+/// Works on metadata alone, so the operator's metadata-only pod watch and the webhook's
+/// admission request (where the pod has no name yet) agree.
+pub fn workload_name(meta: &ObjectMeta) -> String {
+    let controller = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    let Some(owner) = controller else {
+        return match (&meta.name, &meta.generate_name) {
+            (Some(name), _) if !name.is_empty() => name.clone(),
+            (_, Some(prefix)) => prefix.trim_end_matches('-').to_owned(),
+            _ => String::new(),
+        };
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("pod-template-hash"));
+            match hash.and_then(|h| owner.name.strip_suffix(&format!("-{h}"))) {
+                Some(deployment) => deployment.to_owned(),
+                None => owner.name.clone(),
+            }
+        }
+        "Job" => match owner.name.rsplit_once('-') {
+            Some((cron_job, suffix))
+                if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron_job.to_owned()
+            }
+            _ => owner.name.clone(),
+        },
+        _ => owner.name.clone(),
+    }
+}
+
 /// The pod's ServiceAccount (`default` when the spec names none).
 pub fn service_account(pod: &Pod) -> &str {
     pod.spec
@@ -152,6 +197,44 @@ mod tests {
 
     fn pod(value: serde_json::Value) -> Pod {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn the_workload_is_the_controller_with_generated_suffixes_removed() {
+        let meta =
+            |value: serde_json::Value| -> ObjectMeta { serde_json::from_value(value).unwrap() };
+        let owned = |kind: &str, name: &str, labels: serde_json::Value| {
+            meta(json!({"name": "p-1", "labels": labels, "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Other", "name": "not-the-controller", "uid": "0"},
+                {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "1", "controller": true}
+            ]}))
+        };
+        let hash = json!({"pod-template-hash": "7d9f8c"});
+        assert_eq!(
+            workload_name(&owned("ReplicaSet", "web-v1-7d9f8c", hash.clone())),
+            "web-v1"
+        );
+        // A ReplicaSet not made by a Deployment (no hash label, or another one) is the workload.
+        assert_eq!(
+            workload_name(&owned("ReplicaSet", "web-v1-7d9f8c", json!({}))),
+            "web-v1-7d9f8c"
+        );
+        assert_eq!(workload_name(&owned("ReplicaSet", "plain", hash)), "plain");
+        assert_eq!(workload_name(&owned("StatefulSet", "db", json!({}))), "db");
+        assert_eq!(
+            workload_name(&owned("Job", "backup-29012345", json!({}))),
+            "backup"
+        );
+        assert_eq!(
+            workload_name(&owned("Job", "migrate-schema", json!({}))),
+            "migrate-schema"
+        );
+        assert_eq!(workload_name(&meta(json!({"name": "solo"}))), "solo");
+        assert_eq!(
+            workload_name(&meta(json!({"generateName": "batch-"}))),
+            "batch"
+        );
+        assert_eq!(workload_name(&ObjectMeta::default()), "");
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn service(name: &str, ip: &str, endpoints: &[&str]) -> Service {
                     address: addr(e),
                     meshed: true,
                     identity: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
+                    workload: None,
                 })
                 .collect(),
         }],

@@ -802,6 +802,7 @@ impl<'a> Index<'a> {
                             address: SocketAddr::new(ip, target),
                             meshed: identity.is_some(),
                             identity: identity.cloned(),
+                            workload: None,
                         });
                     }
                 }

@@ -35,6 +35,7 @@ fn service(name: &str, ip: u8, endpoints: u8) -> Service {
                     address: SocketAddr::from(([10, ip, 0, i], 8080)),
                     meshed: true,
                     identity: None,
+                    workload: None,
                 })
                 .collect(),
             ..ServicePort::default()

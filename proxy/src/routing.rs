@@ -100,6 +100,7 @@ pub(crate) mod fixtures {
             address: address.parse().unwrap(),
             meshed,
             identity: identity.map(str::to_owned),
+            workload: None,
         }
     }
 

@@ -199,6 +199,7 @@ fn proxy_config() -> ProxyConfig {
                 address: "10.244.0.12:5432".parse().unwrap(),
                 meshed: true,
                 identity: Some(principal(NS, "db")),
+                workload: None,
             }],
         }],
         ..contract::Service::default()

@@ -300,6 +300,7 @@ mod tests {
                     address: endpoint.parse().unwrap(),
                     meshed: false,
                     identity: None,
+                    workload: None,
                 }],
                 ..ServicePort::default()
             }],

@@ -58,6 +58,7 @@ fn service(name: &str, vip_last: u8, endpoints: &[u8]) -> Service {
                     address: addr(i),
                     meshed: i % 2 == 0,
                     identity: None,
+                    workload: None,
                 })
                 .collect(),
             ..ServicePort::default()
@@ -658,6 +659,7 @@ fn state_of_remaining_endpoints_is_kept_across_endpoint_set_changes() {
             address: addr(i),
             meshed: false,
             identity: None,
+            workload: None,
         })
         .collect();
     let second = h.build(&config(vec![next]), Some(&first));

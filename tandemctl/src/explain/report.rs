@@ -669,6 +669,7 @@ mod tests {
                     address: "10.244.0.9:5432".parse().unwrap(),
                     meshed: true,
                     identity: Some("spiffe://corp.example/ns/shop/sa/db".into()),
+                    workload: None,
                 }],
             }],
             ..contract::Service::default()
