@@ -48,6 +48,8 @@ use crate::metrics::{Classification, Direction, ServiceTelemetry};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
 use crate::tls::PeerIdentity;
+use crate::trace::span::ErrorType as SpanError;
+use crate::trace::{End, Hop, RequestTrace};
 
 /// How many requests one upstream h2c connection carries at once (also what `maxConnections`
 /// counts an HTTP/2 connection as).
@@ -91,6 +93,8 @@ pub struct RequestCtx {
     /// Inbound: where the request is forwarded ([`inbound_upstream`]), found once by the
     /// inbound gate, whose port authorization decides on, and used again to forward.
     inbound_upstream: Option<SocketAddr>,
+    /// The trace context and the spans in progress ([`crate::trace`]).
+    trace: RequestTrace,
 }
 
 /// Where one request goes.
@@ -127,6 +131,7 @@ impl MeshHttp {
                         )
                     })?,
                 };
+                ctx.trace.destination_port(dst.port());
                 let target = active
                     .as_ref()
                     .and_then(|a| a.destinations.lookup(dst).cloned());
@@ -499,6 +504,86 @@ impl MeshHttp {
     }
 }
 
+/// Tracing's hooks: small, the logic is in [`crate::trace`].
+impl MeshHttp {
+    /// Reads the request's trace context and decides whether it is sampled.
+    fn begin_trace(&self, session: &Session) -> RequestTrace {
+        let settings = self.shared.config.active().and_then(|a| a.tracing.clone());
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        RequestTrace::begin(
+            settings.as_ref(),
+            self.direction == Direction::Inbound,
+            session.req_header(),
+            session.is_http2(),
+            client,
+        )
+    }
+
+    /// Runs `f` on a sampled request's trace with where the request went; nothing otherwise.
+    fn traced(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        f: impl FnOnce(&mut RequestTrace, &crate::trace::export::Exporter, &Hop<'_>),
+    ) {
+        if !ctx.trace.is_recording() {
+            return;
+        }
+        // Taken out for the call, so the hop can borrow the rest of the context.
+        let mut trace = std::mem::take(&mut ctx.trace);
+        f(&mut trace, &self.shared.tracer, &self.hop(session, ctx));
+        ctx.trace = trace;
+    }
+
+    /// Outbound: an attempt to `endpoint` begins (its own CLIENT span).
+    fn trace_attempt(&self, session: &Session, endpoint: Option<SocketAddr>, ctx: &mut RequestCtx) {
+        if let (Direction::Outbound, Some(endpoint)) = (self.direction, endpoint) {
+            self.traced(session, ctx, |trace, exporter, hop| {
+                trace.begin_attempt(exporter, endpoint, hop);
+            });
+        }
+    }
+
+    /// Outbound: the attempt in progress ended without a response the client will get.
+    fn end_attempt(&self, session: &Session, ctx: &mut RequestCtx, status: u16, error: SpanError) {
+        self.traced(session, ctx, |trace, exporter, hop| {
+            trace.end_attempt(
+                exporter,
+                hop,
+                End {
+                    status,
+                    error: Some(error),
+                },
+            );
+        });
+    }
+
+    /// Where the request went, as its spans name it.
+    fn hop<'c>(&'c self, session: &'c Session, ctx: &'c RequestCtx) -> Hop<'c> {
+        let (policy, peer_identity) = match self.direction {
+            Direction::Outbound => (
+                ctx.refusal.map(|r| r.header().1),
+                ctx.peer_tls.as_deref().map(|p| &*p.uri),
+            ),
+            Direction::Inbound => (
+                ctx.authz.as_ref().map(|v| v.policy.as_str()),
+                crate::tls::inbound::peer_of(session.digest()).map(|p| &*p.uri),
+            ),
+        };
+        Hop {
+            service: self.telemetry(ctx).label(),
+            route: ctx
+                .decision
+                .as_ref()
+                .map(Decision::route_name)
+                .filter(|r| *r != crate::policy::DEFAULT_ROUTE),
+            policy,
+            peer_identity,
+            port: ctx.inbound_upstream.map(|u| u.port()),
+        }
+    }
+}
+
 impl MeshHttp {
     /// The request's metric series: its destination's, or `unknown` when none was resolved.
     fn telemetry<'c>(&'c self, ctx: &'c RequestCtx) -> &'c ServiceTelemetry {
@@ -641,6 +726,7 @@ impl ProxyHttp for MeshHttp {
             peer_tls: None,
             authz: None,
             inbound_upstream: None,
+            trace: RequestTrace::default(),
         }
     }
 
@@ -649,6 +735,7 @@ impl ProxyHttp for MeshHttp {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> PingoraResult<bool> {
+        ctx.trace = self.begin_trace(session);
         if self.direction == Direction::Inbound && self.admit_inbound(session, ctx).await? {
             return Ok(true);
         }
@@ -681,7 +768,10 @@ impl ProxyHttp for MeshHttp {
         ctx: &mut RequestCtx,
     ) -> PingoraResult<Box<HttpPeer>> {
         if ctx.decision.is_some() {
-            return self.retry_peer(ctx).await;
+            let peer = self.retry_peer(ctx).await?;
+            let endpoint = ctx.upstream;
+            self.trace_attempt(session, endpoint, ctx);
+            return Ok(peer);
         }
         let resolved = match self.resolve(session, ctx) {
             Ok(r) => r,
@@ -694,7 +784,18 @@ impl ProxyHttp for MeshHttp {
         self.count_request(ctx);
         ctx.upstream = Some(resolved.upstream);
         ctx.upstream_h2 = resolved.h2;
-        Ok(self.peer(resolved.upstream, ctx))
+        let peer = self.peer(resolved.upstream, ctx);
+        self.trace_attempt(session, Some(resolved.upstream), ctx);
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> PingoraResult<()> {
+        ctx.trace.write(upstream_request)
     }
 
     async fn connected_to_upstream(
@@ -717,11 +818,12 @@ impl ProxyHttp for MeshHttp {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<PingoraError>,
     ) -> Box<PingoraError> {
+        self.end_attempt(session, ctx, 0, SpanError::Named("connect_failure"));
         if ctx.peer_tls.is_some() {
             self.shared.tls.outbound.http_failed(&e);
         }
@@ -740,6 +842,9 @@ impl ProxyHttp for MeshHttp {
         ctx: &mut RequestCtx,
     ) -> PingoraResult<()> {
         let code = upstream_response.status.as_u16();
+        if code >= 200 {
+            ctx.trace.attempt_response(code);
+        }
         let Some(decision) = ctx.decision.as_mut() else {
             return Ok(());
         };
@@ -754,6 +859,7 @@ impl ProxyHttp for MeshHttp {
         // Unwind this attempt before anything reaches the client; `error_while_proxy` sees the
         // flag and lets Pingora call `upstream_peer` again.
         ctx.retrying_response = true;
+        self.end_attempt(session, ctx, code, SpanError::Status(code));
         let mut e = PingoraError::explain(HTTPStatus(code), "retrying a failed response");
         e.set_retry(true);
         Err(e)
@@ -772,6 +878,11 @@ impl ProxyHttp for MeshHttp {
             e.set_retry(true);
             return e;
         }
+        let failure = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+            _ => "reset",
+        };
+        self.end_attempt(session, ctx, 0, SpanError::Named(failure));
         let body = replay(session);
         let Some(decision) = ctx.decision.as_ref() else {
             // Pingora's own rule: retry only a pooled connection that turned out stale.
@@ -851,6 +962,10 @@ impl ProxyHttp for MeshHttp {
         } else {
             Classification::Success
         };
+        let end = crate::trace::end_of(status, classification == Classification::Failure, error);
+        self.traced(session, ctx, |trace, exporter, hop| {
+            trace.finish(exporter, hop, end);
+        });
         let telemetry = self.telemetry(ctx);
         if !ctx.counted {
             telemetry.request();
@@ -866,6 +981,7 @@ impl ProxyHttp for MeshHttp {
             Direction::Outbound => ctx.peer_tls.as_deref(),
             Direction::Inbound => crate::tls::inbound::peer_of(session.digest()),
         };
+        let trace_ids = ctx.trace.log_ids();
         let security = if peer.is_some() {
             SecurityPolicy::MutualTls
         } else {
@@ -887,6 +1003,8 @@ impl ProxyHttp for MeshHttp {
             bytes_out: session.body_bytes_sent(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             traceparent: header(session, "traceparent"),
+            trace_id: trace_ids.as_ref().map_or("", |(t, _)| t.as_str()),
+            span_id: trace_ids.as_ref().map_or("", |(_, s)| s.as_str()),
             peer_identity: peer.map_or("", |p| &p.uri),
             connection_security_policy: security.as_str(),
             authz_decision: ctx.authz.as_ref().map_or("", Verdict::decision),

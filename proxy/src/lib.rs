@@ -20,7 +20,8 @@
 //! [`authz`] (inbound authorization: the config's policies compiled per version, enforced per
 //! HTTP request in [`http`] and per opaque TCP connection in [`connection`]); [`stream`] (the
 //! operator's config stream, applied beside the file, the report of applied versions, and
-//! on-demand discovery of unknown destinations).
+//! on-demand discovery of unknown destinations); [`trace`] (distributed tracing: W3C/B3
+//! propagation, sampling, SERVER and CLIENT spans, OTLP/HTTP export off the request path).
 
 pub mod access_log;
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod routing;
 pub mod server;
 pub mod stream;
 pub mod tls;
+pub mod trace;
 
 pub use cli::{Cli, Command, RunArgs};
 pub use error::{Error, Result};
