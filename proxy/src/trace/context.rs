@@ -82,10 +82,10 @@ pub enum Incoming {
 impl Incoming {
     /// Reads the request's trace headers (see the module docs for precedence).
     pub fn extract(headers: &HeaderMap) -> Self {
-        if let Some(value) = single(headers, TRACEPARENT) {
-            if let Some(context) = parse_traceparent(value.as_bytes()) {
-                return Self::Context(context);
-            }
+        if let Some(context) =
+            single(headers, TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes()))
+        {
+            return Self::Context(context);
         }
         if let Some(value) = single(headers, B3) {
             let parsed = parse_b3_single(value.as_bytes());
