@@ -3,8 +3,9 @@
 //! One [`MeshHttp`] per listener direction. Every request resolves its destination afresh from
 //! the connection's original destination (or, when the connection was not redirected by
 //! iptables, from its authority) and the config active at that moment, so a config swap applies
-//! to the next request even on a kept-alive connection. Headers are forwarded untouched, W3C
-//! `traceparent`/`tracestate` and B3 included.
+//! to the next request even on a kept-alive connection. Headers are forwarded untouched, except
+//! that with tracing on the trace context is continued ([`crate::trace`]): `traceparent` (or
+//! B3, in the form it came) is rewritten with this proxy's span; `tracestate` passes through.
 //!
 //! Outbound requests to a configured service go through its [`Policy`](crate::policy::Policy):
 //! `upstream_peer` selects the route, backend and endpoint (or refuses with 503 and a header
@@ -509,6 +510,10 @@ impl MeshHttp {
     /// Reads the request's trace context and decides whether it is sampled.
     fn begin_trace(&self, session: &Session) -> RequestTrace {
         let settings = self.shared.config.active().and_then(|a| a.tracing.clone());
+        if settings.is_none() && !self.shared.access_log.enabled() {
+            // Tracing off and no log to show the incoming ids in: nothing to read.
+            return RequestTrace::default();
+        }
         let client = session.client_addr().and_then(|a| a.as_inet()).copied();
         RequestTrace::begin(
             settings.as_ref(),
