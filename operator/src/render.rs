@@ -22,8 +22,9 @@ use kube::ResourceExt;
 use kube::api::PartialObjectMeta;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::{
-    self, Backend, DefaultPolicy, Endpoint, HeaderMatch, LoadBalancer, PathMatch, Protocol,
-    ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
+    self, Backend, DefaultPolicy, Endpoint, EndpointWorkload, HeaderMatch, LoadBalancer, PathMatch,
+    Protocol, ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, Telemetry, ValueMatch,
+    Workload,
 };
 use tandem_crds::dependencies::Dependency;
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
@@ -71,7 +72,7 @@ pub struct Inputs {
 }
 
 /// Mesh-wide settings rendering needs (operator flags).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Mesh {
     /// Trust domain of endpoint identities.
     pub trust_domain: String,
@@ -81,6 +82,8 @@ pub struct Mesh {
     pub default_policy: DefaultPolicy,
     /// The networks whose clients count as "in the cluster" (`cluster-authenticated`).
     pub cluster_networks: Vec<IpNet>,
+    /// How every proxy reports (metric prefix, tracing), rendered into every config.
+    pub telemetry: Telemetry,
 }
 
 /// Linkerd's default cluster networks: the private IPv4 ranges and the carrier-grade NAT range,
@@ -97,6 +100,7 @@ impl Default for Mesh {
                 .split(',')
                 .filter_map(|n| n.parse().ok())
                 .collect(),
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -185,6 +189,8 @@ pub struct Rendered {
     pub modes: BTreeMap<WorkloadKey, MtlsMode>,
     /// The mode where no workload-specific one was resolved.
     pub default_mtls: MtlsMode,
+    /// The mesh's telemetry settings, the same in every config.
+    pub telemetry: Telemetry,
     /// Annotations that were ignored.
     pub bad_annotations: Vec<BadAnnotation>,
     /// Every workload's authorization, and which workloads each AuthorizationPolicy reaches.
@@ -289,6 +295,7 @@ impl Rendered {
         let own = serde_json::to_vec(&(
             self.mode_of(workload),
             self.authorizations.for_workload(workload),
+            &self.telemetry,
         ))
         .unwrap_or_default();
         let mut content = Sha256::new();
@@ -334,6 +341,7 @@ impl Rendered {
             .map(|entry| entry.service.clone())
             .collect();
         config.authorization = self.authorizations.for_workload(workload);
+        config.telemetry = self.telemetry.clone();
         config
     }
 
@@ -535,6 +543,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
         dependencies,
         modes,
         default_mtls: inputs.mesh.default_mtls,
+        telemetry: inputs.mesh.telemetry.clone(),
         bad_annotations,
         authorizations,
     }
@@ -681,6 +690,8 @@ struct Index<'a> {
     slices: BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>,
     /// Injected pods by (namespace, name): their identity's URI.
     injected_pods: HashMap<(String, String), String>,
+    /// Every known pod by (namespace, name): its workload (`pods::workload_name`).
+    workloads: HashMap<(String, String), EndpointWorkload>,
 }
 
 impl<'a> Index<'a> {
@@ -713,10 +724,24 @@ impl<'a> Index<'a> {
                 ((namespace, p.name_any()), identity)
             })
             .collect();
+        let workloads = inputs
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let namespace = p.namespace().unwrap_or_default();
+                let name = tandem_crds::pods::workload_name(&p.metadata);
+                let workload = EndpointWorkload {
+                    name: (!name.is_empty()).then_some(name)?,
+                    namespace: namespace.clone(),
+                };
+                Some(((namespace, p.name_any()), workload))
+            })
+            .collect();
         Self {
             services,
             slices,
             injected_pods,
+            workloads,
         }
     }
 
@@ -787,22 +812,24 @@ impl<'a> Index<'a> {
                     continue;
                 }
                 // Meshed means "its pod is injected"; the pod's ServiceAccount is the identity
-                // the client's proxy will demand of it.
-                let identity = endpoint
+                // the client's proxy will demand of it. Its workload labels the metrics.
+                let pod = endpoint
                     .target_ref
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| {
                         let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
-                        self.injected_pods.get(&(ns, r.name.clone()?))
+                        Some((ns, r.name.clone()?))
                     });
+                let identity = pod.as_ref().and_then(|p| self.injected_pods.get(p));
+                let workload = pod.as_ref().and_then(|p| self.workloads.get(p));
                 for address in &endpoint.addresses {
                     if let Ok(ip) = address.parse::<IpAddr>() {
                         found.insert(Endpoint {
                             address: SocketAddr::new(ip, target),
                             meshed: identity.is_some(),
                             identity: identity.cloned(),
-                            workload: None,
+                            workload: workload.cloned(),
                         });
                     }
                 }

@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use tandem_crds::contract::{LoadBalancer, Protocol};
+use tandem_crds::contract::{
+    EndpointWorkload, LoadBalancer, MetricsPrefix, Protocol, Telemetry, Tracing,
+};
 use tandem_crds::v1alpha1::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, ConditionStatus, PolicyStatus, TrafficPolicy,
     TrafficPolicySpec, reason,
@@ -957,6 +959,89 @@ fn a_meshed_endpoint_carries_its_pods_service_account_identity_and_others_none()
     let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(parsed, config);
+}
+
+#[test]
+fn an_endpoint_carries_its_pods_workload_as_istio_derives_it() {
+    let mut inputs = shop();
+    // v1-a belongs to ReplicaSet server-v1-5c9d (Deployment server-v1); v1-b to no controller.
+    if let Some(v1_a) = inputs
+        .pods
+        .iter_mut()
+        .find(|p| p.metadata.name.as_deref() == Some("v1-a"))
+    {
+        let pod = Arc::make_mut(v1_a);
+        pod.metadata.labels = Some(
+            [("pod-template-hash".to_owned(), "5c9d".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        pod.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "ReplicaSet".into(),
+                name: "server-v1-5c9d".into(),
+                uid: "u".into(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
+    }
+    let rendered = render(&inputs);
+    let workloads: Vec<(String, Option<EndpointWorkload>)> = rendered
+        .services
+        .iter()
+        .filter(|s| s.name == "server-v1")
+        .flat_map(|s| &s.ports)
+        .flat_map(|p| &p.endpoints)
+        .map(|e| (e.address.to_string(), e.workload.clone()))
+        .collect();
+    let workload = |name: &str| {
+        Some(EndpointWorkload {
+            name: name.into(),
+            namespace: "shop".into(),
+        })
+    };
+    assert_eq!(
+        workloads,
+        [
+            ("10.244.0.4:8080".to_owned(), workload("v1-b")),
+            ("10.244.0.5:8080".to_owned(), workload("server-v1")),
+        ]
+    );
+    // The proxy accepts it.
+    let config = rendered.config_for("shop", "client");
+    let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed, config);
+}
+
+#[test]
+fn the_mesh_telemetry_is_in_every_config_and_in_its_hash() {
+    let plain = render(&shop());
+    let mut inputs = shop();
+    inputs.mesh.telemetry = Telemetry {
+        metrics_prefix: MetricsPrefix::Istio,
+        tracing: Some(Tracing {
+            collector: "http://collector:4318".into(),
+            sampling_percent: 5.0,
+        }),
+    };
+    let traced = render(&inputs);
+    for (namespace, service_account) in [("shop", "client"), ("shop", "server")] {
+        let config = traced.config_for(namespace, service_account);
+        assert_eq!(config.telemetry, inputs.mesh.telemetry);
+        let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.telemetry, inputs.mesh.telemetry);
+        // A changed setting is a changed version, so proxies take it.
+        assert_ne!(
+            config.version,
+            plain.config_for(namespace, service_account).version
+        );
+    }
+    // The default is left out of the JSON, for proxies older than the field.
+    assert!(!document(&plain.config_for("shop", "client")).contains("telemetry"));
 }
 
 #[test]
