@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// Span export (tracing is turned on by the config).
     #[command(flatten)]
     pub trace: TraceArgs,
+    /// This pod's workload (its controller's name: the Deployment of a ReplicaSet's pod, as
+    /// Istio derives it), which the webhook sets; the `*_workload` label of this proxy's side
+    /// in the standard metrics and the access log.
+    #[arg(long, env = "TANDEM_WORKLOAD_NAME", default_value = "unknown")]
+    pub workload_name: String,
     /// Workload identity (certificate and trust anchors for mutual TLS).
     #[command(flatten)]
     pub identity: IdentityArgs,

@@ -42,6 +42,7 @@ use crate::identity::IdentityState;
 use crate::metrics::{ConfigInfoLabels, Metrics, ReloadLabels, gauge_value};
 use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
+use crate::telemetry::LabelTable;
 use crate::tls::{BadEndpointIdentity, PeerIdentities};
 use crate::trace::TraceSettings;
 use crate::trace::export::BadCollector;
@@ -69,6 +70,9 @@ pub struct ActiveConfig {
     pub authz: Authz,
     /// Tracing's collector and sampling, when tracing is on.
     pub tracing: Option<Arc<TraceSettings>>,
+    /// The labels of this workload and of every endpoint and service it knows, for the
+    /// standard metrics and the access log.
+    pub labels: LabelTable,
 }
 
 /// Why a valid config could not be compiled.
@@ -118,6 +122,12 @@ impl ActiveConfig {
             .map_err(CompileError::Authorization)?;
         let tracing = TraceSettings::compile(&config).map_err(CompileError::Tracing)?;
         let destinations = Destinations::compile(&config, metrics);
+        let labels = LabelTable::compile(
+            &config,
+            metrics.mesh.workload(),
+            trust_domain,
+            &metrics.mesh.interner,
+        );
         let policies = PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())
             .map_err(CompileError::Policy)?;
         Ok(Self {
@@ -130,6 +140,7 @@ impl ActiveConfig {
             identities,
             authz,
             tracing,
+            labels,
         })
     }
 }
@@ -316,6 +327,9 @@ impl ConfigStore {
     }
 
     fn activate(&self, active: &Arc<ActiveConfig>) {
+        self.metrics
+            .mesh
+            .set_prefix(active.config.telemetry.metrics_prefix);
         self.active.store(Arc::new(Some(active.clone())));
         self.record_success(active);
         self.applied.send_replace(Some(AppliedReport {

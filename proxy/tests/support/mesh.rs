@@ -91,6 +91,7 @@ impl MeshProxy {
             config_stream: tandem_proxy::cli::Switch::Off,
             app_probes: probes,
             trace: Default::default(),
+            workload_name: "unknown".into(),
         };
         let metrics = Arc::new(Metrics::new());
         let log = Captured::default();
