@@ -10,7 +10,10 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tandem_crds::names::DEPENDENCIES_ANNOTATION;
+use tandem_crds::names::{
+    CONTAINER_PORTS_ANNOTATION, DEPENDENCIES_ANNOTATION, PROXY_VERSION_ANNOTATION,
+    SERVICE_ACCOUNT_ANNOTATION,
+};
 use tandem_crds::v1alpha1::TrafficPolicy;
 
 use super::scale::{self, GATEWAYS, Scale};
@@ -152,8 +155,13 @@ async fn injected_pod(client: &Client, ns: &str, name: &str, sa: &str, dependenc
         Some(ns),
         json!({
             "apiVersion": "v1", "kind": "Pod",
+            // The annotations the webhook writes: its mark of injection, and what the
+            // operator's metadata-only pod watch reads instead of the spec.
             "metadata": {"name": name, "namespace": ns,
-                         "annotations": {DEPENDENCIES_ANNOTATION: dependencies}},
+                         "annotations": {DEPENDENCIES_ANNOTATION: dependencies,
+                                         PROXY_VERSION_ANNOTATION: "bench",
+                                         SERVICE_ACCOUNT_ANNOTATION: sa,
+                                         CONTAINER_PORTS_ANNOTATION: ""}},
             "spec": {
                 "serviceAccountName": sa,
                 "automountServiceAccountToken": false,
