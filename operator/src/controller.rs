@@ -62,6 +62,12 @@ use crate::{Error, Result};
 // ---------------------------------------------------------------------------------------------
 // Debounce
 
+/// The most time a pass or a refresh spends writing policy statuses (see
+/// `Reconciler::write_statuses`).
+const STATUS_BUDGET: Duration = Duration::from_millis(250);
+/// Status writes in flight at once.
+const STATUS_CONCURRENCY: usize = 8;
+
 /// How long the reconciler lets a burst of events settle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Debounce {
@@ -684,40 +690,44 @@ impl Reconciler {
 
     /// Writes every policy's status that changed; returns how many writes failed. A policy
     /// whose generation the last pass did not see is left to the next pass.
+    /// Brings policy statuses up to date, a few writes at a time and for at most
+    /// [`STATUS_BUDGET`]: what is left is written at the next refresh, a second later. A status
+    /// is informational; a config change waiting behind a thousand status writes (every
+    /// policy's `proxies` count moves when a fleet attaches) is not. Returns the failed writes.
     async fn write_statuses(&self, state: &State, leader: &watch::Receiver<bool>) -> usize {
         let Some(last) = state.last.as_ref() else {
             return 0;
         };
+        let traffic = self.stores.traffic.state();
+        let breakers = self.stores.breakers.state();
+        let authorizations = self.stores.authorizations.state();
+        type Write<'a> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+        let writes = traffic
+            .iter()
+            .map(|p| -> Write<'_> {
+                Box::pin(self.update_status(PolicyKind::Traffic, p.as_ref(), state, last))
+            })
+            .chain(breakers.iter().map(|p| -> Write<'_> {
+                Box::pin(self.update_status(PolicyKind::CircuitBreaker, p.as_ref(), state, last))
+            }))
+            .chain(authorizations.iter().map(|p| -> Write<'_> {
+                Box::pin(self.update_status(PolicyKind::Authorization, p.as_ref(), state, last))
+            }))
+            // Collected, so no closure is held across the awaits below (the future stays Send).
+            .collect::<Vec<_>>();
+        let mut results = stream::iter(writes).buffer_unordered(STATUS_CONCURRENCY);
+        let budget = tokio::time::sleep(STATUS_BUDGET);
+        tokio::pin!(budget);
         let mut failures = 0;
-        for policy in self.stores.traffic.state() {
-            if !leads(leader) {
-                return failures;
+        while leads(leader) {
+            tokio::select! {
+                result = results.next() => match result {
+                    Some(result) => failures += usize::from(result.is_err()),
+                    None => break,
+                },
+                () = &mut budget => break,
             }
-            failures += usize::from(
-                self.update_status(PolicyKind::Traffic, policy.as_ref(), state, last)
-                    .await
-                    .is_err(),
-            );
-        }
-        for policy in self.stores.breakers.state() {
-            if !leads(leader) {
-                return failures;
-            }
-            failures += usize::from(
-                self.update_status(PolicyKind::CircuitBreaker, policy.as_ref(), state, last)
-                    .await
-                    .is_err(),
-            );
-        }
-        for policy in self.stores.authorizations.state() {
-            if !leads(leader) {
-                return failures;
-            }
-            failures += usize::from(
-                self.update_status(PolicyKind::Authorization, policy.as_ref(), state, last)
-                    .await
-                    .is_err(),
-            );
         }
         failures
     }
