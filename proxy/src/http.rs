@@ -148,9 +148,12 @@ impl MeshHttp {
                             .and_then(|a| a.policies.for_destination(dst));
                         let upstream = match policy {
                             Some(policy) => select(policy, dst.port(), session, ctx)?,
-                            None => target
-                                .pick()
-                                .ok_or_else(|| status(503, "service has no ready endpoint"))?,
+                            None => target.pick().ok_or_else(|| {
+                                // The same refusal as a policy's: answered with its header,
+                                // logged as `refused` and flagged `UH`.
+                                ctx.refusal = Some(Refusal::NoEndpoints);
+                                status(503, "service has no ready endpoint")
+                            })?,
                         };
                         let h2 = downstream_h2
                             || matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
