@@ -520,25 +520,35 @@ async fn a_service_without_a_ready_endpoint_is_flagged_uh_with_a_route_and_witho
     }
 
     let (_, text) = client.admin("/metrics").await;
-    // A refused request never reached a backend: its destination labels stay `unknown`.
-    let labels = |flags| {
-        [
+    // A refused request names the service it was for; it reached no workload (and no route
+    // was chosen).
+    for service in ["routed", "plain"] {
+        let fqdn = format!("{service}.test.svc.cluster.local");
+        let labels = [
             ("reporter", "source"),
             ("destination_workload", "unknown"),
+            ("destination_service", fqdn.as_str()),
+            ("destination_service_name", service),
+            ("destination_service_namespace", "test"),
             ("response_code", "503"),
-            ("response_flags", flags),
-        ]
-    };
-    assert_eq!(
-        series_sum(&text, "tandem_requests_total", &labels("UH")),
-        Some(4),
-        "{text}"
-    );
+            ("response_flags", "UH"),
+            ("route", "unknown"),
+        ];
+        assert_eq!(
+            series_sum(&text, "tandem_requests_total", &labels),
+            Some(2),
+            "{service}\n{text}"
+        );
+    }
     assert_eq!(
         series_sum(&text, "tandem_requests_total", &[("response_flags", "-")]),
         None,
         "{text}"
     );
+    for line in client.access_log() {
+        let service = line["dst_service"].as_str().unwrap();
+        assert!(["test/routed", "test/plain"].contains(&service), "{line}");
+    }
     promtool_check(&text);
 }
 
