@@ -52,8 +52,8 @@ use crate::authz;
 use crate::detect::{Detected, PROBE_LEN, classify, redirected_destination};
 use crate::http::MeshHttp;
 use crate::metrics::{
-    AuthzProtocol, ConnProtocol, ConnectionTelemetry, Direction, InboundRefusal, SecurityPolicy,
-    ServiceTelemetry,
+    AuthzProtocol, ConnProtocol, ConnectionTelemetry, Direction, InboundRefusal, ResponseFlags,
+    SecurityPolicy, ServiceTelemetry,
 };
 use crate::relay::{relay, relay_streams};
 use crate::server::Shared;
@@ -172,7 +172,8 @@ impl Listener {
                 match connect(upstream, connect_timeout).await {
                     Ok(up) => self.relay(client, up, upstream, label).await,
                     Err(e) => {
-                        tracing::warn!(direction = self.direction.as_str(), ?peer, %upstream, error = %e, "Upstream connect failed")
+                        tracing::warn!(direction = self.direction.as_str(), ?peer, %upstream, error = %e, "Upstream connect failed");
+                        self.connect_failed(&label, upstream, None, self.security_to(upstream));
                     }
                 }
             }
@@ -256,6 +257,7 @@ impl Listener {
                             Ok(up) => (up, addr),
                             Err(e) => {
                                 tracing::warn!(direction = self.direction.as_str(), upstream = %addr, error = %e, "Upstream connect failed");
+                                self.connect_failed(&label, addr, None, self.security_to(addr));
                                 return;
                             }
                         }
@@ -293,11 +295,14 @@ impl Listener {
                             Some(addr),
                             None,
                             SecurityPolicy::MutualTls,
+                            ResponseFlags::NONE,
                         ));
                         relay_streams(client, tls, &telemetry).await;
                     }
                     Err(e) => {
                         tracing::warn!(upstream = %addr, peer = %peer.uri, error = %e, "Outbound mutual TLS failed; connection closed");
+                        // Envoy counts a failed upstream TLS handshake as a connect failure.
+                        self.connect_failed(&label, addr, None, SecurityPolicy::MutualTls);
                     }
                 }
                 return;
@@ -314,11 +319,54 @@ impl Listener {
         addr: Option<SocketAddr>,
         label: Arc<ServiceTelemetry>,
     ) {
-        let series =
-            self.shared
-                .tcp_series(self.direction, &label, addr, None, SecurityPolicy::None);
+        let series = self.shared.tcp_series(
+            self.direction,
+            &label,
+            addr,
+            None,
+            SecurityPolicy::None,
+            ResponseFlags::NONE,
+        );
         let telemetry = ConnectionTelemetry::open(series);
         relay(client, upstream, &telemetry).await;
+    }
+
+    /// Counts a client connection whose upstream (`addr`) could not be reached as opened and
+    /// closed under `response_flags="UF"`, as Istio does: the client did connect, and the
+    /// series say why nothing was relayed.
+    fn connect_failed(
+        &self,
+        label: &ServiceTelemetry,
+        addr: SocketAddr,
+        peer: Option<&PeerIdentity>,
+        security: SecurityPolicy,
+    ) {
+        let series = self.shared.tcp_series(
+            self.direction,
+            label,
+            Some(addr),
+            peer,
+            security,
+            ResponseFlags::CONNECT_FAILURE,
+        );
+        drop(ConnectionTelemetry::open(series));
+    }
+
+    /// The security a relay to `addr` would have had ([`Self::relay`]'s choice): mutual TLS
+    /// outbound to an endpoint with an identity when this proxy has one, else plaintext.
+    fn security_to(&self, addr: SocketAddr) -> SecurityPolicy {
+        if self.direction != Direction::Outbound || self.shared.tls.outbound.material().is_none() {
+            return SecurityPolicy::None;
+        }
+        let active = self.shared.config.active();
+        if active
+            .as_ref()
+            .is_some_and(|a| a.identities.get(addr).is_some())
+        {
+            SecurityPolicy::MutualTls
+        } else {
+            SecurityPolicy::None
+        }
     }
 
     /// The inbound mTLS mode of the active config (permissive without one).
@@ -456,6 +504,7 @@ impl Listener {
                     Ok(up) => up,
                     Err(e) => {
                         tracing::warn!(direction = self.direction.as_str(), upstream = %dst, error = %e, "Upstream connect failed");
+                        self.connect_failed(&label, dst, identity, SecurityPolicy::MutualTls);
                         return;
                     }
                 };
@@ -466,6 +515,7 @@ impl Listener {
                     Some(dst),
                     identity,
                     SecurityPolicy::MutualTls,
+                    ResponseFlags::NONE,
                 ));
                 relay_streams(tls, up, &telemetry).await;
             }

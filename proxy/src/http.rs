@@ -147,11 +147,20 @@ impl MeshHttp {
                             .as_ref()
                             .and_then(|a| a.policies.for_destination(dst));
                         let upstream = match policy {
-                            Some(policy) => select(policy, dst.port(), session, ctx)?,
-                            None => target
-                                .pick()
-                                .ok_or_else(|| status(503, "service has no ready endpoint"))?,
-                        };
+                            Some(policy) => select(policy, dst.port(), session, ctx),
+                            None => target.pick().ok_or_else(|| {
+                                // The same refusal as a policy's: answered with its header,
+                                // logged as `refused` and flagged `UH`.
+                                ctx.refusal = Some(Refusal::NoEndpoints);
+                                status(503, "service has no ready endpoint")
+                            }),
+                        }
+                        .inspect_err(|_| {
+                            // A refused request still went to this service: its series and
+                            // log line name it (Kiali shows the failing edge). Only here, so
+                            // a resolved request clones the handle once.
+                            ctx.telemetry = Some(target.telemetry.clone());
+                        })?;
                         let h2 = downstream_h2
                             || matches!(target.protocol, Protocol::Http2 | Protocol::Grpc);
                         Ok(Resolved {

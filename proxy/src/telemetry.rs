@@ -297,8 +297,9 @@ impl Shared {
         }
     }
 
-    /// The standard TCP series of a relayed connection to `service` (at endpoint `upstream`
-    /// outbound; from `peer` inbound, whose workload a TCP connection does not tell).
+    /// The standard TCP series of a connection to `service` (at endpoint `upstream`
+    /// outbound; from `peer` inbound, whose workload a TCP connection does not tell), with
+    /// `flags` [`ResponseFlags::NONE`] when relayed, `UF` when the upstream connect failed.
     pub fn tcp_series(
         &self,
         direction: Direction,
@@ -306,6 +307,7 @@ impl Shared {
         upstream: Option<SocketAddr>,
         peer: Option<&PeerIdentity>,
         security: SecurityPolicy,
+        flags: ResponseFlags,
     ) -> TcpSeries {
         let table = self.label_table();
         let mtls = security == SecurityPolicy::MutualTls;
@@ -330,7 +332,7 @@ impl Shared {
             protocol: RequestProtocol::Tcp,
             response_code: 0,
             grpc_status: GrpcStatus(None),
-            flags: ResponseFlags::NONE,
+            flags,
             security,
             route: None,
         })

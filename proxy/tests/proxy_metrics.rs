@@ -2,7 +2,10 @@
 //! server proxy (inbound) in front of a real HTTP/1.1 + h2c app, a known mix of 200, 503 and
 //! gRPC errors, and the exact count of every full label set on both sides; every sample has
 //! every label; `promtool check metrics` (Debian's `prometheus` package) accepts the
-//! exposition; the `istio` prefix names the same series `istio_*`.
+//! exposition; the `istio` prefix names the same series `istio_*`. The flags of the failures
+//! no response explains: `UH` for a service without a ready endpoint (with a named route and
+//! without), `UF` on the TCP series of a connection whose upstream refuses (two network
+//! namespaces with iptables capture, as `proxy_transparent`; needs root).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -19,8 +22,9 @@ use hyper::body::Frame;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
+use support::netns::{Netns, Pods, SERVER_IP};
 use support::upstream::bind_local;
-use support::{ConfigDir, Proxy, ProxyOptions, get, h2_client, service_with};
+use support::{ConfigDir, Proxy, ProxyOptions, get, h2_client, series_sum, service_with};
 
 /// Labels every standard sample must carry.
 const LABELS: [&str; 19] = [
@@ -471,4 +475,175 @@ async fn the_istio_prefix_names_the_same_series_for_istios_dashboards() {
     // The server proxy's config keeps the default prefix.
     let (_, server) = mesh.server.admin("/metrics").await;
     assert!(server.contains("tandem_requests_total{"), "{server}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_a_ready_endpoint_is_flagged_uh_with_a_route_and_without() {
+    // Two services with no endpoint: `routed` has a named route, `plain` has none. Their
+    // ports are bound (so nothing else answers there) but never reached.
+    let (routed_port, plain_port) = (bind_local(), bind_local());
+    let mut routed = service_with(
+        "routed",
+        "127.0.0.1",
+        routed_port.local_addr().unwrap().port(),
+        "http",
+        vec![],
+    );
+    routed["routes"] = json!([{"name": "api"}]);
+    let plain = service_with(
+        "plain",
+        "127.0.0.1",
+        plain_port.local_addr().unwrap().port(),
+        "http",
+        vec![],
+    );
+    let mut dir = ConfigDir::new();
+    dir.publish(&support::config("client", vec![routed, plain]));
+    let client = start(&dir, "client");
+    client.wait_config_version("client").await;
+
+    for (service, port) in [("routed", &routed_port), ("plain", &plain_port)] {
+        let authority = format!("127.0.0.1:{}", port.local_addr().unwrap().port());
+        for _ in 0..2 {
+            let r = get(client.outbound, &authority, "/x", &[]).await.unwrap();
+            assert_eq!(r.status, 503, "{service}");
+            assert_eq!(r.headers["x-tandem-error"], "no-endpoints", "{service}");
+        }
+    }
+    support::eventually("the client logged", Duration::from_secs(5), async || {
+        client.access_log().len() == 4
+    })
+    .await;
+    for line in client.access_log() {
+        assert_eq!(line["refused"], "no-endpoints", "{line}");
+        assert_eq!(line["status"], 503, "{line}");
+    }
+
+    let (_, text) = client.admin("/metrics").await;
+    // A refused request names the service it was for; it reached no workload (and no route
+    // was chosen).
+    for service in ["routed", "plain"] {
+        let fqdn = format!("{service}.test.svc.cluster.local");
+        let labels = [
+            ("reporter", "source"),
+            ("destination_workload", "unknown"),
+            ("destination_service", fqdn.as_str()),
+            ("destination_service_name", service),
+            ("destination_service_namespace", "test"),
+            ("response_code", "503"),
+            ("response_flags", "UH"),
+            ("route", "unknown"),
+        ];
+        assert_eq!(
+            series_sum(&text, "tandem_requests_total", &labels),
+            Some(2),
+            "{service}\n{text}"
+        );
+    }
+    assert_eq!(
+        series_sum(&text, "tandem_requests_total", &[("response_flags", "-")]),
+        None,
+        "{text}"
+    );
+    for line in client.access_log() {
+        let service = line["dst_service"].as_str().unwrap();
+        assert!(["test/routed", "test/plain"].contains(&service), "{line}");
+    }
+    promtool_check(&text);
+}
+
+/// A proxy in `ns` on the ports `tandem-proxy-init`'s rules redirect to.
+fn start_in(ns: &Netns, dir: &ConfigDir) -> Proxy {
+    let mut opts = ProxyOptions::loopback(dir.path());
+    opts.outbound = "0.0.0.0:15001".into();
+    opts.inbound = "0.0.0.0:15006".into();
+    opts.admin = "0.0.0.0:15020".into();
+    opts.extra = vec!["--workload-name".into(), "client".into()];
+    opts.wrapper = ns.as_uid(tandem_crds::names::PROXY_UID);
+    Proxy::start_with(opts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_whose_upstream_refuses_is_counted_under_uf() {
+    let pods = Pods::new();
+    pods.capture();
+    // Nothing listens in the server pod (no proxy, no app): every connection to it is refused.
+    let endpoint = format!("{SERVER_IP}:5432");
+    let db = service_with(
+        "db",
+        "10.96.0.30",
+        5432,
+        "tcp",
+        vec![json!({"address": endpoint, "meshed": false})],
+    );
+    let mut dir = ConfigDir::new();
+    dir.publish(&support::config("client", vec![db]));
+    let client = start_in(&pods.client, &dir);
+    // To the service (a picked endpoint) and to an address the config does not know.
+    for target in ["10.96.0.30:5432", "10.96.0.31:5432"] {
+        for _ in 0..2 {
+            let got = pods.client.block_on(move || async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tcp.write_all(b"\0\0\0\x08\x04\xd2\x16\x2f").await;
+                let mut back = Vec::new();
+                let _ = tcp.read_to_end(&mut back).await;
+                back.len()
+            });
+            assert_eq!(got, 0, "{target}: nothing to relay");
+        }
+    }
+    let metrics = || {
+        pods.client.block_on(|| async {
+            get(
+                "127.0.0.1:15020".parse().unwrap(),
+                "localhost",
+                "/metrics",
+                &[],
+            )
+            .await
+            .unwrap()
+            .body
+        })
+    };
+    let text = metrics();
+    for service in ["db.test.svc.cluster.local", "unknown"] {
+        let labels = |flags| {
+            [
+                ("reporter", "source"),
+                ("destination_service", service),
+                ("request_protocol", "tcp"),
+                ("response_flags", flags),
+                ("connection_security_policy", "none"),
+            ]
+        };
+        for family in [
+            "tandem_tcp_connections_opened_total",
+            "tandem_tcp_connections_closed_total",
+        ] {
+            assert_eq!(
+                series_sum(&text, family, &labels("UF")),
+                Some(2),
+                "{family} {service}\n{text}"
+            );
+            assert_eq!(
+                series_sum(&text, family, &labels("-")),
+                None,
+                "{family} {service}\n{text}"
+            );
+        }
+        // Nothing was relayed.
+        assert_eq!(
+            series_sum(&text, "tandem_tcp_received_bytes_total", &labels("UF")),
+            Some(0),
+            "{service}\n{text}"
+        );
+    }
+    for (line, names) in standard_samples(&text, "tandem_") {
+        for label in LABELS {
+            assert!(names.contains(&label), "{label} missing: {line}");
+        }
+    }
+    promtool_check(&text);
+    drop(client);
 }

@@ -7,17 +7,19 @@
 //! | --- | --- |
 //! | a response arrived, whatever its status | `-` |
 //! | [`Refusal::Overflow`]: a circuit breaker limit (`maxRequests`, `maxPendingRequests`, `maxConnections`) | `UO` (upstream overflow) |
-//! | [`Refusal::NoEndpoints`]: no ready endpoint, or every one ejected | `UH` (no healthy upstream) |
+//! | [`Refusal::NoEndpoints`]: no ready endpoint, or every one ejected, with or without a policy | `UH` (no healthy upstream) |
 //! | [`Refusal::UnknownPort`]: the service has no such port | `NR` (no route) |
 //! | [`Outcome::Timeout`], or the request timeout fired | `UT` (upstream request timeout) |
 //! | [`Outcome::ConnectFailure`]: refused, unreachable, connect timeout | `UF` (upstream connection failure) |
+//! | a relayed TCP connection whose upstream connect (or outbound mTLS handshake) failed: counted opened and closed under [`ResponseFlags::CONNECT_FAILURE`] | `UF` |
 //! | [`Outcome::Reset`]: closed or reset before a response head | `UC` (upstream connection termination) |
 //! | the client went away before the response was sent | `DC` (downstream connection termination) |
 //! | and the last failure was not retried because [`NoRetry::AttemptsExhausted`], [`NoRetry::BudgetExhausted`] or [`NoRetry::MaxRetries`] | `,URX` appended (retry limit exceeded) |
 //!
 //! Envoy writes several flags comma-separated in a fixed order (`UF,URX`); so does this.
 //! Requests without a policy have no recorded outcome: their Pingora error is classified the
-//! same way ([`Cause::of_error`]).
+//! same way ([`Cause::of_error`]). A TCP connection that was relayed is `-` whatever happened
+//! after its upstream answered; Envoy has no flag for a TCP stream's own ending either.
 
 use pingora::{Error as PingoraError, ErrorSource, ErrorType};
 
@@ -100,6 +102,12 @@ impl ResponseFlags {
     /// No flag (`-`).
     pub const NONE: Self = Self {
         cause: Cause::None,
+        retry_limit: false,
+    };
+
+    /// `UF`: the upstream connection could not be made (a TCP connection's only flag).
+    pub const CONNECT_FAILURE: Self = Self {
+        cause: Cause::ConnectFailure,
         retry_limit: false,
     };
 
