@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod stream;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -68,6 +69,16 @@ impl Mesh {
         options: InstallOptions,
         config_map_refresh: Option<Duration>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_forwards(options, config_map_refresh, Vec::new()).await
+    }
+
+    /// [`Mesh::start_with_refresh`], the node also carrying `forwards` from the gateway
+    /// address to processes on the machine (e.g. a trace collector), beside Tandem's own.
+    pub async fn start_with_forwards(
+        options: InstallOptions,
+        config_map_refresh: Option<Duration>,
+        forwards: Vec<tandem_tests::node::forward::HostForward>,
+    ) -> anyhow::Result<Self> {
         // The kube clients' connection errors while scenario f restarts the apiserver are
         // expected; RUST_LOG shows them when wanted.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -117,7 +128,7 @@ impl Mesh {
                 dir: dir.path().join("node"),
                 images: Images(images),
                 shim: PathBuf::from(env!("CARGO_BIN_EXE_tandem-container")),
-                forwards: tandem.node_forwards(),
+                forwards: tandem.node_forwards().into_iter().chain(forwards).collect(),
                 config_map_refresh,
             },
         )
