@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use tandem_crds::contract::{
     Backend, CircuitBreaker, ConfigError, ConnectionPool, Endpoint, HeaderMatch, OutlierDetection,
     PathMatch, Protocol, ProxyConfig, RequestMatch, Retries, RetryBudget, RetryOn, Route, Service,
-    ServicePort, ServiceRef, ValueMatch, Workload,
+    ServicePort, ServiceRef, Telemetry, Tracing, ValueMatch, Workload,
 };
 
 fn addr(s: &str) -> SocketAddr {
@@ -292,5 +292,102 @@ fn checked_in_json_schema_is_current() {
     assert!(
         generated == checked_in,
         "manifests/proxy-config.schema.json is stale: run `make crds`"
+    );
+}
+
+fn with_tracing(collector: &str, sampling_percent: f64) -> ProxyConfig {
+    let mut config = full_config();
+    config.telemetry = Telemetry {
+        tracing: Some(Tracing {
+            collector: collector.into(),
+            sampling_percent,
+        }),
+        ..Telemetry::default()
+    };
+    config
+}
+
+#[test]
+fn a_tracing_collector_must_be_an_http_base_url_with_a_host() {
+    for good in [
+        "http://otel-collector.observability:4318",
+        "https://collector.example.com",
+        "http://10.0.0.9:4318/otlp",
+        "http://[::1]:4318",
+    ] {
+        assert_eq!(
+            problems(&with_tracing(good, 1.0)),
+            Vec::<String>::new(),
+            "{good}"
+        );
+    }
+    let path = "$.telemetry.tracing.collector";
+    for (bad, why) in [
+        ("otel:4318", "must be an http:// or https:// URL"),
+        ("grpc://otel:4317", "must be an http:// or https:// URL"),
+        ("http://", "must name a host"),
+        ("http://:4318", "must name a host"),
+        (
+            "http://otel:0",
+            "has a port that is not a number from 1 to 65535",
+        ),
+        (
+            "http://otel:70000",
+            "has a port that is not a number from 1 to 65535",
+        ),
+        (
+            "http://otel:43x8",
+            "has a port that is not a number from 1 to 65535",
+        ),
+        (
+            "http://otel:4318/v1?x=1",
+            "must not have a query or fragment (/v1/traces is appended to it)",
+        ),
+        ("http://user:pw@otel:4318", "must not carry credentials"),
+        (
+            "http://ot el:4318",
+            "must not contain whitespace or control characters",
+        ),
+        (
+            "http://[::1:4318",
+            "has an IPv6 address without its closing bracket",
+        ),
+    ] {
+        assert_eq!(
+            problems(&with_tracing(bad, 1.0)),
+            [format!("{path}: {why}")],
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn a_sampling_percent_must_be_a_finite_number_from_0_to_100() {
+    for good in [0.0, 0.5, 1.0, 100.0] {
+        assert_eq!(
+            problems(&with_tracing("http://otel:4318", good)),
+            Vec::<String>::new()
+        );
+    }
+    for bad in [-0.1, 100.5, f64::NAN, f64::INFINITY] {
+        assert_eq!(
+            problems(&with_tracing("http://otel:4318", bad)),
+            ["$.telemetry.tracing.samplingPercent: must be a number from 0 to 100"],
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn tracing_round_trips_and_defaults_to_one_percent() {
+    let config = with_tracing("http://otel:4318", 25.0);
+    let back = ProxyConfig::from_json(config.to_json().as_bytes()).unwrap();
+    assert_eq!(back, config);
+    let json = r#"{"apiVersion":"tandem.dev/proxy-config/v1","workload":{"namespace":"a","serviceAccount":"b"},"telemetry":{"tracing":{"collector":"http://otel:4318"}}}"#;
+    let parsed = ProxyConfig::from_json(json.as_bytes()).unwrap();
+    let tracing = parsed.telemetry.tracing.unwrap();
+    assert_eq!(
+        tracing.sampling_percent,
+        tandem_crds::contract::DEFAULT_SAMPLING_PERCENT
     );
 }

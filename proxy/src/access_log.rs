@@ -112,6 +112,16 @@ pub struct Entry<'a> {
     pub peer_identity: &'a str,
     /// `mutual_tls` or `none` (Istio's name for it).
     pub connection_security_policy: &'a str,
+    /// The calling workload (outbound: this one), `unknown` when not known; the same value
+    /// as the metrics' `source_workload`.
+    pub source_workload: &'a str,
+    /// Its namespace (`source_workload_namespace`).
+    pub source_namespace: &'a str,
+    /// The called workload (inbound: this one; outbound: the chosen endpoint's), as the
+    /// metrics' `destination_workload`.
+    pub destination_workload: &'a str,
+    /// Its namespace (`destination_workload_namespace`).
+    pub destination_namespace: &'a str,
     /// Inbound: `allow` or `deny`, the authorization decision ("" outbound).
     pub authz_decision: &'a str,
     /// Inbound: what decided it, as the metric names it: `<namespace>/<name>` of a policy,
@@ -141,7 +151,7 @@ impl<'a> Line<'a> {
 impl Serialize for Line<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.entry;
-        let mut line = s.serialize_struct("Line", 24)?;
+        let mut line = s.serialize_struct("Line", 28)?;
         line.serialize_field("timestamp", &Rfc3339(self.timestamp))?;
         line.serialize_field("level", "INFO")?;
         line.serialize_field("target", TARGET)?;
@@ -163,6 +173,10 @@ impl Serialize for Line<'_> {
         line.serialize_field("traceparent", e.traceparent)?;
         line.serialize_field("peer_identity", e.peer_identity)?;
         line.serialize_field("connection_security_policy", e.connection_security_policy)?;
+        line.serialize_field("source_workload", e.source_workload)?;
+        line.serialize_field("source_namespace", e.source_namespace)?;
+        line.serialize_field("destination_workload", e.destination_workload)?;
+        line.serialize_field("destination_namespace", e.destination_namespace)?;
         line.serialize_field("authz_decision", e.authz_decision)?;
         line.serialize_field("authz_policy", e.authz_policy)?;
         line.serialize_field("error", &DisplayOrEmpty(e.error))?;
@@ -213,6 +227,10 @@ mod tests {
             traceparent: "",
             peer_identity: "",
             connection_security_policy: "none",
+            source_workload: "client",
+            source_namespace: "shop",
+            destination_workload: "server-v1",
+            destination_namespace: "shop",
             authz_decision: "allow",
             authz_policy: "shop/allow-web",
             error: None,
@@ -236,7 +254,9 @@ mod tests {
         assert_eq!(json["connection_security_policy"], "none");
         assert_eq!(json["authz_decision"], "allow");
         assert_eq!(json["authz_policy"], "shop/allow-web");
-        assert_eq!(json.as_object().unwrap().len(), 24);
+        assert_eq!(json["source_workload"], "client");
+        assert_eq!(json["destination_namespace"], "shop");
+        assert_eq!(json.as_object().unwrap().len(), 28);
     }
 
     #[test]

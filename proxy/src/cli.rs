@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// configs within a second of a change, beside the mounted file.
     #[arg(long, env = "TANDEM_CONFIG_STREAM", value_enum, default_value_t = Switch::On)]
     pub config_stream: Switch,
+    /// This pod's workload (its controller's name: the Deployment of a ReplicaSet's pod, as
+    /// Istio derives it), which the webhook sets; the `*_workload` label of this proxy's side
+    /// in the standard metrics and the access log.
+    #[arg(long, env = "TANDEM_WORKLOAD_NAME", default_value = "unknown")]
+    pub workload_name: String,
     /// Workload identity (certificate and trust anchors for mutual TLS).
     #[command(flatten)]
     pub identity: IdentityArgs,

@@ -41,6 +41,7 @@ use crate::identity::IdentityState;
 use crate::metrics::{ConfigInfoLabels, Metrics, ReloadLabels, gauge_value};
 use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
+use crate::telemetry::LabelTable;
 use crate::tls::{BadEndpointIdentity, PeerIdentities};
 
 /// One loaded config version, compiled for the request path.
@@ -64,6 +65,9 @@ pub struct ActiveConfig {
     pub identities: PeerIdentities,
     /// Who may call this workload: the compiled policies, with their metric series.
     pub authz: Authz,
+    /// The labels of this workload and of every endpoint and service it knows, for the
+    /// standard metrics and the access log.
+    pub labels: LabelTable,
 }
 
 /// Why a valid config could not be compiled.
@@ -109,6 +113,12 @@ impl ActiveConfig {
         let authz = Authz::compile(&config, trust_domain, &metrics.authz)
             .map_err(CompileError::Authorization)?;
         let destinations = Destinations::compile(&config, metrics);
+        let labels = LabelTable::compile(
+            &config,
+            metrics.mesh.workload(),
+            trust_domain,
+            &metrics.mesh.interner,
+        );
         let policies = PolicySet::build(&config, previous.map(|p| &p.policies), &Sources::system())
             .map_err(CompileError::Policy)?;
         Ok(Self {
@@ -120,6 +130,7 @@ impl ActiveConfig {
             policies,
             identities,
             authz,
+            labels,
         })
     }
 }
@@ -306,6 +317,9 @@ impl ConfigStore {
     }
 
     fn activate(&self, active: &Arc<ActiveConfig>) {
+        self.metrics
+            .mesh
+            .set_prefix(active.config.telemetry.metrics_prefix);
         self.active.store(Arc::new(Some(active.clone())));
         self.record_success(active);
         self.applied.send_replace(Some(AppliedReport {

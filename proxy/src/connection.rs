@@ -90,10 +90,10 @@ enum Plan {
         upstream: SocketAddr,
         label: Arc<ServiceTelemetry>,
     },
-    /// HTTP/1.x, declared.
-    Http1 { label: Arc<ServiceTelemetry> },
-    /// HTTP/2, declared.
-    Http2 { label: Arc<ServiceTelemetry> },
+    /// HTTP/1.x, declared (counted per request).
+    Http1,
+    /// HTTP/2, declared (counted per request).
+    Http2,
     /// Detect from the first bytes; `eager` is where to connect if the client stays silent.
     Detect {
         eager: Option<SocketAddr>,
@@ -125,8 +125,8 @@ impl Listener {
                 };
                 let label = target.telemetry.clone();
                 match target.protocol {
-                    Protocol::Http => Plan::Http1 { label },
-                    Protocol::Http2 | Protocol::Grpc => Plan::Http2 { label },
+                    Protocol::Http => Plan::Http1,
+                    Protocol::Http2 | Protocol::Grpc => Plan::Http2,
                     Protocol::Tcp => match target.pick() {
                         Some(upstream) => Plan::Relay { upstream, label },
                         None => Plan::Refuse("service has no ready endpoint"),
@@ -176,8 +176,8 @@ impl Listener {
                     }
                 }
             }
-            Plan::Http1 { label } => self.http(client, socket, ConnProtocol::Http1, label).await,
-            Plan::Http2 { label } => self.http(client, socket, ConnProtocol::Http2, label).await,
+            Plan::Http1 => self.http(client, socket, ConnProtocol::Http1).await,
+            Plan::Http2 => self.http(client, socket, ConnProtocol::Http2).await,
             Plan::Detect { eager, label } => {
                 self.detect(client, socket, destination, eager, label).await
             }
@@ -208,7 +208,7 @@ impl Listener {
                 if self.tcp_denied(&client, eager, None) {
                     return;
                 }
-                return self.relay_plain(client, up, label).await;
+                return self.relay_plain(client, up, eager, label).await;
             }
             First::Client(early) => early,
         };
@@ -220,7 +220,7 @@ impl Listener {
                     // `MeshHttp::request_filter`.
                     return match classify_client(&client).await {
                         Ok(Some(Detected::Http1)) => {
-                            self.http(client, socket, ConnProtocol::Http1, label).await
+                            self.http(client, socket, ConnProtocol::Http1).await
                         }
                         Ok(Some(_)) => self.refuse(&client, InboundRefusal::Plaintext),
                         Ok(None) | Err(_) => {}
@@ -238,8 +238,8 @@ impl Listener {
             Ok(None) | Err(_) => return, // closed before saying anything
         };
         match detected {
-            Detected::Http1 => self.http(client, socket, ConnProtocol::Http1, label).await,
-            Detected::Http2 => self.http(client, socket, ConnProtocol::Http2, label).await,
+            Detected::Http1 => self.http(client, socket, ConnProtocol::Http1).await,
+            Detected::Http2 => self.http(client, socket, ConnProtocol::Http2).await,
             Detected::Opaque | Detected::NeedMore => {
                 let target = early
                     .as_ref()
@@ -287,11 +287,13 @@ impl Listener {
             {
                 match self.shared.tls.outbound.connect_tcp(upstream, peer).await {
                     Ok(tls) => {
-                        let telemetry = ConnectionTelemetry::open(
+                        let telemetry = ConnectionTelemetry::open(self.shared.tcp_series(
+                            self.direction,
                             &label,
-                            ConnProtocol::Tcp,
+                            Some(addr),
+                            None,
                             SecurityPolicy::MutualTls,
-                        );
+                        ));
                         relay_streams(client, tls, &telemetry).await;
                     }
                     Err(e) => {
@@ -301,16 +303,21 @@ impl Listener {
                 return;
             }
         }
-        self.relay_plain(client, upstream, label).await;
+        self.relay_plain(client, upstream, Some(addr), label).await;
     }
 
+    /// Relays in plaintext to `upstream`, connected to `addr` when known.
     async fn relay_plain(
         &self,
         client: TcpStream,
         upstream: TcpStream,
+        addr: Option<SocketAddr>,
         label: Arc<ServiceTelemetry>,
     ) {
-        let telemetry = ConnectionTelemetry::open(&label, ConnProtocol::Tcp, SecurityPolicy::None);
+        let series =
+            self.shared
+                .tcp_series(self.direction, &label, addr, None, SecurityPolicy::None);
+        let telemetry = ConnectionTelemetry::open(series);
         relay(client, upstream, &telemetry).await;
     }
 
@@ -425,19 +432,9 @@ impl Listener {
         let label = self.shared.metrics.inbound.clone();
         match tls.selected_alpn_proto() {
             Some(ALPN::H2) => {
-                let _telemetry = ConnectionTelemetry::open(
-                    &label,
-                    ConnProtocol::Http2,
-                    SecurityPolicy::MutualTls,
-                );
                 self.h2.process_new(Box::new(tls), &self.shutdown).await;
             }
             Some(ALPN::H1) => {
-                let _telemetry = ConnectionTelemetry::open(
-                    &label,
-                    ConnProtocol::Http1,
-                    SecurityPolicy::MutualTls,
-                );
                 self.http1(Box::new(tls), false).await;
             }
             Some(ALPN::Custom(custom)) if custom.protocol() == ALPN_TCP => {
@@ -463,8 +460,13 @@ impl Listener {
                     }
                 };
                 let _ = up.set_nodelay(true);
-                let telemetry =
-                    ConnectionTelemetry::open(&label, ConnProtocol::Tcp, SecurityPolicy::MutualTls);
+                let telemetry = ConnectionTelemetry::open(self.shared.tcp_series(
+                    self.direction,
+                    &label,
+                    Some(dst),
+                    identity,
+                    SecurityPolicy::MutualTls,
+                ));
                 relay_streams(tls, up, &telemetry).await;
             }
             other => {
@@ -473,14 +475,8 @@ impl Listener {
         }
     }
 
-    async fn http(
-        &self,
-        client: TcpStream,
-        socket: SocketDigest,
-        protocol: ConnProtocol,
-        label: Arc<ServiceTelemetry>,
-    ) {
-        let _telemetry = ConnectionTelemetry::open(&label, protocol, SecurityPolicy::None);
+    async fn http(&self, client: TcpStream, socket: SocketDigest, protocol: ConnProtocol) {
+        // HTTP is counted per request; the TCP series are for relayed connections, as Istio's.
         let mut stream = PingoraStream::from(client);
         stream.set_socket_digest(socket);
         match protocol {

@@ -43,10 +43,14 @@ use tandem_crds::names::DENIED_BY_HEADER;
 use crate::access_log;
 use crate::authz::{self, Verdict};
 use crate::detect::redirected_destination;
-use crate::metrics::{AuthzProtocol, SecurityPolicy};
-use crate::metrics::{Classification, Direction, ServiceTelemetry};
+use crate::metrics::mesh::GrpcStatus;
+use crate::metrics::{AuthzProtocol, ResponseFlags, SecurityPolicy, Sym};
+use crate::metrics::{
+    Direction, Labels, Peer, Reporter, RequestProtocol, ServiceLabels, ServiceTelemetry,
+};
 use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
+use crate::telemetry::{self, LabelTable, RequestFacts};
 use crate::tls::PeerIdentity;
 
 /// How many requests one upstream h2c connection carries at once (also what `maxConnections`
@@ -73,7 +77,6 @@ pub struct RequestCtx {
     telemetry: Option<Arc<ServiceTelemetry>>,
     upstream: Option<SocketAddr>,
     upstream_h2: bool,
-    counted: bool,
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// The policy's decision, for requests to a configured service.
@@ -91,6 +94,8 @@ pub struct RequestCtx {
     /// Inbound: where the request is forwarded ([`inbound_upstream`]), found once by the
     /// inbound gate, whose port authorization decides on, and used again to forward.
     inbound_upstream: Option<SocketAddr>,
+    /// What the standard metrics and the access log say about the peer and the response.
+    facts: RequestFacts,
 }
 
 /// Where one request goes.
@@ -500,20 +505,116 @@ impl MeshHttp {
 }
 
 impl MeshHttp {
+    /// The standard metrics' labels of a finished request ([`crate::telemetry`] says where
+    /// each comes from).
+    fn standard_labels(
+        &self,
+        session: &Session,
+        error: Option<&PingoraError>,
+        ctx: &RequestCtx,
+        status: u16,
+    ) -> Labels {
+        let mesh = &self.shared.metrics.mesh;
+        let table = self.shared.label_table();
+        let decision = ctx.decision.as_ref();
+        let (reporter, source, destination, service, mtls) = match self.direction {
+            Direction::Outbound => {
+                let mtls = ctx.peer_tls.is_some();
+                let service = self.routed_service(ctx, &table).0;
+                let (source, destination) = (table.own(mtls), table.endpoint(ctx.upstream, mtls));
+                (Reporter::Source, source, destination, service, mtls)
+            }
+            Direction::Inbound => {
+                let mtls = crate::tls::inbound::peer_of(session.digest()).is_some();
+                let source = ctx.facts.source.unwrap_or_else(Peer::unknown);
+                let service = ctx.facts.service.unwrap_or_else(ServiceLabels::unknown);
+                (
+                    Reporter::Destination,
+                    source,
+                    table.own(mtls),
+                    service,
+                    mtls,
+                )
+            }
+        };
+        let grpc = authz::is_grpc(session.req_header());
+        let grpc_status = grpc.then(|| {
+            ctx.facts.grpc_trailer.unwrap_or_else(|| {
+                let header = session
+                    .response_written()
+                    .and_then(|r| r.headers.get("grpc-status"));
+                telemetry::grpc_status(header.map(|v| v.as_bytes()), status)
+            })
+        });
+        let route = decision
+            .and_then(Decision::matched_route)
+            .map_or_else(Sym::unknown, |r| mesh.interner.intern(r));
+        Labels {
+            reporter,
+            source,
+            destination,
+            service,
+            protocol: if grpc {
+                RequestProtocol::Grpc
+            } else {
+                RequestProtocol::Http
+            },
+            response_code: status,
+            grpc_status: GrpcStatus(grpc_status),
+            flags: ResponseFlags::of(
+                ctx.refusal,
+                decision.and_then(Decision::last_outcome),
+                decision.and_then(Decision::retry_stopped),
+                error,
+            ),
+            security: if mtls {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::None
+            },
+            route: Some(route),
+        }
+    }
+
+    /// The service an outbound request went to (the split's backend when it is another one
+    /// than the service addressed) and the peer header of requests to it.
+    fn routed_service<'c>(
+        &'c self,
+        ctx: &'c RequestCtx,
+        table: &'c LabelTable,
+    ) -> (ServiceLabels, Option<&'c http::HeaderValue>) {
+        let backend = ctx
+            .decision
+            .as_ref()
+            .filter(|d| d.backend() != d.service())
+            .and_then(|d| table.service(d.backend()));
+        match backend {
+            Some(routed) => (routed.labels, routed.peer_header.as_ref()),
+            None => {
+                let own = self.telemetry(ctx);
+                (own.service(), own.peer_header())
+            }
+        }
+    }
+
+    /// The peer header of an outbound attempt: only towards a meshed endpoint, whose proxy
+    /// strips it (anyone else would see the caller's name).
+    fn peer_header(&self, ctx: &RequestCtx) -> Option<http::HeaderValue> {
+        let upstream = ctx.upstream?;
+        let active = self.shared.config.active()?;
+        if !active.labels.meshed(upstream) {
+            return None;
+        }
+        self.routed_service(ctx, &active.labels).1.cloned()
+    }
+}
+
+impl MeshHttp {
     /// The request's metric series: its destination's, or `unknown` when none was resolved.
     fn telemetry<'c>(&'c self, ctx: &'c RequestCtx) -> &'c ServiceTelemetry {
         ctx.telemetry
             .as_deref()
             .unwrap_or_else(|| self.shared.metrics.unknown(self.direction))
-    }
-
-    /// Counts a request once, when its destination is known.
-    fn count_request(&self, ctx: &mut RequestCtx) {
-        if ctx.counted {
-            return;
-        }
-        ctx.counted = true;
-        self.telemetry(ctx).request();
     }
 }
 
@@ -629,7 +730,6 @@ impl ProxyHttp for MeshHttp {
             telemetry: None,
             upstream: None,
             upstream_h2: false,
-            counted: false,
             connect_timeout: Duration::from_millis(
                 tandem_crds::contract::DEFAULT_CONNECT_TIMEOUT_MS,
             ),
@@ -641,6 +741,7 @@ impl ProxyHttp for MeshHttp {
             peer_tls: None,
             authz: None,
             inbound_upstream: None,
+            facts: RequestFacts::default(),
         }
     }
 
@@ -649,8 +750,12 @@ impl ProxyHttp for MeshHttp {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> PingoraResult<bool> {
-        if self.direction == Direction::Inbound && self.admit_inbound(session, ctx).await? {
-            return Ok(true);
+        if self.direction == Direction::Inbound {
+            // First, so that even a denied request is labelled with its caller.
+            ctx.facts = telemetry::take_inbound_facts(session, &self.shared.metrics.mesh.interner);
+            if self.admit_inbound(session, ctx).await? {
+                return Ok(true);
+            }
         }
         let headers = &session.req_header().headers;
         let refusal = if header_bytes(headers) > MAX_REQUEST_HEADER_BYTES {
@@ -683,15 +788,8 @@ impl ProxyHttp for MeshHttp {
         if ctx.decision.is_some() {
             return self.retry_peer(ctx).await;
         }
-        let resolved = match self.resolve(session, ctx) {
-            Ok(r) => r,
-            Err(e) => {
-                self.count_request(ctx);
-                return Err(e);
-            }
-        };
+        let resolved = self.resolve(session, ctx)?;
         ctx.telemetry = Some(resolved.telemetry);
-        self.count_request(ctx);
         ctx.upstream = Some(resolved.upstream);
         ctx.upstream_h2 = resolved.h2;
         Ok(self.peer(resolved.upstream, ctx))
@@ -712,6 +810,32 @@ impl ProxyHttp for MeshHttp {
         if let Some(decision) = ctx.decision.as_mut() {
             decision.on_connected();
         }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> PingoraResult<()> {
+        if self.direction == Direction::Outbound
+            && let Some(value) = self.peer_header(ctx)
+        {
+            upstream_request.insert_header(telemetry::PEER_HEADER, value)?;
+        }
+        Ok(())
+    }
+
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> PingoraResult<()> {
+        ctx.facts.grpc_trailer = upstream_trailers
+            .get("grpc-status")
+            .map(|v| telemetry::grpc_status(Some(v.as_bytes()), 200));
         Ok(())
     }
 
@@ -842,21 +966,18 @@ impl ProxyHttp for MeshHttp {
     ) {
         let elapsed = ctx.started.elapsed();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let grpc_failed = session
-            .response_written()
-            .and_then(|r| r.headers.get("grpc-status"))
-            .is_some_and(|v| v.as_bytes() != b"0");
-        let classification = if error.is_some() || status == 0 || status >= 500 || grpc_failed {
-            Classification::Failure
-        } else {
-            Classification::Success
-        };
+        let labels = self.standard_labels(session, error, ctx, status);
+        self.shared.metrics.mesh.record_request(
+            &labels,
+            elapsed,
+            session.body_bytes_read() as u64,
+            session.body_bytes_sent() as u64,
+        );
         let telemetry = self.telemetry(ctx);
-        if !ctx.counted {
-            telemetry.request();
-        }
         let attempts = ctx.decision.as_ref().map(Decision::attempts);
-        telemetry.response(status, classification, elapsed, attempts);
+        if let Some(attempts) = attempts {
+            telemetry.attempts(attempts);
+        }
         let log = &self.shared.access_log;
         if !log.enabled() {
             return;
@@ -865,11 +986,6 @@ impl ProxyHttp for MeshHttp {
         let peer = match self.direction {
             Direction::Outbound => ctx.peer_tls.as_deref(),
             Direction::Inbound => crate::tls::inbound::peer_of(session.digest()),
-        };
-        let security = if peer.is_some() {
-            SecurityPolicy::MutualTls
-        } else {
-            SecurityPolicy::None
         };
         log.write(&access_log::Entry {
             direction: self.direction.as_str(),
@@ -888,7 +1004,11 @@ impl ProxyHttp for MeshHttp {
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             traceparent: header(session, "traceparent"),
             peer_identity: peer.map_or("", |p| &p.uri),
-            connection_security_policy: security.as_str(),
+            connection_security_policy: labels.security.as_str(),
+            source_workload: labels.source.workload.as_str(),
+            source_namespace: labels.source.namespace.as_str(),
+            destination_workload: labels.destination.workload.as_str(),
+            destination_namespace: labels.destination.namespace.as_str(),
             authz_decision: ctx.authz.as_ref().map_or("", Verdict::decision),
             authz_policy: ctx.authz.as_ref().map_or("", |v| v.policy.as_str()),
             error: error.map(|e| e as &dyn std::fmt::Display),

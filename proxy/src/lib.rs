@@ -20,7 +20,8 @@
 //! [`authz`] (inbound authorization: the config's policies compiled per version, enforced per
 //! HTTP request in [`http`] and per opaque TCP connection in [`connection`]); [`stream`] (the
 //! operator's config stream, applied beside the file, the report of applied versions, and
-//! on-demand discovery of unknown destinations).
+//! on-demand discovery of unknown destinations); [`telemetry`] (who talks to whom: the labels
+//! of the standard metrics and the access log, and the peer header between proxies).
 
 pub mod access_log;
 pub mod admin;
@@ -41,6 +42,7 @@ pub mod relay;
 pub mod routing;
 pub mod server;
 pub mod stream;
+pub mod telemetry;
 pub mod tls;
 
 pub use cli::{Cli, Command, RunArgs};

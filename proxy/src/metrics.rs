@@ -1,8 +1,12 @@
 //! Prometheus metrics (prometheus-client), served at `/metrics`.
 //!
-//! Names: `tandem_requests_total`, `tandem_responses_total`, `tandem_response_latency_seconds`,
-//! `tandem_request_attempts`, `tandem_tcp_open_total`, `tandem_tcp_close_total`,
-//! `tandem_tcp_active`, `tandem_tcp_read_bytes_total`, `tandem_tcp_write_bytes_total`,
+//! The standard request and TCP series, in Istio's shape under the config's prefix (see
+//! [`mesh`]): `<prefix>requests_total`, `<prefix>request_duration_milliseconds`,
+//! `<prefix>request_bytes`, `<prefix>response_bytes`, `<prefix>tcp_connections_opened_total`,
+//! `<prefix>tcp_connections_closed_total`, `<prefix>tcp_sent_bytes_total`,
+//! `<prefix>tcp_received_bytes_total`.
+//!
+//! The proxy's own series keep their names whatever the prefix: `tandem_request_attempts`,
 //! `tandem_config_reloads_total`, `tandem_config_reload_errors_total`, `tandem_config_info`,
 //! `tandem_ready`, mutual TLS's (see [`TlsMetrics`]): `tandem_tls_handshakes_total`,
 //! `tandem_inbound_connections_refused_total`, `tandem_tls_peer_connections_total`, inbound
@@ -16,19 +20,23 @@
 //! client's (see [`IdentityMetrics`]).
 //!
 //! The request path never looks a series up in a family: a family's map sits behind a lock and
-//! its key is an owned label set. Instead each destination gets a [`ServiceTelemetry`] when the
-//! config is compiled, whose series are resolved once on first use and then touched with atomic
-//! adds only. Histograms are [`AtomicHistogram`]s for the same reason (prometheus-client's own
-//! histogram takes a write lock per observation).
+//! its key is an owned label set. The standard series are found in a lock-free cache keyed by
+//! interned labels ([`mesh`]); the per-destination ones are resolved once per destination
+//! ([`ServiceTelemetry`]). Histograms are [`AtomicHistogram`]s for the same reason
+//! (prometheus-client's own histogram takes a write lock per observation).
 
+pub mod flags;
 mod histogram;
 mod identity;
+pub mod intern;
 mod policy;
 mod service;
 mod stream;
 
+pub use flags::ResponseFlags;
 pub use histogram::AtomicHistogram;
 pub use identity::{IdentityMetrics, RenewalLabels};
+pub use intern::Sym;
 pub use policy::policy_metrics;
 pub use service::{ConnectionTelemetry, ServiceTelemetry};
 pub use stream::{DiscoveryLabels, SourceLabels, StreamMetrics, gauge_value};
@@ -39,7 +47,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -48,16 +56,6 @@ pub enum Direction {
     Outbound,
     /// From the world to the application (:15006).
     Inbound,
-}
-
-/// Whether a response counts as a success (Linkerd's classification: 5xx, a non-zero
-/// `grpc-status` or no response at all is a failure).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Classification {
-    /// The request was served.
-    Success,
-    /// The request failed.
-    Failure,
 }
 
 /// How a connection's bytes were carried.
@@ -92,13 +90,15 @@ macro_rules! lower_case_label {
 }
 
 lower_case_label!(Direction, Outbound => "outbound", Inbound => "inbound");
-lower_case_label!(Classification, Success => "success", Failure => "failure");
 lower_case_label!(ConnProtocol, Http1 => "http1", Http2 => "http2", Tcp => "tcp");
 lower_case_label!(SecurityPolicy, MutualTls => "mutual_tls", None => "none");
 
 // After the macro, which they use.
 mod authz;
+pub mod mesh;
 mod tls;
+
+pub use mesh::{Labels, MeshMetrics, Peer, Reporter, RequestProtocol, ServiceLabels};
 
 pub use authz::{
     AuthzDecision, AuthzLabels, AuthzMetrics, AuthzProtocol, ByProtocol, NO_ALLOW_MATCH, PROBE,
@@ -116,35 +116,9 @@ pub enum SecurityPolicy {
     None,
 }
 
-impl SecurityPolicy {
-    fn index(self) -> usize {
-        match self {
-            Self::MutualTls => 0,
-            Self::None => 1,
-        }
-    }
-}
-
 impl ConnProtocol {
-    /// Every protocol, in index order.
+    /// Every protocol.
     pub const ALL: [Self; 3] = [Self::Http1, Self::Http2, Self::Tcp];
-
-    fn index(self) -> usize {
-        match self {
-            Self::Http1 => 0,
-            Self::Http2 => 1,
-            Self::Tcp => 2,
-        }
-    }
-}
-
-impl Classification {
-    fn index(self) -> usize {
-        match self {
-            Self::Success => 0,
-            Self::Failure => 1,
-        }
-    }
 }
 
 /// `dst_service` of a connection that was not redirected, before its first request named a
@@ -157,39 +131,13 @@ pub const INBOUND: &str = "inbound";
 /// `dst_service` of an outbound request whose destination could not be resolved.
 pub const UNKNOWN: &str = "unknown";
 
-/// Labels of request counters and latency.
+/// Labels of the proxy's own per-destination series (`tandem_request_attempts`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Listener.
     pub direction: Direction,
     /// `namespace/name` of the destination service, `passthrough` or `inbound`.
     pub dst_service: String,
-}
-
-/// Labels of response counters.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResponseLabels {
-    /// Listener.
-    pub direction: Direction,
-    /// Destination service.
-    pub dst_service: String,
-    /// HTTP status code sent to the client (0 when none was sent).
-    pub status_code: u16,
-    /// Success or failure.
-    pub classification: Classification,
-}
-
-/// Labels of TCP connection metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    /// Listener.
-    pub direction: Direction,
-    /// Destination service.
-    pub dst_service: String,
-    /// How the bytes were carried.
-    pub protocol: ConnProtocol,
-    /// `mutual_tls` or `none`.
-    pub connection_security_policy: SecurityPolicy,
 }
 
 /// Labels of the reload counter.
@@ -211,29 +159,13 @@ pub struct ConfigInfoLabels {
 /// The families whose series are per destination, shared by every [`ServiceTelemetry`].
 #[derive(Clone)]
 pub(crate) struct Families {
-    pub(crate) requests: Family<RequestLabels, Counter>,
-    pub(crate) responses: Family<ResponseLabels, Counter>,
-    pub(crate) latency: Family<RequestLabels, AtomicHistogram, fn() -> AtomicHistogram>,
     pub(crate) attempts: Family<RequestLabels, AtomicHistogram, fn() -> AtomicHistogram>,
-    pub(crate) tcp_open: Family<TcpLabels, Counter>,
-    pub(crate) tcp_close: Family<TcpLabels, Counter>,
-    pub(crate) tcp_active: Family<TcpLabels, Gauge>,
-    pub(crate) tcp_read_bytes: Family<TcpLabels, Counter>,
-    pub(crate) tcp_write_bytes: Family<TcpLabels, Counter>,
 }
 
 impl Families {
     fn new() -> Self {
         Self {
-            requests: Family::default(),
-            responses: Family::default(),
-            latency: Family::new_with_constructor(AtomicHistogram::latency),
             attempts: Family::new_with_constructor(AtomicHistogram::attempts),
-            tcp_open: Family::default(),
-            tcp_close: Family::default(),
-            tcp_active: Family::default(),
-            tcp_read_bytes: Family::default(),
-            tcp_write_bytes: Family::default(),
         }
     }
 }
@@ -242,6 +174,8 @@ impl Families {
 pub struct Metrics {
     registry: Registry,
     families: Families,
+    /// The standard request and TCP series (Istio's shape).
+    pub mesh: Arc<MeshMetrics>,
     /// Config load attempts by result.
     pub config_reloads: Family<ReloadLabels, Counter>,
     /// Config files refused.
@@ -279,6 +213,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let families = Families::new();
         register_families(&mut registry, &families);
+        let (mesh, collector) = MeshMetrics::new();
+        registry.register_collector(Box::new(collector));
         let config_reloads = Family::default();
         let config_reload_errors = Counter::default();
         let config_info = Family::default();
@@ -307,6 +243,8 @@ impl Metrics {
                 &families,
                 direction,
                 Arc::from(label),
+                ServiceLabels::unknown(),
+                None,
             ))
         };
         Self {
@@ -319,6 +257,7 @@ impl Metrics {
             ],
             registry,
             families,
+            mesh,
             config_reloads,
             config_reload_errors,
             config_info,
@@ -337,9 +276,23 @@ impl Metrics {
         let _ = self.log_lines_dropped.set(read);
     }
 
-    /// The handles of one destination's series, for a compiled config to keep.
-    pub fn service(&self, direction: Direction, label: Arc<str>) -> Arc<ServiceTelemetry> {
-        Arc::new(ServiceTelemetry::new(&self.families, direction, label))
+    /// The handles of one destination's series, for a compiled config to keep: its
+    /// `dst_service` label, its standard `destination_service*` labels and the peer header of
+    /// requests to it.
+    pub fn service(
+        &self,
+        direction: Direction,
+        label: Arc<str>,
+        service: ServiceLabels,
+        peer_header: Option<http::HeaderValue>,
+    ) -> Arc<ServiceTelemetry> {
+        Arc::new(ServiceTelemetry::new(
+            &self.families,
+            direction,
+            label,
+            service,
+            peer_header,
+        ))
     }
 
     /// The handles of a request whose destination could not be resolved: `unknown` outbound;
@@ -390,50 +343,9 @@ impl Metrics {
 
 fn register_families(registry: &mut Registry, f: &Families) {
     registry.register(
-        "tandem_requests",
-        "HTTP requests received",
-        f.requests.clone(),
-    );
-    registry.register(
-        "tandem_responses",
-        "HTTP responses by status and classification",
-        f.responses.clone(),
-    );
-    registry.register_with_unit(
-        "tandem_response_latency",
-        "Time from request to the end of the response",
-        Unit::Seconds,
-        f.latency.clone(),
-    );
-    registry.register(
         "tandem_request_attempts",
         "Attempts (first try and retries) per request to a service with a policy",
         f.attempts.clone(),
-    );
-    registry.register(
-        "tandem_tcp_open",
-        "TCP connections accepted",
-        f.tcp_open.clone(),
-    );
-    registry.register(
-        "tandem_tcp_close",
-        "TCP connections closed",
-        f.tcp_close.clone(),
-    );
-    registry.register(
-        "tandem_tcp_active",
-        "TCP connections open",
-        f.tcp_active.clone(),
-    );
-    registry.register(
-        "tandem_tcp_read_bytes",
-        "Bytes read from clients over relayed TCP",
-        f.tcp_read_bytes.clone(),
-    );
-    registry.register(
-        "tandem_tcp_write_bytes",
-        "Bytes written to clients over relayed TCP",
-        f.tcp_write_bytes.clone(),
     );
 }
 

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tandem_crds::contract::{Protocol, ProxyConfig};
 
-use crate::metrics::{Direction, Metrics, ServiceTelemetry};
+use crate::metrics::{Direction, Metrics, Peer, ServiceTelemetry, Sym};
+use crate::telemetry;
 
 /// One port of one service, ready to be balanced over.
 #[derive(Debug)]
@@ -51,9 +52,20 @@ impl Destinations {
     /// Builds the lookup table for a config, with each service's metric handles.
     pub fn compile(config: &ProxyConfig, metrics: &Metrics) -> Self {
         let mut by_addr = HashMap::new();
+        let interner = &metrics.mesh.interner;
+        let own = Peer {
+            workload: metrics.mesh.workload(),
+            namespace: interner.intern(&config.workload.namespace),
+            principal: Sym::unknown(),
+        };
         for service in &config.services {
-            let telemetry =
-                metrics.service(Direction::Outbound, Arc::from(service.key().to_string()));
+            let labels = telemetry::service_labels(&service.name, &service.namespace, interner);
+            let telemetry = metrics.service(
+                Direction::Outbound,
+                Arc::from(service.key().to_string()),
+                labels,
+                telemetry::peer_header(&own, &labels),
+            );
             for port in &service.ports {
                 let target = Arc::new(ServiceTarget {
                     telemetry: telemetry.clone(),

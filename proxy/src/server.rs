@@ -276,6 +276,8 @@ pub async fn serve(
         access_log,
         identity,
     } = parts;
+    // Before the first config compiles: its labels name this workload.
+    metrics.mesh.set_workload(&args.workload_name);
     let store = Arc::new(
         ConfigStore::new(args.config.clone(), metrics.clone()).with_identity(identity.clone()),
     );

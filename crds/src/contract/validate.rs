@@ -6,7 +6,7 @@ use std::fmt;
 use super::authz::{Authorization, AuthorizationPolicy, AuthorizationRule};
 use super::{
     Backend, CircuitBreaker, HeaderMatch, PROXY_CONFIG_API_VERSION, PathMatch, ProxyConfig,
-    RequestMatch, Retries, RetryBudget, RetryOn, Route, Service, ValueMatch,
+    RequestMatch, Retries, RetryBudget, RetryOn, Route, Service, Tracing, ValueMatch,
 };
 
 /// Longest regular expression accepted, in bytes: a config must not be able to make the proxy
@@ -107,7 +107,76 @@ pub(super) fn validate(config: &ProxyConfig) -> Result<(), ValidationErrors> {
         service_problems(config, &keys, service, &path, &mut report);
     }
     authorization_problems(&config.authorization, &mut report);
+    if let Some(tracing) = &config.telemetry.tracing {
+        tracing_problems(tracing, &mut report);
+    }
     report.finish()
+}
+
+/// The collector must be a base URL the proxy can POST `<collector>/v1/traces` to, and the
+/// sampling percentage a probability.
+fn tracing_problems(tracing: &Tracing, report: &mut Report) {
+    if let Err(why) = collector_problem(&tracing.collector) {
+        report.error("$.telemetry.tracing.collector", why);
+    }
+    let percent = tracing.sampling_percent;
+    report.check(
+        percent.is_finite() && (0.0..=100.0).contains(&percent),
+        || "$.telemetry.tracing.samplingPercent".into(),
+        "must be a number from 0 to 100",
+    );
+}
+
+/// Why `url` is not an `http://` or `https://` base URL with a host (and at most a port and a
+/// path): the proxy appends `/v1/traces` to it, so a query or fragment would be misplaced.
+fn collector_problem(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("must be an http:// or https:// URL")?;
+    if url
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err("must not contain whitespace or control characters");
+    }
+    if rest.contains(['?', '#']) {
+        return Err("must not have a query or fragment (/v1/traces is appended to it)");
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("must not carry credentials");
+    }
+    let (host, port) = split_host_port(authority)?;
+    if host.is_empty() {
+        return Err("must name a host");
+    }
+    match port {
+        Some(port) if port.parse::<u16>().map_or(true, |p| p == 0) => {
+            Err("has a port that is not a number from 1 to 65535")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `host[:port]`, where the host may be a bracketed IPv6 address.
+fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), &'static str> {
+    if let Some(bracketed) = authority.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or("has an IPv6 address without its closing bracket")?;
+        return match after {
+            "" => Ok((host, None)),
+            _ => after
+                .strip_prefix(':')
+                .map(|port| (host, Some(port)))
+                .ok_or("has something other than a port after its IPv6 address"),
+        };
+    }
+    Ok(match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    })
 }
 
 /// Validates the authorization section alone (as `tandemctl` and the operator's checks do).

@@ -13,16 +13,43 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
-/// Upper bounds of the latency buckets in nanoseconds: 0.1 ms doubling to about 6.5 s.
-const LATENCY_BOUNDS_NS: [u64; 17] = {
-    let mut bounds = [0u64; 17];
-    let mut i = 0;
-    while i < bounds.len() {
-        bounds[i] = 100_000 << i;
-        i += 1;
-    }
-    bounds
-};
+/// Envoy's default buckets (what Istio's `request_duration_milliseconds` uses), in
+/// microseconds: 0.5 ms to one hour.
+const DURATION_BOUNDS_US: [u64; 19] = [
+    500,
+    1_000,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    300_000_000,
+    600_000_000,
+    1_800_000_000,
+    3_600_000_000,
+];
+
+/// Istio's size buckets (`request_bytes`, `response_bytes`): powers of ten, 1 B to 1 GB.
+const BYTES_BOUNDS: [u64; 10] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+];
 
 /// Upper bounds of the attempts-per-request buckets.
 const ATTEMPT_BOUNDS: [u64; 5] = [1, 2, 3, 4, 5];
@@ -53,9 +80,15 @@ impl AtomicHistogram {
         }))
     }
 
-    /// Latency, recorded in nanoseconds and exported in seconds (0.1 ms to 6.5 s buckets).
-    pub fn latency() -> Self {
-        Self::new(&LATENCY_BOUNDS_NS, 1e9)
+    /// Request duration, recorded in microseconds and exported in milliseconds over Envoy's
+    /// buckets.
+    pub fn duration_ms() -> Self {
+        Self::new(&DURATION_BOUNDS_US, 1e3)
+    }
+
+    /// Body sizes in bytes, over Istio's powers of ten.
+    pub fn bytes() -> Self {
+        Self::new(&BYTES_BOUNDS, 1.0)
     }
 
     /// Attempts per request (1 to 5, then +Inf).
@@ -121,13 +154,14 @@ mod tests {
     }
 
     #[test]
-    fn latency_is_exported_in_seconds_with_an_infinite_last_bound() {
-        let h = AtomicHistogram::latency();
-        h.observe_duration(std::time::Duration::from_micros(150));
+    fn durations_are_exported_in_milliseconds_over_envoys_buckets() {
+        let h = AtomicHistogram::duration_ms();
+        h.observe(700); // µs
         let buckets = h.buckets();
-        assert_eq!(buckets.first().map(|b| b.0), Some(0.0001));
+        assert_eq!(buckets.first().map(|b| b.0), Some(0.5));
+        assert_eq!(buckets.get(18).map(|b| b.0), Some(3_600_000.0));
         assert_eq!(buckets.last().map(|b| b.0), Some(f64::MAX));
-        // 150 µs is above 0.1 ms and within 0.2 ms.
+        // 0.7 ms is above 0.5 ms and within 1 ms.
         assert_eq!(buckets.get(1).map(|b| b.1), Some(1));
     }
 

@@ -48,6 +48,8 @@ pub struct Decision {
     pub(crate) last: Option<(SocketAddr, Outcome)>,
     pub(crate) _request: PoolGuard,
     pub(crate) retry_permit: Option<PoolGuard>,
+    /// Why the last failed attempt was not retried (for `response_flags`' `URX`).
+    pub(crate) stopped: Option<NoRetry>,
 }
 
 impl Decision {
@@ -84,6 +86,22 @@ impl Decision {
     /// The attempt in progress.
     pub fn attempt(&self) -> Option<&Attempt> {
         self.current.as_ref()
+    }
+
+    /// Name of the route that matched, `None` when no route did.
+    pub fn matched_route(&self) -> Option<&str> {
+        self.route.map(|_| self.route_name())
+    }
+
+    /// How the last finished attempt ended.
+    pub fn last_outcome(&self) -> Option<Outcome> {
+        self.last.map(|(_, outcome)| outcome)
+    }
+
+    /// Why the last attempt was not retried, once [`should_retry`](Self::should_retry) said
+    /// to stop.
+    pub fn retry_stopped(&self) -> Option<NoRetry> {
+        self.stopped
     }
 
     /// Attempts made so far, the first included (for the attempts-per-request metric).
@@ -156,8 +174,14 @@ impl Decision {
     /// last the retry budget must allow it, so a refused retry never spends budget.
     pub fn should_retry(&mut self, body: RequestBody) -> RetryDecision {
         match self.plan_retry(body) {
-            Ok(backoff) => RetryDecision::Retry { backoff },
-            Err(reason) => RetryDecision::Stop(reason),
+            Ok(backoff) => {
+                self.stopped = None;
+                RetryDecision::Retry { backoff }
+            }
+            Err(reason) => {
+                self.stopped = Some(reason);
+                RetryDecision::Stop(reason)
+            }
         }
     }
 

@@ -253,6 +253,7 @@ impl Policy {
             last: None,
             _request: request_slot,
             retry_permit: None,
+            stopped: None,
         })
     }
 
