@@ -43,7 +43,8 @@ const COLLECTOR_PORT: u16 = 4318;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// The labels every sample of every Istio family must carry, with a value (an empty value is
-/// an absent label to Prometheus, and Kiali drops series missing one).
+/// an absent label to Prometheus, and Kiali drops series missing one), but for
+/// `grpc_response_status` on what is not gRPC (see [`missing_labels`]).
 const LABELS: [&str; 13] = [
     "reporter",
     "source_workload",
@@ -304,9 +305,15 @@ fn missing_labels(pod: &str, samples: &[Sample]) -> Vec<String> {
     let mut problems = Vec::new();
     for family in FAMILIES {
         for s in samples.iter().filter(|s| s.name == family) {
+            // grpc_response_status alone may be empty, on what is not gRPC: Istio writes it
+            // so, and Kiali reads it as optional (every other label it requires).
             let missing: Vec<_> = LABELS
                 .iter()
-                .filter(|l| s.labels.get(**l).is_none_or(String::is_empty))
+                .filter(|l| {
+                    s.labels
+                        .get(**l)
+                        .is_none_or(|v| v.is_empty() && **l != "grpc_response_status")
+                })
                 .collect();
             if !missing.is_empty() {
                 problems.push(format!("{pod}: {family} {:?} lacks {missing:?}", s.labels));
