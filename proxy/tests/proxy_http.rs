@@ -104,16 +104,32 @@ async fn two_hops_reach_the_app_and_trace_headers_pass_through_untouched() {
     assert_eq!(inb["upstream"], app.to_string());
 
     let (_, metrics) = client_proxy.admin("/metrics").await;
-    assert!(
-        metrics.contains(r#"tandem_responses_total{direction="outbound",dst_service="test/app",status_code="200",classification="success"} 1"#),
+    let outbound = [
+        ("reporter", "source"),
+        ("destination_service", "app.test.svc.cluster.local"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(
+        support::series_sum(&metrics, "tandem_requests_total", &outbound),
+        Some(1),
         "{metrics}"
     );
-    assert!(metrics.contains(
-        r#"tandem_response_latency_seconds_count{direction="outbound",dst_service="test/app"} 1"#
-    ));
+    assert_eq!(
+        support::series_sum(
+            &metrics,
+            "tandem_request_duration_milliseconds_count",
+            &outbound
+        ),
+        Some(1)
+    );
     let (_, metrics) = server_proxy.admin("/metrics").await;
-    assert!(
-        metrics.contains(r#"tandem_requests_total{direction="inbound",dst_service="inbound"} 1"#),
+    assert_eq!(
+        support::series_sum(
+            &metrics,
+            "tandem_requests_total",
+            &[("reporter", "destination")]
+        ),
+        Some(1),
         "{metrics}"
     );
 }

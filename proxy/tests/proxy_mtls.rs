@@ -169,9 +169,21 @@ async fn http1_between_meshed_proxies_is_mutual_tls_and_the_server_logs_the_clie
     assert!(hops.server.metrics().contains(&format!(
         r#"tandem_tls_peer_connections_total{{direction="inbound",peer_identity="{CLIENT}"}}"#
     )));
-    assert!(hops.server.metrics().contains(
-        r#"tandem_tcp_open_total{direction="inbound",dst_service="inbound",protocol="http1",connection_security_policy="mutual_tls"}"#
-    ));
+    let inbound_mtls = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", CLIENT),
+    ];
+    assert!(
+        support::series_sum(
+            &hops.server.metrics(),
+            "tandem_requests_total",
+            &inbound_mtls
+        )
+        .is_some_and(|n| n > 0),
+        "{}",
+        hops.server.metrics()
+    );
 
     // The client's pool keeps the upstream connection: handshakes are rare, not per request.
     let outbound = handshakes(&hops.client, "outbound", "success");
@@ -214,9 +226,22 @@ async fn h2_between_meshed_proxies_is_mutual_tls_on_one_connection() {
         assert_eq!(line["peer_identity"], CLIENT);
         assert_eq!(line["connection_security_policy"], "mutual_tls");
     }
-    assert!(hops.server.metrics().contains(
-        r#"tandem_tcp_open_total{direction="inbound",dst_service="inbound",protocol="http2",connection_security_policy="mutual_tls"} 1"#
-    ), "{}", hops.server.metrics());
+    let inbound_mtls = [
+        ("reporter", "destination"),
+        ("request_protocol", "http"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", CLIENT),
+    ];
+    assert!(
+        support::series_sum(
+            &hops.server.metrics(),
+            "tandem_requests_total",
+            &inbound_mtls
+        )
+        .is_some_and(|n| n > 0),
+        "{}",
+        hops.server.metrics()
+    );
     assert_eq!(handshakes(&hops.client, "outbound", "success"), 1);
 }
 
@@ -597,18 +622,43 @@ async fn opaque_tcp_between_meshed_proxies_is_mutual_tls_to_the_original_destina
     assert_encrypted(&wiretap);
     assert_eq!(handshakes(&client, "outbound", "success"), 1);
     assert_eq!(handshakes(&server, "inbound", "success"), 1);
-    eventually("the relayed connection counted", Duration::from_secs(5), async || {
-        server.metrics().contains(
-            r#"tandem_tcp_open_total{direction="inbound",dst_service="inbound",protocol="tcp",connection_security_policy="mutual_tls"} 1"#,
-        )
-    })
+    eventually(
+        "the relayed connection counted",
+        Duration::from_secs(5),
+        async || {
+            let labels = [
+                ("reporter", "destination"),
+                ("request_protocol", "tcp"),
+                ("connection_security_policy", "mutual_tls"),
+                ("source_principal", CLIENT),
+            ];
+            support::series_sum(
+                &server.metrics(),
+                "tandem_tcp_connections_opened_total",
+                &labels,
+            ) == Some(1)
+        },
+    )
     .await;
     assert!(server.metrics().contains(&format!(
         r#"tandem_tls_peer_connections_total{{direction="inbound",peer_identity="{CLIENT}"}} 1"#
     )));
-    assert!(client.metrics().contains(
-        r#"tandem_tcp_open_total{direction="outbound",dst_service="test/echo",protocol="tcp",connection_security_policy="mutual_tls"} 1"#
-    ), "{}", client.metrics());
+    let labels = [
+        ("reporter", "source"),
+        ("destination_service", "echo.test.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+        ("destination_principal", SERVER),
+    ];
+    assert_eq!(
+        support::series_sum(
+            &client.metrics(),
+            "tandem_tcp_connections_opened_total",
+            &labels
+        ),
+        Some(1),
+        "{}",
+        client.metrics()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -631,11 +681,22 @@ async fn foreign_tls_passes_through_untouched_when_permissive_and_is_refused_whe
     assert_eq!(echoed, b"hello app\n");
     assert_eq!(handshakes(&server, "inbound", "success"), 0);
     assert_eq!(handshakes(&server, "inbound", "handshake"), 0);
-    eventually("the pass-through counted", Duration::from_secs(5), async || {
-        server.metrics().contains(
-            r#"tandem_tcp_open_total{direction="inbound",dst_service="inbound",protocol="tcp",connection_security_policy="none"} 1"#,
-        )
-    })
+    eventually(
+        "the pass-through counted",
+        Duration::from_secs(5),
+        async || {
+            let labels = [
+                ("reporter", "destination"),
+                ("request_protocol", "tcp"),
+                ("connection_security_policy", "none"),
+            ];
+            support::series_sum(
+                &server.metrics(),
+                "tandem_tcp_connections_opened_total",
+                &labels,
+            ) == Some(1)
+        },
+    )
     .await;
 
     dir.publish(&config("v2", "server", "strict", vec![]));

@@ -148,12 +148,37 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
     );
 
     let metrics = admin(&pods.client, "/metrics");
-    assert!(metrics.contains(r#"tandem_responses_total{direction="outbound",dst_service="test/app",status_code="200",classification="success"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"tandem_tcp_open_total{direction="outbound",dst_service="test/smtp",protocol="tcp",connection_security_policy="none"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"tandem_tcp_read_bytes_total{direction="outbound",dst_service="passthrough",protocol="tcp",connection_security_policy="none"}"#), "{metrics}");
-    let metrics = admin(&pods.server, "/metrics");
+    let sum = |name, labels: &[(&str, &str)]| support::series_sum(&metrics, name, labels);
+    let app = [
+        ("reporter", "source"),
+        ("destination_service", "app.test.svc.cluster.local"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(sum("tandem_requests_total", &app), Some(1), "{metrics}");
+    let smtp = [
+        ("destination_service", "smtp.test.svc.cluster.local"),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(
+        sum("tandem_tcp_connections_opened_total", &smtp),
+        Some(1),
+        "{metrics}"
+    );
+    // Passthrough: a destination the config does not know.
+    let passthrough = [("reporter", "source"), ("destination_service", "unknown")];
     assert!(
-        metrics.contains(r#"tandem_requests_total{direction="inbound",dst_service="inbound"} 2"#),
+        sum("tandem_tcp_received_bytes_total", &passthrough).is_some(),
+        "{metrics}"
+    );
+    let metrics = admin(&pods.server, "/metrics");
+    assert_eq!(
+        support::series_sum(
+            &metrics,
+            "tandem_requests_total",
+            &[("reporter", "destination")]
+        ),
+        Some(2),
         "{metrics}"
     );
 }

@@ -88,6 +88,10 @@ pub mod env {
     pub const POD_IP: &str = "TANDEM_POD_IP";
     /// The pod's ServiceAccount (`spec.serviceAccountName`).
     pub const SERVICE_ACCOUNT: &str = "TANDEM_SERVICE_ACCOUNT";
+    /// The pod's workload (its controller's name, the Deployment of a ReplicaSet's pod, as
+    /// [`tandem_crds::pods::workload_name`] derives it at admission), the metrics'
+    /// `*_workload` label; absent when the pod names nothing.
+    pub const WORKLOAD_NAME: &str = "TANDEM_WORKLOAD_NAME";
     /// The proxy's log filter (from `tandem.dev/log-level` or the webhook's default).
     pub const LOG: &str = "TANDEM_LOG";
     /// The proxy's access log (from `tandem.dev/access-log`; absent: the proxy's default).
@@ -245,7 +249,8 @@ fn patch(pod: &Pod, service_account: &str, overrides: &Overrides, config: &Injec
     // run with the mesh in place (their traffic is captured and the proxy is up).
     let init = to_value(&init_container(overrides, config));
     let probes = crate::probes::app_probes(pod);
-    let proxy = to_value(&proxy_container(overrides, config, &probes));
+    let workload = tandem_crds::pods::workload_name(&pod.metadata);
+    let proxy = to_value(&proxy_container(overrides, config, &probes, &workload));
     if spec
         .and_then(|spec| spec.init_containers.as_ref())
         .is_some()
@@ -425,7 +430,11 @@ fn init_container(overrides: &Overrides, config: &InjectConfig) -> Container {
     }
 }
 
-fn proxy_env(overrides: &Overrides, probes: &[crate::probes::AppProbe]) -> Vec<EnvVar> {
+fn proxy_env(
+    overrides: &Overrides,
+    probes: &[crate::probes::AppProbe],
+    workload: &str,
+) -> Vec<EnvVar> {
     let value = |name: &str, value: &str| EnvVar {
         name: name.to_owned(),
         value: Some(value.to_owned()),
@@ -438,6 +447,10 @@ fn proxy_env(overrides: &Overrides, probes: &[crate::probes::AppProbe]) -> Vec<E
         field_env(env::SERVICE_ACCOUNT, "spec.serviceAccountName"),
         value(env::LOG, &overrides.log_level),
     ];
+    if !workload.is_empty() {
+        // A value, not the downward API: the workload is not a field of the pod.
+        env.push(value(env::WORKLOAD_NAME, workload));
+    }
     if let Some(access_log) = &overrides.access_log {
         env.push(value(env::ACCESS_LOG, access_log));
     }
@@ -491,6 +504,7 @@ fn proxy_container(
     overrides: &Overrides,
     config: &InjectConfig,
     probes: &[crate::probes::AppProbe],
+    workload: &str,
 ) -> Container {
     Container {
         name: names::PROXY_CONTAINER.to_owned(),
@@ -503,7 +517,7 @@ fn proxy_container(
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
-        env: Some(proxy_env(overrides, probes)),
+        env: Some(proxy_env(overrides, probes, workload)),
         // Up to two minutes to become ready (the config may still be on its way), checked
         // every second so the application starts as soon as the proxy can carry its traffic.
         startup_probe: Some(http_probe("/ready", 1, 120)),
@@ -704,9 +718,22 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_is_told_its_workload_and_a_pod_that_names_nothing_leaves_the_default() {
+        let overrides = crate::overrides::resolve(None, &InjectConfig::default()).unwrap();
+        let workload = |name: &str| {
+            proxy_env(&overrides, &[], name)
+                .into_iter()
+                .find(|e| e.name == env::WORKLOAD_NAME)
+                .and_then(|e| e.value)
+        };
+        assert_eq!(workload("reviews-v1").as_deref(), Some("reviews-v1"));
+        assert_eq!(workload(""), None);
+    }
+
+    #[test]
     fn the_access_log_annotation_reaches_the_proxy_and_its_absence_leaves_the_default() {
         let env_of = |overrides: &Overrides| -> Vec<(String, Option<String>)> {
-            proxy_env(overrides, &[])
+            proxy_env(overrides, &[], "web")
                 .into_iter()
                 .map(|e| (e.name, e.value))
                 .collect()

@@ -417,3 +417,19 @@ pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The sum of the samples of `name` whose labels include every `(label, value)` of `labels`;
+/// `None` when no sample matches.
+pub fn series_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    let samples: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
+}
