@@ -10,10 +10,11 @@
 proxy: ## build the tandem-proxy binary (release)
 	$(CARGO) build -p tandem-proxy --release --locked
 
-proxy-deps: ## tools the proxy's namespace tests call: ip, iptables, nsenter, curl
+proxy-deps: ## tools the proxy's tests call: ip, iptables, nsenter, curl, promtool (Debian's prometheus)
 	@command -v ip >/dev/null && command -v iptables >/dev/null && command -v nsenter >/dev/null \
-	  && command -v curl >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables util-linux curl; }
+	  && command -v curl >/dev/null && command -v promtool >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables util-linux curl \
+	  prometheus; }
 
 unit: proxy-deps
 

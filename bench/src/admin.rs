@@ -101,7 +101,9 @@ pub struct Probe {
     pub admin: SocketAddr,
     /// `outbound` or `inbound`.
     pub direction: &'static str,
-    /// The `dst_service` label the requests must carry (`bench/upstream`, `inbound`).
+    /// The service the requests must be for, `<namespace>/<name>` (`bench/upstream`); read
+    /// as `destination_service="<name>.<namespace>.svc.cluster.local"` outbound, ignored
+    /// inbound (`inbound`), where every request is for the app.
     pub service: String,
 }
 
@@ -139,15 +141,25 @@ impl Probe {
         Ok(self.count(&text))
     }
 
-    /// This probe's counter in a `/metrics` text.
+    /// This probe's counter in a `/metrics` text: the proxy's standard (Istio-shaped)
+    /// `tandem_requests_total`, `reporter="source"` outbound to the service,
+    /// `reporter="destination"` inbound.
     pub fn count(&self, text: &str) -> u64 {
+        if self.direction == "inbound" {
+            return counter_sum(
+                text,
+                "tandem_requests_total",
+                &[("reporter", "destination")],
+            );
+        }
+        let fqdn = match self.service.split_once('/') {
+            Some((namespace, name)) => format!("{name}.{namespace}.svc.cluster.local"),
+            None => self.service.clone(),
+        };
         counter_sum(
             text,
             "tandem_requests_total",
-            &[
-                ("direction", self.direction),
-                ("dst_service", &self.service),
-            ],
+            &[("reporter", "source"), ("destination_service", &fqdn)],
         )
     }
 }
@@ -172,18 +184,22 @@ mod tests {
     use super::*;
 
     const METRICS: &str = "\
-# TYPE tandem_requests_total counter
-tandem_requests_total{direction=\"outbound\",dst_service=\"bench/upstream\"} 1200
-tandem_requests_total{direction=\"outbound\",dst_service=\"passthrough\"} 7
-tandem_requests_total{direction=\"inbound\",dst_service=\"inbound\"} 1198
-tandem_requests_total_other{direction=\"inbound\",dst_service=\"inbound\"} 5
+# TYPE tandem_requests counter
+tandem_requests_total{reporter=\"source\",destination_service=\"upstream.bench.svc.cluster.local\",response_code=\"200\"} 1190
+tandem_requests_total{reporter=\"source\",destination_service=\"upstream.bench.svc.cluster.local\",response_code=\"503\"} 10
+tandem_requests_total{reporter=\"source\",destination_service=\"unknown\",response_code=\"200\"} 7
+tandem_requests_total{reporter=\"destination\",destination_service=\"unknown\",response_code=\"200\"} 1198
+tandem_requests_total_other{reporter=\"destination\"} 5
 tandem_retries_total{direction=\"outbound\",dst_service=\"bench/upstream\",reason=\"5xx\"} 3
 tandem_retries_total{direction=\"outbound\",dst_service=\"bench/upstream\",reason=\"reset\"} 4
 ";
 
     #[test]
     fn counters_are_summed_over_the_series_that_carry_the_labels() {
-        let outbound = [("direction", "outbound"), ("dst_service", "bench/upstream")];
+        let outbound = [
+            ("reporter", "source"),
+            ("destination_service", "upstream.bench.svc.cluster.local"),
+        ];
         assert_eq!(
             counter_sum(METRICS, "tandem_requests_total", &outbound),
             1200
@@ -192,7 +208,7 @@ tandem_retries_total{direction=\"outbound\",dst_service=\"bench/upstream\",reaso
             counter_sum(
                 METRICS,
                 "tandem_requests_total",
-                &[("direction", "inbound")]
+                &[("reporter", "destination")]
             ),
             1198
         );
@@ -210,6 +226,12 @@ tandem_retries_total{direction=\"outbound\",dst_service=\"bench/upstream\",reaso
             service: "bench/upstream".into(),
         };
         assert_eq!(probe.count(METRICS), 1200);
+        let inbound = Probe {
+            direction: "inbound",
+            service: "inbound".into(),
+            ..probe
+        };
+        assert_eq!(inbound.count(METRICS), 1198);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use crate::metrics::Metrics;
 use crate::policy::{PolicyKey, PolicyKind, Verdict};
 use crate::render::{
     BadAnnotation, MAX_CONFIG_MAP_BYTES, Mesh, Rendered, WorkloadKey, is_active, is_injected,
-    render, trust_namespaces,
+    render_with, trust_namespaces,
 };
 use crate::status::{Programming, Transition, next_authorization_status, next_status};
 pub use crate::stores::{
@@ -259,7 +259,8 @@ impl Reconciler {
         let started = Instant::now();
         self.metrics.reconciles.inc();
         let inputs = self.stores.inputs(&self.mesh);
-        let rendered = Arc::new(render(&inputs));
+        let previous = state.last.as_ref().map(|l| l.rendered.as_ref());
+        let rendered = Arc::new(render_with(&inputs, previous));
         let terminating: BTreeSet<String> = self
             .stores
             .namespaces
@@ -284,14 +285,13 @@ impl Reconciler {
             |w| self.hub.learned(w),
             |w| self.stored_version(w),
             unix_millis(),
+            MAX_CONFIG_MAP_BYTES,
         );
         let built = updates.len();
         let mut refused = Vec::new();
         for update in updates {
-            match checked_size(&update.config) {
-                Ok(()) => self
-                    .hub
-                    .publish(&update.workload, update.config, changed_at),
+            match update.config.and_then(checked_size) {
+                Ok(config) => self.hub.publish(&update.workload, config, changed_at),
                 Err(bytes) => {
                     warn!(bytes, namespace = %update.workload.namespace, service_account = %update.workload.service_account, "Proxy config too large; not written");
                     state.index.refuse(&update.workload, bytes);
@@ -858,19 +858,19 @@ pub fn programming_of(
 
 fn too_large_message(workload: &WorkloadKey, bytes: usize) -> String {
     format!(
-        "the proxy config of {}/{} would be {bytes} bytes, over the ConfigMap limit of \
+        "the proxy config of {}/{} would be at least {bytes} bytes, over the ConfigMap limit of \
          {MAX_CONFIG_MAP_BYTES}; it was not written (narrow its tandem.dev/dependencies)",
         workload.namespace, workload.service_account
     )
 }
 
 /// Checks that a config's ConfigMap fits; `Err(bytes)` when it does not.
-fn checked_size(config: &ProxyConfig) -> std::result::Result<(), usize> {
-    let bytes = crate::render::document(config).len() + CONFIG_KEY.len();
+fn checked_size(config: ProxyConfig) -> std::result::Result<ProxyConfig, usize> {
+    let bytes = crate::render::document(&config).len() + CONFIG_KEY.len();
     if bytes > MAX_CONFIG_MAP_BYTES {
         return Err(bytes);
     }
-    Ok(())
+    Ok(config)
 }
 
 /// The injected, unfinished pods of each workload.

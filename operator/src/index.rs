@@ -2,13 +2,18 @@
 //! reverse maps (Service → workloads whose view holds it, policy ↔ workloads that need it).
 //!
 //! A pass renders the catalog once ([`crate::render`]), then asks [`Index::update`] which
-//! workloads changed: a workload's content hash is computed from the per-Service hashes of its
-//! view, so a workload whose view, dependencies' hashes, authorization and mode are unchanged
-//! is neither rendered nor diffed. Pure: no I/O, no clock (the caller passes the time).
+//! workloads changed. Only the workloads a change touches are scoped again: those whose view
+//! holds a catalog entry that changed, those whose dependencies or learned Services changed,
+//! those a Service that appeared or went away may enter or leave, and all of them when an
+//! mTLS mode, an authorization or the mesh's telemetry settings changed. A touched workload's content hash is computed from
+//! the per-Service hashes of its view, so one whose content is unchanged is neither built nor
+//! written. Pure: no I/O, no clock (the caller passes the time).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use tandem_crds::contract::{ProxyConfig, ServiceRef, generation_of, version_stamp};
+use tandem_crds::dependencies::Dependency;
 
 use crate::policy::{PolicyKey, PolicyKind};
 use crate::render::{Rendered, Scope, WorkloadKey};
@@ -25,6 +30,8 @@ pub struct Entry {
     pub too_large: Option<usize>,
     /// A change the ConfigMap does not carry yet (its write is due, or failed).
     pub unwritten: Option<Change>,
+    /// The Services it was seen calling, as that content was scoped with.
+    pub learned: BTreeSet<ServiceRef>,
 }
 
 /// How a workload's config changed in a pass.
@@ -45,8 +52,9 @@ pub struct Update {
     pub workload: WorkloadKey,
     /// What kind of change.
     pub change: Change,
-    /// Its new config.
-    pub config: ProxyConfig,
+    /// Its new config, or, when its Services alone already pass `limit` bytes, that lower
+    /// bound of its size (the config is then not built: it would be refused).
+    pub config: Result<ProxyConfig, usize>,
 }
 
 /// See the module documentation.
@@ -63,6 +71,8 @@ pub struct Index {
     /// (policy, workload) → (the policy's generation, the generation of the first config of
     /// the workload that carried that policy generation).
     carried: BTreeMap<(PolicyKey, WorkloadKey), (i64, u64)>,
+    /// The rendering the entries were last brought to: the next pass diffs against it.
+    last: Option<Arc<Rendered>>,
 }
 
 impl Index {
@@ -71,19 +81,27 @@ impl Index {
     ///
     /// `learned` gives what a workload was seen calling; `stored` the version its ConfigMap
     /// carries (so an unchanged content keeps its version across a restart); `now_ms` the
-    /// unix time in milliseconds, the next generation unless the previous one is later.
+    /// unix time in milliseconds, the next generation unless the previous one is later. A
+    /// config whose Services alone pass `limit` bytes is not built (see [`Update::config`]).
     pub fn update(
         &mut self,
-        rendered: &Rendered,
+        rendered: &Arc<Rendered>,
         wanted: &[WorkloadKey],
         learned: impl Fn(&WorkloadKey) -> BTreeSet<ServiceRef>,
         stored: impl Fn(&WorkloadKey) -> Option<String>,
         now_ms: u64,
+        limit: usize,
     ) -> (Vec<Update>, Vec<WorkloadKey>) {
+        let touched = self.touched(rendered);
         let mut updates = Vec::new();
         for workload in wanted {
-            let scope = rendered.scope_of(workload, &learned(workload));
+            let learned = learned(workload);
             let previous = self.entries.get(workload);
+            let unchanged = previous.is_some_and(|p| p.learned == learned);
+            if unchanged && touched.as_ref().is_some_and(|t| !t.contains(workload)) {
+                continue;
+            }
+            let scope = rendered.scope_of(workload, &learned);
             if previous.is_some_and(|p| p.scope.content == scope.content) {
                 continue;
             }
@@ -100,8 +118,14 @@ impl Index {
                 .map(|p| p.version.clone())
                 .or_else(|| stored(workload));
             let version = next_version(earlier.as_deref(), &scope.content, now_ms);
-            let mut config = rendered.config_with(workload, &scope);
-            config.version.clone_from(&version);
+            let config = match rendered.services_size(&scope) {
+                bytes if bytes > limit => Err(bytes),
+                _ => {
+                    let mut config = rendered.config_with(workload, &scope);
+                    config.version.clone_from(&version);
+                    Ok(config)
+                }
+            };
             let old_view = previous.map(|p| p.scope.view.clone());
             self.set_view(workload, old_view.as_ref(), &scope.view);
             self.entries.insert(
@@ -111,6 +135,7 @@ impl Index {
                     version,
                     too_large: None,
                     unwritten: Some(unwritten),
+                    learned,
                 },
             );
             updates.push(Update {
@@ -132,7 +157,66 @@ impl Index {
             }
         }
         self.relate_policies(rendered);
+        self.last = Some(rendered.clone());
         (updates, gone)
+    }
+
+    /// The workloads a change since the last pass may touch; `None` for all of them (the
+    /// first pass, or a mode, an authorization or the telemetry settings changed).
+    fn touched(&self, rendered: &Rendered) -> Option<BTreeSet<WorkloadKey>> {
+        let last = self.last.as_deref()?;
+        if last.modes != rendered.modes
+            || last.default_mtls != rendered.default_mtls
+            || last.authorizations != rendered.authorizations
+            || last.telemetry != rendered.telemetry
+        {
+            return None;
+        }
+        let mut touched = BTreeSet::new();
+        // Entries that changed or went away: the workloads whose view holds them.
+        let mut appeared = Vec::new();
+        for (key, entry) in &rendered.catalog {
+            match last.catalog.get(key) {
+                Some(earlier) if Arc::ptr_eq(earlier, entry) => {}
+                Some(_) => touched.extend(self.dependents(key).cloned()),
+                None => appeared.push(key),
+            }
+        }
+        let gone: Vec<&ServiceRef> = last
+            .catalog
+            .keys()
+            .filter(|k| !rendered.catalog.contains_key(*k))
+            .collect();
+        for key in &gone {
+            touched.extend(self.dependents(key).cloned());
+        }
+        // A Service that appeared enters the views that name it or its namespace; one that
+        // went away may leave a named dependency without a Service (a learned one, too).
+        for (workload, dependencies) in &rendered.dependencies {
+            let names = |key: &ServiceRef| {
+                dependencies.iter().any(|d| match d {
+                    Dependency::Service { namespace, name } => {
+                        *namespace == key.namespace && *name == key.name
+                    }
+                    Dependency::Namespace(namespace) => *namespace == key.namespace,
+                })
+            };
+            if appeared.iter().any(|k| names(k)) {
+                touched.insert(workload.clone());
+            }
+        }
+        for (workload, entry) in &self.entries {
+            if appeared.iter().any(|k| entry.learned.contains(*k)) {
+                touched.insert(workload.clone());
+            }
+        }
+        // Workloads whose dependencies changed.
+        for workload in self.entries.keys() {
+            if last.dependencies.get(workload) != rendered.dependencies.get(workload) {
+                touched.insert(workload.clone());
+            }
+        }
+        Some(touched)
     }
 
     /// Records that `workload`'s current content is `bytes` long, over the limit: it is
@@ -212,7 +296,10 @@ impl Index {
                 }
             }
         }
-        for service in new {
+        let added = new
+            .iter()
+            .filter(|s| old.is_none_or(|old| !old.contains(*s)));
+        for service in added {
             self.dependents
                 .entry(service.clone())
                 .or_default()

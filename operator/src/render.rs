@@ -10,6 +10,7 @@
 //! writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -22,8 +23,9 @@ use kube::ResourceExt;
 use kube::api::PartialObjectMeta;
 use sha2::{Digest, Sha256};
 use tandem_crds::contract::{
-    self, Backend, DefaultPolicy, Endpoint, HeaderMatch, LoadBalancer, PathMatch, Protocol,
-    ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, ValueMatch, Workload,
+    self, Backend, DefaultPolicy, Endpoint, EndpointWorkload, HeaderMatch, LoadBalancer, PathMatch,
+    Protocol, ProxyConfig, RequestMatch, Route, ServicePort, ServiceRef, Telemetry, ValueMatch,
+    Workload,
 };
 use tandem_crds::dependencies::Dependency;
 use tandem_crds::identity::{DEFAULT_TRUST_DOMAIN, MTLS_MODE_ANNOTATION, MtlsMode, SpiffeId};
@@ -71,7 +73,7 @@ pub struct Inputs {
 }
 
 /// Mesh-wide settings rendering needs (operator flags).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Mesh {
     /// Trust domain of endpoint identities.
     pub trust_domain: String,
@@ -81,6 +83,8 @@ pub struct Mesh {
     pub default_policy: DefaultPolicy,
     /// The networks whose clients count as "in the cluster" (`cluster-authenticated`).
     pub cluster_networks: Vec<IpNet>,
+    /// How every proxy reports (metric prefix, tracing), rendered into every config.
+    pub telemetry: Telemetry,
 }
 
 /// Linkerd's default cluster networks: the private IPv4 ranges and the carrier-grade NAT range,
@@ -97,6 +101,7 @@ impl Default for Mesh {
                 .split(',')
                 .filter_map(|n| n.parse().ok())
                 .collect(),
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -166,13 +171,9 @@ impl BadAnnotation {
 pub struct Rendered {
     /// Every policy's verdict, by policy.
     pub verdicts: BTreeMap<PolicyKey, Verdict>,
-    /// The governed services and the meshed ones, sorted by namespace then name (what every
-    /// config carried before configs were scoped; kept for inspection).
-    pub services: Vec<contract::Service>,
-    /// A hash of `services`.
-    pub version: String,
-    /// Every Service's entry (governed ones with their policies), with its hashes.
-    pub catalog: BTreeMap<ServiceRef, CatalogEntry>,
+    /// Every Service's entry (governed ones with their policies), with its hashes; shared with
+    /// the next pass, which reuses the entries whose objects did not change.
+    pub catalog: BTreeMap<ServiceRef, Arc<CatalogEntry>>,
     /// The Services of each namespace (for `<namespace>/*` dependencies).
     pub by_namespace: BTreeMap<String, Vec<ServiceRef>>,
     /// What each workload's pods name in `tandem.dev/dependencies` (union over its pods).
@@ -185,6 +186,8 @@ pub struct Rendered {
     pub modes: BTreeMap<WorkloadKey, MtlsMode>,
     /// The mode where no workload-specific one was resolved.
     pub default_mtls: MtlsMode,
+    /// The mesh's telemetry settings, the same in every config.
+    pub telemetry: Telemetry,
     /// Annotations that were ignored.
     pub bad_annotations: Vec<BadAnnotation>,
     /// Every workload's authorization, and which workloads each AuthorizationPolicy reaches.
@@ -201,20 +204,41 @@ pub struct CatalogEntry {
     /// A hash of the entry without its endpoints: what policies and the Service's spec
     /// decide. Equal `policy_hash` and different `hash` means only endpoints changed.
     pub policy_hash: u64,
+    /// The length of the entry's compact JSON, as a config's `services` array carries it: what
+    /// it adds to a config's size, so an oversized config is known before it is built.
+    pub json_len: usize,
+    /// Whether a policy governs it (or it is a backend of one).
+    pub governed: bool,
+    /// The fingerprint of the objects an ungoverned entry was built from (see
+    /// `Index::fingerprint`): the next pass reuses the entry while it is unchanged. `None`
+    /// for governed entries (they are compared by value) and objects without a
+    /// `resourceVersion`.
+    pub fingerprint: Option<u64>,
 }
 
 impl CatalogEntry {
-    fn new(service: contract::Service) -> Self {
-        let hash = hash_of(&service);
+    fn new(service: contract::Service, governed: bool, fingerprint: Option<u64>) -> Self {
+        let json = serde_json::to_vec(&service).unwrap_or_default();
         let mut bare = service.clone();
         for port in &mut bare.ports {
             port.endpoints.clear();
         }
         Self {
             policy_hash: hash_of(&bare),
-            hash,
+            hash: hash_bytes(&json),
+            json_len: json.len(),
             service,
+            governed,
+            fingerprint,
         }
+    }
+
+    /// Whether the entry carries a meshed endpoint (one with an identity to demand).
+    fn is_meshed(&self) -> bool {
+        self.service
+            .ports
+            .iter()
+            .any(|p| p.endpoints.iter().any(|e| e.identity.is_some()))
     }
 }
 
@@ -231,6 +255,16 @@ pub struct Scope {
 }
 
 impl Rendered {
+    /// The governed Services and the meshed ones, sorted by namespace then name: what every
+    /// config carried before configs were scoped (for inspection and tests).
+    pub fn services(&self) -> Vec<&contract::Service> {
+        self.catalog
+            .values()
+            .filter(|e| e.governed || e.is_meshed())
+            .map(|e| &e.service)
+            .collect()
+    }
+
     /// The config for the pods of one ServiceAccount, scoped to the dependencies its pods
     /// name (nothing learned); its version is the bare content hash.
     pub fn config_for(&self, namespace: &str, service_account: &str) -> ProxyConfig {
@@ -289,6 +323,7 @@ impl Rendered {
         let own = serde_json::to_vec(&(
             self.mode_of(workload),
             self.authorizations.for_workload(workload),
+            &self.telemetry,
         ))
         .unwrap_or_default();
         let mut content = Sha256::new();
@@ -319,6 +354,18 @@ impl Rendered {
             .unwrap_or(self.default_mtls)
     }
 
+    /// The bytes `scope`'s Services take in a config's compact JSON (their entries and the
+    /// commas between them): a lower bound of the config's size, known without building it.
+    pub fn services_size(&self, scope: &Scope) -> usize {
+        let entries: usize = scope
+            .view
+            .iter()
+            .filter_map(|key| self.catalog.get(key))
+            .map(|entry| entry.json_len)
+            .sum();
+        entries + scope.view.len().saturating_sub(1)
+    }
+
     /// Builds the config of `workload` holding `scope`'s Services, with an empty version (the
     /// caller stamps it: [`tandem_crds::contract::version_stamp`]).
     pub fn config_with(&self, workload: &WorkloadKey, scope: &Scope) -> ProxyConfig {
@@ -334,6 +381,7 @@ impl Rendered {
             .map(|entry| entry.service.clone())
             .collect();
         config.authorization = self.authorizations.for_workload(workload);
+        config.telemetry = self.telemetry.clone();
         config
     }
 
@@ -474,6 +522,12 @@ pub(crate) fn parsed_annotation<T>(
 /// Renders the governed services (and the meshed ones no policy governs) and judges every
 /// policy.
 pub fn render(inputs: &Inputs) -> Rendered {
+    render_with(inputs, None)
+}
+
+/// As [`render`], reusing the entries of the `previous` pass's catalog whose objects did not
+/// change, so a pass after one change builds about one entry rather than every Service's.
+pub fn render_with(inputs: &Inputs, previous: Option<&Rendered>) -> Rendered {
     let index = Index::new(inputs);
     let mut verdicts = BTreeMap::new();
     let mut governed: BTreeMap<ServiceRef, contract::Service> = BTreeMap::new();
@@ -508,10 +562,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
         verdicts.insert(key, verdict);
     }
 
-    let catalog = catalog(&index, &governed);
-    add_meshed(&index, &mut governed);
-    let services: Vec<contract::Service> = governed.into_values().collect();
-    let version = version_of(&services);
+    let catalog = catalog(&index, &governed, previous.map(|p| &p.catalog));
     let mut by_namespace: BTreeMap<String, Vec<ServiceRef>> = BTreeMap::new();
     for key in catalog.keys() {
         by_namespace
@@ -528,13 +579,12 @@ pub fn render(inputs: &Inputs) -> Rendered {
         targets,
         generations: generations(inputs),
         verdicts,
-        services,
-        version,
         catalog,
         by_namespace,
         dependencies,
         modes,
         default_mtls: inputs.mesh.default_mtls,
+        telemetry: inputs.mesh.telemetry.clone(),
         bad_annotations,
         authorizations,
     }
@@ -571,17 +621,39 @@ fn generations(inputs: &Inputs) -> BTreeMap<PolicyKey, i64> {
         .collect()
 }
 
-/// Every Service's entry: the governed one where a policy governs it, else its base.
+/// Every Service's entry: the governed one where a policy governs it, else its base. An entry
+/// of the `previous` catalog is reused, not rebuilt, when it is still right: a governed one
+/// when its service is equal, an ungoverned one when its objects' fingerprint is.
 fn catalog(
     index: &Index,
     governed: &BTreeMap<ServiceRef, contract::Service>,
-) -> BTreeMap<ServiceRef, CatalogEntry> {
+    previous: Option<&BTreeMap<ServiceRef, Arc<CatalogEntry>>>,
+) -> BTreeMap<ServiceRef, Arc<CatalogEntry>> {
     index
         .services
         .keys()
         .filter_map(|key| {
-            let service = governed.get(key).cloned().or_else(|| index.base(key))?;
-            Some((key.clone(), CatalogEntry::new(service)))
+            let earlier = previous.and_then(|p| p.get(key));
+            let entry = match governed.get(key) {
+                Some(service) => match earlier {
+                    Some(e) if e.governed && e.service == *service => e.clone(),
+                    _ => Arc::new(CatalogEntry::new(service.clone(), true, None)),
+                },
+                None => {
+                    let fingerprint = index.fingerprint(key);
+                    match earlier {
+                        Some(e)
+                            if !e.governed
+                                && fingerprint.is_some()
+                                && e.fingerprint == fingerprint =>
+                        {
+                            e.clone()
+                        }
+                        _ => Arc::new(CatalogEntry::new(index.base(key)?, false, fingerprint)),
+                    }
+                }
+            };
+            Some((key.clone(), entry))
         })
         .collect()
 }
@@ -592,77 +664,58 @@ fn dependencies(
     inputs: &Inputs,
     bad: &mut Vec<BadAnnotation>,
 ) -> BTreeMap<WorkloadKey, BTreeSet<Dependency>> {
-    let mut found: BTreeMap<WorkloadKey, BTreeSet<Dependency>> = BTreeMap::new();
-    let mut wrong: BTreeMap<WorkloadKey, BTreeSet<String>> = BTreeMap::new();
+    // A workload's pods usually carry the same value: each distinct value is parsed and
+    // united once per workload, not once per pod.
+    let mut values: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
     for pod in inputs
         .pods
         .iter()
         .filter(|p| is_injected(p) && is_active(p))
     {
-        let Some(value) = pod.annotations().get(DEPENDENCIES_ANNOTATION) else {
-            continue;
-        };
-        let key = WorkloadKey {
-            namespace: pod.namespace().unwrap_or_default(),
-            service_account: service_account(pod).to_owned(),
-        };
-        let (named, errors) = tandem_crds::dependencies::parse(value, &key.namespace);
-        if !errors.is_empty() {
-            wrong
-                .entry(key.clone())
+        if let Some(value) = pod.annotations().get(DEPENDENCIES_ANNOTATION) {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+            values
+                .entry((namespace, service_account(pod)))
                 .or_default()
-                .extend(errors.into_iter().map(|e| e.entry));
+                .insert(value);
         }
-        found.entry(key).or_default().extend(named);
     }
-    for (workload, entries) in wrong {
-        bad.push(BadAnnotation {
-            annotation: DEPENDENCIES_ANNOTATION,
-            kind: "ServiceAccount",
-            namespace: workload.namespace,
-            name: workload.service_account,
-            value: entries.into_iter().collect::<Vec<_>>().join(","),
-        });
+    let mut found = BTreeMap::new();
+    for ((namespace, account), values) in values {
+        let mut named = BTreeSet::new();
+        let mut wrong = BTreeSet::new();
+        for value in values {
+            let (dependencies, errors) = tandem_crds::dependencies::parse(value, namespace);
+            named.extend(dependencies);
+            wrong.extend(errors.into_iter().map(|e| e.entry));
+        }
+        if !wrong.is_empty() {
+            bad.push(BadAnnotation {
+                annotation: DEPENDENCIES_ANNOTATION,
+                kind: "ServiceAccount",
+                namespace: namespace.to_owned(),
+                name: account.to_owned(),
+                value: wrong.into_iter().collect::<Vec<_>>().join(","),
+            });
+        }
+        let workload = WorkloadKey {
+            namespace: namespace.to_owned(),
+            service_account: account.to_owned(),
+        };
+        found.insert(workload, named);
     }
     found
-}
-
-/// Adds every Service with a meshed endpoint that no policy governs, as it is (no routes).
-///
-/// Mutual TLS is on by default, and a client's proxy uses it only towards endpoints its config
-/// names an identity for: a Service left out would be passed through in plaintext — and
-/// refused by a strict workload. So the proxy gets these Services' endpoints and identities too,
-/// as Linkerd's proxies resolve every meshed destination. The cost is config size, which
-/// scoped configs (wave 2, config delivery) bound.
-fn add_meshed(index: &Index, services: &mut BTreeMap<ServiceRef, contract::Service>) {
-    for key in index.services.keys() {
-        if services.contains_key(key) {
-            continue;
-        }
-        let Some(base) = index.base(key) else {
-            continue;
-        };
-        let meshed = base
-            .ports
-            .iter()
-            .any(|p| p.endpoints.iter().any(|e| e.identity.is_some()));
-        if meshed {
-            services.insert(key.clone(), base);
-        }
-    }
-}
-
-/// A stable short hash of the services, so a person can tell configs apart.
-fn version_of(services: &[contract::Service]) -> String {
-    let json = serde_json::to_vec(services).unwrap_or_default();
-    short_hash(&Sha256::digest(&json))
 }
 
 /// A stable 64-bit hash of a value's JSON (the first 8 bytes of its SHA-256), the same in
 /// every process and release, so versions survive restarts.
 fn hash_of<T: serde::Serialize>(value: &T) -> u64 {
-    let json = serde_json::to_vec(value).unwrap_or_default();
-    let digest = Sha256::digest(&json);
+    hash_bytes(&serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// The first 8 bytes of the SHA-256 of `bytes`.
+fn hash_bytes(bytes: &[u8]) -> u64 {
+    let digest = Sha256::digest(bytes);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(first)
@@ -675,12 +728,21 @@ fn short_hash(digest: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 // Lookups
 
+/// What a pod contributes to the endpoints it backs.
+#[derive(Debug, Hash)]
+struct PodFacts {
+    /// Its identity's URI, when the proxy is injected (the endpoint is then meshed).
+    identity: Option<String>,
+    /// Its workload (`pods::workload_name`), which labels the metrics.
+    workload: Option<EndpointWorkload>,
+}
+
 /// The inputs indexed for rendering.
 struct Index<'a> {
     services: BTreeMap<ServiceRef, &'a KubeService>,
     slices: BTreeMap<ServiceRef, Vec<&'a EndpointSlice>>,
-    /// Injected pods by (namespace, name): their identity's URI.
-    injected_pods: HashMap<(String, String), String>,
+    /// Every known pod by namespace, then name: what it contributes to its endpoints.
+    pods: HashMap<&'a str, HashMap<&'a str, PodFacts>>,
 }
 
 impl<'a> Index<'a> {
@@ -703,21 +765,74 @@ impl<'a> Index<'a> {
             }
         }
         let trust_domain = &inputs.mesh.trust_domain;
-        let injected_pods = inputs
-            .pods
-            .iter()
-            .filter(|p| is_injected(p))
-            .map(|p| {
-                let namespace = p.namespace().unwrap_or_default();
-                let identity = SpiffeId::new(trust_domain, &namespace, service_account(p)).uri();
-                ((namespace, p.name_any()), identity)
-            })
-            .collect();
+        let mut pods: HashMap<&str, HashMap<&str, PodFacts>> = HashMap::new();
+        // Identities by (namespace, ServiceAccount), each formatted once.
+        let mut identities: HashMap<(&str, &str), String> = HashMap::new();
+        for pod in &inputs.pods {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+            let identity = is_injected(pod).then(|| {
+                let account = service_account(pod);
+                identities
+                    .entry((namespace, account))
+                    .or_insert_with(|| SpiffeId::new(trust_domain, namespace, account).uri())
+                    .clone()
+            });
+            let name = tandem_crds::pods::workload_name(&pod.metadata);
+            let workload = (!name.is_empty()).then(|| EndpointWorkload {
+                name,
+                namespace: namespace.to_owned(),
+            });
+            pods.entry(namespace).or_default().insert(
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                PodFacts { identity, workload },
+            );
+        }
         Self {
             services,
             slices,
-            injected_pods,
+            pods,
         }
+    }
+
+    /// A fingerprint of everything [`Index::base`] reads for `key`: the Service's and its
+    /// slices' `resourceVersion`s, and what the pods behind the slices' endpoints contribute
+    /// ([`PodFacts`]). Equal fingerprints, equal bases, so the previous pass's entry is
+    /// reused. `None` when an object has no `resourceVersion` (built by hand, as in tests):
+    /// the entry is then always rebuilt. In-process only (the hasher is not stable across
+    /// releases; nothing persists it).
+    fn fingerprint(&self, key: &ServiceRef) -> Option<u64> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        let service = self.services.get(key)?;
+        service
+            .metadata
+            .resource_version
+            .as_deref()?
+            .hash(&mut hasher);
+        for slice in self.slices.get(key).into_iter().flatten() {
+            slice.metadata.name.hash(&mut hasher);
+            slice
+                .metadata
+                .resource_version
+                .as_deref()?
+                .hash(&mut hasher);
+            for endpoint in &slice.endpoints {
+                let pod = endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"));
+                if let Some(pod) = pod {
+                    let namespace = pod.namespace.as_deref().unwrap_or(&key.namespace);
+                    self.pod_facts(namespace, pod.name.as_deref().unwrap_or_default())
+                        .hash(&mut hasher);
+                }
+            }
+        }
+        Some(hasher.finish())
+    }
+
+    /// What a pod contributes to its endpoints; `None` for a pod that is not known.
+    fn pod_facts(&self, namespace: &str, name: &str) -> Option<&PodFacts> {
+        self.pods.get(namespace)?.get(name)
     }
 
     /// The contract view of a Service: cluster IPs, TCP ports with protocol and ready
@@ -787,22 +902,24 @@ impl<'a> Index<'a> {
                     continue;
                 }
                 // Meshed means "its pod is injected"; the pod's ServiceAccount is the identity
-                // the client's proxy will demand of it.
-                let identity = endpoint
+                // the client's proxy will demand of it. Its workload labels the metrics.
+                let pod = endpoint
                     .target_ref
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| {
-                        let ns = r.namespace.clone().unwrap_or_else(|| namespace.to_owned());
-                        self.injected_pods.get(&(ns, r.name.clone()?))
+                        let ns = r.namespace.as_deref().unwrap_or(namespace);
+                        self.pod_facts(ns, r.name.as_deref()?)
                     });
+                let identity = pod.and_then(|p| p.identity.as_ref());
+                let workload = pod.and_then(|p| p.workload.as_ref());
                 for address in &endpoint.addresses {
                     if let Ok(ip) = address.parse::<IpAddr>() {
                         found.insert(Endpoint {
                             address: SocketAddr::new(ip, target),
                             meshed: identity.is_some(),
                             identity: identity.cloned(),
-                            workload: None,
+                            workload: workload.cloned(),
                         });
                     }
                 }

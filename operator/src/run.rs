@@ -29,6 +29,7 @@ use crate::stream::auth::Authenticator;
 use crate::stream::{self, StreamServer};
 use crate::sync;
 use crate::{Error, Result};
+use tandem_crds::contract::{DEFAULT_SAMPLING_PERCENT, MetricsPrefix, Telemetry, Tracing};
 
 /// The operator's settings (from flags or environment, see `main.rs`).
 #[derive(Clone, Debug, clap::Parser)]
@@ -90,6 +91,18 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub cluster_networks: Vec<String>,
+    /// The prefix of every proxy's request and TCP series: `tandem` (`tandem_requests_total`,
+    /// …) or `istio` (`istio_requests_total`, …, what Istio's dashboards and Kiali query).
+    /// Checked by [`Settings::mesh`] (exit 64).
+    #[arg(long, env = "TANDEM_METRICS_PREFIX", default_value = "tandem")]
+    pub metrics_prefix: String,
+    /// The OTLP/HTTP collector every proxy exports spans to (`http://host:4318`; spans are
+    /// POSTed to `<url>/v1/traces`); empty: tracing off. Checked by [`Settings::mesh`].
+    #[arg(long, env = "TANDEM_TRACING_COLLECTOR", default_value = "")]
+    pub tracing_collector: String,
+    /// The percentage (0–100) of requests arriving without trace context that start a trace.
+    #[arg(long, env = "TANDEM_TRACING_SAMPLING_PERCENT", default_value_t = DEFAULT_SAMPLING_PERCENT)]
+    pub tracing_sampling_percent: f64,
 }
 
 /// How log lines are written.
@@ -107,6 +120,26 @@ fn parse_ttl(value: &str) -> std::result::Result<Duration, String> {
         return Err(format!("{value} is under a minute"));
     }
     Ok(ttl)
+}
+
+/// A collector base URL: `http(s)://host[:port]`, nothing after it but an optional `/`.
+fn check_collector(url: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Error::Settings(format!(
+            "--tracing-collector {url:?} {why} (expected http://host:port)"
+        ))
+    };
+    let uri: axum::http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("has no http or https scheme"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("has a path or query (the proxy appends /v1/traces)"));
+    }
+    Ok(())
 }
 
 fn parse_mode(value: &str) -> std::result::Result<MtlsMode, String> {
@@ -150,6 +183,42 @@ impl Settings {
             default_mtls: self.mtls_mode,
             default_policy,
             cluster_networks,
+            telemetry: self.telemetry()?,
+        })
+    }
+
+    /// The telemetry every config carries, checked: a known prefix, a collector URL with an
+    /// `http`/`https` scheme and a host (and no path, query or fragment: the proxy appends
+    /// `/v1/traces`), a sampling percentage from 0 to 100.
+    fn telemetry(&self) -> Result<Telemetry> {
+        let metrics_prefix = match self.metrics_prefix.as_str() {
+            "tandem" => MetricsPrefix::Tandem,
+            "istio" => MetricsPrefix::Istio,
+            other => {
+                return Err(Error::Settings(format!(
+                    "--metrics-prefix {other:?} is neither tandem nor istio"
+                )));
+            }
+        };
+        let percent = self.tracing_sampling_percent;
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(Error::Settings(format!(
+                "--tracing-sampling-percent {percent} is not between 0 and 100"
+            )));
+        }
+        let collector = self.tracing_collector.trim();
+        let tracing = if collector.is_empty() {
+            None
+        } else {
+            check_collector(collector)?;
+            Some(Tracing {
+                collector: collector.trim_end_matches('/').to_owned(),
+                sampling_percent: percent,
+            })
+        };
+        Ok(Telemetry {
+            metrics_prefix,
+            tracing,
         })
     }
 
@@ -401,4 +470,89 @@ fn start_identity(
 fn default_identity() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tandem-operator".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod telemetry_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn mesh_of(args: &[&str]) -> Result<Mesh> {
+        Settings::try_parse_from(std::iter::once("tandem-operator").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .mesh()
+    }
+
+    #[test]
+    fn telemetry_defaults_to_the_tandem_prefix_and_no_tracing() {
+        let mesh = mesh_of(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mesh.telemetry, Telemetry::default());
+        assert!(mesh.telemetry.is_default());
+    }
+
+    #[test]
+    fn the_telemetry_flags_reach_the_mesh() {
+        let mesh = mesh_of(&[
+            "--metrics-prefix",
+            "istio",
+            "--tracing-collector",
+            "http://otel.observability.svc:4318/",
+            "--tracing-sampling-percent",
+            "100",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            mesh.telemetry,
+            Telemetry {
+                metrics_prefix: MetricsPrefix::Istio,
+                tracing: Some(Tracing {
+                    collector: "http://otel.observability.svc:4318".into(),
+                    sampling_percent: 100.0,
+                }),
+            }
+        );
+        let default_rate = mesh_of(&["--tracing-collector", "https://collector:4318"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            default_rate.telemetry.tracing.map(|t| t.sampling_percent),
+            Some(DEFAULT_SAMPLING_PERCENT)
+        );
+    }
+
+    #[test]
+    fn bad_telemetry_flags_are_settings_errors_naming_the_flag() {
+        for (args, needle) in [
+            (
+                vec!["--metrics-prefix", "prom"],
+                "--metrics-prefix \"prom\"",
+            ),
+            (
+                vec!["--tracing-sampling-percent", "101"],
+                "--tracing-sampling-percent 101",
+            ),
+            (
+                vec!["--tracing-sampling-percent", "NaN"],
+                "--tracing-sampling-percent NaN",
+            ),
+            (
+                vec!["--tracing-collector", "collector:4318"],
+                "no http or https scheme",
+            ),
+            (
+                vec!["--tracing-collector", "ftp://c:21"],
+                "no http or https scheme",
+            ),
+            (
+                vec!["--tracing-collector", "http://c:4318/v1/traces"],
+                "has a path",
+            ),
+            (vec!["--tracing-collector", "http:// bad"], "is not a URL"),
+        ] {
+            match mesh_of(&args) {
+                Err(Error::Settings(message)) => assert!(message.contains(needle), "{message}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+    }
 }

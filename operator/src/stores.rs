@@ -500,7 +500,13 @@ impl Recorded {
 /// The pod rendering reads, from a pod's metadata and what is recorded about its spec.
 pub fn metadata_pod(mut metadata: ObjectMeta, recorded: &Recorded) -> Pod {
     metadata.managed_fields = None;
-    metadata.owner_references = None;
+    // Only the controller: `pods::workload_name` derives the pod's workload from it.
+    metadata.owner_references = metadata.owner_references.map(|owners| {
+        owners
+            .into_iter()
+            .filter(|o| o.controller == Some(true))
+            .collect()
+    });
     // Only the annotations rendering reads: the dependencies the pod names, and the
     // webhook's mark of injection.
     if let Some(annotations) = metadata.annotations.as_mut() {

@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use tandem_crds::contract::{LoadBalancer, Protocol};
+use tandem_crds::contract::{
+    EndpointWorkload, LoadBalancer, MetricsPrefix, Protocol, Telemetry, Tracing,
+};
 use tandem_crds::v1alpha1::{
     CircuitBreakerPolicy, CircuitBreakerPolicySpec, ConditionStatus, PolicyStatus, TrafficPolicy,
     TrafficPolicySpec, reason,
@@ -227,9 +229,13 @@ fn shop() -> Inputs {
 #[test]
 fn a_canary_renders_its_target_and_both_backends_only() {
     let rendered = render(&shop());
-    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = rendered
+        .services()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
     assert_eq!(names, ["server", "server-v1", "server-v2"]);
-    let server = &rendered.services[0];
+    let server = &rendered.services()[0];
     assert_eq!(server.routes.len(), 1);
     assert_eq!(server.routes[0].name, "rule-0");
     let weights: Vec<(&str, u32)> = server.routes[0]
@@ -249,7 +255,7 @@ fn a_canary_renders_its_target_and_both_backends_only() {
 #[test]
 fn endpoints_are_ready_only_sorted_on_the_target_port_and_marked_meshed() {
     let rendered = render(&shop());
-    let v1 = &rendered.services[1];
+    let v1 = &rendered.services()[1];
     let endpoints: Vec<(String, bool)> = v1.ports[0]
         .endpoints
         .iter()
@@ -263,7 +269,7 @@ fn endpoints_are_ready_only_sorted_on_the_target_port_and_marked_meshed() {
             ("10.244.0.5:8080".to_owned(), true)
         ]
     );
-    let v2 = &rendered.services[2];
+    let v2 = &rendered.services()[2];
     assert_eq!(
         v2.ports[0].endpoints.len(),
         1,
@@ -274,7 +280,7 @@ fn endpoints_are_ready_only_sorted_on_the_target_port_and_marked_meshed() {
 #[test]
 fn cluster_ips_and_protocols_come_from_the_service() {
     let rendered = render(&shop());
-    let server = &rendered.services[0];
+    let server = &rendered.services()[0];
     assert_eq!(
         server.cluster_ips,
         ["10.96.0.10"
@@ -337,7 +343,7 @@ fn a_changed_weight_changes_the_version() {
         }),
     )];
     let after = render(&inputs);
-    assert_ne!(before.version, after.version);
+    assert_ne!(before.services(), after.services());
 }
 
 #[test]
@@ -366,10 +372,14 @@ fn retries_without_a_budget_get_the_default_budget() {
         }),
     )];
     let rendered = render(&inputs);
-    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = rendered
+        .services()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
     // No backends: the target alone, beside server-v1, rendered for its meshed endpoint.
     assert_eq!(names, ["server", "server-v1"]);
-    let server = &rendered.services[0];
+    let server = &rendered.services()[0];
     assert_eq!(server.load_balancer, LoadBalancer::RoundRobin);
     assert_eq!(
         server.retry_budget,
@@ -389,7 +399,7 @@ fn retries_without_a_budget_get_the_default_budget() {
 #[test]
 fn a_policy_without_retries_has_no_budget() {
     let rendered = render(&shop());
-    assert_eq!(rendered.services[0].retry_budget, None);
+    assert_eq!(rendered.services()[0].retry_budget, None);
 }
 
 #[test]
@@ -400,9 +410,9 @@ fn a_missing_target_is_reported_and_renders_nothing() {
         .retain(|s| s.metadata.name.as_deref() != Some("server"));
     let rendered = render(&inputs);
     assert!(
-        rendered.services.iter().all(|s| s.routes.is_empty()),
+        rendered.services().iter().all(|s| s.routes.is_empty()),
         "only the meshed services, unrouted: {:?}",
-        rendered.services
+        rendered.services()
     );
     match rendered
         .verdicts
@@ -467,7 +477,7 @@ fn a_backend_port_the_service_lacks_is_invalid_and_other_policies_still_render()
             .get(&key(PolicyKind::Traffic, "shop", "canary")),
         Some(&Verdict::Accepted)
     );
-    assert!(!rendered.services.iter().any(|s| s.name == "api"));
+    assert!(!rendered.services().iter().any(|s| s.name == "api"));
 }
 
 #[test]
@@ -488,9 +498,9 @@ fn an_invalid_regex_is_invalid() {
         Some(Verdict::Rejected { reason: r, .. }) if *r == reason::INVALID
     ));
     assert!(
-        rendered.services.iter().all(|s| s.routes.is_empty()),
+        rendered.services().iter().all(|s| s.routes.is_empty()),
         "only the meshed services, unrouted: {:?}",
-        rendered.services
+        rendered.services()
     );
 }
 
@@ -545,7 +555,7 @@ fn the_older_of_two_policies_on_one_service_wins() {
         }
         other => panic!("unexpected verdict {other:?}"),
     }
-    assert_eq!(rendered.services[0].load_balancer, LoadBalancer::PeakEwma);
+    assert_eq!(rendered.services()[0].load_balancer, LoadBalancer::PeakEwma);
 }
 
 #[test]
@@ -588,7 +598,7 @@ fn policies_of_different_kinds_on_one_service_do_not_conflict() {
     )];
     let rendered = render(&inputs);
     assert!(rendered.verdicts.values().all(Verdict::is_accepted));
-    let server = &rendered.services[0];
+    let server = &rendered.services()[0];
     let breaker = server
         .circuit_breaker
         .as_ref()
@@ -625,11 +635,15 @@ fn a_circuit_breaker_alone_governs_its_service() {
         traffic_policies: Vec::new(),
         ..inputs
     });
-    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = rendered
+        .services()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
     // unrelated for its breaker, server-v1 for its meshed endpoint.
     assert_eq!(names, ["server-v1", "unrelated"]);
-    assert!(rendered.services.iter().all(|s| s.routes.is_empty()));
-    assert!(rendered.services[1].circuit_breaker.is_some());
+    assert!(rendered.services().iter().all(|s| s.routes.is_empty()));
+    assert!(rendered.services()[1].circuit_breaker.is_some());
 }
 
 #[test]
@@ -649,7 +663,7 @@ fn a_circuit_breaker_with_impossible_ejection_times_is_invalid() {
         rendered.verdicts.get(&key(PolicyKind::CircuitBreaker, "shop", "protect")),
         Some(Verdict::Rejected { reason: r, .. }) if *r == reason::INVALID
     ));
-    assert!(rendered.services[0].circuit_breaker.is_none());
+    assert!(rendered.services()[0].circuit_breaker.is_none());
 }
 
 #[test]
@@ -717,7 +731,7 @@ fn named_target_ports_resolve_through_the_slice_port_of_the_same_name() {
         &[("10.244.0.9", Some(true), "")],
     ));
     let rendered = render(&inputs);
-    let server = &rendered.services[0];
+    let server = &rendered.services()[0];
     let by_port: Vec<(u16, String)> = server
         .ports
         .iter()
@@ -927,7 +941,7 @@ pub(crate) fn annotated<K>(
 
 fn endpoints_of(rendered: &crate::Rendered, service: &str) -> Vec<(String, bool, Option<String>)> {
     rendered
-        .services
+        .services()
         .iter()
         .filter(|s| s.name == service)
         .flat_map(|s| &s.ports)
@@ -960,6 +974,89 @@ fn a_meshed_endpoint_carries_its_pods_service_account_identity_and_others_none()
 }
 
 #[test]
+fn an_endpoint_carries_its_pods_workload_as_istio_derives_it() {
+    let mut inputs = shop();
+    // v1-a belongs to ReplicaSet server-v1-5c9d (Deployment server-v1); v1-b to no controller.
+    if let Some(v1_a) = inputs
+        .pods
+        .iter_mut()
+        .find(|p| p.metadata.name.as_deref() == Some("v1-a"))
+    {
+        let pod = Arc::make_mut(v1_a);
+        pod.metadata.labels = Some(
+            [("pod-template-hash".to_owned(), "5c9d".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        pod.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "ReplicaSet".into(),
+                name: "server-v1-5c9d".into(),
+                uid: "u".into(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
+    }
+    let rendered = render(&inputs);
+    let workloads: Vec<(String, Option<EndpointWorkload>)> = rendered
+        .services()
+        .iter()
+        .filter(|s| s.name == "server-v1")
+        .flat_map(|s| &s.ports)
+        .flat_map(|p| &p.endpoints)
+        .map(|e| (e.address.to_string(), e.workload.clone()))
+        .collect();
+    let workload = |name: &str| {
+        Some(EndpointWorkload {
+            name: name.into(),
+            namespace: "shop".into(),
+        })
+    };
+    assert_eq!(
+        workloads,
+        [
+            ("10.244.0.4:8080".to_owned(), workload("v1-b")),
+            ("10.244.0.5:8080".to_owned(), workload("server-v1")),
+        ]
+    );
+    // The proxy accepts it.
+    let config = rendered.config_for("shop", "client");
+    let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed, config);
+}
+
+#[test]
+fn the_mesh_telemetry_is_in_every_config_and_in_its_hash() {
+    let plain = render(&shop());
+    let mut inputs = shop();
+    inputs.mesh.telemetry = Telemetry {
+        metrics_prefix: MetricsPrefix::Istio,
+        tracing: Some(Tracing {
+            collector: "http://collector:4318".into(),
+            sampling_percent: 5.0,
+        }),
+    };
+    let traced = render(&inputs);
+    for (namespace, service_account) in [("shop", "client"), ("shop", "server")] {
+        let config = traced.config_for(namespace, service_account);
+        assert_eq!(config.telemetry, inputs.mesh.telemetry);
+        let parsed = tandem_crds::contract::ProxyConfig::from_json(document(&config).as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.telemetry, inputs.mesh.telemetry);
+        // A changed setting is a changed version, so proxies take it.
+        assert_ne!(
+            config.version,
+            plain.config_for(namespace, service_account).version
+        );
+    }
+    // The default is left out of the JSON, for proxies older than the field.
+    assert!(!document(&plain.config_for("shop", "client")).contains("telemetry"));
+}
+
+#[test]
 fn a_service_with_meshed_endpoints_is_rendered_without_a_policy_and_an_unmeshed_one_is_not() {
     let mut inputs = shop();
     inputs.traffic_policies.clear();
@@ -971,11 +1068,15 @@ fn a_service_with_meshed_endpoints_is_rendered_without_a_policy_and_an_unmeshed_
         &[("10.244.0.9", Some(true), "stranger")],
     ));
     let rendered = render(&inputs);
-    let names: Vec<&str> = rendered.services.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = rendered
+        .services()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
     // server-v1 has a meshed endpoint (pod v1-a is injected); server-v2's pods are not known
     // as injected, unrelated's pod is not injected, and server has no endpoints at all.
     assert_eq!(names, ["server-v1"]);
-    let v1 = &rendered.services[0];
+    let v1 = &rendered.services()[0];
     assert!(v1.routes.is_empty(), "no policy, no routes: {v1:?}");
     assert_eq!(
         endpoints_of(&rendered, "server-v1")[1].2.as_deref(),
@@ -1224,11 +1325,12 @@ fn update(
     now_ms: u64,
 ) -> Vec<(String, Change)> {
     let (updates, _) = index.update(
-        &render(inputs),
+        &Arc::new(render(inputs)),
         wanted,
         |_| BTreeSet::new(),
         |_| None,
         now_ms,
+        MAX_CONFIG_MAP_BYTES,
     );
     updates
         .into_iter()
@@ -1304,14 +1406,15 @@ fn versions_keep_their_generation_for_equal_content_and_grow_strictly_otherwise(
     // After a restart, the ConfigMap's version is reused when the content is the same.
     let mut fresh = Index::default();
     let (updates, _) = fresh.update(
-        &render(&inputs),
+        &Arc::new(render(&inputs)),
         &wanted,
         |_| BTreeSet::new(),
         |w| (w == &client).then(|| second.clone()),
         99_999,
+        MAX_CONFIG_MAP_BYTES,
     );
     let restarted = updates.iter().find(|u| u.workload == client).unwrap();
-    assert_eq!(restarted.config.version, second);
+    assert_eq!(restarted.config.as_ref().unwrap().version, second);
     assert_eq!(
         restarted.change,
         Change::Policy,
@@ -1497,4 +1600,218 @@ mod debounce {
         settle(trigger, first, DEBOUNCE).await;
         assert_eq!(first.elapsed(), Duration::from_millis(400));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incremental passes: reusing the last catalog and scoping only touched workloads changes no
+// result
+
+/// Gives every Service and EndpointSlice a `resourceVersion`, as the apiserver does, so that
+/// a pass may reuse their catalog entries.
+fn versioned(mut inputs: Inputs) -> Inputs {
+    for service in &mut inputs.services {
+        Arc::make_mut(service).metadata.resource_version = Some("1".into());
+    }
+    for slice in &mut inputs.endpoint_slices {
+        Arc::make_mut(slice).metadata.resource_version = Some("1".into());
+    }
+    inputs
+}
+
+/// Two reconcilers side by side: one renders from scratch and scopes every workload, the
+/// other reuses its last rendering. After each change both must hold the same configs.
+struct SideBySide {
+    fresh: Index,
+    incremental: Index,
+    last: Option<Arc<crate::Rendered>>,
+    now_ms: u64,
+}
+
+impl SideBySide {
+    fn pass(&mut self, inputs: &Inputs, wanted: &[WorkloadKey], step: &str) -> (usize, usize) {
+        self.now_ms += 1000;
+        let fresh = Arc::new(render(inputs));
+        let incremental = Arc::new(crate::render::render_with(inputs, self.last.as_deref()));
+        assert_eq!(
+            *incremental, *fresh,
+            "{step}: the reused catalog renders the same"
+        );
+        let learned = |_: &WorkloadKey| BTreeSet::new();
+        let (a, _) = self.fresh.update(
+            &fresh,
+            wanted,
+            learned,
+            |_| None,
+            self.now_ms,
+            MAX_CONFIG_MAP_BYTES,
+        );
+        let (b, _) = self.incremental.update(
+            &incremental,
+            wanted,
+            learned,
+            |_| None,
+            self.now_ms,
+            MAX_CONFIG_MAP_BYTES,
+        );
+        for workload in wanted {
+            assert_eq!(
+                self.fresh.entry(workload).map(|e| &e.scope),
+                self.incremental.entry(workload).map(|e| &e.scope),
+                "{step}: {workload:?} is scoped alike"
+            );
+        }
+        let reused = incremental
+            .catalog
+            .iter()
+            .filter(|(k, e)| {
+                self.last
+                    .as_ref()
+                    .and_then(|l| l.catalog.get(*k))
+                    .is_some_and(|old| Arc::ptr_eq(old, e))
+            })
+            .count();
+        self.last = Some(incremental);
+        assert_eq!(a.len(), b.len(), "{step}: as many updates");
+        (reused, b.len())
+    }
+}
+
+#[test]
+fn an_incremental_pass_reuses_unchanged_entries_and_renders_what_a_fresh_one_does() {
+    let (mut inputs, wanted) = three_workloads();
+    // An ungoverned Service with a meshed endpoint (governed entries are compared by value).
+    inputs.endpoint_slices.push(slice(
+        "shop",
+        "unrelated",
+        "unrelated-abc",
+        &[("http", 8080)],
+        &[("10.244.0.9", Some(true), "u-a")],
+    ));
+    inputs.pods.push(pod("shop", "u-a", "unrelated", true));
+    inputs.pods[0] = depending(pod("shop", "client-1", "client", true), "server, unrelated");
+    let mut inputs = versioned(inputs);
+    let mut runs = SideBySide {
+        fresh: Index::default(),
+        incremental: Index::default(),
+        last: None,
+        now_ms: 0,
+    };
+    let services = inputs.services.len();
+    assert_eq!(runs.pass(&inputs, &wanted, "first"), (0, 3));
+    assert_eq!(runs.pass(&inputs, &wanted, "unchanged"), (services, 0));
+
+    // New endpoints behind billing/ledger (a new slice): only that entry is rebuilt.
+    let mut ledger = slice(
+        "billing",
+        "ledger",
+        "ledger-abc",
+        &[("http", 8080)],
+        &[("10.244.3.3", Some(true), "")],
+    );
+    Arc::make_mut(&mut ledger).metadata.resource_version = Some("7".into());
+    inputs.endpoint_slices.push(ledger);
+    assert_eq!(runs.pass(&inputs, &wanted, "new slice"), (services - 1, 1));
+
+    // The pod behind unrelated's endpoint goes away before its slice changes: the endpoint
+    // loses its identity, though no Service or slice changed version.
+    inputs
+        .pods
+        .retain(|p| p.metadata.name.as_deref() != Some("u-a"));
+    let (reused, updates) = runs.pass(&inputs, &wanted, "endpoint pod gone");
+    assert_eq!(
+        (reused, updates),
+        (services - 1, 1),
+        "unrelated's entry was rebuilt"
+    );
+
+    // A policy change, then a Service that appears in a namespace a workload names whole,
+    // then one that goes away.
+    inputs.traffic_policies = vec![traffic(
+        "shop",
+        "canary",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "rules": [{"backends": [
+                {"name": "server-v1", "port": 80, "weight": 50},
+                {"name": "server-v2", "port": 80, "weight": 50}
+            ]}]
+        }),
+    )];
+    runs.pass(&inputs, &wanted, "policy change");
+    let mut audit = service("billing", "audit", "10.96.1.3", &[("http", 80)]);
+    Arc::make_mut(&mut audit).metadata.resource_version = Some("9".into());
+    inputs.services.push(audit);
+    let (_, updates) = runs.pass(&inputs, &wanted, "Service appeared");
+    assert_eq!(updates, 1, "billing names billing/* and gets billing/audit");
+    inputs
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("server-v2"));
+    runs.pass(&inputs, &wanted, "Service gone");
+    assert_eq!(
+        runs.pass(&inputs, &wanted, "settled"),
+        (inputs.services.len(), 0)
+    );
+}
+
+#[test]
+fn a_config_whose_services_alone_pass_the_limit_is_not_built() {
+    let (inputs, wanted) = three_workloads();
+    let mut index = Index::default();
+    let rendered = Arc::new(render(&inputs));
+    let (updates, _) = index.update(&rendered, &wanted, |_| BTreeSet::new(), |_| None, 1000, 100);
+    let client = updates
+        .iter()
+        .find(|u| u.workload == workload("shop", "client"))
+        .unwrap();
+    let Err(bound) = client.config else {
+        panic!(
+            "client's three Services pass 100 bytes: {:?}",
+            client.config
+        )
+    };
+    let built = rendered.config_with(
+        &client.workload,
+        &index.entry(&client.workload).unwrap().scope,
+    );
+    let json = document(&built);
+    assert!(
+        bound > 100 && bound < json.len(),
+        "{bound} is a lower bound of {}",
+        json.len()
+    );
+    let server = updates
+        .iter()
+        .find(|u| u.workload == workload("shop", "server"))
+        .unwrap();
+    assert!(server.config.is_ok(), "a config with no Services is built");
+}
+
+#[test]
+fn a_pod_known_by_its_metadata_keeps_its_controller_and_so_its_workload() {
+    let mut metadata = meta("shop", "cart-7d9f8c-x1");
+    metadata.labels = Some([("pod-template-hash".to_owned(), "7d9f8c".to_owned())].into());
+    metadata.owner_references = Some(vec![
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            kind: "Other".into(),
+            name: "not-the-controller".into(),
+            ..Default::default()
+        },
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            kind: "ReplicaSet".into(),
+            name: "cart-7d9f8c".into(),
+            controller: Some(true),
+            ..Default::default()
+        },
+    ]);
+    let source = pod("shop", "cart-7d9f8c-x1", "cart", true);
+    let recorded = crate::stores::Recorded::from_pod(&source);
+    let stored = crate::stores::metadata_pod(metadata, &recorded);
+    let owners = stored
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default();
+    assert_eq!(owners.len(), 1, "only the controller is kept: {owners:?}");
+    assert_eq!(tandem_crds::pods::workload_name(&stored.metadata), "cart");
 }

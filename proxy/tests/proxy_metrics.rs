@@ -285,7 +285,7 @@ fn promtool_check(text: &str) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool (Debian's prometheus package; `make proxy-test-deps` installs it)");
+        .expect("promtool (Debian's prometheus package; `make proxy-deps` installs it)");
     child
         .stdin
         .take()

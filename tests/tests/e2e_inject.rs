@@ -190,13 +190,22 @@ async fn scenario_a(mesh: &Mesh, started: Instant) -> Pod {
     // requests. Which one a run sees depends on that lag, so either record will do, but the
     // two together must account for the traffic (a response is at least 20 bytes).
     let client_metrics = mesh.proxy_metrics(client).await.unwrap();
-    let outbound = [("direction", "outbound")];
-    let connections = counter(&client_metrics, "tandem_tcp_open_total", &outbound);
-    let upstream_bytes = counter(&client_metrics, "tandem_tcp_read_bytes", &outbound);
+    // The standard series: relayed connections are TCP series, proxied HTTP request series.
+    let outbound = [("reporter", "source")];
+    let connections = counter(
+        &client_metrics,
+        "tandem_tcp_connections_opened_total",
+        &outbound,
+    );
+    let upstream_bytes = counter(
+        &client_metrics,
+        "tandem_tcp_received_bytes_total",
+        &outbound,
+    );
     let outbound_requests = counter(&client_metrics, "tandem_requests_total", &outbound);
     assert!(
-        connections >= 1.0,
-        "client proxy opened no connection:\n{client_metrics}"
+        connections + outbound_requests >= 1.0,
+        "client proxy carried nothing:\n{client_metrics}"
     );
     assert!(
         upstream_bytes / 20.0 + outbound_requests >= stats.total as f64,
@@ -210,7 +219,7 @@ async fn scenario_a(mesh: &Mesh, started: Instant) -> Pod {
         let n = counter(
             &metrics,
             "tandem_requests_total",
-            &[("direction", "inbound")],
+            &[("reporter", "destination")],
         );
         assert!(
             n > 0.0,
