@@ -367,10 +367,11 @@ async fn scenario_metrics(mesh: &Mesh, pods: &Pods, chain: &Chain) {
         );
     }
     for (who, pod, target) in [
+        // To b, the end of the chain: a would forward it to b, adding to the a -> b counts.
         (
             "outsider",
             &pods.outsider,
-            format!("http://{}:80/ok", chain.a),
+            format!("http://{}:80/ok", chain.b),
         ),
         (
             "client",
