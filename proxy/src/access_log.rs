@@ -107,6 +107,11 @@ pub struct Entry<'a> {
     pub duration_ms: f64,
     /// The request's `traceparent` header ("" when absent).
     pub traceparent: &'a str,
+    /// The trace the request belongs to, 32 hex digits ("" when none is known).
+    pub trace_id: &'a str,
+    /// The span the proxy made for it (outbound: the last attempt's), or, when it made none,
+    /// the caller's span from the incoming context; 16 hex digits ("" when none).
+    pub span_id: &'a str,
     /// The SPIFFE ID of the proxy at the other end (inbound: the client's, outbound: the
     /// server's) when the hop is mutual TLS, "" otherwise.
     pub peer_identity: &'a str,
@@ -151,7 +156,7 @@ impl<'a> Line<'a> {
 impl Serialize for Line<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.entry;
-        let mut line = s.serialize_struct("Line", 28)?;
+        let mut line = s.serialize_struct("Line", 30)?;
         line.serialize_field("timestamp", &Rfc3339(self.timestamp))?;
         line.serialize_field("level", "INFO")?;
         line.serialize_field("target", TARGET)?;
@@ -171,6 +176,8 @@ impl Serialize for Line<'_> {
         line.serialize_field("bytes_out", &e.bytes_out)?;
         line.serialize_field("duration_ms", &e.duration_ms)?;
         line.serialize_field("traceparent", e.traceparent)?;
+        line.serialize_field("trace_id", e.trace_id)?;
+        line.serialize_field("span_id", e.span_id)?;
         line.serialize_field("peer_identity", e.peer_identity)?;
         line.serialize_field("connection_security_policy", e.connection_security_policy)?;
         line.serialize_field("source_workload", e.source_workload)?;
@@ -225,6 +232,8 @@ mod tests {
             bytes_out: 15,
             duration_ms: 0.25,
             traceparent: "",
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            span_id: "00f067aa0ba902b7",
             peer_identity: "",
             connection_security_policy: "none",
             source_workload: "client",
@@ -254,9 +263,11 @@ mod tests {
         assert_eq!(json["connection_security_policy"], "none");
         assert_eq!(json["authz_decision"], "allow");
         assert_eq!(json["authz_policy"], "shop/allow-web");
+        assert_eq!(json["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(json["span_id"], "00f067aa0ba902b7");
         assert_eq!(json["source_workload"], "client");
         assert_eq!(json["destination_namespace"], "shop");
-        assert_eq!(json.as_object().unwrap().len(), 28);
+        assert_eq!(json.as_object().unwrap().len(), 30);
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// configs within a second of a change, beside the mounted file.
     #[arg(long, env = "TANDEM_CONFIG_STREAM", value_enum, default_value_t = Switch::On)]
     pub config_stream: Switch,
+    /// Span export (tracing is turned on by the config).
+    #[command(flatten)]
+    pub trace: TraceArgs,
     /// This pod's workload (its controller's name: the Deployment of a ReplicaSet's pod, as
     /// Istio derives it), which the webhook sets; the `*_workload` label of this proxy's side
     /// in the standard metrics and the access log.
@@ -75,6 +78,26 @@ pub struct RunArgs {
     /// Workload identity (certificate and trust anchors for mutual TLS).
     #[command(flatten)]
     pub identity: IdentityArgs,
+}
+
+/// Flags of the span exporter.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    /// Spans waiting for export at most; a full queue drops new spans (counted).
+    #[arg(long, env = "TANDEM_TRACE_QUEUE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub trace_queue: u32,
+    /// Longest a span waits before its batch is sent (a batch also goes at 512 spans).
+    #[arg(long, env = "TANDEM_TRACE_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub trace_flush: Duration,
+}
+
+impl Default for TraceArgs {
+    fn default() -> Self {
+        Self {
+            trace_queue: 2048,
+            trace_flush: Duration::from_secs(5),
+        }
+    }
 }
 
 /// A feature switch.

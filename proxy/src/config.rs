@@ -19,7 +19,8 @@
 //! and its error is logged, counted and shown at `/config`.
 //!
 //! Compiling a version builds everything the request path reads: destinations, resilience
-//! policies, endpoint identities and the inbound authorization ([`Authz`]). Authorization is
+//! policies, endpoint identities, the inbound authorization ([`Authz`]) and tracing's
+//! collector and sampler ([`TraceSettings`]). Authorization is
 //! compiled for the mesh's trust domain, the one in this proxy's own certificate
 //! (`cluster.local` until it has one); should a certificate arrive in another trust domain, the
 //! watcher recompiles the active version for it ([`ConfigStore::follow_trust_domain`]).
@@ -43,6 +44,8 @@ use crate::policy::{PolicySet, Sources};
 use crate::routing::Destinations;
 use crate::telemetry::LabelTable;
 use crate::tls::{BadEndpointIdentity, PeerIdentities};
+use crate::trace::TraceSettings;
+use crate::trace::export::BadCollector;
 
 /// One loaded config version, compiled for the request path.
 #[derive(Debug)]
@@ -65,6 +68,8 @@ pub struct ActiveConfig {
     pub identities: PeerIdentities,
     /// Who may call this workload: the compiled policies, with their metric series.
     pub authz: Authz,
+    /// Tracing's collector and sampling, when tracing is on.
+    pub tracing: Option<Arc<TraceSettings>>,
     /// The labels of this workload and of every endpoint and service it knows, for the
     /// standard metrics and the access log.
     pub labels: LabelTable,
@@ -82,6 +87,9 @@ pub enum CompileError {
     /// Its authorization policies do not compile.
     #[error("its authorization policies do not compile")]
     Authorization(#[source] tandem_crds::contract::CompileError),
+    /// Its tracing collector is not a usable URL.
+    #[error("its tracing collector is not a usable URL")]
+    Tracing(#[source] BadCollector),
 }
 
 /// Why a config from the stream was refused.
@@ -112,6 +120,7 @@ impl ActiveConfig {
         let identities = PeerIdentities::compile(&config).map_err(CompileError::Identity)?;
         let authz = Authz::compile(&config, trust_domain, &metrics.authz)
             .map_err(CompileError::Authorization)?;
+        let tracing = TraceSettings::compile(&config).map_err(CompileError::Tracing)?;
         let destinations = Destinations::compile(&config, metrics);
         let labels = LabelTable::compile(
             &config,
@@ -130,6 +139,7 @@ impl ActiveConfig {
             policies,
             identities,
             authz,
+            tracing,
             labels,
         })
     }
@@ -373,6 +383,9 @@ impl ConfigStore {
             }
             (ConfigSource::File, CompileError::Authorization(source)) => {
                 Error::CompileAuthorization { path, source }
+            }
+            (ConfigSource::File, CompileError::Tracing(source)) => {
+                Error::TracingCollector { path, source }
             }
         }
     }

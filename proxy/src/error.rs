@@ -67,6 +67,15 @@ pub enum Error {
         #[source]
         source: crate::tls::BadEndpointIdentity,
     },
+    /// The config's tracing collector is not a URL the exporter can use.
+    #[error("config file {path} refused: its tracing collector is not a usable URL")]
+    TracingCollector {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::trace::export::BadCollector,
+    },
     /// A config version from the operator's stream was refused (the last good config stays).
     #[error("config version {version:?} from the operator's stream refused")]
     StreamConfig {

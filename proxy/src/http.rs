@@ -3,8 +3,9 @@
 //! One [`MeshHttp`] per listener direction. Every request resolves its destination afresh from
 //! the connection's original destination (or, when the connection was not redirected by
 //! iptables, from its authority) and the config active at that moment, so a config swap applies
-//! to the next request even on a kept-alive connection. Headers are forwarded untouched, W3C
-//! `traceparent`/`tracestate` and B3 included.
+//! to the next request even on a kept-alive connection. Headers are forwarded untouched, except
+//! that with tracing on the trace context is continued ([`crate::trace`]): `traceparent` (or
+//! B3, in the form it came) is rewritten with this proxy's span; `tracestate` passes through.
 //!
 //! Outbound requests to a configured service go through its [`Policy`](crate::policy::Policy):
 //! `upstream_peer` selects the route, backend and endpoint (or refuses with 503 and a header
@@ -52,6 +53,8 @@ use crate::policy::{Decision, Outcome, Refusal, RequestBody, RetryDecision};
 use crate::server::Shared;
 use crate::telemetry::{self, LabelTable, RequestFacts};
 use crate::tls::PeerIdentity;
+use crate::trace::span::ErrorType as SpanError;
+use crate::trace::{End, Hop, RequestTrace};
 
 /// How many requests one upstream h2c connection carries at once (also what `maxConnections`
 /// counts an HTTP/2 connection as).
@@ -94,6 +97,8 @@ pub struct RequestCtx {
     /// Inbound: where the request is forwarded ([`inbound_upstream`]), found once by the
     /// inbound gate, whose port authorization decides on, and used again to forward.
     inbound_upstream: Option<SocketAddr>,
+    /// The trace context and the spans in progress ([`crate::trace`]).
+    trace: RequestTrace,
     /// What the standard metrics and the access log say about the peer and the response.
     facts: RequestFacts,
 }
@@ -132,6 +137,7 @@ impl MeshHttp {
                         )
                     })?,
                 };
+                ctx.trace.destination_port(dst.port());
                 let target = active
                     .as_ref()
                     .and_then(|a| a.destinations.lookup(dst).cloned());
@@ -504,6 +510,90 @@ impl MeshHttp {
     }
 }
 
+/// Tracing's hooks: small, the logic is in [`crate::trace`].
+impl MeshHttp {
+    /// Reads the request's trace context and decides whether it is sampled.
+    fn begin_trace(&self, session: &Session) -> RequestTrace {
+        let settings = self.shared.config.active().and_then(|a| a.tracing.clone());
+        if settings.is_none() && !self.shared.access_log.enabled() {
+            // Tracing off and no log to show the incoming ids in: nothing to read.
+            return RequestTrace::default();
+        }
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        RequestTrace::begin(
+            settings.as_ref(),
+            self.direction == Direction::Inbound,
+            session.req_header(),
+            session.is_http2(),
+            client,
+        )
+    }
+
+    /// Runs `f` on a sampled request's trace with where the request went; nothing otherwise.
+    fn traced(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        f: impl FnOnce(&mut RequestTrace, &crate::trace::export::Exporter, &Hop<'_>),
+    ) {
+        if !ctx.trace.is_recording() {
+            return;
+        }
+        // Taken out for the call, so the hop can borrow the rest of the context.
+        let mut trace = std::mem::take(&mut ctx.trace);
+        f(&mut trace, &self.shared.tracer, &self.hop(session, ctx));
+        ctx.trace = trace;
+    }
+
+    /// Outbound: an attempt to `endpoint` begins (its own CLIENT span).
+    fn trace_attempt(&self, session: &Session, endpoint: Option<SocketAddr>, ctx: &mut RequestCtx) {
+        if let (Direction::Outbound, Some(endpoint)) = (self.direction, endpoint) {
+            self.traced(session, ctx, |trace, exporter, hop| {
+                trace.begin_attempt(exporter, endpoint, hop);
+            });
+        }
+    }
+
+    /// Outbound: the attempt in progress ended without a response the client will get.
+    fn end_attempt(&self, session: &Session, ctx: &mut RequestCtx, status: u16, error: SpanError) {
+        self.traced(session, ctx, |trace, exporter, hop| {
+            trace.end_attempt(
+                exporter,
+                hop,
+                End {
+                    status,
+                    error: Some(error),
+                },
+            );
+        });
+    }
+
+    /// Where the request went, as its spans name it.
+    fn hop<'c>(&'c self, session: &'c Session, ctx: &'c RequestCtx) -> Hop<'c> {
+        let (policy, peer_identity) = match self.direction {
+            Direction::Outbound => (
+                ctx.refusal.map(|r| r.header().1),
+                ctx.peer_tls.as_deref().map(|p| &*p.uri),
+            ),
+            Direction::Inbound => (
+                ctx.authz.as_ref().map(|v| v.policy.as_str()),
+                crate::tls::inbound::peer_of(session.digest()).map(|p| &*p.uri),
+            ),
+        };
+        Hop {
+            service: self.telemetry(ctx).label(),
+            route: ctx
+                .decision
+                .as_ref()
+                .map(Decision::route_name)
+                .filter(|r| *r != crate::policy::DEFAULT_ROUTE),
+            policy,
+            peer_identity,
+            port: ctx.inbound_upstream.map(|u| u.port()),
+        }
+    }
+}
+
 impl MeshHttp {
     /// The standard metrics' labels of a finished request ([`crate::telemetry`] says where
     /// each comes from).
@@ -741,6 +831,7 @@ impl ProxyHttp for MeshHttp {
             peer_tls: None,
             authz: None,
             inbound_upstream: None,
+            trace: RequestTrace::default(),
             facts: RequestFacts::default(),
         }
     }
@@ -750,6 +841,7 @@ impl ProxyHttp for MeshHttp {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> PingoraResult<bool> {
+        ctx.trace = self.begin_trace(session);
         if self.direction == Direction::Inbound {
             // First, so that even a denied request is labelled with its caller.
             ctx.facts = telemetry::take_inbound_facts(session, &self.shared.metrics.mesh.interner);
@@ -786,13 +878,18 @@ impl ProxyHttp for MeshHttp {
         ctx: &mut RequestCtx,
     ) -> PingoraResult<Box<HttpPeer>> {
         if ctx.decision.is_some() {
-            return self.retry_peer(ctx).await;
+            let peer = self.retry_peer(ctx).await?;
+            let endpoint = ctx.upstream;
+            self.trace_attempt(session, endpoint, ctx);
+            return Ok(peer);
         }
         let resolved = self.resolve(session, ctx)?;
         ctx.telemetry = Some(resolved.telemetry);
         ctx.upstream = Some(resolved.upstream);
         ctx.upstream_h2 = resolved.h2;
-        Ok(self.peer(resolved.upstream, ctx))
+        let peer = self.peer(resolved.upstream, ctx);
+        self.trace_attempt(session, Some(resolved.upstream), ctx);
+        Ok(peer)
     }
 
     async fn connected_to_upstream(
@@ -824,7 +921,7 @@ impl ProxyHttp for MeshHttp {
         {
             upstream_request.insert_header(telemetry::PEER_HEADER, value)?;
         }
-        Ok(())
+        ctx.trace.write(upstream_request)
     }
 
     fn upstream_response_trailer_filter(
@@ -841,11 +938,12 @@ impl ProxyHttp for MeshHttp {
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<PingoraError>,
     ) -> Box<PingoraError> {
+        self.end_attempt(session, ctx, 0, SpanError::Named("connect_failure"));
         if ctx.peer_tls.is_some() {
             self.shared.tls.outbound.http_failed(&e);
         }
@@ -864,6 +962,9 @@ impl ProxyHttp for MeshHttp {
         ctx: &mut RequestCtx,
     ) -> PingoraResult<()> {
         let code = upstream_response.status.as_u16();
+        if code >= 200 {
+            ctx.trace.attempt_response(code);
+        }
         let Some(decision) = ctx.decision.as_mut() else {
             return Ok(());
         };
@@ -878,6 +979,7 @@ impl ProxyHttp for MeshHttp {
         // Unwind this attempt before anything reaches the client; `error_while_proxy` sees the
         // flag and lets Pingora call `upstream_peer` again.
         ctx.retrying_response = true;
+        self.end_attempt(session, ctx, code, SpanError::Status(code));
         let mut e = PingoraError::explain(HTTPStatus(code), "retrying a failed response");
         e.set_retry(true);
         Err(e)
@@ -896,6 +998,11 @@ impl ProxyHttp for MeshHttp {
             e.set_retry(true);
             return e;
         }
+        let failure = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+            _ => "reset",
+        };
+        self.end_attempt(session, ctx, 0, SpanError::Named(failure));
         let body = replay(session);
         let Some(decision) = ctx.decision.as_ref() else {
             // Pingora's own rule: retry only a pooled connection that turned out stale.
@@ -973,6 +1080,14 @@ impl ProxyHttp for MeshHttp {
             session.body_bytes_read() as u64,
             session.body_bytes_sent() as u64,
         );
+        // The span's status follows the metrics' reading of the exchange: a failure is an
+        // error, no response, a 5xx or a gRPC status other than OK (trailers included).
+        let grpc_failed = labels.grpc_status.0.is_some_and(|code| code != 0);
+        let failed = error.is_some() || status == 0 || status >= 500 || grpc_failed;
+        let end = crate::trace::end_of(status, failed, error);
+        self.traced(session, ctx, |trace, exporter, hop| {
+            trace.finish(exporter, hop, end);
+        });
         let telemetry = self.telemetry(ctx);
         let attempts = ctx.decision.as_ref().map(Decision::attempts);
         if let Some(attempts) = attempts {
@@ -987,6 +1102,7 @@ impl ProxyHttp for MeshHttp {
             Direction::Outbound => ctx.peer_tls.as_deref(),
             Direction::Inbound => crate::tls::inbound::peer_of(session.digest()),
         };
+        let trace_ids = ctx.trace.log_ids();
         log.write(&access_log::Entry {
             direction: self.direction.as_str(),
             dst_service: telemetry.label(),
@@ -1003,6 +1119,8 @@ impl ProxyHttp for MeshHttp {
             bytes_out: session.body_bytes_sent(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             traceparent: header(session, "traceparent"),
+            trace_id: trace_ids.as_ref().map_or("", |(t, _)| t.as_str()),
+            span_id: trace_ids.as_ref().map_or("", |(_, s)| s.as_str()),
             peer_identity: peer.map_or("", |p| &p.uri),
             connection_security_policy: labels.security.as_str(),
             source_workload: labels.source.workload.as_str(),

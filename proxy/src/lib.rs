@@ -21,7 +21,9 @@
 //! HTTP request in [`http`] and per opaque TCP connection in [`connection`]); [`stream`] (the
 //! operator's config stream, applied beside the file, the report of applied versions, and
 //! on-demand discovery of unknown destinations); [`telemetry`] (who talks to whom: the labels
-//! of the standard metrics and the access log, and the peer header between proxies).
+//! of the standard metrics and the access log, and the peer header between proxies);
+//! [`trace`] (distributed tracing: W3C/B3 propagation, sampling, SERVER and CLIENT spans,
+//! OTLP/HTTP export off the request path).
 
 pub mod access_log;
 pub mod admin;
@@ -44,6 +46,7 @@ pub mod server;
 pub mod stream;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 
 pub use cli::{Cli, Command, RunArgs};
 pub use error::{Error, Result};

@@ -13,7 +13,9 @@
 //! authorization's `tandem_authz_decisions_total` (see [`AuthzMetrics`]), the config sources'
 //! `tandem_proxy_config_generation`, `tandem_proxy_config_source_generation`,
 //! `tandem_proxy_config_stream_connected`, `tandem_proxy_config_stream_reconnects_total` and
-//! `tandem_proxy_discovery_requests_total` (see [`StreamMetrics`]), and the resilience
+//! `tandem_proxy_discovery_requests_total` (see [`StreamMetrics`]), tracing's
+//! `tandem_trace_spans_exported_total`, `tandem_trace_spans_dropped_total{reason}` and
+//! `tandem_trace_export_errors_total` (see [`TraceMetrics`]), and the resilience
 //! engine's (read from the active config at scrape time, see [`policy_metrics`]): `tandem_retries_total`, `tandem_retry_budget_exhausted_total`,
 //! `tandem_ejections_total`, `tandem_active_ejections`, `tandem_panic_total`,
 //! `tandem_no_endpoints_total`, `tandem_overflows_total`; and, when identity is on, the identity
@@ -32,6 +34,7 @@ pub mod intern;
 mod policy;
 mod service;
 mod stream;
+mod trace;
 
 pub use flags::ResponseFlags;
 pub use histogram::AtomicHistogram;
@@ -40,6 +43,7 @@ pub use intern::Sym;
 pub use policy::policy_metrics;
 pub use service::{ConnectionTelemetry, ServiceTelemetry};
 pub use stream::{DiscoveryLabels, SourceLabels, StreamMetrics, gauge_value};
+pub use trace::{DroppedLabels, TraceMetrics};
 
 use std::sync::{Arc, OnceLock};
 
@@ -202,6 +206,8 @@ pub struct Metrics {
     pub authz: AuthzMetrics,
     /// The config sources (file and stream) and on-demand discovery.
     pub stream: StreamMetrics,
+    /// Span export (tracing).
+    pub trace: TraceMetrics,
 }
 
 /// How a source of a counter read at scrape time is given to [`Metrics`].
@@ -238,6 +244,7 @@ impl Metrics {
         let tls = TlsMetrics::register(&mut registry);
         let authz = AuthzMetrics::register(&mut registry);
         let stream = StreamMetrics::register(&mut registry);
+        let trace = TraceMetrics::register(&mut registry);
         let fixed = |direction, label: &str| {
             Arc::new(ServiceTelemetry::new(
                 &families,
@@ -267,6 +274,7 @@ impl Metrics {
             tls,
             authz,
             stream,
+            trace,
         }
     }
 

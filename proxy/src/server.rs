@@ -32,6 +32,7 @@ use crate::logging::Logs;
 use crate::metrics::{Direction, Metrics};
 use crate::stream::StreamClient;
 use crate::tls::MeshTls;
+use crate::trace::export::Exporter;
 
 /// The addresses the proxy itself listens on.
 #[derive(Clone, Copy, Debug)]
@@ -62,6 +63,8 @@ pub struct Shared {
     pub tls: MeshTls,
     /// The operator's config stream, when it is on.
     pub stream: Option<StreamClient>,
+    /// Where finished spans go (the export queue).
+    pub tracer: Exporter,
     draining: AtomicBool,
 }
 
@@ -296,6 +299,15 @@ pub async fn serve(
         .map_err(Error::Tls)?
         .with_probes(args.app_probes.clone());
     let stream = crate::stream::start(&args, store.clone(), identity.clone(), metrics.clone());
+    let tracer = {
+        let store = store.clone();
+        Exporter::spawn(
+            args.trace.trace_queue as usize,
+            args.trace.trace_flush,
+            Box::new(move || store.active().and_then(|a| a.tracing.clone())),
+            metrics.trace.clone(),
+        )
+    };
     let shared = Arc::new(Shared {
         config: store,
         metrics,
@@ -305,6 +317,7 @@ pub async fn serve(
         identity,
         tls,
         stream,
+        tracer,
         draining: AtomicBool::new(false),
     });
 

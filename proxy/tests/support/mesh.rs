@@ -90,6 +90,7 @@ impl MeshProxy {
             identity: Default::default(),
             config_stream: tandem_proxy::cli::Switch::Off,
             app_probes: probes,
+            trace: Default::default(),
             workload_name: "unknown".into(),
         };
         let metrics = Arc::new(Metrics::new());

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod mesh;
 pub mod netns;
 pub mod operator;
+pub mod otlp;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

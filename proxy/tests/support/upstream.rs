@@ -136,3 +136,30 @@ pub fn server_first(listener: std::net::TcpListener) -> SocketAddr {
     });
     addr
 }
+
+/// An HTTP server that answers every request with `status` and an empty body.
+pub fn status(status: u16, listener: std::net::TcpListener) -> SocketAddr {
+    let addr = listener.local_addr().unwrap();
+    let listener = tokio_listener(listener);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
