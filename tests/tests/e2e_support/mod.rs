@@ -30,14 +30,16 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A binary of another workspace crate: `$ENV` or `target/debug/NAME`, which must exist.
+/// A binary of another workspace crate (package and binary `name`): `$ENV`, which must exist,
+/// or `target/debug/NAME`, built first when stale (so an e2e test run alone never runs an old
+/// proxy).
 fn workspace_binary(env: &str, name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os(env)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/debug").join(name));
+    let Some(path) = std::env::var_os(env).map(PathBuf::from) else {
+        return Ok(tandem_tests::install::workspace_binary(name, name)?);
+    };
     if !path.is_file() {
         bail!(
-            "{} not found: build it (cargo build -p {name}) or set {env}",
+            "{} not found: build it (cargo build -p {name}) or unset {env}",
             path.display()
         );
     }
