@@ -23,7 +23,8 @@ e2e-tools: ## install tcpdump if missing (idempotent, needs root)
 
 e2e: cluster-bins e2e-tools ## the local-cluster tests: real control plane, node agent, scenarios
 	$(CARGO) build -p tandem-webhook --bin tandem-webhook --locked
-	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" $(CARGO) test -p tandem-tests --locked -- --ignored
+	TANDEM_K8S_BIN="$$(tests/k8s/build.sh)" TANDEM_JAEGER_BIN="$$(tests/jaeger/build.sh)" \
+	  $(CARGO) test -p tandem-tests --locked -- --ignored
 
 cluster-up: cluster-bins ## start a local cluster in the background (KUBECONFIG printed)
 	@if [[ -f $(CLUSTER_DIR)/pid ]] && kill -0 "$$(cat $(CLUSTER_DIR)/pid)" 2>/dev/null; then \
@@ -48,3 +49,16 @@ cluster-down: ## stop the local cluster started by cluster-up
 	  echo "stopped"; else echo "no cluster running"; fi
 
 E2E_TARGETS += e2e
+
+# The telemetry scenario (tests/tests/e2e_telemetry.rs) runs a real Prometheus and promtool
+# (Debian's prometheus package) and a real OTLP collector, Jaeger v2, built from the Go module
+# proxy and cached like the Kubernetes binaries (tests/jaeger/build.sh; ~7 min cold on 2 cores).
+.PHONY: telemetry-tools
+
+telemetry-tools: ## install Prometheus and promtool, build Jaeger v2 (idempotent, cached)
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing prometheus"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; }
+	tests/jaeger/build.sh >/dev/null
+
+e2e: telemetry-tools

@@ -14,7 +14,7 @@ images: ## build the proxy, operator, webhook and test-app images (needs Docker)
 	docker build --target webhook -t tandem-webhook:0.1.0 .
 	docker build --target testapp -t tandem-testapp:dev .
 
-SHELL_SCRIPTS := $(wildcard tests/kind/*.sh tests/k8s/*.sh tests/demo/*.sh bench/*.sh)
+SHELL_SCRIPTS := $(wildcard tests/kind/*.sh tests/k8s/*.sh tests/jaeger/*.sh tests/demo/*.sh bench/*.sh)
 
 shellcheck: ## static check of the shell scripts (installs shellcheck once)
 	@command -v shellcheck >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck; }

@@ -422,6 +422,8 @@ impl Addresses {
 pub struct InstallOptions {
     /// Extra environment for the operator, after the Deployment's (e.g. `TANDEM_CERT_TTL`).
     pub operator_env: Vec<(String, String)>,
+    /// Extra flags for the operator, after the Deployment's (e.g. `--metrics-prefix=istio`).
+    pub operator_args: Vec<String>,
 }
 
 /// Tandem installed into a control plane, its processes running. Dropping it stops them.
@@ -552,11 +554,13 @@ impl Tandem {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .chain(options.operator_env)
         .collect();
+        let mut operator_args = addresses.operator_args();
+        operator_args.extend(options.operator_args);
         let mut operator = Component::start(
             cluster,
             "tandem-operator",
             operator_binary,
-            addresses.operator_args(),
+            operator_args,
             operator_env,
             dir.path(),
         )

@@ -117,6 +117,7 @@ async fn the_mesh_wide_default_applies_unless_a_namespace_annotation_overrides_i
             "TANDEM_DEFAULT_POLICY".into(),
             DefaultPolicy::AllAuthenticated.as_str().into(),
         )],
+        ..InstallOptions::default()
     })
     .await
     .expect("cluster, Tandem (mesh default all-authenticated) and node start");

@@ -54,6 +54,7 @@ async fn meshed_pods_talk_only_mutual_tls_on_the_wire_through_strict_mode_renewa
     let _serial = SERIAL.lock().await;
     let mut mesh = Mesh::start_with(InstallOptions {
         operator_env: vec![("TANDEM_CERT_TTL".into(), "1m".into())],
+        ..InstallOptions::default()
     })
     .await
     .expect("cluster, Tandem and node start");

@@ -7,6 +7,16 @@
 //!   connection there back (an opaque protocol whose client speaks first). With `--linger`,
 //!   keeps serving that long after SIGTERM, as an app behind a `preStop` sleep does while its
 //!   endpoint's removal propagates.
+//!   Paths choose the answer: `/status/<code>` answers with that status, `/grpc/<code>` as a
+//!   gRPC server failing with that status does (HTTP 200, `content-type: application/grpc`,
+//!   `grpc-status: <code>`, trailers-only); any other path answers 200 (or 503 per
+//!   `--fail-every`). Every answer carries `x-testapp-trace-<name>`: the `traceparent` the
+//!   request arrived with ("" when none), so a client sees what each hop of a chain received.
+//!   With `--forward URL`, every request but `/healthz` is sent on to URL with the same path,
+//!   method and content type (over HTTP/2 when it came over HTTP/2), and answered with what
+//!   came back (status, body, content type, `grpc-*` and `x-testapp-trace-*` headers): a
+//!   middle tier. It forwards the trace headers (`traceparent`, `tracestate`, B3) as an
+//!   instrumented app must, unless `--forward-trace-headers=false`: an app that does not.
 //! - `client --target URL [--rps R] [--stats-listen ADDR]`: sends R requests per second to
 //!   URL (none with `--rps 0`) and serves what it observed at `/stats` (counts by status and
 //!   body, p50/p99 latency, and per body when the last request answered with it was sent, in
@@ -67,6 +77,12 @@ enum Command {
         /// Seconds to keep serving after SIGTERM.
         #[arg(long, env = "LINGER", default_value_t = 0)]
         linger: u64,
+        /// Send every request on to this URL (a middle tier) instead of answering it.
+        #[arg(long, env = "FORWARD")]
+        forward: Option<String>,
+        /// Whether forwarded requests carry the trace headers they came with.
+        #[arg(long, env = "FORWARD_TRACE_HEADERS", default_value_t = true, action = clap::ArgAction::Set)]
+        forward_trace_headers: bool,
     },
     /// Send requests and report what came back.
     Client {
@@ -143,13 +159,25 @@ async fn main() -> anyhow::Result<()> {
             fail_every,
             tcp_listen,
             linger,
+            forward,
+            forward_trace_headers,
         } => {
             if let Some(addr) = tcp_listen {
                 let listener = tokio::net::TcpListener::bind(addr).await?;
                 eprintln!("tandem-testapp TCP echo on {addr}");
                 tokio::spawn(echo(listener));
             }
-            server(listen, name, fail_every, Duration::from_secs(linger)).await
+            let forward = forward
+                .map(|url| Forward::new(&url, forward_trace_headers))
+                .transpose()?;
+            let answer = Answer {
+                trace_header: format!("x-testapp-trace-{name}").parse()?,
+                name,
+                fail_every,
+                count: Arc::new(AtomicU64::new(0)),
+                forward,
+            };
+            server(listen, answer, Duration::from_secs(linger)).await
         }
         Command::Client {
             target,
@@ -159,26 +187,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn server(
-    listen: Vec<SocketAddr>,
-    name: String,
-    fail_every: u64,
-    linger: Duration,
-) -> anyhow::Result<()> {
-    let count = Arc::new(AtomicU64::new(0));
+async fn server(listen: Vec<SocketAddr>, answer: Answer, linger: Duration) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(move || {
-            let name = name.clone();
-            let count = count.clone();
-            async move {
-                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                if fail_every > 0 && n.is_multiple_of(fail_every) {
-                    (StatusCode::SERVICE_UNAVAILABLE, format!("{name} failing\n"))
-                } else {
-                    (StatusCode::OK, format!("{name}\n"))
-                }
-            }
+        .fallback(move |request: axum::extract::Request| {
+            let answer = answer.clone();
+            async move { answer.answer(request).await }
         });
     let mut servers = tokio::task::JoinSet::new();
     for addr in listen {
@@ -199,6 +213,184 @@ async fn server(
         done??;
     }
     Ok(())
+}
+
+/// How the server answers a request (everything but `/healthz`).
+#[derive(Clone)]
+struct Answer {
+    name: String,
+    /// `x-testapp-trace-<name>`: the `traceparent` this server received.
+    trace_header: hyper::header::HeaderName,
+    fail_every: u64,
+    count: Arc<AtomicU64>,
+    forward: Option<Forward>,
+}
+
+/// The trace context headers an instrumented app forwards (W3C and B3).
+const TRACE_HEADERS: [&str; 7] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+];
+
+/// Where a middle tier sends requests on.
+#[derive(Clone)]
+struct Forward {
+    base: hyper::Uri,
+    trace_headers: bool,
+    http1: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    http2: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+}
+
+impl Forward {
+    fn new(url: &str, trace_headers: bool) -> anyhow::Result<Self> {
+        Ok(Self {
+            base: url.parse()?,
+            trace_headers,
+            http1: Client::builder(TokioExecutor::new()).build_http(),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        })
+    }
+
+    /// Sends `request` on (same path, method, content type; trace headers if configured) and
+    /// returns the answer's parts the caller passes back.
+    async fn send(&self, request: hyper::http::request::Parts) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        let path = request
+            .uri
+            .path_and_query()
+            .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+        let uri = match format!("{}{}", self.base.to_string().trim_end_matches('/'), path)
+            .parse::<hyper::Uri>()
+        {
+            Ok(uri) => uri,
+            Err(e) => return (StatusCode::BAD_GATEWAY, format!("forward: {e}\n")).into_response(),
+        };
+        let mut out = hyper::Request::builder()
+            .method(request.method.clone())
+            .uri(uri);
+        for (name, value) in &request.headers {
+            let trace = TRACE_HEADERS.contains(&name.as_str());
+            if (trace && self.trace_headers) || name == hyper::header::CONTENT_TYPE {
+                out = out.header(name, value);
+            }
+        }
+        let Ok(out) = out.body(Empty::<Bytes>::new()) else {
+            return (StatusCode::BAD_GATEWAY, "forward: bad request\n").into_response();
+        };
+        let http = if request.version == hyper::Version::HTTP_2 {
+            &self.http2
+        } else {
+            &self.http1
+        };
+        let response = match tokio::time::timeout(Duration::from_secs(5), http.request(out)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                return (StatusCode::BAD_GATEWAY, format!("forward: {e}\n")).into_response();
+            }
+            Err(_) => return (StatusCode::GATEWAY_TIMEOUT, "forward: timeout\n").into_response(),
+        };
+        let (parts, body) = response.into_parts();
+        let body = match body.collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return (StatusCode::BAD_GATEWAY, format!("forward: {e}\n")).into_response(),
+        };
+        let mut back = axum::response::Response::new(axum::body::Body::from(body));
+        *back.status_mut() = parts.status;
+        for (name, value) in &parts.headers {
+            let name_str = name.as_str();
+            if name == hyper::header::CONTENT_TYPE
+                || name_str.starts_with("grpc-")
+                || name_str.starts_with("x-testapp-trace-")
+            {
+                back.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        back
+    }
+}
+
+impl Answer {
+    async fn answer(&self, request: axum::extract::Request) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        let seen = request
+            .headers()
+            .get("traceparent")
+            .cloned()
+            .unwrap_or_else(|| hyper::header::HeaderValue::from_static(""));
+        let mut response = match &self.forward {
+            Some(forward) => forward.send(request.into_parts().0).await,
+            None => self.own_answer(request.uri().path()).into_response(),
+        };
+        response
+            .headers_mut()
+            .insert(self.trace_header.clone(), seen);
+        response
+    }
+
+    /// The answer of a server that forwards nothing: chosen by the path, else by
+    /// `--fail-every`.
+    fn own_answer(&self, path: &str) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        if let Some(code) = path.strip_prefix("/status/") {
+            return match code
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+            {
+                Some(status) => {
+                    (status, format!("{} {}\n", self.name, status.as_u16())).into_response()
+                }
+                None => (
+                    StatusCode::BAD_REQUEST,
+                    format!("not a status code: {code:?}\n"),
+                )
+                    .into_response(),
+            };
+        }
+        if let Some(code) = path.strip_prefix("/grpc/") {
+            let Ok(code) = code.parse::<u16>() else {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("not a gRPC status: {code:?}\n"),
+                )
+                    .into_response();
+            };
+            // Trailers-only: a gRPC error with no message body carries its status in the
+            // headers.
+            return (
+                StatusCode::OK,
+                [
+                    (hyper::header::CONTENT_TYPE, "application/grpc".to_owned()),
+                    (
+                        hyper::header::HeaderName::from_static("grpc-status"),
+                        code.to_string(),
+                    ),
+                    (
+                        hyper::header::HeaderName::from_static("grpc-message"),
+                        format!("{}%20failing", self.name),
+                    ),
+                ],
+            )
+                .into_response();
+        }
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.fail_every > 0 && n.is_multiple_of(self.fail_every) {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{} failing\n", self.name),
+            )
+                .into_response()
+        } else {
+            (StatusCode::OK, format!("{}\n", self.name)).into_response()
+        }
+    }
 }
 
 /// Echoes every connection's bytes back until the client closes its side.
@@ -285,6 +477,8 @@ struct Ask {
     headers: Vec<hyper::header::HeaderName>,
     /// The request's content type, if any.
     content_type: Option<hyper::header::HeaderValue>,
+    /// Further request headers.
+    extra: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
 }
 
 /// One request with a 5 s limit; transport errors and timeouts are outcomes, not failures.
@@ -299,6 +493,9 @@ async fn send(http: &Http, uri: hyper::Uri, ask: &Ask) -> Outcome {
             .uri(uri);
         if let Some(content_type) = &ask.content_type {
             request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        for (name, value) in &ask.extra {
+            request = request.header(name, value);
         }
         let request = request.body(Empty::<Bytes>::new())?;
         let response = http.request(request).await?;
@@ -375,6 +572,8 @@ struct BurstQuery {
     /// HTTP/2 with prior knowledge.
     #[serde(default)]
     h2: bool,
+    /// Request headers to send, `name:value` pairs separated by `;` (e.g. a `traceparent`).
+    send_headers: Option<String>,
 }
 
 fn one() -> u64 {
@@ -413,6 +612,7 @@ async fn burst(
             ),
             None => None,
         },
+        extra: parse_send_headers(query.send_headers.as_deref()).map_err(bad)?,
     };
     let window = Arc::new(Mutex::new(Window {
         started: Some(Instant::now()),
@@ -465,6 +665,32 @@ async fn burst(
         .lock()
         .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "poisoned".to_owned()))?;
     Ok(axum::Json(w.stats()))
+}
+
+/// `name:value` pairs separated by `;`, as `/burst?send_headers=` takes them.
+fn parse_send_headers(
+    text: Option<&str>,
+) -> Result<Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    text.split(';')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair
+                .split_once(':')
+                .ok_or_else(|| format!("send_headers {pair:?}: not name:value"))?;
+            Ok((
+                name.trim()
+                    .parse()
+                    .map_err(|e| format!("header name {name:?}: {e}"))?,
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("header value {value:?}: {e}"))?,
+            ))
+        })
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod stream;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,14 +30,16 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A binary of another workspace crate: `$ENV` or `target/debug/NAME`, which must exist.
+/// A binary of another workspace crate (package and binary `name`): `$ENV`, which must exist,
+/// or `target/debug/NAME`, built first when stale (so an e2e test run alone never runs an old
+/// proxy).
 fn workspace_binary(env: &str, name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os(env)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/debug").join(name));
+    let Some(path) = std::env::var_os(env).map(PathBuf::from) else {
+        return Ok(tandem_tests::install::workspace_binary(name, name)?);
+    };
     if !path.is_file() {
         bail!(
-            "{} not found: build it (cargo build -p {name}) or set {env}",
+            "{} not found: build it (cargo build -p {name}) or unset {env}",
             path.display()
         );
     }
@@ -67,6 +70,16 @@ impl Mesh {
     pub async fn start_with_refresh(
         options: InstallOptions,
         config_map_refresh: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with_forwards(options, config_map_refresh, Vec::new()).await
+    }
+
+    /// [`Mesh::start_with_refresh`], the node also carrying `forwards` from the gateway
+    /// address to processes on the machine (e.g. a trace collector), beside Tandem's own.
+    pub async fn start_with_forwards(
+        options: InstallOptions,
+        config_map_refresh: Option<Duration>,
+        forwards: Vec<tandem_tests::node::forward::HostForward>,
     ) -> anyhow::Result<Self> {
         // The kube clients' connection errors while scenario f restarts the apiserver are
         // expected; RUST_LOG shows them when wanted.
@@ -117,7 +130,7 @@ impl Mesh {
                 dir: dir.path().join("node"),
                 images: Images(images),
                 shim: PathBuf::from(env!("CARGO_BIN_EXE_tandem-container")),
-                forwards: tandem.node_forwards(),
+                forwards: tandem.node_forwards().into_iter().chain(forwards).collect(),
                 config_map_refresh,
             },
         )
