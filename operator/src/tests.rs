@@ -172,6 +172,22 @@ pub(crate) fn key(kind: PolicyKind, namespace: &str, name: &str) -> PolicyKey {
 }
 
 /// A shop with a canary: `server` splits 90/10 between `server-v1` and `server-v2`.
+/// Shop's canary split evenly instead of 90/10.
+fn even_canary() -> Arc<TrafficPolicy> {
+    traffic(
+        "shop",
+        "canary",
+        0,
+        serde_json::json!({
+            "targetRef": {"name": "server"},
+            "rules": [{"backends": [
+                {"name": "server-v1", "port": 80, "weight": 50},
+                {"name": "server-v2", "port": 80, "weight": 50}
+            ]}]
+        }),
+    )
+}
+
 fn shop() -> Inputs {
     Inputs {
         traffic_policies: vec![traffic(
@@ -330,18 +346,7 @@ fn unchanged_inputs_render_byte_identical_json() {
 fn a_changed_weight_changes_the_version() {
     let before = render(&shop());
     let mut inputs = shop();
-    inputs.traffic_policies = vec![traffic(
-        "shop",
-        "canary",
-        0,
-        serde_json::json!({
-            "targetRef": {"name": "server"},
-            "rules": [{"backends": [
-                {"name": "server-v1", "port": 80, "weight": 50},
-                {"name": "server-v2", "port": 80, "weight": 50}
-            ]}]
-        }),
-    )];
+    inputs.traffic_policies = vec![even_canary()];
     let after = render(&inputs);
     assert_ne!(before.services(), after.services());
 }
@@ -1366,18 +1371,7 @@ fn a_pass_renders_only_the_workloads_whose_dependencies_changed() {
     );
 
     // A policy change on the canary: only `client`, as a policy change.
-    inputs.traffic_policies = vec![traffic(
-        "shop",
-        "canary",
-        0,
-        serde_json::json!({
-            "targetRef": {"name": "server"},
-            "rules": [{"backends": [
-                {"name": "server-v1", "port": 80, "weight": 50},
-                {"name": "server-v2", "port": 80, "weight": 50}
-            ]}]
-        }),
-    )];
+    inputs.traffic_policies = vec![even_canary()];
     assert_eq!(
         update(&mut index, &inputs, &wanted, 4000),
         [("client".to_owned(), Change::Policy)]
@@ -1726,18 +1720,7 @@ fn an_incremental_pass_reuses_unchanged_entries_and_renders_what_a_fresh_one_doe
 
     // A policy change, then a Service that appears in a namespace a workload names whole,
     // then one that goes away.
-    inputs.traffic_policies = vec![traffic(
-        "shop",
-        "canary",
-        0,
-        serde_json::json!({
-            "targetRef": {"name": "server"},
-            "rules": [{"backends": [
-                {"name": "server-v1", "port": 80, "weight": 50},
-                {"name": "server-v2", "port": 80, "weight": 50}
-            ]}]
-        }),
-    )];
+    inputs.traffic_policies = vec![even_canary()];
     runs.pass(&inputs, &wanted, "policy change");
     let mut audit = service("billing", "audit", "10.96.1.3", &[("http", 80)]);
     Arc::make_mut(&mut audit).metadata.resource_version = Some("9".into());
