@@ -16,6 +16,7 @@ use crate::loadgen::{
 };
 use crate::procfs;
 use crate::stats::{LatencySummary, cpu_seconds_per_10k};
+use crate::tandem::TraceReading;
 use crate::topology::{self, Running, Tools, Topology, TopologyError};
 
 /// What to run and for how long.
@@ -299,7 +300,33 @@ pub struct RoundResult {
     pub idle_rss_kib: Option<u64>,
     /// Proxy peak VmRSS (VmHWM) after the constant-rate and throughput runs.
     pub load_rss_kib: Option<u64>,
+    /// A tracing topology's spans over the round (every run of it, warm-ups included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceRound>,
 }
+
+/// What a tracing topology exported over one round, and the requests it traced them from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceRound {
+    /// Spans exported and dropped, sink POSTs and bytes (both proxies).
+    pub reading: TraceReading,
+    /// Requests the client sidecar routed over the same window.
+    pub requests: u64,
+}
+
+impl TraceRound {
+    /// Spans (exported or dropped) per request: 2 when every request is traced (the client
+    /// sidecar's CLIENT span and the server sidecar's SERVER span).
+    pub fn spans_per_request(&self) -> Option<f64> {
+        let spans = self.reading.spans.exported + self.reading.spans.dropped;
+        (self.requests > 0).then(|| spans as f64 / self.requests as f64)
+    }
+}
+
+/// How long the proxies may hold a span before exporting it: the proxy's `--trace-flush`
+/// default (5 s after a batch's first span), plus a second. A round's spans are read that long
+/// after its last request, so none is still queued.
+pub const TRACE_SETTLE: Duration = Duration::from_secs(6);
 
 /// All rounds of one topology.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -503,6 +530,7 @@ impl Scene<'_> {
                 .await
                 .map_err(|e| format!("mutual TLS: {e}\n{}", running.logs()))?;
         }
+        let trace_before = trace_reading(&running).await?;
         let mut result = RoundResult {
             idle_rss_kib: Self::rss(&running.pids, procfs::rss_kib),
             ..RoundResult::default()
@@ -560,6 +588,23 @@ impl Scene<'_> {
                 ),
             );
             result.many = Some(many);
+        }
+        if let Some(before) = trace_before {
+            let trace = trace_since(&running, before).await?;
+            self.say(
+                topology,
+                &format!(
+                    "{} spans exported, {} dropped, {} per request; sink {} POSTs, {:.1} KiB",
+                    trace.reading.spans.exported,
+                    trace.reading.spans.dropped,
+                    trace
+                        .spans_per_request()
+                        .map_or_else(|| "-".into(), |s| format!("{s:.3}")),
+                    trace.reading.sink_posts,
+                    trace.reading.sink_bytes as f64 / 1024.0
+                ),
+            );
+            result.trace = Some(trace);
         }
         Ok(result)
     }
@@ -678,6 +723,52 @@ async fn handshakes(running: &Running) -> Result<Option<u64>, String> {
     }
 }
 
+/// A tracing topology's span counters and the client sidecar's request count now (`None`: not a
+/// tracing topology). The first reading also waits for the sink, started beside the proxies.
+async fn trace_reading(running: &Running) -> Result<Option<(TraceReading, u64)>, String> {
+    let Some(traced) = &running.traced else {
+        return Ok(None);
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reading = loop {
+        match traced.read().await {
+            Ok(reading) => break reading,
+            Err(e) if Instant::now() >= deadline => return Err(format!("tracing: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let requests = match running.probes.first() {
+        Some(probe) => probe.read().await.map_err(|e| e.to_string())?,
+        None => return Err("tracing: no request counter to relate the spans to".into()),
+    };
+    Ok(Some((reading, requests)))
+}
+
+/// The round's spans since `before`, read [`TRACE_SETTLE`] after its last request. With every
+/// request traced, a round that exported nothing did not trace: it fails, rather than report
+/// tracing's cost from proxies that were not tracing.
+async fn trace_since(running: &Running, before: (TraceReading, u64)) -> Result<TraceRound, String> {
+    tokio::time::sleep(TRACE_SETTLE).await;
+    let Some((now, requests)) = trace_reading(running).await? else {
+        return Err("tracing: the topology has no export path".into());
+    };
+    let round = TraceRound {
+        reading: now.since(before.0),
+        requests: requests.saturating_sub(before.1),
+    };
+    let sampled_all = running
+        .traced
+        .as_ref()
+        .is_some_and(|t| t.sampling_percent >= 100.0);
+    if sampled_all && round.requests > 0 && round.reading.spans.exported == 0 {
+        return Err(format!(
+            "tracing at 100 %: {} requests, no span exported ({} dropped)",
+            round.requests, round.reading.spans.dropped
+        ));
+    }
+    Ok(round)
+}
+
 /// Handshakes since the reading `before` (see [`handshakes`]).
 async fn handshakes_since(running: &Running, before: Option<u64>) -> Result<Option<u64>, String> {
     let (Some(check), Some(before)) = (&running.mtls, before) else {
@@ -733,6 +824,8 @@ mod tests {
                 (Topology::TandemAuthz1, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz10, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz100, "no tandem-proxy given".into()),
+                (Topology::TandemTrace1, "no tandem-proxy given".into()),
+                (Topology::TandemTrace100, "no tandem-proxy given".into()),
             ])
         );
         let message = refused.to_string();
@@ -743,9 +836,10 @@ mod tests {
         assert!(
             message.contains(
                 "--skip tandem1 --skip tandem2 --skip tandem2-mtls --skip tandem2-authz1 \
-                 --skip tandem2-authz10 --skip tandem2-authz100 (make bench \
-                 BENCH_SKIP=\"tandem1 tandem2 tandem2-mtls tandem2-authz1 tandem2-authz10 \
-                 tandem2-authz100\")"
+                 --skip tandem2-authz10 --skip tandem2-authz100 --skip tandem2-trace1 \
+                 --skip tandem2-trace100 (make bench BENCH_SKIP=\"tandem1 tandem2 \
+                 tandem2-mtls tandem2-authz1 tandem2-authz10 tandem2-authz100 tandem2-trace1 \
+                 tandem2-trace100\")"
             ),
             "{message}"
         );
@@ -760,6 +854,8 @@ mod tests {
             Topology::TandemAuthz1,
             Topology::TandemAuthz10,
             Topology::TandemAuthz100,
+            Topology::TandemTrace1,
+            Topology::TandemTrace100,
         ];
         let selection = select(&Topology::ALL, &[], &skip, no_tandem).unwrap();
         assert_eq!(
@@ -793,6 +889,8 @@ mod tests {
                 (Topology::TandemAuthz1, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz10, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz100, "no tandem-proxy given".into()),
+                (Topology::TandemTrace1, "no tandem-proxy given".into()),
+                (Topology::TandemTrace100, "no tandem-proxy given".into()),
             ]))
         );
     }
@@ -816,6 +914,8 @@ mod tests {
                 Topology::TandemAuthz1,
                 Topology::TandemAuthz10,
                 Topology::TandemAuthz100,
+                Topology::TandemTrace1,
+                Topology::TandemTrace100,
             ]
         );
         // Left out and available: nothing to explain.
