@@ -54,14 +54,6 @@ impl SinkStats {
         };
         words.next().is_none().then_some(stats)
     }
-
-    /// What was received between `before` and `self`.
-    pub fn since(&self, before: SinkStats) -> SinkStats {
-        SinkStats {
-            posts: self.posts.saturating_sub(before.posts),
-            bytes: self.bytes.saturating_sub(before.bytes),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -146,14 +138,6 @@ mod tests {
         assert_eq!(SinkStats::parse("bytes 3 posts 4"), None);
         assert_eq!(SinkStats::parse("posts x bytes 4"), None);
         assert_eq!(SinkStats::parse("posts 1 bytes 2 more"), None);
-        let before = SinkStats { posts: 1, bytes: 5 };
-        assert_eq!(
-            stats.since(before),
-            SinkStats {
-                posts: 2,
-                bytes: 12_340
-            }
-        );
     }
 
     async fn post(addr: std::net::SocketAddr, path: &str, body: &'static [u8]) -> u16 {

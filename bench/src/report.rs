@@ -929,8 +929,9 @@ fn tracing_section(out: &mut String, view: &View<'_>) {
     }
     let _ = writeln!(
         out,
-        "\nSpans per round (every run of the round, warm-ups included; read {} s after its last \
-         request, once the proxies' batches are flushed), both sidecars' \
+        "\nSpans per round (since the proxies started: every run of the round, readiness checks \
+         and warm-ups included; read {} s after its last request, once the proxies' batches \
+         are flushed), both sidecars' \
          `tandem_trace_spans_exported_total` and `tandem_trace_spans_dropped_total` (every \
          reason); spans per request = (exported + dropped) ÷ the requests the client sidecar \
          routed (2 when every request is traced):\n",

@@ -300,7 +300,8 @@ pub struct RoundResult {
     pub idle_rss_kib: Option<u64>,
     /// Proxy peak VmRSS (VmHWM) after the constant-rate and throughput runs.
     pub load_rss_kib: Option<u64>,
-    /// A tracing topology's spans over the round (every run of it, warm-ups included).
+    /// A tracing topology's spans over the round (since its proxies started: every run of
+    /// the round, readiness checks and warm-ups included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceRound>,
 }
@@ -530,7 +531,6 @@ impl Scene<'_> {
                 .await
                 .map_err(|e| format!("mutual TLS: {e}\n{}", running.logs()))?;
         }
-        let trace_before = trace_reading(&running).await?;
         let mut result = RoundResult {
             idle_rss_kib: Self::rss(&running.pids, procfs::rss_kib),
             ..RoundResult::default()
@@ -589,8 +589,8 @@ impl Scene<'_> {
             );
             result.many = Some(many);
         }
-        if let Some(before) = trace_before {
-            let trace = trace_since(&running, before).await?;
+        if running.traced.is_some() {
+            let trace = trace_round(&running).await?;
             self.say(
                 topology,
                 &format!(
@@ -723,47 +723,27 @@ async fn handshakes(running: &Running) -> Result<Option<u64>, String> {
     }
 }
 
-/// A tracing topology's span counters and the client sidecar's request count now (`None`: not a
-/// tracing topology). The first reading also waits for the sink, started beside the proxies.
-async fn trace_reading(running: &Running) -> Result<Option<(TraceReading, u64)>, String> {
+/// A tracing topology's spans over the round: the proxies' totals (each round starts them
+/// afresh, so the round is everything since they started, readiness checks and warm-ups
+/// included), read [`TRACE_SETTLE`] after the last request so that none is still queued, and
+/// the client sidecar's total of requests routed. With every request traced, a round that
+/// exported nothing did not trace: it fails, rather than report tracing's cost from proxies
+/// that were not tracing.
+async fn trace_round(running: &Running) -> Result<TraceRound, String> {
     let Some(traced) = &running.traced else {
-        return Ok(None);
+        return Err("tracing: the topology has no export path".into());
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reading = loop {
-        match traced.read().await {
-            Ok(reading) => break reading,
-            Err(e) if Instant::now() >= deadline => return Err(format!("tracing: {e}")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
+    tokio::time::sleep(TRACE_SETTLE).await;
+    let reading = traced.read().await.map_err(|e| format!("tracing: {e}"))?;
     let requests = match running.probes.first() {
         Some(probe) => probe.read().await.map_err(|e| e.to_string())?,
         None => return Err("tracing: no request counter to relate the spans to".into()),
     };
-    Ok(Some((reading, requests)))
-}
-
-/// The round's spans since `before`, read [`TRACE_SETTLE`] after its last request. With every
-/// request traced, a round that exported nothing did not trace: it fails, rather than report
-/// tracing's cost from proxies that were not tracing.
-async fn trace_since(running: &Running, before: (TraceReading, u64)) -> Result<TraceRound, String> {
-    tokio::time::sleep(TRACE_SETTLE).await;
-    let Some((now, requests)) = trace_reading(running).await? else {
-        return Err("tracing: the topology has no export path".into());
-    };
-    let round = TraceRound {
-        reading: now.since(before.0),
-        requests: requests.saturating_sub(before.1),
-    };
-    let sampled_all = running
-        .traced
-        .as_ref()
-        .is_some_and(|t| t.sampling_percent >= 100.0);
-    if sampled_all && round.requests > 0 && round.reading.spans.exported == 0 {
+    let round = TraceRound { reading, requests };
+    if traced.sampling_percent >= 100.0 && requests > 0 && reading.spans.exported == 0 {
         return Err(format!(
-            "tracing at 100 %: {} requests, no span exported ({} dropped)",
-            round.requests, round.reading.spans.dropped
+            "tracing at 100 %: {requests} requests, no span exported ({} dropped)",
+            reading.spans.dropped
         ));
     }
     Ok(round)

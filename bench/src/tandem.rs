@@ -272,14 +272,6 @@ impl SpanCounts {
         })
     }
 
-    /// The counts between `before` and `self`.
-    pub fn since(&self, before: SpanCounts) -> SpanCounts {
-        SpanCounts {
-            exported: self.exported.saturating_sub(before.exported),
-            dropped: self.dropped.saturating_sub(before.dropped),
-        }
-    }
-
     /// Both proxies' counts added up.
     pub fn plus(&self, other: SpanCounts) -> SpanCounts {
         SpanCounts {
@@ -339,25 +331,6 @@ impl Traced {
             sink_posts: sink.posts,
             sink_bytes: sink.bytes,
         })
-    }
-}
-
-impl TraceReading {
-    /// What happened between `before` and `self`.
-    pub fn since(&self, before: TraceReading) -> TraceReading {
-        let sink = SinkStats {
-            posts: self.sink_posts,
-            bytes: self.sink_bytes,
-        }
-        .since(SinkStats {
-            posts: before.sink_posts,
-            bytes: before.sink_bytes,
-        });
-        TraceReading {
-            spans: self.spans.since(before.spans),
-            sink_posts: sink.posts,
-            sink_bytes: sink.bytes,
-        }
     }
 }
 
@@ -552,13 +525,12 @@ tandem_trace_export_errors_total 1
             dropped: 3,
         };
         assert_eq!(
-            counts.since(before),
+            counts.plus(before),
             SpanCounts {
-                exported: 1000,
-                dropped: 20
+                exported: 2000,
+                dropped: 26
             }
         );
-        assert_eq!(counts.plus(before).exported, 2000);
         // A proxy without tracing's counters (HELP lines alone do not count).
         assert_eq!(
             SpanCounts::parse("# HELP tandem_trace_spans_exported x\ntandem_requests_total 3\n"),
