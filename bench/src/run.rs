@@ -221,8 +221,8 @@ impl Plan {
         }
     }
 
-    /// Expected wall time, from the scenario lengths plus a few seconds per start and the
-    /// many-connections run.
+    /// Expected wall time, from the scenario lengths plus a few seconds per start, the
+    /// many-connections run and the tracing topologies' wait for their last spans.
     pub fn estimate(&self, measured: usize) -> Duration {
         let fixed = (self.fixed_length + self.warmup)
             * (self.rates.len() * self.fixed_protocols.len()) as u32;
@@ -234,7 +234,15 @@ impl Plan {
         } else {
             Duration::from_secs(10 + 3 * self.many_waves as u64) * measured as u32
         };
-        per_round * self.rounds as u32 + many * self.many_rounds.min(self.rounds) as u32
+        // A tracing topology waits for its proxies' last batch before its spans are read.
+        let traced = self
+            .topologies
+            .iter()
+            .filter(|t| t.sampling_percent().is_some())
+            .count() as u32;
+        per_round * self.rounds as u32
+            + many * self.many_rounds.min(self.rounds) as u32
+            + TRACE_SETTLE * traced * self.rounds as u32
     }
 }
 
@@ -900,6 +908,22 @@ mod tests {
         );
         // Left out and available: nothing to explain.
         assert_eq!(selection.excluded[0].unavailable, None);
+    }
+
+    #[test]
+    fn the_estimate_counts_the_tracing_topologies_wait_for_their_spans() {
+        let mut plan = Plan::quick();
+        plan.topologies = vec![Topology::TandemTwoHops];
+        let untraced = plan.estimate(3);
+        plan.topologies = vec![
+            Topology::TandemTwoHops,
+            Topology::TandemTrace1,
+            Topology::TandemTrace100,
+        ];
+        assert_eq!(
+            plan.estimate(3),
+            untraced + TRACE_SETTLE * 2 * plan.rounds as u32
+        );
     }
 
     #[test]
