@@ -1557,8 +1557,8 @@ mod tests {
             run(
                 Topology::TandemTrace1,
                 vec![
-                    traced(0.50, 0.21, 1.10, 200, 0),
-                    traced(0.60, 0.22, 1.10, 180, 0),
+                    traced(0.50, 0.22, 1.10, 200, 0),
+                    traced(0.60, 0.24, 1.10, 180, 0),
                 ],
             ),
             run(
@@ -1586,10 +1586,10 @@ mod tests {
         let cells = |l: &str| l.matches('|').count();
         let fixed = line(&report, "| 1000 req/s HTTP/1.1 | 0.55 [0.50..0.60] |");
         assert_eq!(cells(fixed), cells(head), "{fixed}");
-        // CPU at 1k req/s: off 200 µs; 1 %: 210, 220 → 1.05×, 1.10× (median 1.08);
+        // CPU at 1k req/s: off 200 µs; 1 %: 220, 240 → 1.10×, 1.20× (median 1.15);
         // 100 %: 300, 400 → 1.50×, 2.00× (median 1.75).
         assert!(
-            fixed.ends_with("| 1.07× | 1.75× |") || fixed.ends_with("| 1.08× | 1.75× |"),
+            fixed.ends_with("| 200.0 [200.0..200.0] | 230.0 [220.0..240.0] | 350.0 [300.0..400.0] | 1.15× | 1.75× |"),
             "{fixed}"
         );
         // Max throughput: 1.00 s per 10k = 100 µs; 100 %: 200, 300 → 2.00×, 3.00×.
