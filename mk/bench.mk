@@ -10,7 +10,7 @@
 # missing): BENCH_SKIP leaves some out on purpose, and the report lists them as left out.
 # Names as `tandem-bench run --skip` takes them, space- or comma-separated:
 # direct pingora haproxy nginx nginx2 nginx2-mtls tandem1 tandem2 tandem2-mtls tandem2-authz1
-# tandem2-authz10 tandem2-authz100 (e.g. `make bench
+# tandem2-authz10 tandem2-authz100 tandem2-trace1 tandem2-trace100 (e.g. `make bench
 # BENCH_SKIP=haproxy,nginx`).
 #
 # A recipe's lines are all expanded before its first one runs, so nothing here may ask make
@@ -29,7 +29,7 @@ BENCH_SKIP_ARGS = $(addprefix --skip=,$(subst $(bench_comma), ,$(BENCH_SKIP)))
 # What the capture run calls.
 BENCH_CAPTURE_TOOLS := ip iptables nsenter
 
-.PHONY: bench-authz bench bench-deps bench-capture-deps bench-resilience bench-capture bench-profile
+.PHONY: bench-authz bench-trace bench bench-deps bench-capture-deps bench-resilience bench-capture bench-profile
 
 bench-deps: ## install the proxies compared against (Debian's haproxy and nginx), once
 	@if ! [ -x /usr/sbin/haproxy ] || ! [ -x /usr/sbin/nginx ]; then \
@@ -63,6 +63,11 @@ bench-authz: ## authorization's cost: 1, 10 and 100 rules vs none, on the mTLS t
 	$(CARGO) build --release -p tandem-bench -p tandem-proxy
 	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT)/authz --tandem-proxy $(TANDEM_PROXY_BIN) \
 	  --only tandem2-mtls,tandem2-authz1,tandem2-authz10,tandem2-authz100
+
+bench-trace: ## tracing's cost: 1 % and 100 % sampling vs off, on the plaintext two hops, OTLP to a load sink (QUICK=1: about 3 min); report in bench/results/trace/
+	$(CARGO) build --release -p tandem-bench -p tandem-proxy
+	QUICK=$(QUICK) $(BENCH_BIN) run --out $(BENCH_OUT)/trace --tandem-proxy $(TANDEM_PROXY_BIN) \
+	  --only tandem2,tandem2-trace1,tandem2-trace100
 
 bench-resilience: ## success rate while one of three endpoints fails (60 s per policy; QUICK=1: 10 s)
 	$(CARGO) build --release -p tandem-bench -p tandem-proxy

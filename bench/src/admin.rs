@@ -74,12 +74,20 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminE
 }
 
 /// Sums the counter `name` over its series whose labels include every `name="value"` pair of
-/// `labels` (Prometheus text format; a counter without such series sums to zero).
+/// `labels` (Prometheus text format; a counter without such series sums to zero; a series
+/// without labels counts when `labels` is empty).
 pub fn counter_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
-            let (set, value) = rest.rsplit_once("} ")?;
+            let rest = line.strip_prefix(name)?;
+            // A series without labels (`name 12`) matches when no label is asked for.
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.rsplit_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            if set.is_empty() && !labels.is_empty() {
+                return None;
+            }
             let wanted = labels
                 .iter()
                 .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
@@ -214,6 +222,20 @@ tandem_retries_total{direction=\"outbound\",dst_service=\"bench/upstream\",reaso
         );
         assert_eq!(counter_sum(METRICS, "tandem_retries_total", &[]), 7);
         assert_eq!(counter_sum(METRICS, "tandem_ejections_total", &[]), 0);
+        let unlabelled =
+            "tandem_trace_spans_exported_total 42\ntandem_trace_spans_exported_totalx 1\n";
+        assert_eq!(
+            counter_sum(unlabelled, "tandem_trace_spans_exported_total", &[]),
+            42
+        );
+        assert_eq!(
+            counter_sum(
+                unlabelled,
+                "tandem_trace_spans_exported_total",
+                &[("a", "b")]
+            ),
+            0
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! upstream, the bare Pingora floor, and the orchestrator that measures direct, bare Pingora,
 //! HAProxy, nginx and tandem-proxy (one and two hops) side by side and writes a Markdown report
 //! with an SVG chart; the capture run (the two hops behind real iptables rules in network
-//! namespaces); and the resilience run (success rate while an endpoint misbehaves).
+//! namespaces); the tracing topologies' OTLP load sink; and the resilience run (success rate while an endpoint misbehaves).
 
 pub mod admin;
 pub mod capture;
@@ -10,6 +10,7 @@ pub mod chart;
 pub mod loadgen;
 pub mod mtls;
 pub mod netns;
+pub mod otlp_sink;
 pub mod pingora_floor;
 pub mod procfs;
 pub mod report;

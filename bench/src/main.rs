@@ -14,7 +14,7 @@ use tandem_bench::loadgen::{self, ClosedLoop, OpenLoop, Protocol, Target};
 use tandem_bench::report::{self, Machine};
 use tandem_bench::run::{self, Plan, SelectError};
 use tandem_bench::topology::{Program, Tools, Topology};
-use tandem_bench::{capture, chart, netns, pingora_floor, resilience, upstream};
+use tandem_bench::{capture, chart, netns, otlp_sink, pingora_floor, resilience, upstream};
 
 #[derive(Parser)]
 #[command(about = "Tandem's benchmark: load generator, upstream, bare Pingora and orchestrator")]
@@ -38,6 +38,13 @@ enum Command {
         /// Answer every Nth request with 503 (the resilience run's misbehaving endpoint).
         #[arg(long)]
         fail_every: Option<u64>,
+    },
+    /// The OTLP/HTTP load sink the tracing topologies export to: answers `POST /v1/traces`
+    /// with 200, counts the POSTs and bytes (`GET /stats`).
+    OtlpSink {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
     },
     /// Success rate through tandem-proxy while one of three endpoints fails, per policy.
     Resilience(ResilienceArgs),
@@ -184,6 +191,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("listening on {}", listener.local_addr()?);
                 upstream::serve_failing(listener, upstream::fixed_body(body_bytes), fail_every)
                     .await;
+                Ok(())
+            })
+        }
+        Command::OtlpSink { listen } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("bind {listen}"))?;
+                println!("listening on {}", listener.local_addr()?);
+                otlp_sink::serve(listener).await;
                 Ok(())
             })
         }

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::loadgen::Protocol;
-use crate::run::{RoundResult, RunResult, TopologyRun};
+use crate::run::{RoundResult, RunResult, TopologyRun, TraceRound};
 use crate::stats::{Spread, paired, ratio};
 use crate::topology::Topology;
 
@@ -217,6 +217,7 @@ pub fn render(result: &RunResult, machine: &Machine, chart: &str) -> String {
     goals_section(&mut out, &view);
     mtls_section(&mut out, &view);
     authz_section(&mut out, &view);
+    tracing_section(&mut out, &view);
     method_section(&mut out);
     out
 }
@@ -824,6 +825,161 @@ fn authz_section(out: &mut String, view: &View<'_>) {
     let _ = writeln!(out);
 }
 
+/// Tracing (wave 2, 4/8): the plaintext two hops with tracing at each sampling percentage,
+/// side by side with tracing off (`tandem2`), and what each exported.
+fn tracing_section(out: &mut String, view: &View<'_>) {
+    let Some(off) = view.find(Topology::TandemTwoHops) else {
+        return;
+    };
+    let pairs: Vec<(f64, Pair<'_>)> = Topology::TRACING
+        .iter()
+        .filter_map(|&(topology, percent)| {
+            view.find(topology).map(|with| {
+                let label = percent_label(percent);
+                (
+                    percent,
+                    Pair {
+                        label,
+                        with,
+                        without: off,
+                    },
+                )
+            })
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let plan = &view.result.plan;
+    let _ = writeln!(out, "## Tracing (wave 2, 4/8): sampled vs off\n");
+    let _ = writeln!(
+        out,
+        "`tandem2-trace<P>` is `tandem2` with `telemetry.tracing` on both sidecars: collector = \
+         the bench's OTLP/HTTP load sink (`tandem-bench otlp-sink`, answers 200, decodes \
+         nothing), `samplingPercent` P. The load generator sends no trace context, so the \
+         client sidecar starts a trace for P % of the requests and the server sidecar follows \
+         its `traceparent`; every request pays for reading and writing the trace headers, a \
+         sampled one also for its two spans (CLIENT on the client sidecar, SERVER on the \
+         server sidecar) and their export. Compared round by round with `tandem2` (tracing \
+         off); CPU is both sidecars'.\n"
+    );
+    let of = |run: &TopologyRun, g: &dyn Fn(&RoundResult) -> Option<f64>| {
+        Spread::of(&flat(&series(run, g)))
+    };
+    let labels: Vec<&str> = pairs.iter().map(|(_, p)| p.label.as_str()).collect();
+    let heads = |what: &str| -> String {
+        std::iter::once(format!("{what} off"))
+            .chain(labels.iter().map(|l| format!("{what} {l}")))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let ratios: Vec<String> = labels.iter().map(|l| format!("CPU {l} ÷ off")).collect();
+    let _ = writeln!(
+        out,
+        "| scenario | {} | {} | {} | {} |",
+        heads("p50"),
+        heads("p99"),
+        heads("CPU µs/request"),
+        ratios.join(" | ")
+    );
+    let columns = 1 + 3 * (labels.len() + 1) + labels.len();
+    let _ = writeln!(out, "|{}", "---|".repeat(columns));
+    let row = |figure: &dyn Fn(&RoundResult) -> Option<f64>, decimals: usize| -> String {
+        std::iter::once(cell(of(off, figure), decimals))
+            .chain(
+                pairs
+                    .iter()
+                    .map(|(_, p)| cell(of(p.with, figure), decimals)),
+            )
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let cpu_ratios = |figure: &dyn Fn(&RoundResult) -> Option<f64>| -> String {
+        pairs
+            .iter()
+            .map(|(_, p)| ratio_cell(p.ratio(figure)))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let dashes = vec!["–"; labels.len() + 1].join(" | ");
+    for &rate in &plan.rates {
+        for &protocol in &plan.fixed_protocols {
+            let cpu = fixed_cpu_micros(protocol, rate);
+            let _ = writeln!(
+                out,
+                "| {rate} req/s {} | {} | {} | {} | {} |",
+                protocol.label(),
+                row(&fixed_figure(protocol, rate, |l| l.p50), 2),
+                row(&fixed_figure(protocol, rate, |l| l.p99), 2),
+                row(&cpu, 1),
+                cpu_ratios(&cpu),
+            );
+        }
+    }
+    for &protocol in &plan.max_protocols {
+        let cpu = move |r: &RoundResult| micros_per_request(r, protocol);
+        let _ = writeln!(
+            out,
+            "| max, {} in flight, {} | {dashes} | {dashes} | {} | {} |",
+            plan.max_in_flight,
+            protocol.label(),
+            row(&cpu, 1),
+            cpu_ratios(&cpu),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nSpans per round (since the proxies started: every run of the round, readiness checks \
+         and warm-ups included; read {} s after its last request, once the proxies' batches \
+         are flushed), both sidecars' \
+         `tandem_trace_spans_exported_total` and `tandem_trace_spans_dropped_total` (every \
+         reason); spans per request = (exported + dropped) ÷ the requests the client sidecar \
+         routed (2 when every request is traced):\n",
+        crate::run::TRACE_SETTLE.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "| sampling | spans exported | spans dropped | spans per request | sink POSTs | sink KiB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (_, pair) in &pairs {
+        let trace = |pick: fn(&TraceRound) -> Option<f64>| {
+            move |r: &RoundResult| r.trace.as_ref().and_then(pick)
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            pair.label,
+            cell(
+                of(pair.with, &trace(|t| Some(t.reading.spans.exported as f64))),
+                0
+            ),
+            cell(
+                of(pair.with, &trace(|t| Some(t.reading.spans.dropped as f64))),
+                0
+            ),
+            cell(of(pair.with, &trace(TraceRound::spans_per_request)), 3),
+            cell(
+                of(pair.with, &trace(|t| Some(t.reading.sink_posts as f64))),
+                0
+            ),
+            cell(
+                of(
+                    pair.with,
+                    &trace(|t| Some(t.reading.sink_bytes as f64 / 1024.0))
+                ),
+                1
+            ),
+        );
+    }
+    let _ = writeln!(out);
+}
+
+/// `1 %`, `100 %`, `0.5 %`.
+fn percent_label(percent: f64) -> String {
+    format!("{percent} %")
+}
+
 fn fixed_cpu_micros(protocol: Protocol, rate: u64) -> impl Fn(&RoundResult) -> Option<f64> {
     move |round: &RoundResult| {
         round
@@ -1136,6 +1292,7 @@ mod tests {
             }),
             idle_rss_kib: Some(rss / 10),
             load_rss_kib: Some(rss / 5),
+            trace: None,
         })
     }
 
@@ -1367,6 +1524,105 @@ mod tests {
             .lines()
             .find(|l| l.starts_with(prefix))
             .unwrap_or_else(|| panic!("no line starting {prefix:?} in\n{report}"))
+    }
+
+    fn traced(p50: f64, cores: f64, cpu: f64, spans: u64, dropped: u64) -> Option<RoundResult> {
+        use crate::tandem::{SpanCounts, TraceReading};
+        let mut r = two_hops(p50, cores, cpu, None)?;
+        r.trace = Some(TraceRound {
+            reading: TraceReading {
+                spans: SpanCounts {
+                    exported: spans,
+                    dropped,
+                },
+                sink_posts: spans / 512 + 1,
+                sink_bytes: spans * 100,
+            },
+            requests: 10_000,
+        });
+        Some(r)
+    }
+
+    fn tracing_sample() -> RunResult {
+        let mut result = sample();
+        result.plan.excluded.clear();
+        result.topologies = vec![
+            run(
+                Topology::TandemTwoHops,
+                vec![
+                    two_hops(0.50, 0.20, 1.00, None),
+                    two_hops(0.60, 0.20, 1.00, None),
+                ],
+            ),
+            run(
+                Topology::TandemTrace1,
+                vec![
+                    traced(0.50, 0.22, 1.10, 200, 0),
+                    traced(0.60, 0.24, 1.10, 180, 0),
+                ],
+            ),
+            run(
+                Topology::TandemTrace100,
+                vec![
+                    traced(0.70, 0.30, 2.00, 20_000, 0),
+                    traced(0.80, 0.40, 3.00, 19_000, 1_000),
+                ],
+            ),
+        ];
+        result.plan.topologies = result.topologies.iter().map(|r| r.topology).collect();
+        result
+    }
+
+    #[test]
+    fn tracing_is_shown_beside_tracing_off_with_its_spans() {
+        let report = render(&tracing_sample(), &Machine::default(), "latency.svg");
+        assert!(report.contains("## Tracing (wave 2, 4/8): sampled vs off"));
+        let head = line(&report, "| scenario | p50 off | p50 1 % | p50 100 % |");
+        assert!(
+            head.ends_with("| CPU 1 % ÷ off | CPU 100 % ÷ off |"),
+            "{head}"
+        );
+        // Every row has as many cells as the head.
+        let cells = |l: &str| l.matches('|').count();
+        let fixed = line(&report, "| 1000 req/s HTTP/1.1 | 0.55 [0.50..0.60] |");
+        assert_eq!(cells(fixed), cells(head), "{fixed}");
+        // CPU at 1k req/s: off 200 µs; 1 %: 220, 240 → 1.10×, 1.20× (median 1.15);
+        // 100 %: 300, 400 → 1.50×, 2.00× (median 1.75).
+        assert!(
+            fixed.ends_with("| 200.0 [200.0..200.0] | 230.0 [220.0..240.0] | 350.0 [300.0..400.0] | 1.15× | 1.75× |"),
+            "{fixed}"
+        );
+        // Max throughput: 1.00 s per 10k = 100 µs; 100 %: 200, 300 → 2.00×, 3.00×.
+        let max = line(&report, "| max, 64 in flight, HTTP/1.1 |");
+        assert_eq!(cells(max), cells(head), "{max}");
+        assert!(
+            max.contains("| 100.0 [100.0..100.0] | 110.0 [110.0..110.0] | 250.0 [200.0..300.0] |"),
+            "{max}"
+        );
+        assert!(max.ends_with("| 1.10× | 2.50× |"), "{max}");
+        // Spans: 100 % exported 20,000 and 19,000 of 10,000 requests (+1,000 dropped) → 2.0.
+        let spans = line(
+            &report,
+            "| 100 % | 19500 [19000..20000] | 500 [0..1000] | 2.000 [2.000..2.000] |",
+        );
+        assert!(spans.contains("| 1904.3 [1855.5..1953.1] |"), "{spans}");
+        let one = line(&report, "| 1 % | 190 [180..200] | 0 [0..0] |");
+        assert!(
+            one.contains("| 0.019 [0.018..0.020] | 1 [1..1] | 18.6 [17.6..19.5] |"),
+            "{one}"
+        );
+    }
+
+    #[test]
+    fn without_tracing_off_or_any_traced_run_there_is_no_tracing_section() {
+        let mut result = tracing_sample();
+        result
+            .topologies
+            .retain(|r| r.topology != Topology::TandemTwoHops);
+        let report = render(&result, &Machine::default(), "latency.svg");
+        assert!(!report.contains("## Tracing"));
+        let report = render(&mtls_sample(), &Machine::default(), "latency.svg");
+        assert!(!report.contains("## Tracing"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::loadgen::{
 };
 use crate::procfs;
 use crate::stats::{LatencySummary, cpu_seconds_per_10k};
+use crate::tandem::TraceReading;
 use crate::topology::{self, Running, Tools, Topology, TopologyError};
 
 /// What to run and for how long.
@@ -220,8 +221,8 @@ impl Plan {
         }
     }
 
-    /// Expected wall time, from the scenario lengths plus a few seconds per start and the
-    /// many-connections run.
+    /// Expected wall time, from the scenario lengths plus a few seconds per start, the
+    /// many-connections run and the tracing topologies' wait for their last spans.
     pub fn estimate(&self, measured: usize) -> Duration {
         let fixed = (self.fixed_length + self.warmup)
             * (self.rates.len() * self.fixed_protocols.len()) as u32;
@@ -233,7 +234,15 @@ impl Plan {
         } else {
             Duration::from_secs(10 + 3 * self.many_waves as u64) * measured as u32
         };
-        per_round * self.rounds as u32 + many * self.many_rounds.min(self.rounds) as u32
+        // A tracing topology waits for its proxies' last batch before its spans are read.
+        let traced = self
+            .topologies
+            .iter()
+            .filter(|t| t.sampling_percent().is_some())
+            .count() as u32;
+        per_round * self.rounds as u32
+            + many * self.many_rounds.min(self.rounds) as u32
+            + TRACE_SETTLE * traced * self.rounds as u32
     }
 }
 
@@ -299,7 +308,34 @@ pub struct RoundResult {
     pub idle_rss_kib: Option<u64>,
     /// Proxy peak VmRSS (VmHWM) after the constant-rate and throughput runs.
     pub load_rss_kib: Option<u64>,
+    /// A tracing topology's spans over the round (since its proxies started: every run of
+    /// the round, readiness checks and warm-ups included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceRound>,
 }
+
+/// What a tracing topology exported over one round, and the requests it traced them from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceRound {
+    /// Spans exported and dropped, sink POSTs and bytes (both proxies).
+    pub reading: TraceReading,
+    /// Requests the client sidecar routed over the same window.
+    pub requests: u64,
+}
+
+impl TraceRound {
+    /// Spans (exported or dropped) per request: 2 when every request is traced (the client
+    /// sidecar's CLIENT span and the server sidecar's SERVER span).
+    pub fn spans_per_request(&self) -> Option<f64> {
+        let spans = self.reading.spans.exported + self.reading.spans.dropped;
+        (self.requests > 0).then(|| spans as f64 / self.requests as f64)
+    }
+}
+
+/// How long the proxies may hold a span before exporting it: the proxy's `--trace-flush`
+/// default (5 s after a batch's first span), plus a second. A round's spans are read that long
+/// after its last request, so none is still queued.
+pub const TRACE_SETTLE: Duration = Duration::from_secs(6);
 
 /// All rounds of one topology.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -561,6 +597,23 @@ impl Scene<'_> {
             );
             result.many = Some(many);
         }
+        if running.traced.is_some() {
+            let trace = trace_round(&running).await?;
+            self.say(
+                topology,
+                &format!(
+                    "{} spans exported, {} dropped, {} per request; sink {} POSTs, {:.1} KiB",
+                    trace.reading.spans.exported,
+                    trace.reading.spans.dropped,
+                    trace
+                        .spans_per_request()
+                        .map_or_else(|| "-".into(), |s| format!("{s:.3}")),
+                    trace.reading.sink_posts,
+                    trace.reading.sink_bytes as f64 / 1024.0
+                ),
+            );
+            result.trace = Some(trace);
+        }
         Ok(result)
     }
 
@@ -678,6 +731,32 @@ async fn handshakes(running: &Running) -> Result<Option<u64>, String> {
     }
 }
 
+/// A tracing topology's spans over the round: the proxies' totals (each round starts them
+/// afresh, so the round is everything since they started, readiness checks and warm-ups
+/// included), read [`TRACE_SETTLE`] after the last request so that none is still queued, and
+/// the client sidecar's total of requests routed. With every request traced, a round that
+/// exported nothing did not trace: it fails, rather than report tracing's cost from proxies
+/// that were not tracing.
+async fn trace_round(running: &Running) -> Result<TraceRound, String> {
+    let Some(traced) = &running.traced else {
+        return Err("tracing: the topology has no export path".into());
+    };
+    tokio::time::sleep(TRACE_SETTLE).await;
+    let reading = traced.read().await.map_err(|e| format!("tracing: {e}"))?;
+    let requests = match running.probes.first() {
+        Some(probe) => probe.read().await.map_err(|e| e.to_string())?,
+        None => return Err("tracing: no request counter to relate the spans to".into()),
+    };
+    let round = TraceRound { reading, requests };
+    if traced.sampling_percent >= 100.0 && requests > 0 && reading.spans.exported == 0 {
+        return Err(format!(
+            "tracing at 100 %: {requests} requests, no span exported ({} dropped)",
+            reading.spans.dropped
+        ));
+    }
+    Ok(round)
+}
+
 /// Handshakes since the reading `before` (see [`handshakes`]).
 async fn handshakes_since(running: &Running, before: Option<u64>) -> Result<Option<u64>, String> {
     let (Some(check), Some(before)) = (&running.mtls, before) else {
@@ -733,6 +812,8 @@ mod tests {
                 (Topology::TandemAuthz1, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz10, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz100, "no tandem-proxy given".into()),
+                (Topology::TandemTrace1, "no tandem-proxy given".into()),
+                (Topology::TandemTrace100, "no tandem-proxy given".into()),
             ])
         );
         let message = refused.to_string();
@@ -743,9 +824,10 @@ mod tests {
         assert!(
             message.contains(
                 "--skip tandem1 --skip tandem2 --skip tandem2-mtls --skip tandem2-authz1 \
-                 --skip tandem2-authz10 --skip tandem2-authz100 (make bench \
-                 BENCH_SKIP=\"tandem1 tandem2 tandem2-mtls tandem2-authz1 tandem2-authz10 \
-                 tandem2-authz100\")"
+                 --skip tandem2-authz10 --skip tandem2-authz100 --skip tandem2-trace1 \
+                 --skip tandem2-trace100 (make bench BENCH_SKIP=\"tandem1 tandem2 \
+                 tandem2-mtls tandem2-authz1 tandem2-authz10 tandem2-authz100 tandem2-trace1 \
+                 tandem2-trace100\")"
             ),
             "{message}"
         );
@@ -760,6 +842,8 @@ mod tests {
             Topology::TandemAuthz1,
             Topology::TandemAuthz10,
             Topology::TandemAuthz100,
+            Topology::TandemTrace1,
+            Topology::TandemTrace100,
         ];
         let selection = select(&Topology::ALL, &[], &skip, no_tandem).unwrap();
         assert_eq!(
@@ -793,6 +877,8 @@ mod tests {
                 (Topology::TandemAuthz1, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz10, "no tandem-proxy given".into()),
                 (Topology::TandemAuthz100, "no tandem-proxy given".into()),
+                (Topology::TandemTrace1, "no tandem-proxy given".into()),
+                (Topology::TandemTrace100, "no tandem-proxy given".into()),
             ]))
         );
     }
@@ -816,10 +902,28 @@ mod tests {
                 Topology::TandemAuthz1,
                 Topology::TandemAuthz10,
                 Topology::TandemAuthz100,
+                Topology::TandemTrace1,
+                Topology::TandemTrace100,
             ]
         );
         // Left out and available: nothing to explain.
         assert_eq!(selection.excluded[0].unavailable, None);
+    }
+
+    #[test]
+    fn the_estimate_counts_the_tracing_topologies_wait_for_their_spans() {
+        let mut plan = Plan::quick();
+        plan.topologies = vec![Topology::TandemTwoHops];
+        let untraced = plan.estimate(3);
+        plan.topologies = vec![
+            Topology::TandemTwoHops,
+            Topology::TandemTrace1,
+            Topology::TandemTrace100,
+        ];
+        assert_eq!(
+            plan.estimate(3),
+            untraced + TRACE_SETTLE * 2 * plan.rounds as u32
+        );
     }
 
     #[test]

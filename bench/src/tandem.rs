@@ -16,11 +16,14 @@ use std::path::PathBuf;
 use tandem_crds::contract::{
     Authorization, AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Callers,
     DefaultPolicy, Endpoint, MtlsMode, Operations, PROXY_CONFIG_API_VERSION, PathMatch, Protocol,
-    ProxyConfig, Service, ServicePort, Workload,
+    ProxyConfig, Service, ServicePort, Telemetry, Tracing, Workload,
 };
 use tandem_crds::identity::SpiffeId;
 
-use crate::admin::Probe;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::{self, Probe};
+use crate::otlp_sink::{STATS_PATH, SinkStats};
 use crate::topology::{TopologyError, free_port};
 
 /// The `dst_service` label of the benchmark's service in the client proxy's metrics.
@@ -203,6 +206,134 @@ pub fn server_config() -> Result<String, ConfigError> {
     render(&server_proxy_config(MtlsMode::Permissive))
 }
 
+/// The traced two hops' client-side config: [`client_config`] with a meshed endpoint and
+/// tracing on, exporting to `collector` and starting a trace for `sampling_percent` % of the
+/// requests that arrive without one (the load generator sends no trace context).
+pub fn traced_client_config(
+    cluster: SocketAddr,
+    endpoint: SocketAddr,
+    collector: &str,
+    sampling_percent: f64,
+) -> Result<String, ConfigError> {
+    let mut config = client_proxy_config(
+        cluster.ip(),
+        &[("http", cluster.port(), Protocol::Http)],
+        Endpoint {
+            address: endpoint,
+            meshed: true,
+            identity: None,
+            workload: None,
+        },
+    );
+    config.telemetry = traced(collector, sampling_percent);
+    render(&config)
+}
+
+/// The traced two hops' server-side config: [`server_config`] with the same tracing. Its
+/// inbound follows the client sidecar's decision (the `traceparent` it adds), so the
+/// percentage only matters for a request that reaches it without one.
+pub fn traced_server_config(collector: &str, sampling_percent: f64) -> Result<String, ConfigError> {
+    let mut config = server_proxy_config(MtlsMode::Permissive);
+    config.telemetry = traced(collector, sampling_percent);
+    render(&config)
+}
+
+fn traced(collector: &str, sampling_percent: f64) -> Telemetry {
+    Telemetry {
+        tracing: Some(Tracing {
+            collector: collector.to_owned(),
+            sampling_percent,
+        }),
+        ..Telemetry::default()
+    }
+}
+
+/// A proxy's span export counters, from its `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpanCounts {
+    /// `tandem_trace_spans_exported_total`: spans the collector accepted.
+    pub exported: u64,
+    /// `tandem_trace_spans_dropped_total`, every reason (queue full, export failed).
+    pub dropped: u64,
+}
+
+impl SpanCounts {
+    /// The counters in a `/metrics` text; `None` when the proxy has no span export counter
+    /// (a build without tracing: a traced topology must not be measured on it).
+    pub fn parse(text: &str) -> Option<Self> {
+        const EXPORTED: &str = "tandem_trace_spans_exported_total";
+        let has_exported = text.lines().any(|line| {
+            line.strip_prefix(EXPORTED)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        });
+        has_exported.then(|| Self {
+            exported: admin::counter_sum(text, EXPORTED, &[]),
+            dropped: admin::counter_sum(text, "tandem_trace_spans_dropped_total", &[]),
+        })
+    }
+
+    /// Both proxies' counts added up.
+    pub fn plus(&self, other: SpanCounts) -> SpanCounts {
+        SpanCounts {
+            exported: self.exported + other.exported,
+            dropped: self.dropped + other.dropped,
+        }
+    }
+}
+
+/// A tracing topology's export path: the proxies whose span counters are read, and the sink
+/// they export to.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    /// The OTLP load sink.
+    pub sink: SocketAddr,
+    /// The admin listeners of the proxies that trace.
+    pub admins: Vec<SocketAddr>,
+    /// The configs' `samplingPercent`.
+    pub sampling_percent: f64,
+}
+
+/// What a tracing topology exported during one round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceReading {
+    /// Both proxies' span counters added up.
+    pub spans: SpanCounts,
+    /// What the sink received.
+    pub sink_posts: u64,
+    /// The bytes of those POSTs.
+    pub sink_bytes: u64,
+}
+
+impl Traced {
+    /// Every proxy's span counters added up and the sink's counts, now. A proxy without the
+    /// span counters fails the reading: it was not tracing, whatever its config said.
+    pub async fn read(&self) -> Result<TraceReading, String> {
+        let mut spans = SpanCounts::default();
+        for &admin in &self.admins {
+            let text = admin::get(admin, "/metrics")
+                .await
+                .map_err(|e| e.to_string())?;
+            let counts = SpanCounts::parse(&text).ok_or_else(|| {
+                format!(
+                    "the proxy at {admin} has no tandem_trace_spans_exported_total: a build \
+                     without tracing cannot be measured as a tracing topology"
+                )
+            })?;
+            spans = spans.plus(counts);
+        }
+        let text = admin::get(self.sink, STATS_PATH)
+            .await
+            .map_err(|e| format!("OTLP sink: {e}"))?;
+        let sink = SinkStats::parse(&text)
+            .ok_or_else(|| format!("OTLP sink {}: unreadable stats {text:?}", self.sink))?;
+        Ok(TraceReading {
+            spans,
+            sink_posts: sink.posts,
+            sink_bytes: sink.bytes,
+        })
+    }
+}
+
 /// The server-side proxy's config for the mutual-TLS two hops: `strict`, so plaintext to its
 /// inbound listener is refused (the benchmark checks that it is, to know the hop is TLS).
 pub fn mtls_server_config() -> Result<String, ConfigError> {
@@ -340,6 +471,71 @@ mod tests {
         assert_eq!(plain.services[0].ports[0].endpoints[0].identity, None);
         let plain_server: ProxyConfig = serde_json::from_str(&server_config().unwrap()).unwrap();
         assert_eq!(plain_server.workload.mtls, MtlsMode::Permissive);
+    }
+
+    #[test]
+    fn the_traced_configs_carry_the_collector_and_the_percentage_on_both_proxies() {
+        let upstream: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let inbound: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+        let sink = "http://127.0.0.1:4000";
+        let json = traced_client_config(upstream, inbound, sink, 100.0).unwrap();
+        // The contract's camelCase names, as the proxy reads them.
+        assert!(json.contains("\"samplingPercent\": 100.0"), "{json}");
+        let client: ProxyConfig = serde_json::from_str(&json).unwrap();
+        let tracing = client.telemetry.tracing.unwrap();
+        assert_eq!(tracing.collector, sink);
+        assert_eq!(tracing.sampling_percent, 100.0);
+        assert_eq!(client.services[0].ports[0].endpoints[0].address, inbound);
+        assert!(client.services[0].ports[0].endpoints[0].meshed);
+        let server: ProxyConfig =
+            serde_json::from_str(&traced_server_config(sink, 1.0).unwrap()).unwrap();
+        assert_eq!(server.telemetry.tracing.unwrap().sampling_percent, 1.0);
+        assert!(server.services.is_empty());
+        // The untraced two hops carry no telemetry section at all.
+        assert!(
+            !client_config(upstream, inbound, true)
+                .unwrap()
+                .contains("telemetry")
+        );
+        // The contract refuses a percentage outside 0–100: the bench cannot ask for one.
+        assert!(traced_server_config(sink, 101.0).is_err());
+    }
+
+    #[test]
+    fn span_counts_add_every_drop_reason_and_need_the_export_counter() {
+        let text = "\
+# HELP tandem_trace_spans_exported Spans the trace collector accepted
+# TYPE tandem_trace_spans_exported counter
+tandem_trace_spans_exported_total 1500
+tandem_trace_spans_dropped_total{reason=\"queue-full\"} 20
+tandem_trace_spans_dropped_total{reason=\"export-failed\"} 3
+tandem_trace_spans_dropped_total{reason=\"disabled\"} 0
+tandem_trace_export_errors_total 1
+";
+        let counts = SpanCounts::parse(text).unwrap();
+        assert_eq!(
+            counts,
+            SpanCounts {
+                exported: 1500,
+                dropped: 23
+            }
+        );
+        let before = SpanCounts {
+            exported: 500,
+            dropped: 3,
+        };
+        assert_eq!(
+            counts.plus(before),
+            SpanCounts {
+                exported: 2000,
+                dropped: 26
+            }
+        );
+        // A proxy without tracing's counters (HELP lines alone do not count).
+        assert_eq!(
+            SpanCounts::parse("# HELP tandem_trace_spans_exported x\ntandem_requests_total 3\n"),
+            None
+        );
     }
 
     #[test]

@@ -91,6 +91,14 @@ pub enum Topology {
     /// The same with 100 rules.
     #[value(name = "tandem2-authz100")]
     TandemAuthz100,
+    /// `tandem2` with tracing on both sidecars (wave 2, 4/8): 1 % of the requests (which
+    /// arrive without a trace context) start a trace, exported over OTLP/HTTP to the bench's
+    /// load sink.
+    #[value(name = "tandem2-trace1")]
+    TandemTrace1,
+    /// The same with every request traced (100 %).
+    #[value(name = "tandem2-trace100")]
+    TandemTrace100,
     /// The capture run's baseline: the client pod talks to the server pod's IP over the veth.
     #[value(skip)]
     DirectNetns,
@@ -106,7 +114,7 @@ pub enum Topology {
 
 impl Topology {
     /// Every topology, in report order.
-    pub const ALL: [Topology; 12] = [
+    pub const ALL: [Topology; 14] = [
         Topology::Direct,
         Topology::BarePingora,
         Topology::Haproxy,
@@ -119,7 +127,24 @@ impl Topology {
         Topology::TandemAuthz1,
         Topology::TandemAuthz10,
         Topology::TandemAuthz100,
+        Topology::TandemTrace1,
+        Topology::TandemTrace100,
     ];
+
+    /// The tracing topologies and their sampling percentage; each is compared with `tandem2`,
+    /// the same path with tracing off.
+    pub const TRACING: [(Topology, f64); 2] = [
+        (Topology::TandemTrace1, 1.0),
+        (Topology::TandemTrace100, 100.0),
+    ];
+
+    /// The sampling percentage of a tracing topology (`None`: tracing off).
+    pub fn sampling_percent(self) -> Option<f64> {
+        Self::TRACING
+            .iter()
+            .find(|(t, _)| *t == self)
+            .map(|(_, percent)| *percent)
+    }
 
     /// The authorization topologies and how many rules each has; each is compared with
     /// `tandem2-mtls`, the same path with authorization off.
@@ -159,6 +184,8 @@ impl Topology {
             Self::TandemAuthz1 => "tandem 2 hops mTLS, authz 1 rule",
             Self::TandemAuthz10 => "tandem 2 hops mTLS, authz 10 rules",
             Self::TandemAuthz100 => "tandem 2 hops mTLS, authz 100 rules",
+            Self::TandemTrace1 => "tandem 2 hops, tracing 1 %",
+            Self::TandemTrace100 => "tandem 2 hops, tracing 100 %",
             Self::DirectNetns => "direct (netns)",
             Self::TandemCaptured => "tandem 2 hops, captured",
             Self::TandemNetns => "tandem 2 hops, no capture (netns)",
@@ -181,6 +208,8 @@ impl Topology {
             Self::TandemAuthz1 => "tandem2-authz1",
             Self::TandemAuthz10 => "tandem2-authz10",
             Self::TandemAuthz100 => "tandem2-authz100",
+            Self::TandemTrace1 => "tandem2-trace1",
+            Self::TandemTrace100 => "tandem2-trace100",
             Self::DirectNetns | Self::TandemCaptured | Self::TandemNetns => self.name(),
         }
     }
@@ -200,6 +229,8 @@ impl Topology {
                 | Self::TandemAuthz1
                 | Self::TandemAuthz10
                 | Self::TandemAuthz100
+                | Self::TandemTrace1
+                | Self::TandemTrace100
                 | Self::TandemCaptured
                 | Self::TandemNetns
         )
@@ -329,6 +360,8 @@ pub struct Running {
     /// For a mutual-TLS topology: what it must show before it is measured, and its handshake
     /// counter.
     pub mtls: Option<MtlsCheck>,
+    /// For a tracing topology: the proxies' span counters and the sink they export to.
+    pub traced: Option<tandem::Traced>,
     children: Vec<Child>,
     /// The signer and CA of a mutual-TLS topology, stopped with it.
     identity: Option<BenchIdentity>,
@@ -360,6 +393,7 @@ impl Running {
             pids: Vec::new(),
             probes: Vec::new(),
             mtls: None,
+            traced: None,
             children: Vec::new(),
             identity: None,
             dir: TempDir::new().map_err(io("create a temp dir"))?,
@@ -571,13 +605,30 @@ pub fn start(
             running.add(child, a.outbound, a.outbound);
             running.probes = vec![tandem::outbound_probe(None, a.admin)];
         }
-        Topology::TandemTwoHops => {
+        Topology::TandemTwoHops | Topology::TandemTrace1 | Topology::TandemTrace100 => {
             let program = tools.tandem.path().unwrap_or(Path::new("tandem-proxy"));
             let (a, b) = (tandem::Ports::free()?, tandem::Ports::free()?);
-            let server = tandem::server_config()?;
+            let (server, client) = match topology.sampling_percent() {
+                Some(percent) => {
+                    let sink = start_otlp_sink(&mut running, tools)?;
+                    let collector = format!("http://{sink}");
+                    running.traced = Some(tandem::Traced {
+                        sink,
+                        admins: vec![a.admin, b.admin],
+                        sampling_percent: percent,
+                    });
+                    (
+                        tandem::traced_server_config(&collector, percent)?,
+                        tandem::traced_client_config(upstream, b.inbound, &collector, percent)?,
+                    )
+                }
+                None => (
+                    tandem::server_config()?,
+                    tandem::client_config(upstream, b.inbound, true)?,
+                ),
+            };
             let child_b = tandem_child(&dir, program, "tandem-b", &b, &server)?;
             running.add(child_b, b.outbound, b.outbound);
-            let client = tandem::client_config(upstream, b.inbound, true)?;
             let child_a = tandem_child(&dir, program, "tandem-a", &a, &client)?;
             running.add(child_a, a.outbound, a.outbound);
             running.probes = vec![
@@ -587,6 +638,22 @@ pub fn start(
         }
     }
     Ok(running)
+}
+
+/// Starts the OTLP load sink (this binary's `otlp-sink` command) as a helper of `running`:
+/// stopped with it, its CPU not counted as the proxies'.
+fn start_otlp_sink(running: &mut Running, tools: &Tools) -> Result<SocketAddr, TopologyError> {
+    let addr = free_port()?;
+    let child = spawn(
+        running.dir(),
+        "otlp-sink.log",
+        Command::new(&tools.bench)
+            .arg("otlp-sink")
+            .arg("--listen")
+            .arg(addr.to_string()),
+    )?;
+    running.add_helper(child);
+    Ok(addr)
 }
 
 impl Running {
