@@ -1,4 +1,4 @@
-# Benchmarks (issue 4). `make bench` runs every scenario in 5 rounds (about 35 minutes on the
+# Benchmarks (issue 4). `make bench` runs every scenario in 5 rounds (an estimated 47 minutes on the
 # 2-core machine), then the resilience run and the capture run (about 13 minutes; needs root,
 # ip, iptables and nsenter, else it says why it is skipped); `make bench QUICK=1` runs the same
 # scenarios shortened (under 5 minutes once built, the capture run about 1; it skips the
