@@ -9,39 +9,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use tandem_bench::loadgen::{self, OpenLoop, Protocol};
 use tandem_bench::tandem::TraceReading;
 use tandem_bench::topology::{self, Program, Tools, Topology};
 
-const REQUESTS: u64 = 200;
+mod support;
 
-/// The tandem-proxy binary this test runs (see the module doc).
-fn tandem_proxy() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANDEM_PROXY_BIN") {
-        return PathBuf::from(path);
-    }
-    // This test runs as target/<profile>/deps/trace_topology-<hash>.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("tandem-proxy");
-    if !binary.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "-p", "tandem-proxy", "--bin", "tandem-proxy"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().unwrap();
-        assert!(status.success(), "cargo build -p tandem-proxy failed");
-    }
-    assert!(binary.is_file(), "no tandem-proxy at {}", binary.display());
-    binary
-}
+use support::tandem_proxy;
+
+const REQUESTS: u64 = 200;
 
 fn tools() -> Tools {
     Tools {

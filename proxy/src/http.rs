@@ -577,18 +577,26 @@ impl MeshHttp {
         });
     }
 
+    /// The mutual-TLS peer of this hop: the upstream's certificate on outbound, the
+    /// client's on inbound; `None` for plaintext.
+    fn peer_identity<'c>(
+        &self,
+        session: &'c Session,
+        ctx: &'c RequestCtx,
+    ) -> Option<&'c PeerIdentity> {
+        match self.direction {
+            Direction::Outbound => ctx.peer_tls.as_deref(),
+            Direction::Inbound => crate::tls::inbound::peer_of(session.digest()),
+        }
+    }
+
     /// Where the request went, as its spans name it.
     fn hop<'c>(&'c self, session: &'c Session, ctx: &'c RequestCtx) -> Hop<'c> {
-        let (policy, peer_identity) = match self.direction {
-            Direction::Outbound => (
-                ctx.refusal.map(|r| r.header().1),
-                ctx.peer_tls.as_deref().map(|p| &*p.uri),
-            ),
-            Direction::Inbound => (
-                ctx.authz.as_ref().map(|v| v.policy.as_str()),
-                crate::tls::inbound::peer_of(session.digest()).map(|p| &*p.uri),
-            ),
+        let policy = match self.direction {
+            Direction::Outbound => ctx.refusal.map(|r| r.header().1),
+            Direction::Inbound => ctx.authz.as_ref().map(|v| v.policy.as_str()),
         };
+        let peer_identity = self.peer_identity(session, ctx).map(|p| &*p.uri);
         Hop {
             service: self.telemetry(ctx).label(),
             route: ctx
@@ -616,24 +624,17 @@ impl MeshHttp {
         let mesh = &self.shared.metrics.mesh;
         let table = self.shared.label_table();
         let decision = ctx.decision.as_ref();
-        let (reporter, source, destination, service, mtls) = match self.direction {
+        let mtls = self.peer_identity(session, ctx).is_some();
+        let (reporter, source, destination, service) = match self.direction {
             Direction::Outbound => {
-                let mtls = ctx.peer_tls.is_some();
                 let service = self.routed_service(ctx, &table).0;
                 let (source, destination) = (table.own(mtls), table.endpoint(ctx.upstream, mtls));
-                (Reporter::Source, source, destination, service, mtls)
+                (Reporter::Source, source, destination, service)
             }
             Direction::Inbound => {
-                let mtls = crate::tls::inbound::peer_of(session.digest()).is_some();
                 let source = ctx.facts.source.unwrap_or_else(Peer::unknown);
                 let service = ctx.facts.service.unwrap_or_else(ServiceLabels::unknown);
-                (
-                    Reporter::Destination,
-                    source,
-                    table.own(mtls),
-                    service,
-                    mtls,
-                )
+                (Reporter::Destination, source, table.own(mtls), service)
             }
         };
         let grpc = authz::is_grpc(session.req_header());
@@ -1107,10 +1108,7 @@ impl ProxyHttp for MeshHttp {
             return;
         }
         let req = session.req_header();
-        let peer = match self.direction {
-            Direction::Outbound => ctx.peer_tls.as_deref(),
-            Direction::Inbound => crate::tls::inbound::peer_of(session.digest()),
-        };
+        let peer = self.peer_identity(session, ctx);
         let trace_ids = ctx.trace.log_ids();
         log.write(&access_log::Entry {
             direction: self.direction.as_str(),
