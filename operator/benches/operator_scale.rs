@@ -745,7 +745,7 @@ async fn poll_healthz(port: u16, polling: Arc<AtomicBool>) -> (Vec<Duration>, us
 // === Reading the operator ======================================================================
 
 async fn metrics_page(operator: &Operator) -> String {
-    measure::http_get(operator.port, "/metrics")
+    support::http_get(operator.port, "/metrics")
         .await
         .unwrap_or_default()
 }

@@ -3,8 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 /// Nearest-rank percentile of a sorted slice (`None` when empty).
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
@@ -28,21 +26,15 @@ pub fn seconds(values: &[Duration]) -> String {
     )
 }
 
-/// `GET path` on 127.0.0.1:`port` (HTTP/1.0): the whole response, head and body.
-pub async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
 /// How long `/healthz` takes to answer 200 (an error when it does not, or not within 5 s).
 pub async fn healthz(port: u16) -> Result<Duration, String> {
     let start = Instant::now();
-    match tokio::time::timeout(Duration::from_secs(5), http_get(port, "/healthz")).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        super::support::http_get(port, "/healthz"),
+    )
+    .await
+    {
         Ok(Ok(response))
             if response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200") =>
         {

@@ -208,7 +208,8 @@ impl Drop for Operator {
     }
 }
 
-async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+/// `GET path` on 127.0.0.1:`port` (HTTP/1.0): the whole response, head and body.
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
